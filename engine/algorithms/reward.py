@@ -102,12 +102,19 @@ class PairedAttributes:
                 ordered += [first, second]
         self.inner = AttributeDataset(ordered, tokenizer, data.seq_length, template=data.chat_template,
                                       overlong="drop")
+        # A pair counts only when both of its rows fit: (sample of the chosen, sample of the rejected).
+        sample_of = {row: sample for sample, row in enumerate(self.inner.row_index)}
+        self.pairs = [(sample_of[2 * k], sample_of[2 * k + 1]) for k in range(len(ordered) // 2)
+                      if 2 * k in sample_of and 2 * k + 1 in sample_of]
+        if len(self.pairs) < len(ordered) // 2:
+            logger.warning("validation: dropped %d of %d pairs with a row longer than seq_length=%d",
+                           len(ordered) // 2 - len(self.pairs), len(ordered) // 2, data.seq_length)
 
     def __len__(self) -> int:
-        return len(self.inner) // 2
+        return len(self.pairs)
 
     def collate(self, indices: list[int]) -> Batch:
-        batch = self.inner.collate([j for i in indices for j in (2 * i, 2 * i + 1)])
+        batch = self.inner.collate([j for i in indices for j in self.pairs[i]])
         batch["paired"] = torch.ones(len(indices), dtype=torch.bool)
         return batch
 

@@ -140,11 +140,13 @@ class AttributeDataset:
         self.seq_length = seq_length
         fitter = _Fitter(seq_length, overlong)
         self.samples: list[tuple[tuple[list[int], int], list[float]]] = []
-        for row in rows:
+        self.row_index: list[int] = []  # position in ``rows`` of each sample (over-long rows may be dropped)
+        for i, row in enumerate(rows):
             prompt = render_prompt(prompt_messages(row["prompt"]), tokenizer, template)
             fitted = fitter.fit(prompt, render_reply(row["response"], tokenizer, template))
             if fitted is not None:
                 self.samples.append((fitted, [float(row.get(name, MISSING)) for name in ATTRIBUTES]))
+                self.row_index.append(i)
         fitter.log("rows", len(rows))
 
     def __len__(self) -> int:

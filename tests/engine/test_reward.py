@@ -86,9 +86,12 @@ def test_scorer_matches_direct_forward(tmp_path: Path) -> None:
         trainer = Trainer(config, RewardStep(config.rm), parallel)
         step = trainer.step
         scorer = RewardScorer(trainer.model.chunks, step, trainer.tokenizer, parallel, 96, micro_batch_size=2)
-        rows = [("What is 2 + 2?", "2 + 2 = 4."), ("What is 2 + 2?", "2 + 2 = 5."), ("Hi", "Hello there.")]
+        # Lengths vary (the scorer sorts rows by length and cuts each micro-batch to its longest row),
+        # one row is longer than the 96 positions, and 5 rows leave a padded last micro-batch.
+        rows = [("What is 2 + 2?", "2 + 2 = 4."), ("Q", "A."), ("Tell me a story.", "Once upon a time " * 9),
+                ("What is 2 + 2?", "2 + 2 = 5."), ("Hi", "Hello there, how can I help you today?")]
         rewards = scorer.score(rows)
-        assert rewards.shape == (3, 5)
+        assert rewards.shape == (5, 5)
         for i, (prompt, response) in enumerate(rows):
             item = scorer._encode(prompt, response)
             batch = {k: v.unsqueeze(0) for k, v in item.items()}
@@ -104,3 +107,26 @@ def test_rm_config_errors() -> None:
         load_config(RewardTrainConfig, None, ["rm.attributes=[honesty]"])
     with pytest.raises(ConfigError, match=r"rm.type=bt trains on data.format in"):
         load_config(RewardTrainConfig, None, ["rm.type=bt"])
+
+
+def test_validation_pairs_stay_aligned_when_a_row_is_too_long() -> None:
+    """Regression validation pairs rows by prompt; an over-long row drops its whole pair, not one row."""
+    from engine.algorithms.reward import PairedAttributes
+    from engine.config import DataConfig
+    from engine.data.tokenizers import load_tokenizer
+
+    def row(prompt: str, response: str, score: int) -> dict:
+        return {"prompt": prompt, "response": response, "helpfulness": score, "correctness": score,
+                "coherence": score, "complexity": 1, "verbosity": 1}
+
+    rows = [row("p1", "worse", 1), row("p1", "better", 3),
+            row("p2", "fine", 4), row("p2", "x" * 200, 0),  # the rejected row of p2 does not fit
+            row("p3", "good", 2), row("p3", "bad", 0),
+            row("p4", "tie", 2), row("p4", "tie too", 2)]  # equal goodness: no pair
+    data = DataConfig(seq_length=64, chat_template="plain")
+    paired = PairedAttributes(rows, load_tokenizer("byte"), data, {"helpfulness": 1.0})
+    assert len(paired) == 2
+    batch = paired.collate([0, 1])
+    # rows [chosen p1, rejected p1, chosen p3, rejected p3]
+    assert batch["attributes"][:, 0].tolist() == [3.0, 1.0, 2.0, 0.0]
+    assert batch["paired"].tolist() == [True, True]
