@@ -4,7 +4,8 @@
 
 Reports, as JSON (``--out``) and on stdout:
 * pairwise accuracy of the goodness score on held-out pairs (same prompt) whose responses
-  differ in correctness — the correct response should score higher;
+  differ in correctness — the correct response should score higher — overall and per
+  task kind (addition, reversal, ...);
 * per-attribute MSE of the predictions, next to the MSE of always predicting the mean of
   the training labels (``--train-seed``/``--train-num`` regenerate the training rows).
 """
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from engine.data.schemas import ATTRIBUTES
-from engine.data.synthetic import helpsteer_rows
+from engine.data.synthetic import helpsteer_rows, task_kind
 
 
 def _pairs_differing_in_correctness(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -43,7 +44,10 @@ def evaluate(checkpoint: str, num: int, seed: int, train_num: int, train_seed: i
     rewards = scorer.score([(row["prompt"], row["response"]) for row in rows])
     goodness = scorer.scalar(rewards)
     pairs = _pairs_differing_in_correctness(rows)
-    correct = sum(bool(goodness[r] > goodness[w]) for r, w in pairs)
+    wins = [bool(goodness[r] > goodness[w]) for r, w in pairs]
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for (r, _), win in zip(pairs, wins):
+        by_kind[task_kind(rows[r]["prompt"])].append(win)
     train = helpsteer_rows(train_num, train_seed)
     attributes = scorer.step.rm.attributes
     mse: dict[str, dict[str, float]] = {}
@@ -59,7 +63,9 @@ def evaluate(checkpoint: str, num: int, seed: int, train_num: int, train_seed: i
         "held_out_rows": len(rows),
         "held_out_seed": seed,
         "pairs_differing_in_correctness": len(pairs),
-        "pairwise_accuracy": correct / max(len(pairs), 1),
+        "pairwise_accuracy": sum(wins) / max(len(pairs), 1),
+        "pairwise_accuracy_by_kind": {kind: {"pairs": len(v), "accuracy": sum(v) / len(v)}
+                                      for kind, v in sorted(by_kind.items())},
         "mse": mse,
         "attributes": list(attributes),
         "all_attributes": list(ATTRIBUTES),

@@ -72,13 +72,13 @@ class Task:
     kind: str  # "arithmetic" | "words"
 
 
-_PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"What is (\d+) \+ (\d+)\?"), lambda m: str(int(m[1]) + int(m[2]))),
-    (re.compile(r"What is (\d+) minus (\d+)\?"), lambda m: str(int(m[1]) - int(m[2]))),
-    (re.compile(r"What is (\d+) times (\d+)\?"), lambda m: str(int(m[1]) * int(m[2]))),
-    (re.compile(r"Spell '([a-z]+)' backwards\."), lambda m: m[1][::-1]),
-    (re.compile(r"How many letters are in the word '([a-z]+)'\?"), lambda m: str(len(m[1]))),
-    (re.compile(r"Write '([a-z]+)' in capital letters\."), lambda m: m[1].upper()),
+_PATTERNS: list[tuple[str, re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+    ("addition", re.compile(r"What is (\d+) \+ (\d+)\?"), lambda m: str(int(m[1]) + int(m[2]))),
+    ("subtraction", re.compile(r"What is (\d+) minus (\d+)\?"), lambda m: str(int(m[1]) - int(m[2]))),
+    ("multiplication", re.compile(r"What is (\d+) times (\d+)\?"), lambda m: str(int(m[1]) * int(m[2]))),
+    ("reversal", re.compile(r"Spell '([a-z]+)' backwards\."), lambda m: m[1][::-1]),
+    ("letter_count", re.compile(r"How many letters are in the word '([a-z]+)'\?"), lambda m: str(len(m[1]))),
+    ("capitals", re.compile(r"Write '([a-z]+)' in capital letters\."), lambda m: m[1].upper()),
 ]
 
 
@@ -174,12 +174,25 @@ def check_response(prompt: str, response: str) -> bool:
     Works on any prompt produced here, including multi-turn prompts with ``<extra_id_1>``
     markers; a prompt with no recognisable task returns False.
     """
-    found: Optional[tuple[int, str]] = None
-    for pattern, solve in _PATTERNS:
+    found = _last_task(prompt)
+    return found is not None and _final_answer(response) == found[1]
+
+
+def _last_task(prompt: str) -> Optional[tuple[str, str]]:
+    """(kind, right answer) of the last task in ``prompt``, or None."""
+    found: Optional[tuple[int, str, str]] = None
+    for kind, pattern, solve in _PATTERNS:
         for match in pattern.finditer(prompt):
             if found is None or match.start() > found[0]:
-                found = (match.start(), solve(match))
-    return found is not None and _final_answer(response) == found[1]
+                found = (match.start(), kind, solve(match))
+    return None if found is None else found[1:]
+
+
+def task_kind(prompt: str) -> str:
+    """The kind of the (last) task in ``prompt``: 'addition', 'subtraction', 'multiplication',
+    'reversal', 'letter_count', 'capitals', or 'unknown'."""
+    found = _last_task(prompt)
+    return "unknown" if found is None else found[0]
 
 
 # --- data sets --------------------------------------------------------------------------
