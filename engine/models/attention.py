@@ -39,24 +39,21 @@ class SDPACoreAttention(DotProductAttention):
     ) -> torch.Tensor:
         if packed_seq_params is not None:
             raise NotImplementedError("packed_seq_params needs Transformer Engine; pass a block mask instead")
-        groups = key.shape[2]
-        heads = query.shape[2]
-        if heads != groups:
-            repeat = heads // groups
-            key = key.repeat_interleave(repeat, dim=2)
-            value = value.repeat_interleave(repeat, dim=2)
+        # Grouped-query attention: SDPA broadcasts the KV groups itself (enable_gqa), which avoids
+        # materialising repeated keys and values.
+        gqa = query.shape[2] != key.shape[2]
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
         if attention_mask is not None:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.softmax_scale
+                q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa,
             )
         else:
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
             causal = mask_type == AttnMaskType.causal and q.shape[2] > 1
             out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale
+                q, k, v, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa,
             )
         # [b, h, s, d] -> [s, b, h*d]
         b, h, s, d = out.shape

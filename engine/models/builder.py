@@ -145,16 +145,20 @@ def transformer_config(
 
 
 def layer_spec(preset: ModelPreset, use_te: bool) -> Any:
-    """TE layer spec, or the local spec with Keel's CPU attention and sequence-parallel norm."""
+    """TE layer spec, or the local spec with Keel's CPU attention, MLP and sequence-parallel norm."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     from engine.models.attention import SDPACoreAttention
+    from engine.models.mlp import LocalMLPSpec
     from engine.models.norm import LocalNorm
+    from engine.models.rotary import install as install_rotary
 
+    install_rotary()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=preset.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.mlp = LocalMLPSpec(spec.submodules.mlp.submodules, params=dict(spec.submodules.mlp.params))
     spec.submodules.input_layernorm = LocalNorm
     spec.submodules.pre_mlp_layernorm = LocalNorm
     return spec

@@ -1,0 +1,65 @@
+"""Keel's local-spec pieces against megatron-core's originals: same results, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("rot_dim", [16, 8])
+def test_rotary_matches_megatron(rot_dim: int) -> None:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from engine.models import rotary
+
+    rotary.install()
+    original = rotary._original
+    assert original is not None and rope_utils._apply_rotary_pos_emb_bshd is rotary.apply_rotary_bshd
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(12, 3, 4, 16, generator=gen, requires_grad=True)
+    freqs = torch.randn(12, 1, 1, rot_dim, generator=gen)
+    ours = rotary.apply_rotary_bshd(t, freqs)
+    again = rotary.apply_rotary_bshd(t, freqs)  # cos/sin from the cache
+    theirs = original(t, freqs)
+    assert torch.equal(ours, theirs) and torch.equal(again, theirs)
+    grad = torch.randn(ours.shape, generator=gen)
+    (ours_grad,) = torch.autograd.grad(ours, t, grad)
+    (theirs_grad,) = torch.autograd.grad(theirs, t, grad)
+    assert torch.equal(ours_grad, theirs_grad)
+    other = torch.randn(12, 1, 1, rot_dim, generator=gen)  # a new frequency tensor is not served stale values
+    assert torch.equal(rotary.apply_rotary_bshd(t, other), original(t, other))
+    assert torch.equal(rotary.apply_rotary_bshd(t, freqs, rotary_interleaved=True),
+                       original(t, freqs, rotary_interleaved=True))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_local_mlp_matches_megatron(gated: bool) -> None:
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+    from engine.models.mlp import LocalMLP
+    from tests.helpers import single_process_parallel
+
+    with single_process_parallel():
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=24,
+                                   gated_linear_unit=gated, activation_func=F.silu if gated else F.gelu,
+                                   add_bias_linear=True, use_cpu_initialization=True)
+        submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        torch.manual_seed(0)
+        ours = LocalMLP(config, submodules)
+        theirs = MLP(config, submodules)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(5, 2, 16, requires_grad=True)
+        out, bias = ours(x)
+        ref, ref_bias = theirs(x)
+        assert torch.equal(out, ref) and torch.equal(bias, ref_bias)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), x)
+        assert torch.equal(grad, ref_grad)
+        assert ours._plain()
+        config.glu_linear_offset = 1.0  # a case LocalMLP hands back to megatron
+        assert not ours._plain()
+        assert torch.equal(ours(x)[0], theirs(x)[0])
