@@ -10,7 +10,10 @@ the same rewards, and the gather's backward keeps each rank's slice of the gradi
 
 All trunk parameter names are those of ``GPTModel`` (the language-model output layer is
 kept, unused), so SFT checkpoints initialise reward models and reward checkpoints
-initialise critics.
+initialise critics. An untied output layer is frozen (``requires_grad=False``): megatron's
+DDP gives it no gradient buffer and the optimizer no state, so it costs the reward model
+no gradient, reduction or update work. (A tied one is the embedding itself, or on later
+pipeline stages its synchronised copy, and is left as it is.)
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class RewardGPTModel(GPTModel):
             )
             torch.nn.init.normal_(self.reward_head.weight, std=self.config.init_method_std)
             torch.nn.init.zeros_(self.reward_head.bias)
+            if not self.share_embeddings_and_output_weights:
+                for param in self.output_layer.parameters():
+                    param.requires_grad_(False)
 
     def _postprocess(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         if not self.post_process:
