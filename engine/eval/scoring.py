@@ -6,6 +6,13 @@ data-parallel ranks, run forward-only through megatron's schedule (so pipeline s
 work), the last stage's rewards are shared with the whole pipeline, and the shards are
 gathered back into row order on every rank. It holds no trainer, optimizer or data set.
 
+Padding is not computed: rows are sorted by length before they are cut into micro-batches,
+and each micro-batch is cut to its longest row (rounded up to a multiple of 8, times the
+tensor-parallel size so sequence parallelism can split it). The reward is read at each
+row's end token under causal attention, which never sees the positions after it, so the
+cut changes no reward. With pipeline stages every micro-batch must have the same shape
+(the stages exchange fixed-size buffers), so all are cut to the longest row of the call.
+
 :func:`score_pairs_from_checkpoint` builds a scorer from a reward-model checkpoint at the
 current layout and scores ``{prompt, chosen, rejected}`` rows.
 """
@@ -49,13 +56,25 @@ class RewardScorer:
             "end_index": torch.tensor(len(ids) - 1, dtype=torch.long),
         }
 
-    def _micro_batches(self, rows: list[tuple[Any, str]]) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self, rows: list[tuple[Any, str]]) -> tuple[list[dict[str, torch.Tensor]], list[int], int]:
+        """(micro-batches, row index of each batched item, sequence length of the schedule).
+
+        Items are ordered longest first; each micro-batch keeps only the positions up to its
+        longest row (see the module docstring).
+        """
         items = [self._encode(prompt, response) for prompt, response in rows]
-        items += [items[-1]] * (-len(items) % self.micro_batch_size)  # pad the last micro-batch
-        return [
-            {key: torch.stack([item[key] for item in items[i: i + self.micro_batch_size]]) for key in items[0]}
-            for i in range(0, len(items), self.micro_batch_size)
-        ]
+        order = sorted(range(len(items)), key=lambda i: -int(items[i]["end_index"]))
+        order += [order[-1]] * (-len(order) % self.micro_batch_size)  # pad the last micro-batch
+        multiple = 8 * self.parallel.layout.tensor
+        fit = lambda n: min(self.seq_length, -(-n // multiple) * multiple)  # noqa: E731
+        longest = fit(int(items[order[0]]["end_index"]) + 1)
+        batches = []
+        for i in range(0, len(order), self.micro_batch_size):
+            chunk = [items[j] for j in order[i: i + self.micro_batch_size]]
+            length = longest if self.parallel.layout.pipeline > 1 else fit(int(chunk[0]["end_index"]) + 1)
+            batches.append({"tokens": torch.stack([item["tokens"][:length] for item in chunk]),
+                            "end_index": torch.stack([item["end_index"] for item in chunk])})
+        return batches, order, longest
 
     @torch.no_grad()
     def _local_rewards(self, rows: list[tuple[Any, str]]) -> torch.Tensor:
@@ -65,8 +84,9 @@ class RewardScorer:
         from engine.trainer import schedule_iterators
 
         outputs: list[torch.Tensor] = []
+        order: list[int] = []
         if rows:
-            batches = self._micro_batches(rows)
+            batches, order, longest = self._micro_batches(rows)
 
             def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
                 batch = next(data_iterator)
@@ -78,12 +98,13 @@ class RewardScorer:
                 chunk.eval()
             outputs = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=schedule_iterators(batches, len(self.chunks)), model=self.chunks,
-                num_microbatches=len(batches), seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
+                num_microbatches=len(batches), seq_length=longest, micro_batch_size=self.micro_batch_size,
                 forward_only=True, collect_non_loss_data=True,
             )
         rewards = torch.zeros(len(rows), self.step.head_size, dtype=torch.float32)
         if outputs and self.parallel.is_last_stage():
-            rewards = torch.cat([o.float().cpu() for o in outputs])[: len(rows)]
+            batched = torch.cat([o.float().cpu() for o in outputs])[: len(rows)]  # drop the padding items
+            rewards[torch.tensor(order[: len(rows)])] = batched
         if self.parallel.layout.pipeline > 1:
             rewards = _to_device(rewards)
             if not self.parallel.is_last_stage():

@@ -28,10 +28,12 @@ with a linear ``hidden -> 5`` regression head (the five HelpSteer attributes).
    pairs, encoded by Keel's byte tokenizer (``plain`` template) to ``--seq-len``.
 
    * Keel: ``RewardScorer(chunks, step, tokenizer, parallel, seq_len, --score-micro-batch).score(rows)``
-     on the trained Keel model (encoding, megatron forward-only schedule, end selection).
+     on the trained Keel model (encoding, sorting rows by length, micro-batches cut to
+     their longest row, megatron forward-only schedule, end selection, original order).
    * HF: the same rows encoded with the same ``scorer._encode`` (so identical token ids
-     and end indices), stacked into micro-batches of the same size, forward under
-     ``torch.no_grad()`` in eval mode with ``input_ids`` + ``attention_mask``, logits
+     and end indices), stacked in the given order into micro-batches of the same size and
+     padded to each micro-batch's longest row (what HF's padding collators do), forward
+     under ``torch.no_grad()`` in eval mode with ``input_ids`` + ``attention_mask``, logits
      pooled by HF at the rightmost non-pad token. Encoding is timed on both sides.
 
 Timing: HF is built first, before Keel's CPU layer patches ``torch.cuda`` process-wide.
@@ -215,8 +217,9 @@ def hf_score(model: Any, encode: Callable[[Any, str], dict[str, torch.Tensor]], 
     outputs = []
     for i in range(0, len(items), micro_batch):
         chunk = items[i: i + micro_batch]
-        tokens = torch.stack([item["tokens"] for item in chunk])
         end = torch.stack([item["end_index"] for item in chunk])
+        # Padded to the longest row of the micro-batch, as HF's padding collators do.
+        tokens = torch.stack([item["tokens"] for item in chunk])[:, : int(end.max()) + 1]
         mask = (torch.arange(tokens.shape[1]).unsqueeze(0) <= end.unsqueeze(1)).long()
         outputs.append(model(input_ids=tokens, attention_mask=mask).logits.float())
     return torch.cat(outputs)
@@ -303,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.numel() for c in trainer.model.chunks for n, p in c.named_parameters() if "reward_head" in n)
             info["keel"]["unused_lm_output_layer_parameters"] = sum(
                 p.numel() for c in trainer.model.chunks for n, p in c.named_parameters() if "output_layer" in n)
+            info["keel"]["trainable_parameters"] = sum(
+                p.numel() for c in trainer.model.chunks for p in c.parameters() if p.requires_grad)
             info["keel"]["config_overrides"] = keel_overrides(args, "<tmp>")
             counter = {"n": 0}
 
@@ -382,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             "hf": info["hf"]["parameters"], "keel": info["keel"]["parameters"],
             "keel_reward_head": info["keel"]["reward_head_parameters"],
             "keel_unused_lm_output_layer": info["keel"]["unused_lm_output_layer_parameters"],
-            "note": "Keel's RewardGPTModel keeps GPTModel's LM output layer (not used in the forward) so SFT "
-                    "checkpoints load; HF's score head has no bias, Keel's reward_head has one",
+            "keel_trainable": info["keel"]["trainable_parameters"],
+            "note": "Keel's RewardGPTModel keeps GPTModel's LM output layer (frozen, not used in the forward) so "
+                    "SFT checkpoints load; HF's score head has no bias, Keel's reward_head has one",
         },
         "hf_info": info["hf"],
         "training": {
