@@ -130,3 +130,27 @@ def test_validation_pairs_stay_aligned_when_a_row_is_too_long() -> None:
     # rows [chosen p1, rejected p1, chosen p3, rejected p3]
     assert batch["attributes"][:, 0].tolist() == [3.0, 1.0, 2.0, 0.0]
     assert batch["paired"].tolist() == [True, True]
+
+
+def test_untied_output_layer_is_frozen_and_checkpoints_round_trip(tmp_path: Path) -> None:
+    from engine.trainer import Trainer
+
+    overrides = SMALL + ["model.preset=tiny-nemotron", f"run.output_dir={tmp_path}", "run.train_steps=2",
+                         "run.eval_interval=0", "checkpoint.save_interval=2"]
+    config = load_config(RewardTrainConfig, None, overrides)
+    with single_process_parallel() as parallel:
+        trainer = Trainer(config, RewardStep(config.rm), parallel)
+        model = trainer.model.chunks[0].module
+        frozen = model.output_layer.weight
+        assert not frozen.requires_grad and model.reward_head.weight.requires_grad
+        optimized = {id(p) for group in trainer.model.optimizer.param_groups for p in group["params"]}
+        assert id(frozen) not in optimized and id(model.reward_head.weight) in optimized
+        before = frozen.detach().clone()
+        trainer.fit()
+        assert torch.equal(frozen, before)
+        head = model.reward_head.weight.detach().clone()
+    with single_process_parallel() as parallel:
+        resumed = Trainer(load_config(RewardTrainConfig, None, overrides + ["checkpoint.resume=auto"]),
+                          RewardStep(config.rm), parallel)
+        assert resumed.maybe_resume() == 2
+        assert torch.equal(resumed.model.chunks[0].module.reward_head.weight, head)
