@@ -5,7 +5,8 @@ labels below are *true by construction* and trained models can be judged on grou
 truth without any download:
 
 * a response is **right or wrong** (its final answer; :func:`check_response` verifies
-  it from the prompt alone) → ``correctness`` 4 / 0;
+  it from the prompt alone; a wrong answer is the answer to a sibling task, as if the
+  question were misread: :func:`_wrong_answer`) → ``correctness`` 4 / 0;
 * **tidy or garbled** (shuffled, broken lead-in; the final answer is kept) →
   ``coherence`` 4 / 1;
 * **bare, explained or rambling** → ``complexity`` 1 / 2 / 2 and ``verbosity`` 0 / 2 / 4;
@@ -106,14 +107,24 @@ def make_task(rng: random.Random) -> Task:
 
 
 def _wrong_answer(task: Task, rng: random.Random) -> str:
-    if task.answer.lstrip("-").isdigit():
-        return str(int(task.answer) + rng.choice([-3, -2, -1, 1, 2, 10]))
-    letters = list(task.answer)
-    while "".join(letters) == task.answer:
-        rng.shuffle(letters)
-        if len(set(letters)) == 1:
-            return task.answer + task.answer[0]
-    return "".join(letters)
+    """A misreading: the right answer to a sibling task on the same numbers or word.
+
+    ``What is 57 + 38?`` answered with 19 (subtracted) or 2166 (multiplied); ``Spell 'river'
+    backwards.`` answered with RIVER (capitalised) or 5 (counted). Telling these from the
+    right answer needs the prompt (the same answer is right for the sibling task), and a
+    tiny model learns it from scratch in minutes. Near misses (57 + 38 = 96) it does not:
+    a from-scratch 4-layer model trained 1200 steps on them stayed at chance.
+    """
+    if task.kind == "arithmetic":
+        a, b = (int(n) for n in re.findall(r"\d+", task.question))
+        options = {str(a + b), str(a - b), str(a * b)}
+    else:
+        word = task.question.split("'")[1]
+        options = {word[::-1], word.upper(), str(len(word))}
+    options.discard(task.answer)
+    if not options:  # 0 + 0: every reading gives 0
+        options = {str(int(task.answer) + 1)}
+    return rng.choice(sorted(options))
 
 
 def _garble(text: str, rng: random.Random) -> str:

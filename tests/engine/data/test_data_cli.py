@@ -29,7 +29,7 @@ def test_synth_validate_convert(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["ok"]
     steer = str(tmp_path / "steer.jsonl")
     assert _run(["convert-steerlm", ratings, steer]) == 0
-    assert _run(["validate", steer, "--template", "nemotron", "--seq-length", "512"]) == 0
+    assert _run(["validate", steer, "--template", "nemotron", "--seq-length", "1024"]) == 0
     prefs = str(tmp_path / "prefs.jsonl")
     assert _run(["synth", "builtin:helpsteer2_preference", prefs, "--num", "30"]) == 0
     assert _run(["convert-helpsteer2-preference-bt", prefs, str(tmp_path / "bt.jsonl")]) == 0
