@@ -156,6 +156,10 @@ class DataConfig:
         "or a sentencepiece .model, a tokenizer.json, a directory holding one, or a .gguf file.", "byte")
     chat_template: str = doc("Chat template for chat rows: 'plain', 'llama3', 'nemotron' or 'chatml'.", "plain")
     pack: bool = doc("Pack several SFT documents per sample (block-diagonal attention, per-document positions).", False)
+    group_by_length: bool = doc(
+        "Order each step's rows by length before cutting them into micro-batches, and cut every micro-batch "
+        "to its longest row (unpacked data; exact: no position after a row's end is computed or used; "
+        "with pipeline stages all micro-batches of a step share the step's longest row).", True)
     seq_length: int = doc("Tokens per sample after padding/truncation.", 128)
     micro_batch_size: int = doc("Samples per micro-batch on one data-parallel rank.", 2)
     global_batch_size: int = doc("Samples per optimizer step over all data-parallel ranks.", 8)

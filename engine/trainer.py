@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -146,6 +146,37 @@ def build_optimizer(config: Any, chunks: list[Any], layout: Any) -> tuple[Any, A
     return optimizer, scheduler
 
 
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask")
+
+
+def group_by_length(groups: list[list[int]], length: Callable[[int], int]) -> list[list[int]]:
+    """The same indices, longest first, in groups of the same sizes.
+
+    The loss is a sum over the step's items divided by their total count, so how rows are
+    grouped into micro-batches changes nothing but the order of floating-point sums.
+    """
+    ordered = sorted((i for indices in groups for i in indices), key=length, reverse=True)
+    out, start = [], 0
+    for indices in groups:
+        out.append(ordered[start: start + len(indices)])
+        start += len(indices)
+    return out
+
+
+def padded_length(used: int, seq_length: int, multiple: int) -> int:
+    """``used`` rounded up to ``multiple`` (sequence parallelism splits it), at most ``seq_length``."""
+    return min(seq_length, -(-max(used, 1) // multiple) * multiple)
+
+
+def cut_to_length(batch: Batch, length: int) -> Batch:
+    """``batch`` with its per-position tensors (:data:`SEQUENCE_KEYS`) cut to ``length`` positions.
+
+    Under causal attention no kept position sees a cut one, and every cut position is padding
+    (no loss, after every row's end), so the outputs that matter are unchanged.
+    """
+    return {key: value[:, :length] if key in SEQUENCE_KEYS else value for key, value in batch.items()}
+
+
 def schedule_iterators(micro_batches: list[Batch], num_chunks: int) -> Any:
     """Data iterator(s) for megatron's schedule: one, or one per virtual-pipeline chunk."""
     if num_chunks == 1:
@@ -212,16 +243,16 @@ class Trainer:
         """Run the schedule; returns the global (sum, count) per metric, ``[metrics, 2]``."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        data = self.config.data
         results = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=schedule_iterators(micro_batches, len(self.model.chunks)),
             model=self.model.chunks,
             num_microbatches=len(micro_batches),
-            seq_length=data.seq_length,
-            # rows per micro-batch as built (pair steps put chosen and rejected side by side)
+            # positions and rows per micro-batch as built (micro-batches may be cut to their longest
+            # row; pair steps put chosen and rejected side by side)
+            seq_length=int(micro_batches[0]["tokens"].shape[1]),
             micro_batch_size=int(micro_batches[0]["tokens"].shape[0]),
-            decoder_seq_length=data.seq_length,
+            decoder_seq_length=int(micro_batches[0]["tokens"].shape[1]),
             forward_only=forward_only,
         )
         return self._reduce_metrics(results)
@@ -248,7 +279,16 @@ class Trainer:
         return totals.cpu()
 
     def _next_micro_batches(self, sampler: GlobalBatchSampler, dataset: Any) -> list[Batch]:
-        return [dataset.collate(indices) for indices in sampler.next_step()]
+        groups = sampler.next_step()
+        if not (self.config.data.group_by_length and hasattr(dataset, "length")):
+            return [dataset.collate(indices) for indices in groups]
+        groups = group_by_length(groups, dataset.length)
+        lengths = [max(dataset.length(i) for i in indices) for indices in groups]
+        if self.layout.pipeline > 1:  # stages exchange fixed-size activations: one length per step
+            lengths = [max(lengths)] * len(lengths)
+        multiple = 8 * self.layout.tensor
+        return [cut_to_length(dataset.collate(indices), padded_length(n, self.config.data.seq_length, multiple))
+                for indices, n in zip(groups, lengths, strict=True)]
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step_number: int) -> dict[str, float]:

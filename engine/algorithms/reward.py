@@ -113,6 +113,9 @@ class PairedAttributes:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def length(self, index: int) -> int:
+        return max(self.inner.length(j) for j in self.pairs[index])
+
     def collate(self, indices: list[int]) -> Batch:
         batch = self.inner.collate([j for i in indices for j in self.pairs[i]])
         batch["paired"] = torch.ones(len(indices), dtype=torch.bool)

@@ -98,6 +98,11 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def length(self, index: int) -> int:
+        """Positions sample ``index`` uses (the longer of chosen and rejected)."""
+        chosen, rejected, _ = self.pairs[index]
+        return max(len(chosen[0]), len(rejected[0]))
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         chosen, rejected, scalars = self.pairs[index]
         pad = self.tokenizer.pad_id
@@ -151,6 +156,10 @@ class AttributeDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def length(self, index: int) -> int:
+        """Positions sample ``index`` uses."""
+        return len(self.samples[index][0][0])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         (ids, prompt_length), attributes = self.samples[index]

@@ -102,6 +102,10 @@ class SFTDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def length(self, index: int) -> int:
+        """Positions sample ``index`` uses (its tokens, without the final label-only id)."""
+        return min(len(self.samples[index][0]) - 1, self.seq_length)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, mask = self.samples[index]
         pad = self.seq_length + 1 - len(ids)

@@ -124,3 +124,40 @@ def test_fp8_and_te_spec_need_transformer_engine() -> None:
     with pytest.raises(ConfigError, match=r"precision.fp8=hybrid needs Transformer Engine on a CUDA GPU"):
         check_fp8(PrecisionConfig(dtype="bf16", fp8="hybrid"), use_te=False)
     check_fp8(PrecisionConfig(dtype="bf16"), use_te=False)  # no FP8 requested: fine
+
+
+def test_group_by_length_keeps_the_rows_and_group_sizes() -> None:
+    from engine.trainer import cut_to_length, group_by_length, padded_length
+
+    lengths = {0: 5, 1: 90, 2: 17, 3: 64, 4: 33, 5: 2}
+    groups = group_by_length([[0, 1], [2, 3], [4, 5]], lengths.__getitem__)
+    assert groups == [[1, 3], [4, 2], [0, 5]]
+    assert padded_length(90, 128, 8) == 96 and padded_length(125, 128, 16) == 128 and padded_length(0, 64, 8) == 8
+    batch = {"tokens": torch.zeros(2, 64), "loss_mask": torch.ones(2, 64), "end_index": torch.tensor([3, 9])}
+    cut = cut_to_length(batch, 16)
+    assert cut["tokens"].shape == (2, 16) and cut["loss_mask"].shape == (2, 16) and cut["end_index"].shape == (2,)
+
+
+@pytest.mark.parametrize("algo", ["sft", "rm"])
+def test_group_by_length_trains_the_same_model(tmp_path: Path, algo: str) -> None:
+    """Grouping rows by length and cutting padding changes only the order of floating-point sums."""
+    from engine.algorithms.reward import RewardStep, RewardTrainConfig
+    from engine.trainer import Trainer
+
+    runs = {}
+    for grouped in (False, True):
+        cls = RewardTrainConfig if algo == "rm" else TrainConfig
+        config = load_config(cls, None, BASE + ["data.seq_length=256", "data.global_batch_size=8", "run.train_steps=3",
+                                                f"data.group_by_length={str(grouped).lower()}", "logging.tensorboard=false",
+                                                "run.eval_interval=0", f"run.output_dir={tmp_path / str(grouped)}"])
+        with single_process_parallel() as parallel:
+            step = RewardStep(config.rm) if algo == "rm" else SFTStep()
+            trainer = Trainer(config, step, parallel)
+            metrics = [trainer.train_step(n) for n in (1, 2, 3)]
+            shapes = [b["tokens"].shape[1] for b in trainer._next_micro_batches(trainer.sampler, trainer.train_data)]
+        runs[grouped] = (metrics, shapes)
+    (plain, plain_shapes), (grouped_metrics, grouped_shapes) = runs[False], runs[True]
+    assert set(plain_shapes) == {256} and min(grouped_shapes) < 256  # padding was cut
+    for a, b in zip(plain, grouped_metrics, strict=True):
+        assert math.isclose(a[step.loss_name], b[step.loss_name], rel_tol=1e-5)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
