@@ -46,7 +46,7 @@ def evaluate(checkpoint: str, num: int, seed: int, train_num: int, train_seed: i
     pairs = _pairs_differing_in_correctness(rows)
     wins = [bool(goodness[r] > goodness[w]) for r, w in pairs]
     by_kind: dict[str, list[bool]] = defaultdict(list)
-    for (r, _), win in zip(pairs, wins):
+    for (r, _), win in zip(pairs, wins, strict=True):
         by_kind[task_kind(rows[r]["prompt"])].append(win)
     train = helpsteer_rows(train_num, train_seed)
     attributes = scorer.step.rm.attributes
@@ -77,11 +77,18 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir, run checkpoint dir, or best/latest pointer")
     parser.add_argument("--num", type=int, default=1200, help="held-out rows to generate")
     parser.add_argument("--seed", type=int, default=777, help="seed of the held-out rows (not the training seed)")
-    parser.add_argument("--train-num", type=int, default=4096, help="training rows (for the mean baseline)")
-    parser.add_argument("--train-seed", type=int, default=1234, help="training seed (run.seed of the RM run)")
+    parser.add_argument("--train-num", type=int, default=None,
+                        help="training rows, for the mean baseline (default: the run's data.num_samples)")
+    parser.add_argument("--train-seed", type=int, default=None, help="training seed (default: the run's run.seed)")
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args()
-    report = evaluate(args.checkpoint, args.num, args.seed, args.train_num, args.train_seed)
+    from engine.checkpoint.dist import read_meta, resolve
+
+    saved = read_meta(resolve(args.checkpoint))["config"]
+    train_num = args.train_num if args.train_num is not None else int(saved["data"]["num_samples"])
+    train_seed = args.train_seed if args.train_seed is not None else int(saved["run"]["seed"])
+    report = evaluate(args.checkpoint, args.num, args.seed, train_num, train_seed)
+    report["training_rows"] = {"num": train_num, "seed": train_seed, "source": saved["data"]["source"]}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
