@@ -5,7 +5,8 @@ config.glu_linear_offset)``; with the default offset of 0.0 the addition still c
 the whole ``x_linear`` half in every layer, forward and backward. ``LocalMLP`` keeps
 megatron's module (same parameters, names and sharded state dict) and skips that copy
 whenever the result is the same: no offset, no clamp, no per-token scale and no fused
-bias-activation kernel. In every other case it defers to megatron.
+bias-activation kernel. In every other case it defers to megatron. For SwiGLU the
+backward also fills the fc1 output gradient in place (:func:`swiglu`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,36 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of ``x = [gate | up]`` whose backward writes both halves of the
+    input gradient in place, instead of autograd's ``cat`` of two separate halves (the same
+    operations otherwise, so the same numbers)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.chunk(x, 2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(x, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        x, activated = ctx.saved_tensors
+        gate, up = torch.chunk(x, 2, dim=-1)
+        grad_x = torch.empty_like(x)
+        grad_gate, grad_up = torch.chunk(grad_x, 2, dim=-1)
+        torch.mul(grad, activated, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_x
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :F]) * x[..., F:]`` (see :class:`_SwiGLU`)."""
+    return _SwiGLU.apply(x)
 
 
 class LocalMLP(MLP):
@@ -37,7 +67,9 @@ class LocalMLP(MLP):
         intermediate, bias = self.linear_fc1(hidden_states)
         if bias is not None:
             intermediate = intermediate + bias
-        if self.config.gated_linear_unit:
+        if self.config.gated_linear_unit and self.config.activation_func is F.silu:
+            intermediate = swiglu(intermediate)
+        elif self.config.gated_linear_unit:
             gate, linear = torch.chunk(intermediate, 2, dim=-1)
             intermediate = self.config.activation_func(gate) * linear
         else:

@@ -63,3 +63,21 @@ def test_local_mlp_matches_megatron(gated: bool) -> None:
         config.glu_linear_offset = 1.0  # a case LocalMLP hands back to megatron
         assert not ours._plain()
         assert torch.equal(ours(x)[0], theirs(x)[0])
+
+
+def test_swiglu_matches_autograd() -> None:
+    import torch.nn.functional as F
+
+    from engine.models.mlp import swiglu
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 2, 10, generator=gen, requires_grad=True)
+    grad = torch.randn(7, 2, 5, generator=gen)
+    gate, up = torch.chunk(x, 2, dim=-1)
+    reference = F.silu(gate) * up
+    ours = swiglu(x)
+    assert torch.equal(ours, reference)
+    (ref_grad,) = torch.autograd.grad(reference, x, grad)
+    (our_grad,) = torch.autograd.grad(ours, x, grad)
+    assert torch.equal(our_grad, ref_grad)
+    assert torch.autograd.gradcheck(swiglu, (x.detach().double().requires_grad_(),))
