@@ -184,14 +184,13 @@ def layer_activation_bytes(
         gated = 2 * f if preset.gated else f
         mlp = tokens * (gated * e + f * gemm_in) // tp  # FC1 output (activation input), FC2 input
     else:
-        # Local spec (torch SDPA): k and v are expanded to every head before attention, and
-        # the output is reshaped into a new tensor for the projection.
-        expanded_kv = 2 * q_width
+        # Local spec (torch SDPA with grouped k and v): q, k, v, the attention output, and the
+        # output reshaped into a new tensor for the projection.
         if recompute == "selective":  # the checkpoint keeps only the inputs of core attention
             attention = tokens * (q_width + kv_width + q_width) * e
         else:
-            attention = tokens * (q_width + expanded_kv + 2 * q_width) * e + tokens * 4 * heads // tp
-        # swiglu: silu input, silu output, the gate, the product; squared ReLU: relu output, its square
+            attention = tokens * (q_width + kv_width + 2 * q_width) * e + tokens * 4 * heads // tp
+        # swiglu: the FC1 output (gate and up), the silu output, the product; squared ReLU: relu output, its square
         mlp = tokens * (4 * f if preset.gated else 2 * f) * e // tp
     return shared + attention + mlp
 
