@@ -59,4 +59,4 @@ def test_reward_losses_match_single_process(results: dict[str, dict[str, list[fl
 def test_regression_training_reduces_loss(results: dict[str, dict[str, list[float]]]) -> None:
     # (5 small scaled-BT batches are too noisy for a monotone check; regression starts far off)
     losses = results["regression/reference"]["loss"]
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < 0.75 * losses[0], losses
