@@ -24,7 +24,21 @@ with a linear ``hidden -> 5`` regression head (the five HelpSteer attributes).
      index here, checked) and computes ``MSELoss``; then ``clip_grad_norm_(1.0)`` and
      ``torch.optim.AdamW``.
 
-2. Scoring ((prompt, response) pairs/s). ``--pairs`` random (prompt, response) text
+2. Training on data (real tokens/s). Rows of the built-in synthetic HelpSteer data set
+   (variable length; byte tokenizer, ``plain`` template, ``--seq-len``), ``--data-global-batch``
+   rows per step in micro-batches of ``--data-micro-batch``; each timed step takes the next
+   rows, the same rows for both sides. The unit is real (non-padding) tokens, the same
+   count for both.
+
+   * Keel: a second ``Trainer`` on that data, its own data path: ``data.group_by_length``
+     (on by default) orders the step's rows by length into micro-batches and cuts each to
+     its longest row; loss = MSE over all labels of the step.
+   * HF: the micro-batches in the sampler's order, each padded to its longest row (what
+     HF's padding collators do; HF ``Trainer``'s ``group_by_length`` is off by default),
+     ``loss / micro-batches`` backward per micro-batch (equal sizes: the step's mean
+     MSE), then clipping and AdamW.
+
+3. Scoring ((prompt, response) pairs/s). ``--pairs`` random (prompt, response) text
    pairs, encoded by Keel's byte tokenizer (``plain`` template) to ``--seq-len``.
 
    * Keel: ``RewardScorer(chunks, step, tokenizer, parallel, seq_len, --score-micro-batch).score(rows)``
@@ -83,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps per side")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per side")
+    parser.add_argument("--data-global-batch", type=int, default=32, help="rows per step, training on data")
+    parser.add_argument("--data-micro-batch", type=int, default=8, help="rows per micro-batch, training on data")
     parser.add_argument("--pairs", type=int, default=64, help="(prompt, response) pairs scored per call")
     parser.add_argument("--score-micro-batch", type=int, default=16)
     parser.add_argument("--score-repeats", type=int, default=2, help="timed scoring calls per side")
@@ -170,6 +186,36 @@ def keel_overrides(args: argparse.Namespace, run_dir: str) -> list[str]:
         "optimizer.beta2=0.95", "optimizer.eps=1.0e-8", "optimizer.clip_grad=1.0", "scheduler.type=constant",
         "scheduler.warmup_steps=0", "precision.dtype=fp32",
     ]
+
+
+def data_overrides(args: argparse.Namespace, run_dir: str) -> list[str]:
+    rows = args.data_global_batch * (args.warmup + args.steps + 2)
+    return keel_overrides(args, run_dir) + [
+        f"data.micro_batch_size={args.data_micro_batch}", f"data.global_batch_size={args.data_global_batch}",
+        f"data.num_samples={rows}", "data.overlong=drop",
+    ]
+
+
+def data_step_groups(args: argparse.Namespace, step: int, rows: int) -> list[list[int]]:
+    """Row indices of training-on-data step ``step``, in micro-batches (sampler order)."""
+    start = (step * args.data_global_batch) % (rows - args.data_global_batch + 1)
+    ids = list(range(start, start + args.data_global_batch))
+    return [ids[i: i + args.data_micro_batch] for i in range(0, len(ids), args.data_micro_batch)]
+
+
+def hf_data_train_step(model: Any, optimizer: Any, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in micro_batches:
+        length = int(batch["end_index"].max()) + 1  # padded to the longest row of the micro-batch
+        tokens = batch["tokens"][:, :length]
+        mask = (torch.arange(length).unsqueeze(0) <= batch["end_index"].unsqueeze(1)).long()
+        out = model(input_ids=tokens, attention_mask=mask, labels=batch["attributes"])
+        (out.loss / len(micro_batches)).backward()
+        total += float(out.loss.detach()) / len(micro_batches)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return total
 
 
 def build_hf(args: argparse.Namespace, preset: Any, info: dict[str, Any]) -> tuple[Any, Any]:
@@ -329,6 +375,50 @@ def main(argv: list[str] | None = None) -> int:
                     run_train(name, timed=False)
             interleave(names, args.steps, run_train)
 
+            # ---- training on data: a second Keel trainer with its own data path
+            data_config = load_config(RewardTrainConfig, None, data_overrides(args, run_dir + "/data"))
+            data_config.validate(1)
+            data_trainer = Trainer(data_config, RewardStep(data_config.rm), parallel)
+            dataset = data_trainer.train_data
+            real_tokens: list[int] = []
+            positions: dict[str, list[int]] = {"hf": [], "keel": []}
+            data_counter = {"n": 0}
+
+            def data_train(name: str) -> float:
+                groups = data_step_groups(args, data_counter["n"] // 2, len(dataset))
+                data_counter["n"] += 1
+                if name == "keel":
+                    data_trainer.sampler.next_step = lambda: [list(g) for g in groups]  # type: ignore[method-assign]
+                    built = data_trainer._next_micro_batches(data_trainer.sampler, dataset)
+                    positions["keel"].append(sum(int(b["tokens"].numel()) for b in built))
+                    data_trainer._next_micro_batches = lambda sampler, ds: built  # type: ignore[method-assign]
+                    try:
+                        return float(data_trainer.train_step(data_counter["n"])[step.loss_name])
+                    finally:
+                        del data_trainer._next_micro_batches
+                micro = [dataset.collate(g) for g in groups]
+                real_tokens.append(sum(int(b["end_index"].sum()) + len(g) for b, g in zip(micro, groups, strict=True)))
+                positions["hf"].append(sum(len(g) * (int(b["end_index"].max()) + 1)
+                                           for b, g in zip(micro, groups, strict=True)))
+                return hf_data_train_step(hf_model, hf_opt, micro)
+
+            data_timer = {"hf": Timer(), "keel": Timer()}
+            data_losses: dict[str, list[float]] = {"hf": [], "keel": []}
+
+            def run_data(name: str, timed: bool = True) -> None:
+                loss = data_timer[name].run(lambda: data_train(name), timed)
+                data_losses[name].append(round(loss, 4))
+                logger.info("train on data %s%s: %.3f s, loss %.4f", name, "" if timed else " (warm-up)",
+                            (data_timer[name].times if timed else data_timer[name].warmup_times)[-1], loss)
+
+            # Warm-up and timed calls come in (hf, keel) couples on the same rows.
+            for _ in range(args.warmup):
+                for name in names:
+                    run_data(name, timed=False)
+            for r in range(args.steps):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    run_data(name)
+
             # ---- scoring
             scorer = RewardScorer(trainer.model.chunks, step, trainer.tokenizer, parallel, args.seq_len,
                                   args.score_micro_batch, config.data.chat_template)
@@ -367,6 +457,18 @@ def main(argv: list[str] | None = None) -> int:
     training = {name: {**train[name].summary(tokens_per_step, "tokens", threads), "losses": losses[name]}
                 for name in names}
     scoring = {name: score[name].summary(args.pairs, "pairs", threads) for name in names}
+    timed_tokens = real_tokens[args.warmup:]
+    on_data: dict[str, Any] = {}
+    for name in names:
+        times = data_timer[name].times
+        on_data[name] = {
+            "real_tokens_per_s": round(sum(timed_tokens) / sum(times), 2),
+            "real_tokens_per_cpu_s": round(sum(timed_tokens) / sum(data_timer[name].cpu_times), 2),
+            "positions_computed_per_step": positions[name][args.warmup:],
+            "times_s": [round(t, 4) for t in times],
+            "warmup_times_s": [round(t, 4) for t in data_timer[name].warmup_times],
+            "losses": data_losses[name],
+        }
     ratio = lambda table, key: round(table["keel"][key] / table["hf"][key], 3)  # noqa: E731
     report = {
         "benchmark": "reward",
@@ -405,6 +507,19 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_keel_over_hf_tokens_per_s_best": ratio(training, "tokens_per_s_best"),
             "ratio_keel_over_hf_tokens_per_cpu_s": ratio(training, "tokens_per_cpu_s"),
         },
+        "training_on_data": {
+            "data": "builtin:helpsteer rows (synthetic, variable length), byte tokenizer, plain template, "
+                    f"seq_length {args.seq_len}, over-long rows dropped",
+            "global_batch_rows": args.data_global_batch, "micro_batch_rows": args.data_micro_batch,
+            "real_tokens_per_step": timed_tokens,
+            "keel": on_data["keel"], "hf": on_data["hf"],
+            "ratio_keel_over_hf_real_tokens_per_s": round(
+                on_data["keel"]["real_tokens_per_s"] / on_data["hf"]["real_tokens_per_s"], 3),
+            "ratio_keel_over_hf_real_tokens_per_cpu_s": round(
+                on_data["keel"]["real_tokens_per_cpu_s"] / on_data["hf"]["real_tokens_per_cpu_s"], 3),
+            "note": "Keel groups the step's rows by length into micro-batches and cuts padding "
+                    "(data.group_by_length, default); HF pads each micro-batch, in sampler order, to its longest row",
+        },
         "scoring": {
             "pairs": args.pairs, "micro_batch_size": args.score_micro_batch, "seq_length": args.seq_len,
             "tokenizer": tokenizer_name, "template": "plain",
@@ -432,9 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(args.out)
-    logger.info("training tokens/s: hf %.1f, keel %.1f (keel/hf %.3f); scoring pairs/s: hf %.2f, keel %.2f "
-                "(keel/hf %.3f) -> %s", training["hf"]["tokens_per_s"], training["keel"]["tokens_per_s"],
-                report["training"]["ratio_keel_over_hf_tokens_per_s"], scoring["hf"]["pairs_per_s"],
+    logger.info("training tokens/s: hf %.1f, keel %.1f (keel/hf %.3f); on data, real tokens/s: hf %.1f, keel %.1f "
+                "(keel/hf %.3f); scoring pairs/s: hf %.2f, keel %.2f (keel/hf %.3f) -> %s",
+                training["hf"]["tokens_per_s"], training["keel"]["tokens_per_s"],
+                report["training"]["ratio_keel_over_hf_tokens_per_s"], on_data["hf"]["real_tokens_per_s"],
+                on_data["keel"]["real_tokens_per_s"], report["training_on_data"]["ratio_keel_over_hf_real_tokens_per_s"],
+                scoring["hf"]["pairs_per_s"],
                 scoring["keel"]["pairs_per_s"], report["scoring"]["ratio_keel_over_hf_pairs_per_s"], args.out)
     return 0
 
