@@ -128,6 +128,7 @@ def build_optimizer(config: Any, chunks: list[Any], layout: Any) -> tuple[Any, A
         ),
         chunks,
     )
+    _fuse_cpu_adamw(optimizer)
     sched = config.scheduler
     decay = max(sched.decay_steps or config.run.train_steps, sched.warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
@@ -144,6 +145,24 @@ def build_optimizer(config: Any, chunks: list[Any], layout: Any) -> tuple[Any, A
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def _fuse_cpu_adamw(optimizer: Any) -> None:
+    """Switch torch's AdamW (megatron's fallback without TE/apex) to its fused kernel on CPU.
+
+    torch defaults to the per-tensor Python loop for CPU parameters; the fused kernel does
+    the same update in one pass per tensor. GPU runs use TE's or apex's FusedAdam instead.
+    """
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for torch_opt in inner:
+        if type(torch_opt) is not torch.optim.AdamW:
+            continue
+        params = [p for group in torch_opt.param_groups for p in group["params"]]
+        if not params or any(p.device.type != "cpu" or not p.is_floating_point() for p in params):
+            continue
+        torch_opt.defaults.update(fused=True, foreach=False)
+        for group in torch_opt.param_groups:
+            group.update(fused=True, foreach=False)
 
 
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask")
@@ -361,6 +380,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"checkpoint.resume={chk.resume}: not a complete checkpoint")
         if path is not None:
             meta = ckpt.load(path, self.model.chunks, self.model.optimizer, self.parallel, signature)
+            _fuse_cpu_adamw(self.model.optimizer)  # loaded param groups carry the saving run's flags
             self.model.scheduler.load_state_dict(meta["scheduler"])
             self.sampler.load_state_dict(meta["sampler"])
             best = meta.get("best_validation")

@@ -161,3 +161,29 @@ def test_group_by_length_trains_the_same_model(tmp_path: Path, algo: str) -> Non
     for a, b in zip(plain, grouped_metrics, strict=True):
         assert math.isclose(a[step.loss_name], b[step.loss_name], rel_tol=1e-5)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
+
+
+def test_cpu_adamw_runs_fused_and_matches_the_loop(tmp_path: Path) -> None:
+    from engine.trainer import _fuse_cpu_adamw
+
+    with single_process_parallel() as parallel:
+        trainer = _trainer(tmp_path, parallel)
+        groups = trainer.model.optimizer.optimizer.param_groups
+        assert groups and all(g["fused"] and not g["foreach"] for g in groups)
+    # the fused kernel is the same AdamW update as torch's per-tensor loop
+    torch.manual_seed(0)
+    loop = torch.nn.Parameter(torch.randn(300))
+    fused = torch.nn.Parameter(loop.detach().clone())
+    opts = [torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1) for p in (loop, fused)]
+
+    class Wrapped:
+        optimizer = opts[1]
+
+    _fuse_cpu_adamw(Wrapped())
+    assert opts[1].param_groups[0]["fused"] and not opts[0].param_groups[0]["fused"]
+    for _ in range(5):
+        grad = torch.randn(300)
+        loop.grad, fused.grad = grad.clone(), grad.clone()
+        for opt in opts:
+            opt.step()
+    assert torch.allclose(loop, fused, rtol=0, atol=1e-6)
