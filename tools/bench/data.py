@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -38,6 +37,7 @@ from engine.data.sft import SFTDataset
 from engine.data.synthetic import builtin_format, builtin_rows
 from engine.data.tokenizers import load_tokenizer
 from engine.data.validate import validate_file
+from tools.bench.common import write_report  # noqa: E402
 
 logger = logging.getLogger("bench.data")
 DEFAULT_OUT = Path("tools/bench/results/data.json")
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "load_average_1m_at_end": round(os.getloadavg()[0], 2),
               "throughput": throughput, "padding": padding}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     logger.info("wrote %s", args.out)
     return 0
 

@@ -13,7 +13,6 @@ chunked torch path against the naive one at a smaller size, without memory figur
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kernels._dispatch import Backend
 from kernels.logprob import token_logprobs
+from tools.bench.common import write_report  # noqa: E402
 
 logger = logging.getLogger("bench.logprob")
 DEFAULT_OUT = Path("tools/bench/results/logprob.json")
@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "iters": args.iters,
         "results": [row for vocab in args.vocab for row in run_vocab(vocab, args, device, methods)],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     logger.info("wrote %s", args.out)
     return 0
 

@@ -64,10 +64,8 @@ is recorded: on a busy machine absolute numbers are noisy, ratios less so.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import random
 import statistics
 import string
@@ -82,6 +80,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from tools.bench.common import machine_info, versions, write_report  # noqa: E402
 
 logger = logging.getLogger("bench.reward")
 DEFAULT_OUT = REPO / "tools/bench/results/reward.json"
@@ -269,37 +269,6 @@ def hf_score(model: Any, encode: Callable[[Any, str], dict[str, torch.Tensor]], 
         mask = (torch.arange(tokens.shape[1]).unsqueeze(0) <= end.unsqueeze(1)).long()
         outputs.append(model(input_ids=tokens, attention_mask=mask).logits.float())
     return torch.cat(outputs)
-
-
-# ---------------------------------------------------------------------------- report
-
-
-def machine_info() -> dict[str, Any]:
-    import psutil
-
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_total_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-    }
-
-
-def versions() -> dict[str, str]:
-    import megatron.core
-    import transformers
-
-    return {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
-            "transformers": transformers.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,10 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine_busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1) + 0.5,
         "run_wall_s": round(wall, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_report(args.out, report)
     logger.info("training tokens/s: hf %.1f, keel %.1f (keel/hf %.3f); on data, real tokens/s: hf %.1f, keel %.1f "
                 "(keel/hf %.3f); scoring pairs/s: hf %.2f, keel %.2f (keel/hf %.3f) -> %s",
                 training["hf"]["tokens_per_s"], training["keel"]["tokens_per_s"],

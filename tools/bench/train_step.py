@@ -48,10 +48,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -69,6 +67,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from tools.bench.common import machine_info, versions, write_report  # noqa: E402
 
 logger = logging.getLogger("bench.train_step")
 DEFAULT_OUT = REPO / "tools/bench/results/train_step.json"
@@ -363,37 +363,6 @@ def hf_side(args: argparse.Namespace, preset: Any, batch: torch.Tensor, info: di
     yield build
 
 
-# ---------------------------------------------------------------------------- report
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_total_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "mkl": torch.backends.mkl.is_available(),
-    }
-
-
-def versions() -> dict[str, str]:
-    import megatron.core
-    import transformers
-
-    return {"torch": torch.__version__, "megatron_core": megatron.core.__version__, "transformers": transformers.__version__}
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("engine", "megatron", "torch.distributed"):
@@ -482,10 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if report["shape"]["parameter_count"] != results["keel"]["parameters"] or results["hf"]["parameters"] != results["keel"]["parameters"]:
         logger.warning("parameter counts differ: preset %d, keel %d, hf %d", report["shape"]["parameter_count"],
                        results["keel"]["parameters"], results["hf"]["parameters"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_report(args.out, report)
     logger.info("tokens/s: hf %.1f, keel %.1f (keel/hf %.3f); peak RSS delta MiB: hf %.0f, keel %.0f -> %s",
                 results["hf"]["tokens_per_s"], results["keel"]["tokens_per_s"],
                 report["ratio_keel_over_hf_tokens_per_s"], results["hf"]["memory"]["peak_rss_delta_mib"],
