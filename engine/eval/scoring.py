@@ -62,16 +62,18 @@ class RewardScorer:
         Items are ordered longest first; each micro-batch keeps only the positions up to its
         longest row (see the module docstring).
         """
+        from engine.trainer import padded_length
+
         items = [self._encode(prompt, response) for prompt, response in rows]
         order = sorted(range(len(items)), key=lambda i: -int(items[i]["end_index"]))
         order += [order[-1]] * (-len(order) % self.micro_batch_size)  # pad the last micro-batch
         multiple = 8 * self.parallel.layout.tensor
-        fit = lambda n: min(self.seq_length, -(-n // multiple) * multiple)  # noqa: E731
-        longest = fit(int(items[order[0]]["end_index"]) + 1)
+        longest = padded_length(int(items[order[0]]["end_index"]) + 1, self.seq_length, multiple)
         batches = []
         for i in range(0, len(order), self.micro_batch_size):
             chunk = [items[j] for j in order[i: i + self.micro_batch_size]]
-            length = longest if self.parallel.layout.pipeline > 1 else fit(int(chunk[0]["end_index"]) + 1)
+            length = longest if self.parallel.layout.pipeline > 1 else \
+                padded_length(int(chunk[0]["end_index"]) + 1, self.seq_length, multiple)
             batches.append({"tokens": torch.stack([item["tokens"][:length] for item in chunk]),
                             "end_index": torch.stack([item["end_index"] for item in chunk])})
         return batches, order, longest
