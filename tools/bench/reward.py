@@ -271,6 +271,228 @@ def hf_score(model: Any, encode: Callable[[Any, str], dict[str, torch.Tensor]], 
     return torch.cat(outputs)
 
 
+def ratio(table: dict[str, Any], key: str) -> float:
+    return round(table["keel"][key] / table["hf"][key], 3)
+
+
+def keel_parameter_info(trainer: Any) -> dict[str, Any]:
+    named = [(n, p) for c in trainer.model.chunks for n, p in c.named_parameters()]
+    return {
+        "parameters": sum(p.numel() for _, p in named),
+        "reward_head_parameters": sum(p.numel() for n, p in named if "reward_head" in n),
+        "unused_lm_output_layer_parameters": sum(p.numel() for n, p in named if "output_layer" in n),
+        "trainable_parameters": sum(p.numel() for _, p in named if p.requires_grad),
+    }
+
+
+def bench_fixed_shape(args: argparse.Namespace, names: list[str], trainer: Any, loss_name: str, hf_model: Any,
+                      hf_opt: Any, batch: dict[str, torch.Tensor], threads: int) -> dict[str, Any]:
+    """Section 1: the same fixed batch on both sides; the ``training`` part of the report."""
+    trainer._next_micro_batches = lambda sampler, dataset: [batch]
+    timers = {"hf": Timer(), "keel": Timer()}
+    losses: dict[str, list[float]] = {"hf": [], "keel": []}
+    counter = {"n": 0}
+
+    def keel_train() -> float:
+        counter["n"] += 1
+        return float(trainer.train_step(counter["n"])[loss_name])
+
+    train_fns: dict[str, Callable[[], float]] = {"hf": lambda: hf_train_step(hf_model, hf_opt, batch), "keel": keel_train}
+
+    def run_train(name: str, timed: bool = True) -> None:
+        loss = timers[name].run(train_fns[name], timed)
+        losses[name].append(round(loss, 4))
+        logger.info("train %s%s: %.3f s, loss %.4f", name, "" if timed else " (warm-up)",
+                    (timers[name].times if timed else timers[name].warmup_times)[-1], loss)
+
+    for name in names:
+        for _ in range(args.warmup):
+            run_train(name, timed=False)
+    interleave(names, args.steps, run_train)
+    tokens_per_step = args.batch * args.seq_len
+    training = {name: {**timers[name].summary(tokens_per_step, "tokens", threads), "losses": losses[name]}
+                for name in names}
+    return {
+        "batch": {"rows": args.batch, "seq_length": args.seq_len, "tokens_per_step": tokens_per_step,
+                  "end_index": batch["end_index"].tolist(),
+                  "data": "random ids 1..vocab-1, right-padded with pad 0 after each row's end index; "
+                          "labels random integers 0..4, 5 attributes; loss MSE (mean over 5 x rows)"},
+        "optimizer": {"type": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
+                      "clip_grad": 1.0},
+        "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "hf": training["hf"], "keel": training["keel"],
+        "ratio_keel_over_hf_tokens_per_s": ratio(training, "tokens_per_s"),
+        "ratio_keel_over_hf_tokens_per_s_best": ratio(training, "tokens_per_s_best"),
+        "ratio_keel_over_hf_tokens_per_cpu_s": ratio(training, "tokens_per_cpu_s"),
+    }
+
+
+def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run_dir: str, hf_model: Any,
+                  hf_opt: Any) -> dict[str, Any]:
+    """Section 2: a second Keel trainer with its own data path; the ``training_on_data`` part."""
+    from engine.algorithms.reward import RewardStep, RewardTrainConfig
+    from engine.config import load_config
+    from engine.trainer import Trainer
+
+    config = load_config(RewardTrainConfig, None, data_overrides(args, run_dir + "/data"))
+    config.validate(1)
+    trainer = Trainer(config, RewardStep(config.rm), parallel)
+    dataset = trainer.train_data
+    real_tokens: list[int] = []
+    positions: dict[str, list[int]] = {"hf": [], "keel": []}
+    counter = {"n": 0}
+
+    def train(name: str) -> float:
+        groups = data_step_groups(args, counter["n"] // 2, len(dataset))
+        counter["n"] += 1
+        if name == "keel":
+            trainer.sampler.next_step = lambda: [list(g) for g in groups]
+            built = trainer._next_micro_batches(trainer.sampler, dataset)
+            positions["keel"].append(sum(int(b["tokens"].numel()) for b in built))
+            trainer._next_micro_batches = lambda sampler, ds: built
+            try:
+                return float(trainer.train_step(counter["n"])[trainer.step.loss_name])
+            finally:
+                del trainer._next_micro_batches
+        micro = [dataset.collate(g) for g in groups]
+        real_tokens.append(sum(int(b["end_index"].sum()) + len(g) for b, g in zip(micro, groups, strict=True)))
+        positions["hf"].append(sum(len(g) * (int(b["end_index"].max()) + 1) for b, g in zip(micro, groups, strict=True)))
+        return hf_data_train_step(hf_model, hf_opt, micro)
+
+    timers = {"hf": Timer(), "keel": Timer()}
+    losses: dict[str, list[float]] = {"hf": [], "keel": []}
+
+    def run(name: str, timed: bool = True) -> None:
+        loss = timers[name].run(lambda: train(name), timed)
+        losses[name].append(round(loss, 4))
+        logger.info("train on data %s%s: %.3f s, loss %.4f", name, "" if timed else " (warm-up)",
+                    (timers[name].times if timed else timers[name].warmup_times)[-1], loss)
+
+    # Warm-up and timed calls come in (hf, keel) couples on the same rows.
+    for _ in range(args.warmup):
+        for name in names:
+            run(name, timed=False)
+    interleave(names, args.steps, run)
+    return on_data_section(args, names, timers, losses, real_tokens[args.warmup:],
+                           {name: positions[name][args.warmup:] for name in names})
+
+
+def on_data_section(args: argparse.Namespace, names: list[str], timers: dict[str, Timer],
+                    losses: dict[str, list[float]], timed_tokens: list[int],
+                    positions: dict[str, list[int]]) -> dict[str, Any]:
+    sides = {name: {
+        "real_tokens_per_s": round(sum(timed_tokens) / sum(timers[name].times), 2),
+        "real_tokens_per_cpu_s": round(sum(timed_tokens) / sum(timers[name].cpu_times), 2),
+        "positions_computed_per_step": positions[name],
+        "times_s": [round(t, 4) for t in timers[name].times],
+        "warmup_times_s": [round(t, 4) for t in timers[name].warmup_times],
+        "losses": losses[name],
+    } for name in names}
+    return {
+        "data": "builtin:helpsteer rows (synthetic, variable length), byte tokenizer, plain template, "
+                f"seq_length {args.seq_len}, over-long rows dropped",
+        "global_batch_rows": args.data_global_batch, "micro_batch_rows": args.data_micro_batch,
+        "real_tokens_per_step": timed_tokens,
+        "keel": sides["keel"], "hf": sides["hf"],
+        "ratio_keel_over_hf_real_tokens_per_s": ratio(sides, "real_tokens_per_s"),
+        "ratio_keel_over_hf_real_tokens_per_cpu_s": ratio(sides, "real_tokens_per_cpu_s"),
+        "note": "Keel groups the step's rows by length into micro-batches and cuts padding "
+                "(data.group_by_length, default); HF pads each micro-batch, in sampler order, to its longest row",
+    }
+
+
+def bench_scoring(args: argparse.Namespace, names: list[str], trainer: Any, parallel: Any, hf_model: Any,
+                  checks: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Section 3: scoring the same rows; the ``scoring`` part of the report."""
+    from engine.eval.scoring import RewardScorer
+
+    rows = scoring_rows(args)
+    scorer = RewardScorer(trainer.model.chunks, trainer.step, trainer.tokenizer, parallel, args.seq_len,
+                          args.score_micro_batch, trainer.config.data.chat_template)
+    hf_model.eval()
+    encoded = [scorer._encode(p, r) for p, r in rows]
+    ends = torch.stack([e["end_index"] for e in encoded])
+    checks["hf_pool_index_equals_end_index_score"] = bool(
+        (hf_pool_index(torch.stack([e["tokens"] for e in encoded])) == ends).all())
+    checks["score_tokens_min_max_len"] = [int(ends.min()) + 1, int(ends.max()) + 1]
+    score_fns: dict[str, Callable[[], torch.Tensor]] = {
+        "hf": lambda: hf_score(hf_model, scorer._encode, rows, args.score_micro_batch),
+        "keel": lambda: scorer.score(rows),
+    }
+    timers = {"hf": Timer(), "keel": Timer()}
+    shapes: dict[str, list[int]] = {}
+
+    def run_score(name: str, timed: bool = True) -> None:
+        out = timers[name].run(score_fns[name], timed)
+        shapes[name] = list(out.shape)
+        logger.info("score %s%s: %.3f s", name, "" if timed else " (warm-up)",
+                    (timers[name].times if timed else timers[name].warmup_times)[-1])
+
+    for name in names:
+        run_score(name, timed=False)
+    interleave(names, args.score_repeats, run_score)
+    checks["score_output_shapes"] = shapes
+    for chunk in trainer.model.chunks:
+        chunk.train()
+    scoring = {name: timers[name].summary(args.pairs, "pairs", threads) for name in names}
+    return {
+        "pairs": args.pairs, "micro_batch_size": args.score_micro_batch, "seq_length": args.seq_len,
+        "tokenizer": type(trainer.tokenizer).__name__, "template": "plain",
+        "unit": "pairs = (prompt, response) rows scored, one reward vector [5] each",
+        "warmup_calls": 1, "timed_calls": args.score_repeats,
+        "hf": scoring["hf"], "keel": scoring["keel"],
+        "ratio_keel_over_hf_pairs_per_s": ratio(scoring, "pairs_per_s"),
+        "ratio_keel_over_hf_pairs_per_s_best": ratio(scoring, "pairs_per_s_best"),
+        "ratio_keel_over_hf_pairs_per_cpu_s": ratio(scoring, "pairs_per_cpu_s"),
+    }
+
+
+def shape_info(args: argparse.Namespace, preset: Any) -> dict[str, Any]:
+    return {
+        "preset": args.preset, "num_layers": preset.num_layers, "hidden_size": preset.hidden_size,
+        "ffn_hidden_size": preset.ffn_hidden_size, "num_attention_heads": preset.num_attention_heads,
+        "num_query_groups": preset.num_query_groups, "vocab_size": preset.vocab_size,
+        "tie_embeddings": preset.tie_embeddings, "rms_norm_eps": preset.layernorm_epsilon,
+        "rope_theta": preset.rotary_base, "num_labels": NUM_LABELS, "pad_token_id": PAD_ID,
+    }
+
+
+def assemble_report(args: argparse.Namespace, preset: Any, threads: int, hf_info: dict[str, Any],
+                    keel_info: dict[str, Any], training: dict[str, Any], on_data: dict[str, Any],
+                    scoring: dict[str, Any], checks: dict[str, Any], load_before: tuple[float, ...],
+                    load_after: tuple[float, ...], wall: float) -> dict[str, Any]:
+    """The JSON report (``load_*``: :func:`os.getloadavg` before and after the run)."""
+    return {
+        "benchmark": "reward", "machine": machine_info(), "versions": versions(), "torch_threads": threads,
+        "dtype": "float32", "device": "cpu", "layout": "TP1 PP1 DP1 (1 process, gloo)",
+        "shape": shape_info(args, preset),
+        "parameters": {
+            "hf": hf_info["parameters"], "keel": keel_info["parameters"],
+            "keel_reward_head": keel_info["reward_head_parameters"],
+            "keel_unused_lm_output_layer": keel_info["unused_lm_output_layer_parameters"],
+            "keel_trainable": keel_info["trainable_parameters"],
+            "note": "Keel's RewardGPTModel keeps GPTModel's LM output layer (frozen, not used in the forward) so "
+                    "SFT checkpoints load; HF's score head has no bias, Keel's reward_head has one",
+        },
+        "hf_info": hf_info,
+        "training": training, "training_on_data": on_data, "scoring": scoring,
+        "checks": checks, "timing_method": TIMING_METHOD,
+        "load_average_1m": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
+        "load_average_5m": {"before": round(load_before[1], 2), "after": round(load_after[1], 2)},
+        "machine_busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1) + 0.5,
+        "run_wall_s": round(wall, 1),
+    }
+
+
+TIMING_METHOD = (
+    "one process, HF built first (before Keel's CPU layer), then Keel's Trainer; warm-up steps per side, "
+    "then timed training steps alternate A B, B A, ... (wall clock per whole step: zero-grad, forward, "
+    "loss, backward, clip, AdamW); then one warm-up scoring call per side and timed scoring calls "
+    "alternating the same way (encoding + forward of all pairs). rate = units x calls / sum of times; "
+    "cpu_utilisation = process CPU time / wall / threads (well below 1 = the machine was busy)"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("engine", "megatron", "torch.distributed", "transformers"):
@@ -285,26 +507,20 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = resolve_preset(ModelConfig(preset=args.preset))
     batch = training_batch(args, preset.vocab_size)
-    rows = scoring_rows(args)
-    tokens_per_step = args.batch * args.seq_len
     names = ["hf", "keel"]
-    info: dict[str, dict[str, Any]] = {"hf": {}, "keel": {}}
-    train = {"hf": Timer(), "keel": Timer()}
-    score = {"hf": Timer(), "keel": Timer()}
-    losses: dict[str, list[float]] = {"hf": [], "keel": []}
+    hf_info: dict[str, Any] = {}
     checks: dict[str, Any] = {"hf_pool_index_equals_end_index_train":
                               bool((hf_pool_index(batch["tokens"]) == batch["end_index"]).all())}
     load_before = os.getloadavg()
     began = time.perf_counter()
 
     # HF first: before Keel's CPU layer patches torch.cuda process-wide.
-    hf_model, hf_opt = build_hf(args, preset, info["hf"])
+    hf_model, hf_opt = build_hf(args, preset, hf_info)
 
     import megatron.core.pipeline_parallel  # noqa: F401
 
     from engine.algorithms.reward import RewardStep, RewardTrainConfig
     from engine.config import load_config
-    from engine.eval.scoring import RewardScorer
     from engine.parallel import cpu
     from engine.trainer import Trainer
     from tests.helpers import single_process_parallel
@@ -315,211 +531,26 @@ def main(argv: list[str] | None = None) -> int:
         with single_process_parallel(seed=args.seed) as parallel:
             step = RewardStep(config.rm)
             trainer = Trainer(config, step, parallel)
-            trainer._next_micro_batches = lambda sampler, dataset: [batch]  # type: ignore[method-assign]
-            info["keel"]["parameters"] = sum(p.numel() for c in trainer.model.chunks for p in c.parameters())
-            info["keel"]["reward_head_parameters"] = sum(
-                p.numel() for c in trainer.model.chunks for n, p in c.named_parameters() if "reward_head" in n)
-            info["keel"]["unused_lm_output_layer_parameters"] = sum(
-                p.numel() for c in trainer.model.chunks for n, p in c.named_parameters() if "output_layer" in n)
-            info["keel"]["trainable_parameters"] = sum(
-                p.numel() for c in trainer.model.chunks for p in c.parameters() if p.requires_grad)
-            info["keel"]["config_overrides"] = keel_overrides(args, "<tmp>")
-            counter = {"n": 0}
-
-            def keel_train() -> float:
-                counter["n"] += 1
-                return float(trainer.train_step(counter["n"])[step.loss_name])
-
-            train_fns: dict[str, Callable[[], float]] = {
-                "hf": lambda: hf_train_step(hf_model, hf_opt, batch), "keel": keel_train}
-
-            def run_train(name: str, timed: bool = True) -> None:
-                loss = train[name].run(train_fns[name], timed)
-                losses[name].append(round(loss, 4))
-                logger.info("train %s%s: %.3f s, loss %.4f", name, "" if timed else " (warm-up)",
-                            (train[name].times if timed else train[name].warmup_times)[-1], loss)
-
-            for name in names:
-                for _ in range(args.warmup):
-                    run_train(name, timed=False)
-            interleave(names, args.steps, run_train)
-
-            # ---- training on data: a second Keel trainer with its own data path
-            data_config = load_config(RewardTrainConfig, None, data_overrides(args, run_dir + "/data"))
-            data_config.validate(1)
-            data_trainer = Trainer(data_config, RewardStep(data_config.rm), parallel)
-            dataset = data_trainer.train_data
-            real_tokens: list[int] = []
-            positions: dict[str, list[int]] = {"hf": [], "keel": []}
-            data_counter = {"n": 0}
-
-            def data_train(name: str) -> float:
-                groups = data_step_groups(args, data_counter["n"] // 2, len(dataset))
-                data_counter["n"] += 1
-                if name == "keel":
-                    data_trainer.sampler.next_step = lambda: [list(g) for g in groups]  # type: ignore[method-assign]
-                    built = data_trainer._next_micro_batches(data_trainer.sampler, dataset)
-                    positions["keel"].append(sum(int(b["tokens"].numel()) for b in built))
-                    data_trainer._next_micro_batches = lambda sampler, ds: built  # type: ignore[method-assign]
-                    try:
-                        return float(data_trainer.train_step(data_counter["n"])[step.loss_name])
-                    finally:
-                        del data_trainer._next_micro_batches
-                micro = [dataset.collate(g) for g in groups]
-                real_tokens.append(sum(int(b["end_index"].sum()) + len(g) for b, g in zip(micro, groups, strict=True)))
-                positions["hf"].append(sum(len(g) * (int(b["end_index"].max()) + 1)
-                                           for b, g in zip(micro, groups, strict=True)))
-                return hf_data_train_step(hf_model, hf_opt, micro)
-
-            data_timer = {"hf": Timer(), "keel": Timer()}
-            data_losses: dict[str, list[float]] = {"hf": [], "keel": []}
-
-            def run_data(name: str, timed: bool = True) -> None:
-                loss = data_timer[name].run(lambda: data_train(name), timed)
-                data_losses[name].append(round(loss, 4))
-                logger.info("train on data %s%s: %.3f s, loss %.4f", name, "" if timed else " (warm-up)",
-                            (data_timer[name].times if timed else data_timer[name].warmup_times)[-1], loss)
-
-            # Warm-up and timed calls come in (hf, keel) couples on the same rows.
-            for _ in range(args.warmup):
-                for name in names:
-                    run_data(name, timed=False)
-            for r in range(args.steps):
-                for name in names if r % 2 == 0 else names[::-1]:
-                    run_data(name)
-
-            # ---- scoring
-            scorer = RewardScorer(trainer.model.chunks, step, trainer.tokenizer, parallel, args.seq_len,
-                                  args.score_micro_batch, config.data.chat_template)
-            hf_model.eval()
-            encoded = [scorer._encode(p, r) for p, r in rows]
-            ends = torch.stack([e["end_index"] for e in encoded])
-            checks["hf_pool_index_equals_end_index_score"] = bool(
-                (hf_pool_index(torch.stack([e["tokens"] for e in encoded])) == ends).all())
-            checks["score_tokens_min_max_len"] = [int(ends.min()) + 1, int(ends.max()) + 1]
-            score_fns: dict[str, Callable[[], torch.Tensor]] = {
-                "hf": lambda: hf_score(hf_model, scorer._encode, rows, args.score_micro_batch),
-                "keel": lambda: scorer.score(rows),
-            }
-            shapes: dict[str, list[int]] = {}
-
-            def run_score(name: str, timed: bool = True) -> None:
-                out = score[name].run(score_fns[name], timed)
-                shapes[name] = list(out.shape)
-                logger.info("score %s%s: %.3f s", name, "" if timed else " (warm-up)",
-                            (score[name].times if timed else score[name].warmup_times)[-1])
-
-            for name in names:
-                run_score(name, timed=False)
-            interleave(names, args.score_repeats, run_score)
-            checks["score_output_shapes"] = shapes
-            for chunk in trainer.model.chunks:
-                chunk.train()
-            tokenizer_name = type(trainer.tokenizer).__name__
+            keel_info = keel_parameter_info(trainer)
+            training = bench_fixed_shape(args, names, trainer, step.loss_name, hf_model, hf_opt, batch, threads)
+            on_data = bench_on_data(args, names, parallel, run_dir, hf_model, hf_opt)
+            scoring = bench_scoring(args, names, trainer, parallel, hf_model, checks, threads)
         cpu.deactivate()
 
     wall = time.perf_counter() - began
     load_after = os.getloadavg()
     if torch.get_num_threads() != threads:
         raise RuntimeError(f"torch threads changed from {threads} to {torch.get_num_threads()} during the run")
-
-    training = {name: {**train[name].summary(tokens_per_step, "tokens", threads), "losses": losses[name]}
-                for name in names}
-    scoring = {name: score[name].summary(args.pairs, "pairs", threads) for name in names}
-    timed_tokens = real_tokens[args.warmup:]
-    on_data: dict[str, Any] = {}
-    for name in names:
-        times = data_timer[name].times
-        on_data[name] = {
-            "real_tokens_per_s": round(sum(timed_tokens) / sum(times), 2),
-            "real_tokens_per_cpu_s": round(sum(timed_tokens) / sum(data_timer[name].cpu_times), 2),
-            "positions_computed_per_step": positions[name][args.warmup:],
-            "times_s": [round(t, 4) for t in times],
-            "warmup_times_s": [round(t, 4) for t in data_timer[name].warmup_times],
-            "losses": data_losses[name],
-        }
-    ratio = lambda table, key: round(table["keel"][key] / table["hf"][key], 3)  # noqa: E731
-    report = {
-        "benchmark": "reward",
-        "machine": machine_info(),
-        "versions": versions(),
-        "torch_threads": threads,
-        "dtype": "float32",
-        "device": "cpu",
-        "layout": "TP1 PP1 DP1 (1 process, gloo)",
-        "shape": {
-            "preset": args.preset, "num_layers": preset.num_layers, "hidden_size": preset.hidden_size,
-            "ffn_hidden_size": preset.ffn_hidden_size, "num_attention_heads": preset.num_attention_heads,
-            "num_query_groups": preset.num_query_groups, "vocab_size": preset.vocab_size,
-            "tie_embeddings": preset.tie_embeddings, "rms_norm_eps": preset.layernorm_epsilon,
-            "rope_theta": preset.rotary_base, "num_labels": NUM_LABELS, "pad_token_id": PAD_ID,
-        },
-        "parameters": {
-            "hf": info["hf"]["parameters"], "keel": info["keel"]["parameters"],
-            "keel_reward_head": info["keel"]["reward_head_parameters"],
-            "keel_unused_lm_output_layer": info["keel"]["unused_lm_output_layer_parameters"],
-            "keel_trainable": info["keel"]["trainable_parameters"],
-            "note": "Keel's RewardGPTModel keeps GPTModel's LM output layer (frozen, not used in the forward) so "
-                    "SFT checkpoints load; HF's score head has no bias, Keel's reward_head has one",
-        },
-        "hf_info": info["hf"],
-        "training": {
-            "batch": {"rows": args.batch, "seq_length": args.seq_len, "tokens_per_step": tokens_per_step,
-                      "end_index": batch["end_index"].tolist(),
-                      "data": "random ids 1..vocab-1, right-padded with pad 0 after each row's end index; "
-                              "labels random integers 0..4, 5 attributes; loss MSE (mean over 5 x rows)"},
-            "optimizer": {"type": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
-                          "clip_grad": 1.0},
-            "warmup_steps": args.warmup, "timed_steps": args.steps,
-            "hf": training["hf"], "keel": training["keel"],
-            "ratio_keel_over_hf_tokens_per_s": ratio(training, "tokens_per_s"),
-            "ratio_keel_over_hf_tokens_per_s_best": ratio(training, "tokens_per_s_best"),
-            "ratio_keel_over_hf_tokens_per_cpu_s": ratio(training, "tokens_per_cpu_s"),
-        },
-        "training_on_data": {
-            "data": "builtin:helpsteer rows (synthetic, variable length), byte tokenizer, plain template, "
-                    f"seq_length {args.seq_len}, over-long rows dropped",
-            "global_batch_rows": args.data_global_batch, "micro_batch_rows": args.data_micro_batch,
-            "real_tokens_per_step": timed_tokens,
-            "keel": on_data["keel"], "hf": on_data["hf"],
-            "ratio_keel_over_hf_real_tokens_per_s": round(
-                on_data["keel"]["real_tokens_per_s"] / on_data["hf"]["real_tokens_per_s"], 3),
-            "ratio_keel_over_hf_real_tokens_per_cpu_s": round(
-                on_data["keel"]["real_tokens_per_cpu_s"] / on_data["hf"]["real_tokens_per_cpu_s"], 3),
-            "note": "Keel groups the step's rows by length into micro-batches and cuts padding "
-                    "(data.group_by_length, default); HF pads each micro-batch, in sampler order, to its longest row",
-        },
-        "scoring": {
-            "pairs": args.pairs, "micro_batch_size": args.score_micro_batch, "seq_length": args.seq_len,
-            "tokenizer": tokenizer_name, "template": "plain",
-            "unit": "pairs = (prompt, response) rows scored, one reward vector [5] each",
-            "warmup_calls": 1, "timed_calls": args.score_repeats,
-            "hf": scoring["hf"], "keel": scoring["keel"],
-            "ratio_keel_over_hf_pairs_per_s": ratio(scoring, "pairs_per_s"),
-            "ratio_keel_over_hf_pairs_per_s_best": ratio(scoring, "pairs_per_s_best"),
-            "ratio_keel_over_hf_pairs_per_cpu_s": ratio(scoring, "pairs_per_cpu_s"),
-        },
-        "checks": checks,
-        "timing_method": (
-            "one process, HF built first (before Keel's CPU layer), then Keel's Trainer; warm-up steps per side, "
-            "then timed training steps alternate A B, B A, ... (wall clock per whole step: zero-grad, forward, "
-            "loss, backward, clip, AdamW); then one warm-up scoring call per side and timed scoring calls "
-            "alternating the same way (encoding + forward of all pairs). rate = units x calls / sum of times; "
-            "cpu_utilisation = process CPU time / wall / threads (well below 1 = the machine was busy)"
-        ),
-        "load_average_1m": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
-        "load_average_5m": {"before": round(load_before[1], 2), "after": round(load_after[1], 2)},
-        "machine_busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1) + 0.5,
-        "run_wall_s": round(wall, 1),
-    }
+    report = assemble_report(args, preset, threads, hf_info, keel_info, training, on_data, scoring, checks,
+                             load_before, load_after, wall)
     write_report(args.out, report)
     logger.info("training tokens/s: hf %.1f, keel %.1f (keel/hf %.3f); on data, real tokens/s: hf %.1f, keel %.1f "
                 "(keel/hf %.3f); scoring pairs/s: hf %.2f, keel %.2f (keel/hf %.3f) -> %s",
                 training["hf"]["tokens_per_s"], training["keel"]["tokens_per_s"],
-                report["training"]["ratio_keel_over_hf_tokens_per_s"], on_data["hf"]["real_tokens_per_s"],
-                on_data["keel"]["real_tokens_per_s"], report["training_on_data"]["ratio_keel_over_hf_real_tokens_per_s"],
-                scoring["hf"]["pairs_per_s"],
-                scoring["keel"]["pairs_per_s"], report["scoring"]["ratio_keel_over_hf_pairs_per_s"], args.out)
+                training["ratio_keel_over_hf_tokens_per_s"], on_data["hf"]["real_tokens_per_s"],
+                on_data["keel"]["real_tokens_per_s"], on_data["ratio_keel_over_hf_real_tokens_per_s"],
+                scoring["hf"]["pairs_per_s"], scoring["keel"]["pairs_per_s"], scoring["ratio_keel_over_hf_pairs_per_s"],
+                args.out)
     return 0
 
 
