@@ -5,6 +5,12 @@ goes through the model on the last pipeline stage, and how that output becomes a
 The trainer owns everything else (schedules, accumulation, optimizer, checkpoints,
 logging), so reward models, DPO or PPO plug in without touching the loop.
 
+Algorithms that need more than the trained model (DPO's frozen reference, later PPO's
+critic and reward model) build them in :meth:`Step.setup` as
+:class:`~engine.runner.ModelRunner` objects at the run's layout, and run forward-only
+work on each step's micro-batches in :meth:`Step.before_schedule` (e.g. reference
+log-probs, stored into the micro-batches for the last pipeline stage's loss).
+
 Loss convention (megatron's per-token mode): ``loss`` returns the *sum* of the
 per-item losses of the micro-batch and the number of items it summed over; the trainer
 divides gradients by the item count of the whole global batch across micro-batches and
@@ -14,11 +20,11 @@ data-parallel ranks. The reported loss is therefore the same for every layout.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-Batch = dict[str, torch.Tensor]
+from engine.data.batching import Batch, StepDataset
 
 
 class Step(ABC):
@@ -27,13 +33,25 @@ class Step(ABC):
     name: str = "step"
     loss_name: str = "loss"
 
-    @abstractmethod
-    def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
-        """(train, validation) data sets; each has ``__len__`` and ``collate(indices) -> Batch``."""
+    def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
+        """Build extra (frozen) models or state before the data sets; the default needs none."""
+        return None
 
     @abstractmethod
-    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """Run ``model`` on ``batch``; on the last stage return what :meth:`loss` consumes."""
+    def build_datasets(self, config: Any, tokenizer: Any) -> tuple[StepDataset, StepDataset]:
+        """(train, validation) data sets."""
+
+    def before_schedule(self, micro_batches: list[Batch]) -> None:
+        """Forward-only work on one step's micro-batches before its schedule (in place); default none.
+
+        Runs on every rank of every pipeline stage; what it adds for the loss only needs to be
+        present on the last stage.
+        """
+        return None
+
+    @abstractmethod
+    def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
+        """Run ``model`` on ``batch`` (process groups in ``parallel``); on the last stage return what :meth:`loss` consumes."""
 
     @abstractmethod
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

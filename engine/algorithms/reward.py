@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -157,7 +157,7 @@ class RewardStep(Step):
                                               overlong=data.overlong)
         return make(train_rows), make(valid_rows)
 
-    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
         tokens = batch["tokens"]
         positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
         output = model(tokens, positions, None)

@@ -6,7 +6,7 @@ mask marks assistant tokens (``data.loss_on=assistant``) or every real token (``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ class SFTStep(Step):
         train_rows, valid_rows = load_rows(config.data, config.run.seed)
         return build_sft_dataset(train_rows, tokenizer, config.data), build_sft_dataset(valid_rows, tokenizer, config.data)
 
-    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
         tokens = batch["tokens"]
         position_ids = batch.get("position_ids")
         if position_ids is None:

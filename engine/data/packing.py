@@ -76,6 +76,10 @@ class PackedSFTDataset:
     def __len__(self) -> int:
         return len(self.bins)
 
+    def length(self, index: int) -> int:
+        """Every packed row keeps all ``seq_length`` positions (its mask and positions are built for them)."""
+        return self.seq_length
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         tokens: list[int] = []
         labels: list[int] = []

@@ -27,7 +27,10 @@ import torch
 import torch.distributed as dist
 
 from engine.algorithms.reward import GOODNESS_WEIGHTS, RewardStep, RewardTrainConfig
+from engine.data.batching import padded_length
 from engine.data.chat import prompt_messages, render_prompt, render_reply
+from engine.parallel.collectives import from_last_stage, gather_data_parallel_rows
+from engine.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +38,13 @@ __all__ = ["GOODNESS_WEIGHTS", "RewardScorer", "score_pairs_from_checkpoint"]
 
 
 class RewardScorer:
-    """Scores rows with ``chunks`` (this rank's reward-model chunks, unwrapped or DDP-wrapped)."""
+    """Scores rows with a reward model on this rank: a :class:`ModelRunner`, or its chunks
+    (unwrapped or DDP-wrapped, e.g. a model that is training)."""
 
-    def __init__(self, chunks: list[Any], step: RewardStep, tokenizer: Any, parallel: Any,
+    def __init__(self, model: ModelRunner | list[Any], step: RewardStep, tokenizer: Any, parallel: Any,
                  seq_length: int, micro_batch_size: int = 8, template: str = "plain"):
-        self.chunks = chunks
+        self.model = model if isinstance(model, ModelRunner) else ModelRunner(model, None, None, parallel)
+        self.chunks = self.model.chunks
         self.step = step
         self.tokenizer = tokenizer
         self.parallel = parallel
@@ -62,8 +67,6 @@ class RewardScorer:
         Items are ordered longest first; each micro-batch keeps only the positions up to its
         longest row (see the module docstring).
         """
-        from engine.trainer import padded_length
-
         items = [self._encode(prompt, response) for prompt, response in rows]
         order = sorted(range(len(items)), key=lambda i: -int(items[i]["end_index"]))
         order += [order[-1]] * (-len(order) % self.micro_batch_size)  # pad the last micro-batch
@@ -81,55 +84,30 @@ class RewardScorer:
     @torch.no_grad()
     def _local_rewards(self, rows: list[tuple[Any, str]]) -> torch.Tensor:
         """Rewards ``[len(rows), K]`` of this data-parallel rank's rows, on every pipeline stage."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from engine.trainer import schedule_iterators
-
         outputs: list[torch.Tensor] = []
         order: list[int] = []
         if rows:
-            batches, order, longest = self._micro_batches(rows)
+            batches, order, _ = self._micro_batches(rows)
 
             def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
                 batch = next(data_iterator)
                 if torch.cuda.is_available():
                     batch = {k: v.cuda() for k, v in batch.items()}
-                return self.step.forward(model, batch), lambda out, non_loss_data=True: out
+                return self.step.forward(model, batch, self.parallel), lambda out, non_loss_data=True: out
 
-            for chunk in self.chunks:
-                chunk.eval()
-            outputs = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=schedule_iterators(batches, len(self.chunks)), model=self.chunks,
-                num_microbatches=len(batches), seq_length=longest, micro_batch_size=self.micro_batch_size,
-                forward_only=True, collect_non_loss_data=True,
-            )
+            self.model.set_training(False)
+            outputs = self.model.run_schedule(batches, forward_step, forward_only=True, collect_outputs=True)
         rewards = torch.zeros(len(rows), self.step.head_size, dtype=torch.float32)
         if outputs and self.parallel.is_last_stage():
             batched = torch.cat([o.float().cpu() for o in outputs])[: len(rows)]  # drop the padding items
             rewards[torch.tensor(order[: len(rows)])] = batched
-        if self.parallel.layout.pipeline > 1:
-            rewards = _to_device(rewards)
-            if not self.parallel.is_last_stage():
-                rewards.zero_()
-            dist.all_reduce(rewards, group=self.parallel.pp_group)
-        return rewards.cpu()
+        return from_last_stage(rewards, self.parallel)
 
     def score(self, rows: Sequence[tuple[Any, str]]) -> torch.Tensor:
         """Rewards ``[len(rows), K]`` for ``(prompt, response)`` rows, in order, on every rank."""
         dp_size, dp_rank = self.parallel.layout.data, self.parallel.dp_rank
         local = self._local_rewards([rows[i] for i in range(dp_rank, len(rows), dp_size)])
-        if dp_size == 1:
-            return local
-        width = -(-len(rows) // dp_size)
-        padded = _to_device(torch.zeros(width, local.shape[1]))
-        padded[: local.shape[0]] = _to_device(local)
-        gathered = [torch.zeros_like(padded) for _ in range(dp_size)]
-        dist.all_gather(gathered, padded, group=self.parallel.dp_group)
-        result = torch.zeros(len(rows), local.shape[1])
-        for rank, shard in enumerate(gathered):
-            count = len(range(rank, len(rows), dp_size))
-            result[rank::dp_size] = shard[:count].cpu()
-        return result
+        return gather_data_parallel_rows(local, len(rows), self.parallel)
 
     def scalar(self, rewards: torch.Tensor, weights: Optional[dict[str, float]] = None) -> torch.Tensor:
         """One score per row: BT reward, or the weighted attributes (``weights`` or the model's)."""
@@ -139,18 +117,12 @@ class RewardScorer:
         return (rewards * vector).sum(-1)
 
 
-def _to_device(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.cuda() if torch.cuda.is_available() else tensor
-
-
 def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
     """Build the reward model of ``checkpoint`` at the current layout (process groups created if needed)."""
     from engine.checkpoint import dist as ckpt
     from engine.config import from_dict, merge_dicts, parse_overrides
     from engine.data.tokenizers import load_tokenizer
     from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
-    from engine.trainer import build_model
-
     path = ckpt.resolve(checkpoint)
     meta = ckpt.read_meta(path)
     saved = dict(meta["config"])
@@ -161,9 +133,9 @@ def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
     parallel = ParallelState.initialize(layout, env, seed=config.run.seed) if not dist.is_initialized() else \
         ParallelState(layout, env)
     step = RewardStep(config.rm)
-    chunks, preset, _ = build_model(config, parallel, wrap_ddp=False, step=step)
-    ckpt.load(path, chunks, None, parallel, ckpt.model_signature(preset), load_optimizer=False)  # strict: every key
-    return RewardScorer(chunks, step, load_tokenizer(config.data.tokenizer), parallel, config.data.seq_length,
+    model = ModelRunner.frozen(config, parallel, step.model_class())
+    model.load(path)  # strict: every key
+    return RewardScorer(model, step, load_tokenizer(config.data.tokenizer), parallel, config.data.seq_length,
                         config.data.micro_batch_size, config.data.chat_template)
 
 
