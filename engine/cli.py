@@ -21,6 +21,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     # name: (module defining CONFIG and create(config) -> Step, one-line description)
     "sft": ("engine.algorithms.sft", "supervised fine-tuning on chat or plain text"),
     "rm": ("engine.algorithms.reward", "reward model: SteerLM attribute regression or Bradley-Terry"),
+    "dpo": ("engine.algorithms.dpo", "direct preference optimisation (DPO, IPO, RPO) against a frozen reference"),
 }
 
 

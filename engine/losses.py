@@ -57,3 +57,33 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, variant: str = "
 def weighted_score(attributes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Scalar score of a multi-attribute prediction: ``sum_k w_k * a_k`` (e.g. goodness)."""
     return (attributes.float() * weights.to(attributes.device).float()).sum(-1)
+
+
+def preference_logit(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+                     reference_rejected: torch.Tensor) -> torch.Tensor:
+    """``h = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))`` per pair (sequence log-probs)."""
+    return (policy_chosen.float() - reference_chosen.float()) - (policy_rejected.float() - reference_rejected.float())
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float, variant: str = "dpo",
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair losses of the DPO family, with ``h`` from :func:`preference_logit`.
+
+    * dpo (Rafailov et al. 2023), with label smoothing ε (conservative DPO):
+      ``-(1-ε) log sigmoid(β h) - ε log sigmoid(-β h)``
+    * ipo (Azar et al. 2023): ``(h - 1/(2β))^2``
+    * rpo uses the dpo term; its NLL term on the chosen response is :func:`chosen_nll`,
+      added by the caller with its weight.
+    """
+    h = preference_logit(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    if variant in ("dpo", "rpo"):
+        return (1.0 - label_smoothing) * F.softplus(-beta * h) + label_smoothing * F.softplus(beta * h)
+    if variant == "ipo":
+        return (h - 1.0 / (2.0 * beta)).pow(2)
+    raise ValueError(f"unknown DPO variant {variant!r}; use dpo, ipo or rpo")
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term per pair: ``-log π(y_c) / |y_c|`` (mean over the chosen response's tokens)."""
+    return -policy_chosen.float() / chosen_tokens.float().clamp_min(1.0)

@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import Any
 
+from engine.algorithms.dpo_reference import register as register_ref_logprobs
 from engine.data.convert import convert_file
 from engine.data.errors import DataError
 from engine.data.loaders import write_jsonl
@@ -147,3 +148,4 @@ def register(subparsers: Any) -> None:
     diverging.add_argument("--out", default=None, help="write the diverging rows to this .jsonl file")
     diverging.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad input rows")
     diverging.set_defaults(func=cmd_diverging)
+    register_ref_logprobs(subparsers)

@@ -1,0 +1,182 @@
+"""Direct preference optimisation: DPO, IPO and RPO against a frozen reference policy.
+
+For a pair (prompt x, chosen y_c, rejected y_r) with sequence log-probs ``log π(y|x)``
+summed over the response tokens, ``h = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) -
+log π_ref(y_r))`` and (formulas in :mod:`engine.losses`):
+
+* ``dpo.loss=dpo``: ``-(1-ε) log σ(βh) - ε log σ(-βh)`` (ε = ``dpo.label_smoothing``);
+* ``dpo.loss=ipo``: ``(h - 1/(2β))²``;
+* ``dpo.loss=rpo``: the dpo term plus ``dpo.nll_weight`` (default 1) times the chosen
+  response's mean token NLL; any variant can add that term with ``dpo.nll_weight``.
+
+Chosen and rejected rows of a pair go through the model in one forward (rows
+``[c0, r0, c1, r1, ...]``). Reference log-probs come either from a live frozen reference
+model (``dpo.reference``: a checkpoint, defaulting to ``checkpoint.load``; ``init`` = the
+policy's own seeded initialisation), run forward-only on each step's micro-batches before
+the training pass, or from a file written once by ``keel data ref-logprobs``
+(``dpo.reference_logprobs``), so the reference need not stay in memory. Both give the same
+losses. Log-probs come from :func:`kernels.token_logprobs` on the vocabulary-parallel
+logits (no gather of the vocabulary).
+
+Metrics per step: ``dpo_loss``, ``accuracy`` (implicit reward ``β(log π - log π_ref)`` of
+the chosen above the rejected), ``margin`` (mean ``βh``), ``chosen_logps``,
+``rejected_logps``, ``chosen_reward``, ``rejected_reward``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from engine.algorithms.base import Batch, Step
+from engine.algorithms.logprobs import lm_forward, sequence_logprobs
+from engine.config import ConfigError, DataConfig, TrainConfig, doc
+from engine.data.dpo import DPOPairs, load_reference_logprobs
+from engine.losses import chosen_nll, dpo_loss, preference_logit
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("dpo_loss", "accuracy", "margin", "chosen_logps", "rejected_logps", "chosen_reward", "rejected_reward")
+
+
+@dataclass
+class DPOConfig:
+    loss: str = doc("'dpo' (sigmoid), 'ipo' (squared, toward 1/(2 beta)) or 'rpo' (dpo + NLL on the chosen).", "dpo")
+    beta: float = doc("KL strength beta (HelpSteer2 recipe: 1e-3).", 0.1)
+    label_smoothing: float = doc("Label smoothing of the dpo loss (conservative DPO), in [0, 0.5).", 0.0)
+    nll_weight: Optional[float] = doc("Weight of the chosen response's mean token NLL (None: 1 for rpo, else 0).",
+                                      None)
+    reference: Optional[str] = doc(
+        "Checkpoint of the frozen reference model (None = checkpoint.load, recorded in the run's config so a "
+        "resumed run keeps it; 'init' = the policy's own seeded initialisation).", None)
+    reference_logprobs: Optional[str] = doc(
+        "File of reference log-probs written by `keel data ref-logprobs` (then no reference model is built).", None)
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("dpo", "ipo", "rpo"):
+            raise ConfigError(f"dpo.loss={self.loss!r} is not one of 'dpo', 'ipo', 'rpo'")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.nll_weight is None:
+            self.nll_weight = 1.0 if self.loss == "rpo" else 0.0
+
+
+def _dpo_data_defaults() -> DataConfig:
+    # HelpSteer-style attribute rows paired by helpfulness (ties dropped), as the HelpSteer2 recipe.
+    return DataConfig(source="builtin:helpsteer", validation_source="builtin:helpsteer", format="attributes",
+                      seq_length=256, micro_batch_size=2, global_batch_size=8, num_samples=2048)
+
+
+@dataclass
+class DPOTrainConfig(TrainConfig):
+    """``keel train dpo``: the shared sections plus ``dpo``."""
+
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    data: DataConfig = field(default_factory=_dpo_data_defaults)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.run.output_dir == "runs/sft-demo":
+            self.run.output_dir = "runs/dpo"
+            self.checkpoint.dir = "runs/dpo/checkpoints"
+        if self.data.format not in ("pairs", "attributes", "helpsteer2_preference"):
+            raise ConfigError(f"keel train dpo reads data.format 'pairs', 'attributes' (paired by helpfulness) or "
+                              f"'helpsteer2_preference', got {self.data.format!r}")
+        if self.dpo.reference is None:
+            self.dpo.reference = self.checkpoint.load
+
+    def validate(self, world_size: int) -> None:
+        super().validate(world_size)
+        if self.dpo.reference is None and self.dpo.reference_logprobs is None:
+            raise ConfigError("keel train dpo needs a reference: set dpo.reference=<checkpoint> (or checkpoint.load), "
+                              "dpo.reference=init, or dpo.reference_logprobs=<file from keel data ref-logprobs>")
+
+
+class DPOStep(Step):
+    name = "dpo"
+    loss_name = "dpo_loss"
+
+    def __init__(self, dpo: DPOConfig):
+        self.dpo = dpo
+        self.reference: Any = None
+        self.parallel: Any = None
+
+    def metric_names(self) -> tuple[str, ...]:
+        return METRICS
+
+    def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
+        from engine.runner import ModelRunner
+
+        self.parallel = parallel
+        if self.dpo.reference_logprobs:
+            logger.info("dpo: reference log-probs from %s (no reference model)", self.dpo.reference_logprobs)
+            return
+        checkpoint = None if self.dpo.reference == "init" else self.dpo.reference
+        self.reference = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
+        logger.info("dpo: frozen reference model from %s", checkpoint or "the policy's initialisation")
+
+    def build_datasets(self, config: Any, tokenizer: Any) -> tuple[DPOPairs, DPOPairs]:
+        train, valid = DPOPairs.from_config(config, tokenizer)
+        if self.dpo.reference_logprobs:
+            stored = load_reference_logprobs(self.dpo.reference_logprobs)
+            train.attach_reference(stored, "train", self.dpo.reference_logprobs)
+            valid.attach_reference(stored, "validation", self.dpo.reference_logprobs)
+        return train, valid
+
+    @torch.no_grad()
+    def before_schedule(self, micro_batches: list[Batch]) -> None:
+        """Reference log-probs of every row, stored as ``reference_logps`` for the last stage's loss."""
+        if self.reference is None:
+            return
+        outputs = self.reference.run_schedule(micro_batches, self._reference_step, forward_only=True,
+                                              collect_outputs=True)
+        if self.parallel.is_last_stage():
+            for batch, logps in zip(micro_batches, outputs, strict=True):
+                batch["reference_logps"] = logps.detach().cpu()
+
+    def _reference_step(self, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        batch = next(data_iterator)
+        if torch.cuda.is_available():
+            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+
+        def collect(output: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
+            return sequence_logprobs(output, batch["labels"], batch["loss_mask"], self.parallel)[0]
+
+        return lm_forward(model, batch), collect
+
+    def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
+        return lm_forward(model, batch)
+
+    def loss(self, batch: Batch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum of per-pair losses, pairs, metrics) for one micro-batch of pairs."""
+        logps, tokens = sequence_logprobs(output, batch["labels"], batch["loss_mask"], self.parallel)
+        policy = logps.view(-1, 2)
+        reference = batch["reference_logps"].to(policy.device).view(-1, 2)
+        losses = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.dpo.beta,
+                          self.dpo.loss, self.dpo.label_smoothing)
+        if self.dpo.nll_weight:
+            losses = losses + self.dpo.nll_weight * chosen_nll(policy[:, 0], tokens.view(-1, 2)[:, 0])
+        with torch.no_grad():
+            rewards = self.dpo.beta * (policy - reference)
+            margin = self.dpo.beta * preference_logit(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1])
+        pairs = torch.tensor(float(policy.shape[0]), device=policy.device)
+        sums = {
+            "dpo_loss": losses.sum().detach(), "accuracy": (rewards[:, 0] > rewards[:, 1]).float().sum(),
+            "margin": margin.sum(), "chosen_logps": policy[:, 0].detach().sum(),
+            "rejected_logps": policy[:, 1].detach().sum(), "chosen_reward": rewards[:, 0].sum(),
+            "rejected_reward": rewards[:, 1].sum(),
+        }
+        metrics = {name: torch.stack([value.float(), pairs]) for name, value in sums.items()}
+        return losses.sum(), pairs.to(torch.int).cpu(), metrics
+
+
+CONFIG = DPOTrainConfig
+
+
+def create(config: Any) -> DPOStep:
+    return DPOStep(config.dpo)
