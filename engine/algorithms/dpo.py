@@ -62,8 +62,13 @@ class DPOConfig:
             raise ConfigError(f"dpo.beta={self.beta} must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.nll_weight is None:
-            self.nll_weight = 1.0 if self.loss == "rpo" else 0.0
+
+    @property
+    def nll_coefficient(self) -> float:
+        """The NLL term's weight: ``nll_weight``, or 1 for rpo and 0 otherwise when unset."""
+        if self.nll_weight is not None:
+            return self.nll_weight
+        return 1.0 if self.loss == "rpo" else 0.0
 
 
 def _dpo_data_defaults() -> DataConfig:
@@ -159,8 +164,8 @@ class DPOStep(Step):
         reference = batch["reference_logps"].to(policy.device).view(-1, 2)
         losses = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.dpo.beta,
                           self.dpo.loss, self.dpo.label_smoothing)
-        if self.dpo.nll_weight:
-            losses = losses + self.dpo.nll_weight * chosen_nll(policy[:, 0], tokens.view(-1, 2)[:, 0])
+        if self.dpo.nll_coefficient:
+            losses = losses + self.dpo.nll_coefficient * chosen_nll(policy[:, 0], tokens.view(-1, 2)[:, 0])
         with torch.no_grad():
             rewards = self.dpo.beta * (policy - reference)
             margin = self.dpo.beta * preference_logit(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1])

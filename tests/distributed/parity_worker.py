@@ -1,7 +1,9 @@
 """Run N SFT steps for several layouts inside one launch; rank 0 writes losses as JSON.
 
-argv: JSON {"algo": "sft"|"rm", "base": [overrides], "cases": {name: [overrides]}, "steps": N}, output path.
-Each case re-initialises megatron's model-parallel groups over the same world.
+argv: JSON {"algo": "sft"|"rm"|"dpo", "base": [overrides], "cases": {name: [overrides]}, "steps": N}, output path.
+Each case re-initialises megatron's model-parallel groups over the same world. DPO cases at
+PP1 also record how far the kernels' sequence log-probs of the trained model's
+(vocabulary-parallel) logits are from a plain log_softmax + gather on the gathered logits.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import sys
 import tempfile
 
+import torch
 import torch.distributed as dist
 
 from engine.cli import ALGORITHMS
@@ -37,12 +40,29 @@ def main() -> None:
                 losses.append(metrics[step.loss_name])
                 norms.append(metrics["grad_norm"])
             results[name] = {"loss": losses, "grad_norm": norms}
+            if payload.get("algo") == "dpo" and layout.pipeline == 1:
+                results[name]["logprob_diff"] = [_logprob_difference(trainer, parallel)]
             trainer.metrics.close()
             dist.barrier()
     if env.rank == 0:
         with open(sys.argv[2], "w") as fh:
             json.dump(results, fh)
     dist.destroy_process_group()
+
+
+@torch.no_grad()
+def _logprob_difference(trainer: Trainer, parallel: ParallelState) -> float:
+    """max |kernels' sequence log-probs - log_softmax/gather reference| on one batch of real logits."""
+    from engine.algorithms.logprobs import lm_forward, sequence_logprobs
+    from kernels.logprob import gather_vocab_shards
+
+    batch = trainer.train_data.collate([0, 1])
+    logits = lm_forward(trainer.model.chunks[0], batch)
+    kernel, _ = sequence_logprobs(logits, batch["labels"], batch["loss_mask"], parallel)
+    full = gather_vocab_shards(logits, parallel.tp_group) if parallel.layout.tensor > 1 else logits
+    picked = torch.log_softmax(full.float(), dim=-1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    reference = (picked * batch["loss_mask"]).sum(-1)
+    return float((kernel - reference).abs().max())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""DPO, IPO and RPO losses against formulas computed independently here (plain Python floats
+from given log-probs; the losses compute in fp32, hence 1e-5), and the DPO step's loss on
+real logits against log_softmax + gather."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.algorithms.dpo import DPOConfig, DPOStep, DPOTrainConfig
+from engine.config import ConfigError, load_config
+from engine.losses import chosen_nll, dpo_loss
+
+POLICY_C = [-10.0, -4.5, -20.0, -3.0]
+POLICY_R = [-12.0, -4.0, -19.0, -9.0]
+REF_C = [-11.0, -5.0, -20.5, -3.5]
+REF_R = [-11.5, -4.2, -19.2, -8.0]
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def _h(i: int) -> float:
+    return (POLICY_C[i] - REF_C[i]) - (POLICY_R[i] - REF_R[i])
+
+
+def _tensors() -> list[torch.Tensor]:
+    return [torch.tensor(v, dtype=torch.float64) for v in (POLICY_C, POLICY_R, REF_C, REF_R)]
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 5.0])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_dpo_loss_with_label_smoothing(beta: float, smoothing: float) -> None:
+    got = dpo_loss(*_tensors(), beta=beta, variant="dpo", label_smoothing=smoothing)
+    for i in range(len(POLICY_C)):
+        expected = -(1 - smoothing) * _log_sigmoid(beta * _h(i)) - smoothing * _log_sigmoid(-beta * _h(i))
+        assert got[i].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.5])
+def test_ipo_loss(beta: float) -> None:
+    got = dpo_loss(*_tensors(), beta=beta, variant="ipo")
+    for i in range(len(POLICY_C)):
+        assert got[i].item() == pytest.approx((_h(i) - 1 / (2 * beta)) ** 2, rel=1e-5)
+
+
+def test_rpo_nll_term_is_mean_token_nll_of_the_chosen() -> None:
+    tokens = torch.tensor([5.0, 3.0, 10.0, 1.0])
+    got = chosen_nll(torch.tensor(POLICY_C), tokens)
+    for i, n in enumerate(tokens.tolist()):
+        assert got[i].item() == pytest.approx(-POLICY_C[i] / n, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown DPO variant"):
+        dpo_loss(*_tensors(), beta=0.1, variant="kto")
+
+
+def _expected_step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, reference: list[float],
+                        beta: float, smoothing: float, nll_weight: float) -> tuple[float, float]:
+    """(sum of pair losses, accuracy) from log_softmax + gather and the formulas in plain floats."""
+    picked = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    logps = [(picked[r] * mask[r]).sum().item() for r in range(logits.shape[0])]
+    counts = [mask[r].sum().item() for r in range(logits.shape[0])]
+    total, correct = 0.0, 0
+    for p in range(len(logps) // 2):
+        pc, pr, rc, rr = logps[2 * p], logps[2 * p + 1], reference[2 * p], reference[2 * p + 1]
+        h = (pc - rc) - (pr - rr)
+        total += -(1 - smoothing) * _log_sigmoid(beta * h) - smoothing * _log_sigmoid(-beta * h)
+        total += nll_weight * (-pc / counts[2 * p])
+        correct += int(beta * (pc - rc) > beta * (pr - rr))
+    return total, correct / (len(logps) // 2)
+
+
+@pytest.mark.parametrize("loss, smoothing, nll", [("dpo", 0.0, None), ("dpo", 0.25, 0.5), ("rpo", 0.1, None)])
+def test_step_loss_on_logits(loss: str, smoothing: float, nll: float | None) -> None:
+    generator = torch.Generator().manual_seed(3)
+    rows, seq, vocab = 6, 7, 11
+    logits = torch.randn(rows, seq, vocab, generator=generator) * 2
+    labels = torch.randint(0, vocab, (rows, seq), generator=generator)
+    mask = (torch.rand(rows, seq, generator=generator) > 0.3).float()
+    reference = [-15.0, -14.0, -9.5, -12.0, -20.0, -18.5]
+    config = DPOConfig(loss=loss, beta=0.7, label_smoothing=smoothing, nll_weight=nll)
+    step = DPOStep(config)
+    batch = {"labels": labels, "loss_mask": mask, "reference_logps": torch.tensor(reference)}
+    total, count, metrics = step.loss(batch, logits)
+    weight = config.nll_coefficient
+    expected_total, expected_accuracy = _expected_step_loss(logits, labels, mask, reference, 0.7, smoothing, weight)
+    assert int(count) == rows // 2
+    assert total.item() == pytest.approx(expected_total, rel=1e-5)
+    assert (metrics["accuracy"][0] / metrics["accuracy"][1]).item() == pytest.approx(expected_accuracy)
+
+
+def test_config_needs_a_reference_and_defaults_it_to_checkpoint_load() -> None:
+    with pytest.raises(ConfigError, match="needs a reference"):
+        load_config(DPOTrainConfig, None, []).validate(1)
+    config = load_config(DPOTrainConfig, None, ["checkpoint.load=/some/sft/checkpoint"])
+    assert config.dpo.reference == "/some/sft/checkpoint"
+    assert load_config(DPOTrainConfig, None, ["dpo.loss=rpo"]).dpo.nll_coefficient == 1.0
+    assert load_config(DPOTrainConfig, None, ["dpo.loss=ipo"]).dpo.nll_coefficient == 0.0
+    with pytest.raises(ConfigError, match="dpo.loss"):
+        DPOConfig(loss="slic")
