@@ -51,7 +51,6 @@ export GPUS_PER_NODE="${gpus_per_node}"
 # export NCCL_NVLS_ENABLE=0              # turn NVLink SHARP off if it misbehaves
 # export NCCL_DEBUG=INFO                 # or WARN; NCCL_DEBUG_SUBSYS=INIT,NET to narrow it
 # export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-# export KEEL_DIST_TIMEOUT_MIN=30        # Keel's process-group timeout in minutes
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # megatron's TP/SP overlap ordering
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
