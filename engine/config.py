@@ -257,10 +257,12 @@ class TrainConfig:
             self.checkpoint.dir = os.path.join(self.run.output_dir, "checkpoints")
 
     def validate(self, world_size: int) -> None:
-        """Cross-section checks: layout vs. world size and model shape, batch sizes."""
+        """Cross-section checks: layout vs. world size and model shape, batch sizes, packing vs. layer spec."""
+        from engine.models.builder import check_packing, use_transformer_engine
         from engine.models.presets import resolve_preset
         from engine.parallel.layout import ParallelLayout
 
+        check_packing(self.data.pack, use_transformer_engine(self.model.layer_spec))
         preset = resolve_preset(self.model)
         layout = ParallelLayout.from_config(self.parallel, world_size)
         layout.check_model(preset)
