@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Batch-side logic shared by docker/slurm/{sft,rm,dpo,ppo}.sbatch (they `exec` this file).
+# Batch-side logic shared by docker/slurm/*.sbatch (sft, rm; they `exec` this file).
 #
 # It resolves the head node and rendezvous port, builds the srun (and pyxis/enroot
 # container) flags, starts docker/slurm/launch_ranks.sh on every node, and handles
@@ -25,7 +25,7 @@
 # Arguments are extra `section.field=value` overrides for Keel.
 set -euo pipefail
 
-algo="${KEEL_ALGO:?set KEEL_ALGO (sft, rm, dpo, ppo, ...)}"
+algo="${KEEL_ALGO:?set KEEL_ALGO to an algorithm of keel train (sft, rm)}"
 keel_home="${KEEL_HOME:-${SLURM_SUBMIT_DIR:-${PWD}}}"
 job_id="${SLURM_JOB_ID:-0}"
 nnodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
