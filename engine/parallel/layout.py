@@ -224,13 +224,15 @@ class ParallelState:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl" and torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)
+        # Imported before the rendezvous (seconds per process): ranks then arrive together, and
+        # import time does not count against the timeout of the first collectives.
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, store=rendezvous_store(env, timeout), rank=env.rank,
                                     world_size=env.world_size, timeout=timeout)
-        from megatron.core import parallel_state
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
