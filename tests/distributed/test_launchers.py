@@ -62,8 +62,6 @@ while args and args[0].startswith("-"):
         nodes = int(flag.split("=", 1)[1])
     elif flag.startswith("--ntasks-per-node="):
         per_node = int(flag.split("=", 1)[1])
-if os.environ.get("FAKE_SRUN_DRY_RUN"):
-    sys.exit(0)
 total = nodes * per_node
 procs = [
     subprocess.Popen(args, env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i % per_node),
