@@ -25,8 +25,9 @@ import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
-# Messages of collectives that failed because of another process (gloo raises plain RuntimeErrors).
-_PEER_ERROR = re.compile(r"gloo|Connection (closed|reset) by peer|Timed out waiting|timed out connecting|NCCL")
+# Messages of collectives that failed because of another process: gloo raises plain RuntimeErrors
+# (NCCL and the store raise torch.distributed.DistError subclasses).
+_PEER_ERROR = re.compile(r"gloo|Connection (closed|reset) by peer|Timed out waiting|timed out connecting")
 
 
 class RankFailure(RuntimeError):
