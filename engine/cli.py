@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from engine.config import ConfigError, TrainConfig, describe, load_config
+from engine.parallel import failures
 
 logger = logging.getLogger("engine")
 
@@ -50,11 +51,16 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
     config.validate(env.world_size)  # before any process group exists
     setup_logging(config.logging.level)
     layout = ParallelLayout.from_config(config.parallel, env.world_size)
-    parallel = ParallelState.initialize(layout, env, seed=config.run.seed)
+    timeout = config.parallel.timeout_minutes
+    if env.launcher != "single":
+        failures.watch_launcher(env.rank)
+    with failures.translated(env.rank, timeout, "while joining the job (rendezvous, process groups)"):
+        parallel = ParallelState.initialize(layout, env, seed=config.run.seed, timeout_minutes=timeout)
     from engine.trainer import Trainer
 
     trainer = Trainer(config, module.create(config), parallel)
-    result = trainer.fit()
+    with failures.translated(env.rank, timeout, "during training"):
+        result = trainer.fit()
     if parallel.is_main:
         print(_summary(algo, config, trainer, result), flush=True)
     _shutdown()
@@ -186,6 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"keel: configuration error: {exc}", file=sys.stderr)
         return 2
+    except failures.RankFailure as exc:
+        return int(failures.exit_on_failure(exc))
     except Exception as exc:
         from engine.checkpoint.dist import CheckpointError
         from engine.trainer import TrainingError

@@ -94,9 +94,14 @@ class ParallelConfig:
     sequence_parallel: bool = doc("Shard LayerNorm/dropout activations along the sequence (needs tensor > 1).", False)
     distributed_optimizer: bool = doc("Shard optimizer state over data-parallel ranks (ZeRO-1, megatron).", False)
     backend: str = doc("torch.distributed backend: 'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'.", "auto")
+    timeout_minutes: float = doc(
+        "Longest wait, in minutes, of the rendezvous and of any collective on any process group (the world's "
+        "and megatron's): a rank waiting this long on a dead or hung rank stops with one line naming the "
+        "failure. Raise it for very slow checkpoint writes or first-step compilation.", 30.0)
 
     def __post_init__(self) -> None:
         _positive("parallel.tensor", self.tensor)
+        _positive("parallel.timeout_minutes", self.timeout_minutes)
         _positive("parallel.pipeline", self.pipeline)
         _positive("parallel.virtual_pipeline", self.virtual_pipeline)
         _positive("parallel.data", self.data)
@@ -252,10 +257,12 @@ class TrainConfig:
             self.checkpoint.dir = os.path.join(self.run.output_dir, "checkpoints")
 
     def validate(self, world_size: int) -> None:
-        """Cross-section checks: layout vs. world size and model shape, batch sizes."""
+        """Cross-section checks: layout vs. world size and model shape, batch sizes, packing vs. layer spec."""
+        from engine.models.builder import check_packing, use_transformer_engine
         from engine.models.presets import resolve_preset
         from engine.parallel.layout import ParallelLayout
 
+        check_packing(self.data.pack, use_transformer_engine(self.model.layer_spec))
         preset = resolve_preset(self.model)
         layout = ParallelLayout.from_config(self.parallel, world_size)
         layout.check_model(preset)

@@ -1,10 +1,18 @@
 """Fault injection for resilience tests (off unless the environment asks for it).
 
-``KEEL_FAULT=<when>:<step>:<signal>`` makes every rank send itself ``<signal>`` (KILL or
-TERM) either ``after`` finishing step ``<step>`` or ``in-save`` of the checkpoint of
-that step (after the shards are written, before the checkpoint is committed). Tests use
-it to prove that a killed run resumes exactly and that an interrupted save leaves the
-previous checkpoint loadable.
+``KEEL_FAULT=<when>:<step>:<signal>[:<rank>]`` makes a rank send itself ``<signal>``
+(KILL, TERM or STOP) at one point of step ``<step>``:
+
+* ``after``: after finishing the step (before its checkpoint);
+* ``in-step``: in the middle of the step, at the forward pass of its first micro-batch;
+* ``in-save``: in the checkpoint of that step, after the shards are written and before
+  the checkpoint is committed.
+
+Without ``<rank>`` every rank does it; with it only that global rank. Under torchrun the
+fault fires in the first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so a
+job restarted by ``--max-restarts`` runs through. Tests use it to prove that a killed run
+resumes exactly, that an interrupted save leaves the previous checkpoint loadable, and
+that the other ranks stop when one of them dies.
 """
 
 from __future__ import annotations
@@ -12,11 +20,23 @@ from __future__ import annotations
 import os
 import signal
 
+WHEN = ("after", "in-step", "in-save")
+
+
+def _this_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
 
 def maybe_fail(when: str, step: int) -> None:
     spec = os.environ.get("KEEL_FAULT")
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
-    fault_when, fault_step, sig = spec.split(":")
-    if fault_when == when and int(fault_step) == step:
+    fault_when, fault_step, sig, *rank = spec.split(":")
+    if fault_when not in WHEN:
+        raise ValueError(f"KEEL_FAULT={spec}: <when> must be one of {', '.join(WHEN)}")
+    if fault_when == when and int(fault_step) == step and (not rank or int(rank[0]) == _this_rank()):
         os.kill(os.getpid(), getattr(signal, f"SIG{sig.upper()}"))

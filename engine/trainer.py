@@ -144,6 +144,7 @@ class Trainer:
         """Forward/backward over one global batch and one optimizer update."""
         self.model.zero_grad()
         micro_batches = self._next_micro_batches(self.sampler, self.train_data)
+        maybe_fail("in-step", step_number)  # peers are already in this step's first collective
         metrics = self._means(self._run_schedule(micro_batches, forward_only=False))
         loss = metrics[self.step.loss_name]
         if not math.isfinite(loss):

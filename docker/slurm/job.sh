@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Batch-side logic shared by docker/slurm/{sft,rm,dpo,ppo}.sbatch (they `exec` this file).
+# Batch-side logic shared by docker/slurm/*.sbatch (sft, rm; they `exec` this file).
 #
 # It resolves the head node and rendezvous port, builds the srun (and pyxis/enroot
 # container) flags, starts docker/slurm/launch_ranks.sh on every node, and handles
@@ -25,7 +25,7 @@
 # Arguments are extra `section.field=value` overrides for Keel.
 set -euo pipefail
 
-algo="${KEEL_ALGO:?set KEEL_ALGO (sft, rm, dpo, ppo, ...)}"
+algo="${KEEL_ALGO:?set KEEL_ALGO to an algorithm of keel train (sft, rm)}"
 keel_home="${KEEL_HOME:-${SLURM_SUBMIT_DIR:-${PWD}}}"
 job_id="${SLURM_JOB_ID:-0}"
 nnodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
@@ -51,7 +51,6 @@ export GPUS_PER_NODE="${gpus_per_node}"
 # export NCCL_NVLS_ENABLE=0              # turn NVLink SHARP off if it misbehaves
 # export NCCL_DEBUG=INFO                 # or WARN; NCCL_DEBUG_SUBSYS=INIT,NET to narrow it
 # export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-# export KEEL_DIST_TIMEOUT_MIN=30        # Keel's process-group timeout in minutes
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # megatron's TP/SP overlap ordering
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 

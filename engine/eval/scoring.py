@@ -130,8 +130,8 @@ def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
     config = from_dict(RewardTrainConfig, merge_dicts(saved, parse_overrides(list(overrides))), f"{path}/{ckpt.META}")
     env = read_launch_env()
     layout = ParallelLayout.from_config(config.parallel, env.world_size)
-    parallel = ParallelState.initialize(layout, env, seed=config.run.seed) if not dist.is_initialized() else \
-        ParallelState(layout, env)
+    parallel = ParallelState(layout, env) if dist.is_initialized() else \
+        ParallelState.initialize(layout, env, config.run.seed, config.parallel.timeout_minutes)
     step = RewardStep(config.rm)
     model = ModelRunner.frozen(config, parallel, step.model_class())
     model.load(path)  # strict: every key

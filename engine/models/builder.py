@@ -62,6 +62,25 @@ def check_fp8(precision: Any, use_te: bool) -> None:
         )
 
 
+def check_packing(pack: bool, use_te: bool) -> None:
+    """Packed samples are never trained with attention across documents: refuse them on the TE spec.
+
+    Packed SFT rows hold several documents and a block-diagonal mask (``engine.data.packing``).
+    The local spec's attention applies that mask. The TE spec is built with a causal mask type,
+    and TE then ignores ``attention_mask``, so every document would attend to the ones before
+    it in the row. Passing packed rows to TE needs megatron's ``PackedSeqParams`` (``thd``
+    layout with ``cu_seqlens``), which Keel does not build yet.
+    """
+    if pack and use_te:
+        raise ConfigError(
+            "data.pack=true cannot run on the Transformer Engine layer spec: its attention is causal over "
+            "the whole row and ignores the block-diagonal mask, so packed documents would attend to each "
+            "other. Set data.pack=false (with data.group_by_length=true micro-batches are cut to their "
+            "longest row, which recovers most of packing's saving), or model.layer_spec=local to keep "
+            "packing on the slower local spec."
+        )
+
+
 def _activation(preset: ModelPreset) -> Any:
     if preset.activation == "swiglu":
         return F.silu

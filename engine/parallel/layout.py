@@ -86,6 +86,24 @@ def read_launch_env(environ: Optional[dict[str, str]] = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
 
 
+def rendezvous_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store the process groups meet in, private to this launch attempt.
+
+    Under torchrun it is the agent's store (``env://``: the launcher's MASTER_ADDR/PORT and
+    TORCHELASTIC_USE_AGENT_STORE); elsewhere rank 0 hosts one at the rendezvous address.
+    torchrun keeps one store for the whole job, so after ``--max-restarts`` restarts the
+    workers the previous attempt's keys (the dead workers' gloo addresses) are still there;
+    prefixing every key with the attempt number makes each attempt meet only itself.
+    """
+    if env.launcher == "torchrun":
+        url = "env://"
+    else:
+        url = f"tcp://{env.master_addr}:{env.master_port}"
+    store, _, _ = next(dist.rendezvous(url, rank=env.rank, world_size=env.world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if env.launcher == "torchrun" else "0"
+    return dist.PrefixStore(f"keel/attempt_{attempt}/", store)
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """Tensor × pipeline × data split of the job (plus interleaving and sequence parallel)."""
@@ -184,8 +202,14 @@ class ParallelState:
 
     # -- lifecycle -----------------------------------------------------------------
     @classmethod
-    def initialize(cls, layout: ParallelLayout, env: Optional[LaunchEnv] = None, seed: int = 1234) -> ParallelState:
-        """Create the world process group (if needed) and megatron's model-parallel groups."""
+    def initialize(cls, layout: ParallelLayout, env: Optional[LaunchEnv] = None, seed: int = 1234,
+                   timeout_minutes: float = 30.0) -> ParallelState:
+        """Create the world process group (if needed) and megatron's model-parallel groups.
+
+        ``timeout_minutes`` (``parallel.timeout_minutes``) bounds the rendezvous and every
+        collective of every group, the world's and megatron's: a rank waiting that long on a
+        dead or hung rank raises instead of waiting forever.
+        """
         from engine.parallel import cpu
 
         env = env or read_launch_env()
@@ -200,27 +224,27 @@ class ParallelState:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl" and torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)
-        if not dist.is_initialized():
-            dist.init_process_group(
-                backend=backend,
-                init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                rank=env.rank,
-                world_size=env.world_size,
-                timeout=datetime.timedelta(minutes=int(os.environ.get("KEEL_DIST_TIMEOUT_MIN", "30"))),
-            )
+        # Imported before the rendezvous (seconds per process): ranks then arrive together, and
+        # import time does not count against the timeout of the first collectives.
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, store=rendezvous_store(env, timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor,
             pipeline_model_parallel_size=layout.pipeline,
             virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+            distributed_timeout_minutes=timeout_minutes,  # type: ignore[arg-type]  # timedelta(minutes=) takes floats
         )
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
-        logger.info("rank %d/%d: layout %s (%s backend)", env.rank, env.world_size, layout.describe(), backend)
+        logger.info("rank %d/%d: layout %s (%s backend, collective timeout %g min)", env.rank, env.world_size,
+                    layout.describe(), backend, timeout_minutes)
         return cls(layout, env)
 
     def destroy_model_parallel(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.data.packing import PackedSFTDataset, block_causal_mask, pack_lengths
@@ -69,3 +70,36 @@ def test_packed_logits_equal_documents_run_alone() -> None:
                 if number:
                     assert not torch.allclose(leaky[0, start:end], alone[0], atol=1e-3)
                 start = end
+
+
+def test_pack_is_refused_where_the_transformer_engine_spec_is_chosen(monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """TE's causal attention ignores the block mask: packed rows there would mix documents."""
+    from engine.cli import main
+    from engine.config import ConfigError, TrainConfig, load_config
+    from engine.models import builder
+
+    def validate(*overrides: str) -> None:
+        load_config(TrainConfig, None, list(overrides)).validate(1)
+
+    validate("data.pack=true")  # no CUDA here: the local spec, which applies the mask
+    monkeypatch.setattr(builder, "transformer_engine_available", lambda: True)  # as on a GPU with TE
+    for spec in ("auto", "te"):
+        with pytest.raises(ConfigError, match=r"data.pack=true cannot run on the Transformer Engine layer spec"):
+            validate("data.pack=true", f"model.layer_spec={spec}")
+    validate("data.pack=true", "model.layer_spec=local")
+    validate("data.pack=false")
+    assert main(["train", "sft", "data.pack=true"]) == 2  # refused before any process group exists
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.pack=false" in err[0] and "model.layer_spec=local" in err[0]
+
+
+@pytest.mark.gpu
+def test_pack_is_refused_on_a_gpu_with_transformer_engine() -> None:
+    from engine.config import ConfigError, TrainConfig, load_config
+    from engine.models.builder import use_transformer_engine
+
+    if not use_transformer_engine("auto"):
+        pytest.skip("needs CUDA and Transformer Engine")
+    with pytest.raises(ConfigError, match=r"data.pack=true cannot run on the Transformer Engine layer spec"):
+        load_config(TrainConfig, None, ["data.pack=true"]).validate(1)

@@ -1,0 +1,95 @@
+"""What a rank does when another rank, or its launcher, fails.
+
+* Another rank dies or hangs: the collectives of the survivors fail (gloo sees the closed
+  connection at once; a hung rank is waited for ``parallel.timeout_minutes``, set on every
+  process group). :func:`explain` turns that error into a :class:`RankFailure` whose
+  message is one line naming what failed, and the CLI prints it and exits without
+  tearing down the broken process groups (that teardown can block).
+* The launcher dies (torchrun or srun killed with SIGKILL): its workers run in sessions
+  of their own, so nothing else stops them, and they would wait in a rendezvous or a
+  collective until the timeout. :func:`watch_launcher` starts a thread that notices the
+  parent process is gone and ends the rank within about a second.
+
+Restarts are the launcher's job (``torchrun --max-restarts``, Slurm ``--requeue``); a
+restarted attempt resumes from the last checkpoint (``checkpoint.resume=auto``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Optional
+
+# Messages of collectives that failed because of another process: gloo raises plain RuntimeErrors
+# (NCCL and the store raise torch.distributed.DistError subclasses).
+_PEER_ERROR = re.compile(r"gloo|Connection (closed|reset) by peer|Timed out waiting|timed out connecting")
+
+
+class RankFailure(RuntimeError):
+    """This rank cannot continue because another rank (or the rendezvous) failed."""
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)  # gloo's "[.../pair.cc:553] " source prefix
+    return text.split(". This is typically")[0].rstrip(". ")
+
+
+def explain(exc: BaseException, rank: int, timeout_minutes: float, where: str) -> Optional[RankFailure]:
+    """A :class:`RankFailure` for ``exc`` when it is another rank's failure, else ``None``."""
+    import torch.distributed as dist
+
+    if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and _PEER_ERROR.search(str(exc)))):
+        return None
+    return RankFailure(
+        f"rank {rank}: lost another rank {where} ({_short_reason(exc)}): it died, hung for longer than "
+        f"parallel.timeout_minutes={timeout_minutes:g}, or lost its network; the rank that failed first is one "
+        "that printed no such line. Stopping; a restart with checkpoint.resume=auto continues from the last "
+        "checkpoint."
+    )
+
+
+def watch_launcher(rank: int, poll_seconds: float = 1.0) -> threading.Thread:
+    """End this process soon after its parent (torchrun, srun) is gone; returns the watching thread."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        _exit_now(f"keel: rank {rank}: its launcher (pid {parent}) is gone; stopping this orphaned rank")
+
+    thread = threading.Thread(target=watch, name="keel-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _exit_now(line: str, code: int = 1) -> Any:
+    """Write ``line`` to stderr and end the process at once (no atexit, no process-group teardown)."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr was a pipe to the dead launcher
+        pass
+    os._exit(code)
+
+
+def exit_on_failure(failure: RankFailure) -> Any:
+    """Print ``failure`` as Keel's one line and end the process (its process groups are broken)."""
+    return _exit_now(f"keel: {failure}")
+
+
+@contextlib.contextmanager
+def translated(rank: int, timeout_minutes: float, where: str) -> Iterator[None]:
+    """Re-raise another rank's failure inside the block as a one-line :class:`RankFailure`."""
+    try:
+        yield
+    except Exception as exc:
+        failure = explain(exc, rank, timeout_minutes, where)
+        if failure is None:
+            raise
+        raise failure from exc

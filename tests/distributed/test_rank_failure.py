@@ -1,0 +1,135 @@
+"""A rank that dies, hangs, or loses its launcher, at TP2×DP2 through the real CLI.
+
+* ``torchrun --max-restarts 1``, rank 3 SIGKILLed in the middle of step 5: the other ranks
+  stop with one line each, torchrun restarts the job, it meets again in a fresh rendezvous
+  (the previous attempt's addresses are not reused), resumes from the step-4 checkpoint and
+  reproduces an uninterrupted run's losses bitwise.
+* No restarts, no supervising launcher, rank 3 hung (SIGSTOP) in the middle of step 3: every
+  other rank exits within ``parallel.timeout_minutes`` with one line naming the failure.
+* The launcher is SIGKILLed: its workers (each in a session of its own) exit within seconds.
+
+Each 4-rank launch costs ~20 s of imports on 2 cores; the file makes three plus a 2-rank one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, _env, free_port, keel_train, launch, train_losses
+
+BASE = [
+    "data.num_samples=96", "data.seq_length=64", "data.micro_batch_size=2", "data.global_batch_size=8",
+    "logging.progress=false", "logging.tensorboard=false", "optimizer.lr=0.003", "checkpoint.keep_last=0",
+    "parallel.tensor=2", "run.train_steps=8", "checkpoint.save_interval=2",
+]
+ONE_LINE = "lost another rank during training ("
+
+
+def _logged_losses(run: Path) -> list[tuple[int, float]]:
+    """Every (step, loss) record of metrics.jsonl, repeats included (a restarted attempt re-logs steps)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["lm_loss"]) for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_killed_rank_restarts_resumes_and_matches_bitwise(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    keel_train(4, BASE + [f"run.output_dir={reference}"])
+    run = tmp_path / "run"
+    proc = launch(4, ["--max-restarts", "1", "-m", "engine", "train", "sft", *BASE, f"run.output_dir={run}"],
+                  env={"KEEL_FAULT": "in-step:5:KILL:3"}, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert "keel: rank 3" not in output, "rank 3 is SIGKILLed: it cannot say anything"
+    for rank in (0, 1, 2):  # SIGTERMed by torchrun too, but they stop on the broken collective first
+        lines = [line for line in output.splitlines() if line.startswith(f"keel: rank {rank}: ")]
+        assert len(lines) == 1 and ONE_LINE in lines[0], f"rank {rank}: {lines}"
+    assert "resumed from" in output and "step_0000004 at step 4" in output
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000008"
+    logged = _logged_losses(run)
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6, 7, 8], "step 5 is killed before it is logged"
+    assert dict(logged) == train_losses(reference)  # bitwise, every step 1..8
+
+
+def _start_rank(rank: int, port: int, run: Path, log: Path, extra: list[str]) -> subprocess.Popen[bytes]:
+    env = _env({"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port), "KEEL_FAULT": "in-step:3:STOP:3"})
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "engine", "train", "sft", *BASE, *extra,
+                                 f"run.output_dir={run}"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_without_restarts_every_rank_stops_within_the_timeout(tmp_path: Path) -> None:
+    timeout_s = 18.0
+    port = free_port()
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(4)]
+    ranks = [_start_rank(rank, port, tmp_path / "run", logs[rank], [f"parallel.timeout_minutes={timeout_s / 60}"])
+             for rank in range(4)]
+    try:
+        deadline = time.monotonic() + 300
+        while os.waitpid(ranks[3].pid, os.WNOHANG | os.WUNTRACED) == (0, 0):  # until rank 3 stops itself
+            assert time.monotonic() < deadline and all(r.poll() is None for r in ranks[:3]), "no rank hung"
+            time.sleep(0.05)
+        hung_at = time.monotonic()
+        codes = [r.wait(timeout=timeout_s + 60) for r in ranks[:3]]
+        waited = time.monotonic() - hung_at
+        assert ranks[3].poll() is None, "the hung rank must still be there: the others stopped on their own"
+    finally:
+        for r in ranks:
+            r.kill()
+            r.wait()
+    texts = [log.read_text() for log in logs[:3]]
+    for rank, (code, text) in enumerate(zip(codes, texts, strict=True)):
+        lines = [line for line in text.splitlines() if line.startswith("keel: ")]
+        assert code == 1 and len(lines) == 1, f"rank {rank} exit {code}:\n{text[-3000:]}"
+        assert lines[0].startswith(f"keel: rank {rank}: {ONE_LINE}") and "parallel.timeout_minutes=0.3" in lines[0]
+        assert "Traceback" not in text, text[-3000:]
+    # Rank 2 waits on rank 3 in the tensor-parallel all-reduce: megatron's group has the timeout too.
+    assert "Timed out" in texts[2], texts[2][-3000:]
+    assert waited < timeout_s + 20, f"the ranks took {waited:.0f} s to stop (timeout {timeout_s:.0f} s)"
+
+
+def test_workers_stop_when_the_launcher_is_killed(tmp_path: Path) -> None:
+    import psutil
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "engine", "train", "sft", *BASE[:-3],
+           "run.train_steps=100000", "checkpoint.save_interval=0", f"run.output_dir={run}"]
+    with open(tmp_path / "torchrun.log", "wb") as out:
+        launcher = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.jsonl").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, (tmp_path / "torchrun.log").read_text()
+            time.sleep(0.2)
+        workers = psutil.Process(launcher.pid).children()
+        assert len(workers) == 2
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"orphaned workers still running 10 s after the launcher died: {alive}"
+    finally:
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+    lines = [line for line in (tmp_path / "torchrun.log").read_text().splitlines() if line.startswith("keel: rank ")]
+    # Each worker says one line: that its launcher is gone, or (when the other worker went first) the lost rank.
+    assert len(lines) == 2 and any("its launcher (pid" in line and "is gone" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_timeout_must_be_positive(value: str) -> None:
+    from engine.config import ConfigError, TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match="parallel.timeout_minutes"):
+        load_config(TrainConfig, None, [f"parallel.timeout_minutes={value}"])
