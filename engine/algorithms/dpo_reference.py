@@ -127,7 +127,7 @@ def cmd_ref_logprobs(args: argparse.Namespace) -> int:
     config.validate(env.world_size)
     setup_logging(config.logging.level)
     parallel = ParallelState.initialize(ParallelLayout.from_config(config.parallel, env.world_size), env,
-                                        seed=config.run.seed)
+                                        seed=config.run.seed, timeout_minutes=config.parallel.timeout_minutes)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
