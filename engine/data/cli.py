@@ -18,6 +18,7 @@ from engine.data.loaders import write_jsonl
 from engine.data.schemas import FORMATS
 from engine.data.synthetic import BUILTIN, builtin_format, builtin_rows
 from engine.data.validate import validate_file
+from engine.eval.label import register as register_label
 
 TEMPLATE_CHOICES = ("plain", "llama3", "chatml", "nemotron")
 SYNTH_NAMES = tuple(name.split(":", 1)[1] for name in BUILTIN)
@@ -149,3 +150,4 @@ def register(subparsers: Any) -> None:
     diverging.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad input rows")
     diverging.set_defaults(func=cmd_diverging)
     register_ref_logprobs(subparsers)
+    register_label(subparsers)

@@ -70,10 +70,11 @@ def test_stored_reference_logprobs_give_the_live_losses(results: dict[str, dict[
     _close(results["stored"]["loss"], results["reference"]["loss"], "stored reference log-probs")
 
 
-def test_dpo_learns_and_starts_at_log_2(results: dict[str, dict[str, list[float]]]) -> None:
+def test_dpo_starts_at_log_2_then_moves(results: dict[str, dict[str, list[float]]]) -> None:
+    # (5 small batches are too noisy for a falling-loss check; tests/engine/test_dpo_learns.py does that)
     losses = results["reference"]["loss"]
     assert abs(losses[0] - math.log(2)) < 1e-6  # policy == reference at step 1: h = 0
-    assert losses[-1] < losses[0]
+    assert all(abs(loss - math.log(2)) > 1e-4 for loss in losses[1:])  # the policy left the reference
 
 
 @pytest.mark.parametrize("layout", ["reference", "tp2", "tp2_sp", "dp2"])

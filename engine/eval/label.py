@@ -1,0 +1,119 @@
+"""``keel data label --rm CHECKPOINT``: a reward model's predicted attributes written onto SFT rows.
+
+SteerLM's data step: every response of an SFT set is labelled with the attributes a
+regression reward model predicts for it (rounded to 0..4), so attribute-conditioned SFT
+(``data.chat_template=nemotron``) trains on them. Rows are ``{"messages": [...]}`` whose last
+turn is the assistant's response (the turns before it are the prompt), or
+``{"prompt", "response"}``. Each output row is the input row plus ``attributes``, the
+SteerLM string (``helpfulness:4,correctness:3,...``), and ``predicted`` with the raw
+predictions.
+
+Under torchrun the rows are sharded over the data-parallel ranks (the scorer does that and
+gathers them back in order). Work is done in chunks; rank 0 appends each finished chunk to
+``<output>.partial``, so a killed run started again continues after the last complete
+chunk, and the finished file is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from engine.config import ConfigError
+from engine.data.schemas import attribute_string
+
+
+def _prompt_and_response(row: dict[str, Any], where: str) -> tuple[Any, str]:
+    if "messages" in row:
+        messages = row["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ConfigError(f"{where}: field 'messages': the last turn must be the assistant's response")
+        return messages[:-1], str(messages[-1]["content"])
+    if "prompt" in row and "response" in row:
+        return row["prompt"], str(row["response"])
+    raise ConfigError(f"{where}: expected 'messages' (chat) or 'prompt' and 'response' fields")
+
+
+def read_rows(path: str) -> list[tuple[dict[str, Any], Any, str]]:
+    """(row, prompt, response) per line of ``path``; a bad line is reported with its number."""
+    out = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}, line {number}: not JSON ({error.msg})") from None
+        out.append((row, *_prompt_and_response(row, f"{path}, line {number}")))
+    return out
+
+
+def labelled(row: dict[str, Any], prediction: list[float], names: list[str]) -> dict[str, Any]:
+    """``row`` with ``attributes`` (rounded, clipped to 0..4) and the raw ``predicted`` values."""
+    ratings = {name: min(4, max(0, round(value))) for name, value in zip(names, prediction, strict=True)}
+    return {**row, "attributes": attribute_string(ratings),
+            "predicted": {name: round(value, 4) for name, value in zip(names, prediction, strict=True)}}
+
+
+def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output: str, chunk: int = 256,
+               progress: bool = True) -> int:
+    """Label ``rows`` (from :func:`read_rows`) into ``output``; returns the rows written (all of them)."""
+    partial = Path(f"{output}.partial")
+    done = len(partial.read_text().splitlines()) if partial.exists() else 0
+    names = list(scorer.step.rm.attributes)
+    is_main = scorer.parallel.is_main
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), initial=done, desc="label", unit="row", dynamic_ncols=True)
+    scorer.parallel.barrier()  # every rank has read the same resume point
+    for start in range(done, len(rows), chunk):
+        part = rows[start: start + chunk]
+        rewards = scorer.score([(prompt, response) for _, prompt, response in part])
+        if is_main:
+            with open(partial, "a") as sink:
+                sink.writelines(json.dumps(labelled(row, pred, names)) + "\n"
+                                for (row, _, _), pred in zip(part, rewards.tolist(), strict=True))
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    scorer.parallel.barrier()
+    if is_main:
+        os.replace(partial, output)
+    return len(rows)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from engine.eval.scoring import load_scorer
+
+    rows = read_rows(args.input)  # every row checked before any model is built
+    scorer = load_scorer(args.rm)
+    if scorer.step.rm.type != "regression":
+        raise ConfigError(f"--rm {args.rm}: a Bradley-Terry model has no attributes; label with a regression RM")
+    count = label_file(scorer, rows, args.output, args.chunk, not args.quiet)
+    if scorer.parallel.is_main:
+        print(f"labelled {count} rows with {', '.join(scorer.step.rm.attributes)} into {args.output}", flush=True)
+    from engine.cli import _shutdown
+
+    _shutdown()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``label`` to ``keel data``."""
+    parser = subparsers.add_parser(
+        "label", help="write a regression reward model's predicted attributes onto SFT rows (SteerLM)",
+        description="Score each row's last assistant response with a regression reward model and write its "
+        "attributes (rounded to 0..4) as the SteerLM string; under torchrun rows are sharded over "
+        "data-parallel ranks. Resumable: a killed run continues after its last complete chunk.")
+    parser.add_argument("input", help="SFT JSONL ({messages} or {prompt, response} rows)")
+    parser.add_argument("output", help="output JSONL")
+    parser.add_argument("--rm", required=True, help="regression reward-model checkpoint")
+    parser.add_argument("--chunk", type=int, default=256, help="rows per resumable chunk")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=cmd_label)

@@ -1,0 +1,59 @@
+"""``keel data label``: a regression RM's attributes onto SFT rows, the same on 1 and 2
+data-parallel ranks, and resumed after the last complete chunk without changing the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import keel_train, launch
+
+RM = ["rm.type=regression", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
+      "data.micro_batch_size=2", "data.global_batch_size=4", "logging.progress=false", "logging.tensorboard=false",
+      "checkpoint.resume=none"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_label_matches_across_ranks_and_resumes(tmp_path: Path) -> None:
+    keel_train(1, RM + [f"run.output_dir={tmp_path / 'rm'}"], algo="rm")
+    checkpoint = str(tmp_path / "rm" / "checkpoints")
+    source = tmp_path / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"The answer is {2 * i}." * (1 + i % 3)}]}
+            for i in range(11)]
+    rows.append({"prompt": "Spell cat backwards.", "response": "tac"})
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    cmd = ["-m", "engine", "data", "label", str(source)]
+    launch(1, [*cmd, str(one), "--rm", checkpoint, "--chunk", "5", "--quiet"])
+    launch(2, [*cmd, str(two), "--rm", checkpoint, "--chunk", "5", "--quiet"])
+    labelled = _rows(one)
+    assert len(labelled) == len(rows)
+    for row, out in zip(rows, labelled, strict=True):
+        assert {k: out[k] for k in row} == row
+        names = [item.split(":")[0] for item in out["attributes"].split(",")]
+        assert names == ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+        assert all(0 <= int(item.split(":")[1]) <= 4 for item in out["attributes"].split(","))
+    for a, b in zip(labelled, _rows(two), strict=True):
+        assert a["attributes"] == b["attributes"]
+        for name, value in a["predicted"].items():
+            assert abs(value - b["predicted"][name]) < 1e-3
+
+    resumed = tmp_path / "resumed.jsonl"
+    Path(f"{resumed}.partial").write_text("".join(json.dumps(r) + "\n" for r in labelled[:5]))
+    proc = launch(1, [*cmd, str(resumed), "--rm", checkpoint, "--chunk", "5"])
+    assert _rows(resumed) == labelled
+    assert not Path(f"{resumed}.partial").exists()
+    assert "labelled 12 rows" in proc.stdout
+
+
+def test_label_names_the_bad_line(tmp_path: Path) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    proc = launch(1, ["-m", "engine", "data", "label", str(source), str(tmp_path / "o.jsonl"), "--rm", "x"],
+                  check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "bad.jsonl, line 1: field 'messages'" in proc.stderr  # before the (missing) checkpoint is read
