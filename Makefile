@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/torchrun --nproc-per-node 2 -m engine train sft run.output_dir=$(DEMO_DIR) checkpoint.resume=none
+	$(PY) tools/demo.py --output $(DEMO_DIR) --nproc 2
 
 lint: install
 	$(VENV)/bin/ruff check engine kernels tests tools

@@ -49,6 +49,7 @@ class RunConfig:
     train_steps: int = doc("Number of optimizer steps (global batches) to train for.", 30)
     eval_interval: int = doc("Run validation every N steps (0 = never).", 0)
     eval_batches: int = doc("Number of global batches used per validation.", 2)
+    eval_at_start: bool = doc("Also validate before the first step of a fresh run (logged as step 0).", False)
 
     def __post_init__(self) -> None:
         _positive("run.train_steps", self.train_steps)

@@ -230,6 +230,8 @@ class Trainer:
         start = self.maybe_resume()
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
         previous = self._install_sigterm()
+        if cfg.run.eval_at_start and start == 0:
+            self._log_validation(0, result)
         progress = self._progress(start)
         tokens_total, time_total = 0.0, 0.0
         try:
@@ -271,14 +273,21 @@ class Trainer:
         result.tokens_per_second = tokens_total / time_total if time_total else 0.0
         return result
 
-    def _validate(self, step_number: int, result: FitResult) -> bool:
-        """Evaluate, log, and say whether this is the best validation loss so far."""
+    def _log_validation(self, step_number: int, result: FitResult) -> Optional[float]:
+        """Evaluate and log; returns the validation loss (None without validation data)."""
         valid = self.evaluate()
         if not valid:
-            return False
+            return None
         loss = valid[self.step.loss_name]
         result.validation[step_number] = loss
         self.metrics.write(step_number, valid, prefix="validation")
+        return loss
+
+    def _validate(self, step_number: int, result: FitResult) -> bool:
+        """Evaluate, log, and say whether this is the best validation loss so far."""
+        loss = self._log_validation(step_number, result)
+        if loss is None:
+            return False
         if self.best_validation is None or loss < self.best_validation[1]:
             self.best_validation = (step_number, loss)
             return True

@@ -19,7 +19,7 @@ losses. Log-probs come from :func:`kernels.token_logprobs` on the vocabulary-par
 logits (no gather of the vocabulary).
 
 Metrics per step: ``dpo_loss``, ``accuracy`` (implicit reward ``β(log π - log π_ref)`` of
-the chosen above the rejected), ``margin`` (mean ``βh``), ``chosen_logps``,
+the chosen above the rejected; a tie counts half), ``margin`` (mean ``βh``), ``chosen_logps``,
 ``rejected_logps``, ``chosen_reward``, ``rejected_reward``.
 """
 
@@ -171,13 +171,18 @@ class DPOStep(Step):
             margin = self.dpo.beta * preference_logit(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1])
         pairs = torch.tensor(float(policy.shape[0]), device=policy.device)
         sums = {
-            "dpo_loss": losses.sum().detach(), "accuracy": (rewards[:, 0] > rewards[:, 1]).float().sum(),
+            "dpo_loss": losses.sum().detach(), "accuracy": _wins(rewards[:, 0], rewards[:, 1]),
             "margin": margin.sum(), "chosen_logps": policy[:, 0].detach().sum(),
             "rejected_logps": policy[:, 1].detach().sum(), "chosen_reward": rewards[:, 0].sum(),
             "rejected_reward": rewards[:, 1].sum(),
         }
         metrics = {name: torch.stack([value.float(), pairs]) for name, value in sums.items()}
         return losses.sum(), pairs.to(torch.int).cpu(), metrics
+
+
+def _wins(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Pairs the chosen wins, a tie counting half (policy == reference scores 0.5, chance)."""
+    return (chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum()
 
 
 CONFIG = DPOTrainConfig

@@ -62,13 +62,14 @@ def _expected_step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.
     picked = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     logps = [(picked[r] * mask[r]).sum().item() for r in range(logits.shape[0])]
     counts = [mask[r].sum().item() for r in range(logits.shape[0])]
-    total, correct = 0.0, 0
+    total, correct = 0.0, 0.0
     for p in range(len(logps) // 2):
         pc, pr, rc, rr = logps[2 * p], logps[2 * p + 1], reference[2 * p], reference[2 * p + 1]
         h = (pc - rc) - (pr - rr)
         total += -(1 - smoothing) * _log_sigmoid(beta * h) - smoothing * _log_sigmoid(-beta * h)
         total += nll_weight * (-pc / counts[2 * p])
-        correct += int(beta * (pc - rc) > beta * (pr - rr))
+        wins = beta * (pc - rc) - beta * (pr - rr)
+        correct += 1.0 if wins > 0 else 0.5 if wins == 0 else 0.0
     return total, correct / (len(logps) // 2)
 
 
@@ -89,6 +90,15 @@ def test_step_loss_on_logits(loss: str, smoothing: float, nll: float | None) -> 
     assert int(count) == rows // 2
     assert total.item() == pytest.approx(expected_total, rel=1e-5)
     assert (metrics["accuracy"][0] / metrics["accuracy"][1]).item() == pytest.approx(expected_accuracy)
+    batch["reference_logps"] = torch.tensor(_tie_reference(logits, labels, mask))
+    _, _, metrics = step.loss(batch, logits)
+    assert (metrics["accuracy"][0] / metrics["accuracy"][1]).item() == 0.5  # policy == reference: ties count half
+
+
+def _tie_reference(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    from engine.algorithms.logprobs import sequence_logprobs
+
+    return sequence_logprobs(logits, labels, mask, None)[0].tolist()
 
 
 def test_config_needs_a_reference_and_defaults_it_to_checkpoint_load() -> None:
