@@ -147,7 +147,9 @@ class DataConfig:
     source: str = doc(
         "Training data: 'builtin:<name>' (synthetic, generated: sft, helpsteer, ...), a .jsonl/.json/.parquet "
         "file, or 'hf:<org>/<name>[:<split>]' for a Hugging Face data set.", "builtin:sft")
-    validation_source: Optional[str] = doc("Validation data (same forms as source); None = hold out from source.", None)
+    validation_source: Optional[str] = doc(
+        "Validation data (same forms as source); None = from data.source: a held-out data.validation_fraction of "
+        "its rows (reward models hold out whole prompts, and draw fresh rows from a builtin generator).", None)
     format: str = doc(
         "Row format: 'chat' (messages), 'text', 'attributes' (HelpSteer ratings), 'helpsteer2_preference', "
         "'pairs' (prompt/chosen/rejected) or 'prompts'.", "chat")
