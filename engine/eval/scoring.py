@@ -188,6 +188,8 @@ def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
     meta = ckpt.read_meta(path)
     saved = dict(meta["config"])
     saved["parallel"] = dict(saved["parallel"], data=None)
+    if saved.get("data", {}).get("overlong") == "truncate":  # runs saved before reward data refused it
+        saved["data"] = dict(saved["data"], overlong="cut_prompt")
     config = from_dict(RewardTrainConfig, merge_dicts(saved, parse_overrides(list(overrides))), f"{path}/{ckpt.META}")
     env = read_launch_env()
     layout = ParallelLayout.from_config(config.parallel, env.world_size)

@@ -202,3 +202,14 @@ def test_untied_output_layer_is_frozen_and_checkpoints_round_trip(tmp_path: Path
                           RewardStep(config.rm), parallel)
         assert resumed.maybe_resume() == 2
         assert torch.equal(resumed.model.chunks[0].module.reward_head.weight, head)
+    # a checkpoint saved before reward data refused data.overlong=truncate still loads for scoring
+    from engine.checkpoint import dist as ckpt
+    from engine.eval.scoring import load_scorer
+
+    path = ckpt.resolve(str(tmp_path / "checkpoints"))
+    meta = json.loads((path / ckpt.META).read_text())
+    meta["config"]["data"]["overlong"] = "truncate"
+    (path / ckpt.META).write_text(json.dumps(meta))
+    with single_process_parallel():
+        scorer = load_scorer(str(tmp_path / "checkpoints"))
+        assert torch.equal(scorer.chunks[0].reward_head.weight, head)
