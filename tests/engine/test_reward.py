@@ -52,6 +52,19 @@ def _short_answer_preferences(path: Path, count: int, first: int) -> str:
     return str(path)
 
 
+def _check_scoring_of_over_long_pairs(checkpoint: Path) -> None:
+    """score_pairs_from_checkpoint (seq_length 96): a long prompt is cut, a response that does not fit is not scored."""
+    from engine.eval.scoring import score_pairs_from_checkpoint
+
+    rows = [{"prompt": "What is 2 + 2?", "chosen": "4.", "rejected": "5."},
+            {"prompt": "Read this first. " * 12 + "What is 3 + 3?", "chosen": "6.", "rejected": "It is 7."},
+            {"prompt": "Hi", "chosen": "Hello! " * 20, "rejected": "Go away."}]
+    chosen, rejected, attributes, fits = score_pairs_from_checkpoint(str(checkpoint), rows, None)
+    assert fits == ["whole", "prompt_cut", "dropped"]
+    assert all(math.isfinite(v) for v in chosen[:2] + rejected[:2]) and math.isnan(chosen[2])
+    assert attributes is not None and attributes["names"] == ["helpfulness"] and len(attributes["rejected"]) == 3
+
+
 def test_combined_recipe_regression_then_scaled_bt(tmp_path: Path) -> None:
     from engine.eval.scoring import load_scorer
     from engine.trainer import Trainer
@@ -63,6 +76,7 @@ def test_combined_recipe_regression_then_scaled_bt(tmp_path: Path) -> None:
     best = tmp_path / "stage1" / "checkpoints" / "best"
     assert first.best_checkpoint and best.is_file()
     assert int(best.read_text().strip().split("_")[1]) in first.validation
+    _check_scoring_of_over_long_pairs(best)
     # Stage 2 as the example runs it, on HelpSteer2-Preference rows whose signal a few steps can learn
     # (the built-in pairs need far more steps than a unit test affords): the short answer is preferred,
     # the opposite of what the stage-1 model scores higher, so the accuracy must move to pass.
