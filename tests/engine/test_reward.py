@@ -169,6 +169,15 @@ def test_rm_config_errors() -> None:
         load_config(RewardTrainConfig, None, ["rm.attributes=[honesty]"])
     with pytest.raises(ConfigError, match=r"rm.type=bt trains on data.format in"):
         load_config(RewardTrainConfig, None, ["rm.type=bt"])
+    # a reward is read at the response's last token: reward data never truncate it; SFT has no prompt to cut
+    assert load_config(RewardTrainConfig, None, []).data.overlong == "cut_prompt"
+    with pytest.raises(ConfigError, match=r"data.overlong='truncate' is not one of 'cut_prompt', 'drop'"):
+        load_config(RewardTrainConfig, None, ["data.overlong=truncate"])
+    from engine.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"data.overlong='cut_prompt' is not one of 'truncate', 'drop'"):
+        load_config(TrainConfig, None, ["data.overlong=cut_prompt"])
+    assert load_config(RewardTrainConfig, None, []).rm.bt_variant == "auto"
 
 
 def test_validation_pairs_stay_aligned_when_a_row_is_too_long() -> None:
