@@ -1,7 +1,9 @@
 """Command line: ``keel train <algorithm>``, ``keel config``, ``keel data``.
 
 Every sub-command validates its configuration before creating any process group and
-reports user errors as one line on stderr (exit code 2) instead of a traceback.
+reports user errors as one line on stderr instead of a traceback: configuration errors
+exit 2; data errors (file, row and field), checkpoint and training errors exit 1, on
+every rank.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from engine.config import ConfigError, TrainConfig, describe, load_config
+from engine.data.errors import DataError
 from engine.parallel import failures
 
 logger = logging.getLogger("engine")
@@ -194,6 +197,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except failures.RankFailure as exc:
         return int(failures.exit_on_failure(exc))
+    except DataError as exc:  # raised alike on every rank (each reads and checks the same rows)
+        print(f"keel: data error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except Exception as exc:
         from engine.checkpoint.dist import CheckpointError
         from engine.trainer import TrainingError

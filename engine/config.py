@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union, cast, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Optional, Union, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -153,7 +153,9 @@ class DataConfig:
     source: str = doc(
         "Training data: 'builtin:<name>' (synthetic, generated: sft, helpsteer, ...), a .jsonl/.json/.parquet "
         "file, or 'hf:<org>/<name>[:<split>]' for a Hugging Face data set.", "builtin:sft")
-    validation_source: Optional[str] = doc("Validation data (same forms as source); None = hold out from source.", None)
+    validation_source: Optional[str] = doc(
+        "Validation data (same forms as source); None = from data.source: a held-out data.validation_fraction of "
+        "its rows (reward models hold out whole prompts, and draw fresh rows from a builtin generator).", None)
     format: str = doc(
         "Row format: 'chat' (messages), 'text', 'attributes' (HelpSteer ratings), 'helpsteer2_preference', "
         "'pairs' (prompt/chosen/rejected) or 'prompts'.", "chat")
@@ -173,13 +175,16 @@ class DataConfig:
     num_samples: int = doc("Number of rows generated for builtin sources.", 512)
     validation_fraction: float = doc("Fraction of rows held out for validation when no validation_source.", 0.05)
     on_error: str = doc("Bad rows: 'raise' stops with the file, row and field; 'skip' drops and counts them.", "raise")
-    overlong: str = doc("Rows longer than seq_length: 'truncate' or 'drop'.", "truncate")
+    overlong: str = doc(
+        "Rows longer than seq_length: 'truncate' (cut the end; SFT), 'drop', or 'cut_prompt' (reward models' "
+        "default: keep the response whole, cut the prompt from the left keeping the template's structure, and "
+        "drop the row only when the response alone does not fit). Counts are logged per source.", "truncate")
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
         _choice("data.loss_on", self.loss_on, ("assistant", "all"))
         _choice("data.on_error", self.on_error, ("raise", "skip"))
-        _choice("data.overlong", self.overlong, ("truncate", "drop"))
+        _choice("data.overlong", self.overlong, ("truncate", "drop", "cut_prompt"))
         _choice("data.chat_template", self.chat_template, ("plain", "llama3", "nemotron", "chatml"))
         _positive("data.seq_length", self.seq_length)
         _positive("data.micro_batch_size", self.micro_batch_size)
@@ -253,7 +258,13 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
+    # data.overlong values this algorithm accepts (reward models never cut a response)
+    OVERLONG: ClassVar[tuple[str, ...]] = ("truncate", "drop")
+
     def __post_init__(self) -> None:
+        if self.data.overlong not in self.OVERLONG:
+            raise ConfigError(f"data.overlong={self.data.overlong!r} is not one of "
+                              f"{', '.join(map(repr, self.OVERLONG))} for this algorithm")
         if self.checkpoint.dir is None:
             self.checkpoint.dir = os.path.join(self.run.output_dir, "checkpoints")
 

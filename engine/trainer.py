@@ -145,7 +145,12 @@ class Trainer:
         self.model.zero_grad()
         micro_batches = self._next_micro_batches(self.sampler, self.train_data)
         maybe_fail("in-step", step_number)  # peers are already in this step's first collective
-        metrics = self._means(self._run_schedule(micro_batches, forward_only=False))
+        totals = self._run_schedule(micro_batches, forward_only=False)
+        if totals[0, 1] == 0:  # no item carries loss: a loss of 0/0, not a step that trained on nothing
+            raise TrainingError(f"step {step_number}: no item of the global batch carries {self.step.loss_name} "
+                                f"(weight 0 for all); stopping before the optimizer update: "
+                                f"{self.step.empty_step_hint()}")
+        metrics = self._means(totals)
         loss = metrics[self.step.loss_name]
         if not math.isfinite(loss):
             raise TrainingError(

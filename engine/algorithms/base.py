@@ -67,6 +67,10 @@ class Step(ABC):
         """Names of the (sum, count) metrics :meth:`loss` reports; the first is the loss."""
         return (self.loss_name,)
 
+    def empty_step_hint(self) -> str:
+        """What to change when a training step has no item that carries loss (its item count is 0)."""
+        return "check the data of this step"
+
     def tokens_in(self, batch: Batch) -> int:
         """Number of tokens processed for throughput reporting."""
         return int(batch["tokens"].numel())

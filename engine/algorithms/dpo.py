@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -74,7 +74,8 @@ class DPOConfig:
 def _dpo_data_defaults() -> DataConfig:
     # HelpSteer-style attribute rows paired by helpfulness (ties dropped), as the HelpSteer2 recipe.
     return DataConfig(source="builtin:helpsteer", validation_source="builtin:helpsteer", format="attributes",
-                      seq_length=256, micro_batch_size=2, global_batch_size=8, num_samples=2048)
+                      seq_length=256, micro_batch_size=2, global_batch_size=8, num_samples=2048,
+                      overlong="cut_prompt")
 
 
 @dataclass
@@ -83,6 +84,8 @@ class DPOTrainConfig(TrainConfig):
 
     dpo: DPOConfig = field(default_factory=DPOConfig)
     data: DataConfig = field(default_factory=_dpo_data_defaults)
+    # the log-probs of a cut response would train toward its first half: responses stay whole
+    OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -5,51 +5,67 @@
   labels present (missing ratings are masked).
 * ``rm.type=bt``: one scalar per response; chosen and rejected of a pair sit in the same
   micro-batch; loss = Bradley-Terry variant ``rm.bt_variant`` (strength = ``margin``).
+  ``auto`` picks ``scaled`` when every pair carries a strength and ``regular`` otherwise,
+  and logs its choice; an explicit ``margin`` or ``scaled`` on pairs without a strength
+  is refused before training, naming the file and the first such row. A step whose pairs
+  all weigh 0 (dropped as diverging, or strength 0 under ``scaled``) stops the run.
 
 Both report ``accuracy`` (chosen scored above rejected). Regression validation data is
 paired by prompt (the response with the higher goodness is "chosen", ties dropped), so
 regression runs report pairwise accuracy of the goodness score as well as the MSE.
 Pairs whose annotators diverge can be kept, dropped, or down-weighted (``rm.diverging``).
+
+Over-long rows keep their response whole and lose the start of their prompt
+(``data.overlong=cut_prompt``, see :mod:`engine.data.fit`); a row whose response alone
+does not fit is dropped. The counts are logged per source.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from engine.algorithms.base import Batch, Step
 from engine.config import ConfigError, DataConfig, TrainConfig, doc
 from engine.data.convert import helpsteer2_preference_to_bt
+from engine.data.errors import DataError, Where
+from engine.data.loaders import iter_records
 from engine.data.preference import AttributeDataset, PreferenceDataset
-from engine.data.schemas import ATTRIBUTES, MISSING
-from engine.data.sources import load_rows
+from engine.data.schemas import ATTRIBUTES, MISSING, check_row
+from engine.data.sources import load_rows, read_source
 from engine.losses import bradley_terry, masked_mse, weighted_score
 
 logger = logging.getLogger(__name__)
 
 GOODNESS_WEIGHTS = {"helpfulness": 0.65, "correctness": 0.8, "coherence": 0.45}
+BT_VARIANTS = ("auto", "regular", "margin", "scaled")
 
 
 @dataclass
 class RewardConfig:
     type: str = doc("'regression' (SteerLM attributes, MSE) or 'bt' (Bradley-Terry on pairs).", "regression")
-    bt_variant: str = doc("Bradley-Terry variant: 'regular', 'margin' (-|l| inside) or 'scaled' (|l| * loss).", "scaled")
+    bt_variant: str = doc("Bradley-Terry variant: 'auto' (scaled when every pair carries a strength 'margin', "
+                          "else regular; logged), 'regular', 'margin' (-|l| inside) or 'scaled' (|l| * loss).",
+                          "auto")
     attributes: list = doc("Attributes a regression model predicts, in head order.", list(ATTRIBUTES))
     score_weights: dict = doc("Weights turning attribute predictions into one score (default: goodness).",
                               dict(GOODNESS_WEIGHTS))
     diverging: str = doc("Pairs whose annotators disagree: 'keep', 'drop' or 'downweight'.", "keep")
     diverging_weight: float = doc("Loss weight of diverging pairs with rm.diverging=downweight.", 0.5)
-    spread_threshold: float = doc("Also treat a pair as diverging when max-min annotator strength >= this (0 = off).", 0.0)
+    spread_threshold: float = doc("Also treat a pair as diverging when max-min annotator strength is above this "
+                                  "(0 = off).", 0.0)
 
     def __post_init__(self) -> None:
         if self.type not in ("regression", "bt"):
             raise ConfigError(f"rm.type={self.type!r} is not one of 'regression', 'bt'")
-        if self.bt_variant not in ("regular", "margin", "scaled"):
-            raise ConfigError(f"rm.bt_variant={self.bt_variant!r} is not one of 'regular', 'margin', 'scaled'")
+        if self.bt_variant not in BT_VARIANTS:
+            raise ConfigError(f"rm.bt_variant={self.bt_variant!r} is not one of {', '.join(map(repr, BT_VARIANTS))}")
         if self.diverging not in ("keep", "drop", "downweight"):
             raise ConfigError(f"rm.diverging={self.diverging!r} is not one of 'keep', 'drop', 'downweight'")
         unknown = [a for a in self.attributes if a not in ATTRIBUTES]
@@ -61,10 +77,10 @@ class RewardConfig:
 
 
 def _rm_data_defaults() -> DataConfig:
-    # Validation rows come from the same generator with another seed, so both responses of a
-    # prompt stay together and validation reports pairwise accuracy.
-    return DataConfig(source="builtin:helpsteer", validation_source="builtin:helpsteer", format="attributes",
-                      seq_length=256, micro_batch_size=4, global_batch_size=16, num_samples=2048)
+    # No validation_source: validation comes from data.source, whatever the user sets it to
+    # (see RewardStep.build_datasets).
+    return DataConfig(source="builtin:helpsteer", format="attributes", seq_length=256, micro_batch_size=4,
+                      global_batch_size=16, num_samples=2048, overlong="cut_prompt")
 
 
 @dataclass
@@ -73,6 +89,7 @@ class RewardTrainConfig(TrainConfig):
 
     rm: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=_rm_data_defaults)
+    OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")  # a reward is never read from a cut response
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,7 +104,8 @@ class RewardTrainConfig(TrainConfig):
 class PairedAttributes:
     """Attribute rows paired by prompt: samples ``[c0, r0, c1, r1, ...]`` with both label sets."""
 
-    def __init__(self, rows: list[dict[str, Any]], tokenizer: Any, data: Any, weights: dict[str, float]):
+    def __init__(self, rows: list[dict[str, Any]], tokenizer: Any, data: Any, weights: dict[str, float],
+                 source: str = "<data>"):
         by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
             by_prompt[str(row["prompt"])].append(row)
@@ -101,7 +119,8 @@ class PairedAttributes:
                 first, second = sorted(group[:2], key=goodness, reverse=True)
                 ordered += [first, second]
         self.inner = AttributeDataset(ordered, tokenizer, data.seq_length, template=data.chat_template,
-                                      overlong="drop")
+                                      overlong=data.overlong if data.overlong != "truncate" else "drop",
+                                      source=source)
         # A pair counts only when both of its rows fit: (sample of the chosen, sample of the rejected).
         sample_of = {row: sample for sample, row in enumerate(self.inner.row_index)}
         self.pairs = [(sample_of[2 * k], sample_of[2 * k + 1]) for k in range(len(ordered) // 2)
@@ -128,6 +147,7 @@ class RewardStep(Step):
 
     def __init__(self, rm: RewardConfig):
         self.rm = rm
+        self.variant = rm.bt_variant  # "auto" is resolved against the data in build_datasets
         self.head_size = len(rm.attributes) if rm.type == "regression" else 1
         attribute_index = [ATTRIBUTES.index(a) for a in rm.attributes]
         self._label_columns = torch.tensor(attribute_index)
@@ -143,19 +163,26 @@ class RewardStep(Step):
     def metric_names(self) -> tuple[str, ...]:
         return (self.loss_name, "accuracy")
 
+    def empty_step_hint(self) -> str:
+        return ("every pair of the step weighs 0: dropped as diverging (rm.diverging=drop) or of strength 0 under "
+                "rm.bt_variant=scaled; use rm.diverging=downweight, more data per step, or rm.bt_variant=regular")
+
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
         data = config.data
-        train_rows, valid_rows = load_rows(data, config.run.seed)
+        train_rows, valid_rows = reward_rows(data, config.run.seed)
+        train_source, valid_source = data.source, data.validation_source or data.source
         if self.rm.type == "regression":
             train = AttributeDataset(train_rows, tokenizer, data.seq_length, template=data.chat_template,
-                                     overlong=data.overlong)
-            return train, PairedAttributes(valid_rows, tokenizer, data, self.rm.score_weights)
+                                     overlong=data.overlong, source=train_source)
+            valid = PairedAttributes(valid_rows, tokenizer, data, self.rm.score_weights, f"{valid_source} (validation)")
+            return train, valid
         if data.format == "helpsteer2_preference":
             train_rows, _ = helpsteer2_preference_to_bt(train_rows)
             valid_rows, _ = helpsteer2_preference_to_bt(valid_rows)
-        make = lambda rows: PreferenceDataset(rows, tokenizer, data.seq_length, template=data.chat_template,  # noqa: E731
-                                              overlong=data.overlong)
-        return make(train_rows), make(valid_rows)
+        self.variant = resolve_bt_variant(self.rm.bt_variant, data, config.run.seed, train_rows, valid_rows)
+        make = lambda rows, name: PreferenceDataset(rows, tokenizer, data.seq_length,  # noqa: E731
+                                                    template=data.chat_template, overlong=data.overlong, source=name)
+        return make(train_rows, train_source), make(valid_rows, f"{valid_source} (validation)")
 
     def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
         tokens = batch["tokens"]
@@ -176,7 +203,7 @@ class RewardStep(Step):
     def _pair_weights(self, batch: Batch) -> torch.Tensor:
         diverging = batch["diverging"].bool()
         if self.rm.spread_threshold > 0:
-            diverging = diverging | (batch["annotator_spread"] >= self.rm.spread_threshold)
+            diverging = diverging | (batch["annotator_spread"] > self.rm.spread_threshold)
         weights = torch.ones(diverging.shape[0])
         if self.rm.diverging == "drop":
             weights[diverging] = 0.0
@@ -185,9 +212,10 @@ class RewardStep(Step):
         return weights
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(sum of losses, item count, metrics). Items: present labels (regression) or kept pairs (BT).
+        """(sum of losses, item count, metrics). Items: present labels (regression) or pairs of weight > 0 (BT).
 
-        Down-weighted pairs still count as one item each, so the loss is sum(w * l) / pairs kept.
+        Down-weighted pairs still count as one item each, so the loss is sum(w * l) / pairs kept; a pair
+        weighs 0 when dropped as diverging or, under ``scaled``, when its strength is 0.
         """
         rewards = output.float()
         device = rewards.device
@@ -203,8 +231,10 @@ class RewardStep(Step):
         else:
             pair_rewards = rewards[:, 0].view(-1, 2)
             weights = self._pair_weights(batch).to(device)
-            losses = bradley_terry(pair_rewards[:, 0], pair_rewards[:, 1], self.rm.bt_variant, batch["margin"].to(device))
-            total, count = (losses * weights).sum(), (weights > 0).float().sum()
+            margin = batch["margin"].to(device)
+            losses = bradley_terry(pair_rewards[:, 0], pair_rewards[:, 1], self.variant, margin)
+            effective = weights * margin.abs() if self.variant == "scaled" else weights
+            total, count = (losses * weights).sum(), (effective > 0).float().sum()
             correct = (pair_rewards[:, 0] > pair_rewards[:, 1]).float().sum()
             pairs = torch.tensor(float(pair_rewards.shape[0]), device=device)
         metrics = {
@@ -213,6 +243,79 @@ class RewardStep(Step):
         }
         return total, count.to(torch.int).cpu(), metrics
 
+
+def _prompt_key(row: dict[str, Any]) -> str:
+    return json.dumps(row.get("prompt"), sort_keys=True)
+
+
+def hold_out_prompts(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]],
+                                                                                       list[dict[str, Any]]]:
+    """(train, validation): about ``fraction`` of the rows, whole prompts at a time, chosen by ``seed``.
+
+    Every row of a prompt lands on the same side, so validation pairs stay complete and no
+    validation prompt is seen in training.
+    """
+    keys = sorted({_prompt_key(row) for row in rows})
+    random.Random(seed).shuffle(keys)
+    target, held, count = int(len(rows) * fraction), set(), 0
+    sizes: dict[str, int] = defaultdict(int)
+    for row in rows:
+        sizes[_prompt_key(row)] += 1
+    for key in keys:
+        if count >= target:
+            break
+        held.add(key)
+        count += sizes[key]
+    return [r for r in rows if _prompt_key(r) not in held], [r for r in rows if _prompt_key(r) in held]
+
+
+def reward_rows(data: DataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training and validation rows of a reward model.
+
+    Without ``data.validation_source`` validation comes from ``data.source``: a ``builtin:``
+    generator draws fresh rows with the next seed; a file or hub set holds out
+    ``data.validation_fraction`` of its rows, whole prompts at a time.
+    """
+    if data.validation_source:
+        return load_rows(data, seed)
+    if data.source.startswith("builtin:"):
+        return (read_source(data.source, data.format, data.num_samples, seed, data.on_error),
+                read_source(data.source, data.format, data.num_samples, seed + 1, data.on_error))
+    rows = read_source(data.source, data.format, data.num_samples, seed, data.on_error)
+    return hold_out_prompts(rows, data.validation_fraction, seed)
+
+
+def _first_without_strength(source: str, fmt: str, num: int, seed: int) -> Optional[Where]:
+    """Where the first valid pair of ``source`` without a ``margin`` is (scanned only to report it)."""
+    for where, raw in iter_records(source, num, seed):
+        try:
+            row = check_row(fmt, raw, where)
+        except DataError:
+            continue
+        if row.get("margin") is None:
+            return where
+    return None
+
+
+def resolve_bt_variant(requested: str, data: DataConfig, seed: int, train_rows: list[dict[str, Any]],
+                       valid_rows: list[dict[str, Any]]) -> str:
+    """The Bradley-Terry variant to train with (see the module docstring); logs what ``auto`` chose."""
+    lacking = [(rows, source, offset) for rows, source, offset in
+               ((train_rows, data.source, 0), (valid_rows, data.validation_source or data.source, 1))
+               if any(row.get("margin") is None for row in rows)]
+    if requested == "auto":
+        variant = "regular" if lacking else "scaled"
+        reason = (f"pairs of {lacking[0][1]} carry no strength ('margin')" if lacking
+                  else "every pair carries a strength ('margin')")
+        logger.info("rm.bt_variant=auto: %s, training %s Bradley-Terry", reason, variant)
+        return variant
+    if requested in ("margin", "scaled") and lacking:
+        _, source, offset = lacking[0]  # builtin validation rows are drawn with the next seed
+        where = _first_without_strength(source, data.format, data.num_samples, seed + offset)
+        raise DataError(where, "margin", f"a preference strength: rm.bt_variant={requested} weighs every pair by "
+                        "it", "missing", source=source,
+                        hint="add 'margin' to every row, or set rm.bt_variant=regular (or auto)")
+    return requested
 
 
 CONFIG = RewardTrainConfig

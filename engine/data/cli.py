@@ -139,13 +139,13 @@ def register(subparsers: Any) -> None:
 
     diverging = subparsers.add_parser(
         "diverging", help="count and extract preference pairs whose annotators disagree",
-        description="Flag pairs whose annotators disagree on the direction (or whose strengths spread at least "
+        description="Flag pairs whose annotators disagree on the direction (or whose strengths spread above "
         "--threshold) in helpsteer2_preference rows or pairs with annotator_strengths.")
     diverging.add_argument("source", help="data file, hf:<org>/<name> or builtin:<name>")
     diverging.add_argument("--format", choices=("auto", "pairs", "helpsteer2_preference"), default="auto",
                            help="row format (auto: helpsteer2_preference when rows have response_1)")
     diverging.add_argument("--threshold", type=float, default=None,
-                           help="also flag pairs whose annotators' max-min strength is at least this")
+                           help="also flag pairs whose annotators' max-min strength is above this")
     diverging.add_argument("--out", default=None, help="write the diverging rows to this .jsonl file")
     diverging.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad input rows")
     diverging.set_defaults(func=cmd_diverging)

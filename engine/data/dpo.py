@@ -49,7 +49,9 @@ class DPOPairs(PreferenceDataset):
             if convert is not None:
                 rows, counts = convert(rows)
                 logger.info("dpo %s pairs from %s rows: %s", name, data.format, counts)
-            splits.append(cls(rows, tokenizer, data.seq_length, template=data.chat_template, overlong=data.overlong))
+            source = data.source if name == "train" else f"{data.validation_source or data.source} (validation)"
+            splits.append(cls(rows, tokenizer, data.seq_length, template=data.chat_template, overlong=data.overlong,
+                              source=source))
         return splits[0], splits[1]
 
     def fingerprint(self, index: int) -> int:

@@ -14,55 +14,56 @@ Per-pair tensors: ``margin`` (0 when the row has none), and from per-annotator
 strengths (positive = chosen better) ``diverging`` (annotators disagree on the
 direction) and ``annotator_spread`` (max - min), 0 without annotators.
 
-Over-long: a prompt that leaves no room for a reply token drops the pair; otherwise a
-too-long reply is cut at the end (``"truncate"``; the end-of-turn is then lost) or the
-pair is dropped (``"drop"``). Both counts are logged.
+Over-long rows (``overlong``): a reward is read at the end-of-response token, so a
+response is never cut. ``"cut_prompt"`` (the default) keeps every response whole and
+cuts the prompt from the left, keeping the template's structure
+(:mod:`engine.data.fit`); the two responses of a pair share one prompt, cut to fit the
+longer of them. A pair (or row) is dropped only when a response alone does not fit.
+``"drop"`` drops every pair (row) longer than ``seq_length``. Per source, the number of
+prompts cut and of items dropped is logged and kept in ``overlong_counts``.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
 
 from engine.data.chat import prompt_messages, render_prompt, render_reply
+from engine.data.fit import OVERLONG_POLICIES, OverlongCounts, fit_prompt
 from engine.data.schemas import ATTRIBUTES, MISSING
 from engine.data.tokenizers import Tokenizer
 
-logger = logging.getLogger(__name__)
-
 
 class _Fitter:
-    """Applies the over-long policy to (prompt, reply) and counts what it dropped."""
+    """Applies the over-long policy to (prompt, replies) and counts what it cut and dropped."""
 
-    def __init__(self, seq_length: int, overlong: str):
-        if overlong not in ("truncate", "drop"):
-            raise ValueError(f"overlong={overlong!r}: choose 'truncate' or 'drop'")
+    def __init__(self, tokenizer: Tokenizer, template: str, seq_length: int, overlong: str, source: str):
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong={overlong!r}: choose one of {', '.join(OVERLONG_POLICIES)}")
+        self.tokenizer, self.template = tokenizer, template
         self.seq_length = seq_length
         self.overlong = overlong
-        self.long_prompts = 0
-        self.long_replies = 0
+        self.counts = OverlongCounts(source)
 
-    def fit(self, prompt: list[int], reply: list[int]) -> Optional[tuple[list[int], int]]:
-        """(ids, prompt length) or None when dropped."""
-        if len(prompt) + 1 > self.seq_length:
-            self.long_prompts += 1
+    def prompt(self, prompt: Any, replies: list[list[int]]) -> Optional[list[int]]:
+        """Prompt ids that every reply of ``replies`` fits after, or None when the item is dropped."""
+        self.counts.total += 1
+        messages = prompt_messages(prompt)
+        longest = max(len(reply) for reply in replies)
+        if self.overlong == "drop":
+            ids: Optional[list[int]] = render_prompt(messages, self.tokenizer, self.template)
+            cut = False
+            if ids is not None and len(ids) + longest > self.seq_length:
+                ids = None
+        else:
+            fitted = fit_prompt(messages, longest, self.tokenizer, self.template, self.seq_length)
+            ids, cut = fitted if fitted is not None else (None, False)
+        if ids is None:
+            self.counts.note_dropped()
             return None
-        if len(prompt) + len(reply) > self.seq_length:
-            if self.overlong == "drop":
-                self.long_replies += 1
-                return None
-            reply = reply[: self.seq_length - len(prompt)]
-        return prompt + reply, len(prompt)
-
-    def log(self, what: str, total: int) -> None:
-        if self.long_prompts:
-            logger.warning("dropped %d of %d %s whose prompt fills seq_length=%d", self.long_prompts, total, what,
-                           self.seq_length)
-        if self.long_replies:
-            logger.warning("dropped %d of %d %s longer than seq_length=%d (data.overlong=drop)", self.long_replies,
-                           total, what, self.seq_length)
+        self.counts.prompt_cut += int(cut)
+        return ids
 
 
 def _sequence(ids: list[int], prompt_length: int, seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -81,19 +82,20 @@ class PreferenceDataset:
     """Normalised ``pairs`` rows (see :mod:`engine.data.schemas`) as chosen/rejected samples."""
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer: Tokenizer, seq_length: int,
-                 template: str = "plain", overlong: str = "truncate"):
+                 template: str = "plain", overlong: str = "cut_prompt", source: str = "<data>"):
         self.tokenizer = tokenizer
         self.seq_length = seq_length
-        fitter = _Fitter(seq_length, overlong)
+        fitter = _Fitter(tokenizer, template, seq_length, overlong, source)
         self.pairs: list[tuple[tuple[list[int], int], tuple[list[int], int], dict[str, float]]] = []
         for row in rows:
-            prompt = render_prompt(prompt_messages(row["prompt"]), tokenizer, template)
-            chosen = fitter.fit(prompt, render_reply(row["chosen"], tokenizer, template))
-            rejected = fitter.fit(prompt, render_reply(row["rejected"], tokenizer, template))
-            if chosen is None or rejected is None:
-                continue
-            self.pairs.append((chosen, rejected, _pair_scalars(row)))
-        fitter.log("pairs", len(rows))
+            chosen = render_reply(row["chosen"], tokenizer, template)
+            rejected = render_reply(row["rejected"], tokenizer, template)
+            prompt = fitter.prompt(row["prompt"], [chosen, rejected])
+            if prompt is not None:
+                self.pairs.append(((prompt + chosen, len(prompt)), (prompt + rejected, len(prompt)),
+                                   _pair_scalars(row)))
+        fitter.counts.log("pairs", seq_length, overlong)
+        self.overlong_counts = fitter.counts
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -140,19 +142,21 @@ class AttributeDataset:
     """
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer: Tokenizer, seq_length: int,
-                 template: str = "plain", overlong: str = "truncate"):
+                 template: str = "plain", overlong: str = "cut_prompt", source: str = "<data>"):
         self.tokenizer = tokenizer
         self.seq_length = seq_length
-        fitter = _Fitter(seq_length, overlong)
+        fitter = _Fitter(tokenizer, template, seq_length, overlong, source)
         self.samples: list[tuple[tuple[list[int], int], list[float]]] = []
         self.row_index: list[int] = []  # position in ``rows`` of each sample (over-long rows may be dropped)
         for i, row in enumerate(rows):
-            prompt = render_prompt(prompt_messages(row["prompt"]), tokenizer, template)
-            fitted = fitter.fit(prompt, render_reply(row["response"], tokenizer, template))
-            if fitted is not None:
-                self.samples.append((fitted, [float(row.get(name, MISSING)) for name in ATTRIBUTES]))
+            reply = render_reply(row["response"], tokenizer, template)
+            prompt = fitter.prompt(row["prompt"], [reply])
+            if prompt is not None:
+                self.samples.append(((prompt + reply, len(prompt)), [float(row.get(name, MISSING))
+                                                                    for name in ATTRIBUTES]))
                 self.row_index.append(i)
-        fitter.log("rows", len(rows))
+        fitter.counts.log("rows", seq_length, overlong)
+        self.overlong_counts = fitter.counts
 
     def __len__(self) -> int:
         return len(self.samples)

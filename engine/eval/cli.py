@@ -19,7 +19,15 @@ from typing import Any, Optional
 
 from engine.data.errors import DataError
 from engine.eval.diverging import annotator_strengths, split_accuracy
-from engine.eval.rewardbench import ScoreError, evaluate, format_table, load_rows
+from engine.eval.rewardbench import (
+    ScoreError,
+    attribute_calibration,
+    cross_prompt,
+    evaluate,
+    format_table,
+    load_rows,
+    overlong_summary,
+)
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -61,11 +69,28 @@ def write_report(report: dict[str, Any], path: str) -> None:
 
 
 def rewardbench_report(rows: list[dict[str, Any]], chosen: list[float], rejected: list[float],
-                       spread_threshold: Optional[float] = None) -> dict[str, Any]:
-    """:func:`evaluate`, plus unanimous vs diverging accuracy when rows carry annotator strengths."""
-    report = evaluate(rows, chosen, rejected)
-    if any(annotator_strengths(row) is not None for row in rows):
-        report["diverging"] = split_accuracy(rows, chosen, rejected, spread_threshold)
+                       spread_threshold: Optional[float] = None, fits: Optional[list[str]] = None,
+                       attributes: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """:func:`evaluate` of the pairs that fit, with over-long counts per subset, cross-prompt calibration
+    (and attribute calibration for labelled rows), and unanimous vs diverging accuracy when rows carry
+    annotator strengths. ``fits``: each pair's status from the scorer (default: all ``whole``)."""
+    fits = fits if fits is not None else ["whole"] * len(rows)
+    kept = [i for i, status in enumerate(fits) if status != "dropped"]
+    if not kept:
+        raise ScoreError(f"none of the {len(rows)} pairs fits the model's seq_length: every pair has a response "
+                         "longer than it; raise data.seq_length (an override) if the model allows")
+    pick = lambda values: [values[i] for i in kept]  # noqa: E731
+    report = evaluate(pick(rows), pick(chosen), pick(rejected))
+    report["overlong"] = overlong_summary(rows, fits)
+    for name, entry in report["overlong"]["subsets"].items():
+        if name in report["subsets"]:
+            report["subsets"][name].update(prompt_cut=entry["prompt_cut"], dropped=entry["dropped"])
+    if attributes:
+        attributes = dict(attributes, chosen=pick(attributes["chosen"]), rejected=pick(attributes["rejected"]))
+    report["calibration"] = {"cross_prompt": cross_prompt(pick(rows), pick(chosen), pick(rejected)),
+                             "attributes": attribute_calibration(pick(rows), attributes)}
+    if any(annotator_strengths(rows[i]) is not None for i in kept):
+        report["diverging"] = split_accuracy(pick(rows), pick(chosen), pick(rejected), spread_threshold)
     return report
 
 
@@ -75,8 +100,9 @@ def cmd_rewardbench(args: argparse.Namespace) -> int:
         rows = load_rows(args.data)
         from engine.eval.scoring import score_pairs_from_checkpoint
 
-        chosen, rejected, _ = score_pairs_from_checkpoint(args.checkpoint, rows, args.weights, list(args.overrides))
-        report = rewardbench_report(rows, chosen, rejected, args.spread_threshold)
+        chosen, rejected, attributes, fits = score_pairs_from_checkpoint(args.checkpoint, rows, args.weights,
+                                                                         list(args.overrides))
+        report = rewardbench_report(rows, chosen, rejected, args.spread_threshold, fits, attributes)
     except (DataError, ScoreError) as error:
         if main:
             print(f"keel eval rewardbench: error: {error}", file=sys.stderr)
@@ -98,14 +124,17 @@ def register(subparsers: Any) -> None:
         description="Score every {prompt, chosen, rejected, subset} row with a reward-model checkpoint and report "
         "accuracy per subset, per section (Chat, Chat Hard, Safety, Reasoning), the overall mean of the sections, "
         "Prior Sets separately, and unanimous vs diverging pairs when rows carry annotator_strengths. A pair is "
-        "correct when score(chosen) > score(rejected); ties count as incorrect. Runs alone or under torchrun.")
+        "correct when score(chosen) > score(rejected); ties count as incorrect. Responses are never cut: a pair "
+        "longer than the model's seq_length loses the start of its prompt, and a pair whose response alone does "
+        "not fit is dropped; both are counted per subset. Cross-prompt calibration compares chosen responses "
+        "with other prompts' rejected ones. Runs alone or under torchrun.")
     bench.add_argument("--checkpoint", required=True, help="reward-model checkpoint directory")
     bench.add_argument("--data", required=True, help="rows: .jsonl/.json/.parquet file or hf:<org>/<name>[:<split>]")
     bench.add_argument("--weights", type=parse_weights, default=None,
                        help="attribute weights of a multi-attribute model, e.g. "
                        "helpfulness=0.65,correctness=0.8,coherence=0.45 (default: those goodness weights)")
     bench.add_argument("--spread-threshold", type=float, default=None,
-                       help="also call a pair diverging when its annotators' max-min strength reaches this")
+                       help="also call a pair diverging when its annotators' max-min strength is above this")
     bench.add_argument("--out", default=None, help="write the report as JSON here")
     bench.add_argument("overrides", nargs="*", help="section.field=value overrides for loading the model")
     bench.set_defaults(func=cmd_rewardbench)

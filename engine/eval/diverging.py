@@ -4,7 +4,7 @@ Annotators often disagree for legitimate reasons (an under-specified task, a mat
 of style, a refusal) rather than noise, and a Bradley-Terry loss cannot tell a
 unanimous preference from a split vote. A pair is *diverging* when its annotators
 disagree on the direction (some strengths > 0 and some < 0), or — when a threshold is
-given — when the spread ``max - min`` of their strengths is at least the threshold.
+given — when the spread ``max - min`` of their strengths is above the threshold.
 Without a threshold this is the rule the preference data set uses for its per-pair
 ``diverging`` flag (:mod:`engine.data.preference`).
 
@@ -32,18 +32,18 @@ def annotator_strengths(row: Row) -> Optional[list[int]]:
 
 
 def is_diverging(strengths: Optional[Sequence[int]], spread_threshold: Optional[float] = None) -> bool:
-    """Annotators disagree on the direction, or (with a threshold) ``max - min >= spread_threshold``."""
+    """Annotators disagree on the direction, or (with a threshold) ``max - min > spread_threshold``."""
     if not strengths:
         return False
     if any(s > 0 for s in strengths) and any(s < 0 for s in strengths):
         return True
-    return spread_threshold is not None and max(strengths) - min(strengths) >= spread_threshold
+    return spread_threshold is not None and max(strengths) - min(strengths) > spread_threshold
 
 
 def describe_rule(spread_threshold: Optional[float] = None) -> str:
     """The diverging rule in words, for reports."""
     rule = "diverging = annotators disagree on the direction"
-    return rule if spread_threshold is None else f"{rule} or their spread max-min >= {spread_threshold:g}"
+    return rule if spread_threshold is None else f"{rule} or their spread max-min > {spread_threshold:g}"
 
 
 def split_accuracy(rows: Sequence[Row], chosen_scores: Sequence[float], rejected_scores: Sequence[float],
@@ -78,7 +78,7 @@ def list_diverging(rows: Sequence[Row], spread_threshold: Optional[float] = None
 
     Counts: ``rows``, ``with_annotators``, ``unanimous``, ``diverging``, and among the
     diverging ``direction`` (annotators disagree on the direction) and ``spread_only``
-    (same direction, spread at or above the threshold).
+    (same direction, spread above the threshold).
     """
     counts = {"rows": len(rows), "with_annotators": 0, "unanimous": 0, "diverging": 0, "direction": 0,
               "spread_only": 0}

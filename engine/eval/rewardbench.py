@@ -20,9 +20,17 @@ Scoring (rewardbench 0.1.4):
   RewardBench leaderboard;
 * rows of any other subset (or none) are counted under "other", not in any section.
 
-The calibration half (:func:`calibration`, :func:`goodness_stats`) measures a
-regression (SteerLM) reward model against 0..4 attribute labels: a regression score is
-comparable across prompts, a Bradley-Terry score only within one prompt.
+Over-long pairs (:func:`overlong_summary`): the scorer keeps every response whole and
+cuts the prompt from the left; a pair whose response alone does not fit is left out of
+every accuracy and counted. Per subset the report gives ``prompt_cut`` and ``dropped``.
+
+The calibration half measures whether scores are comparable across prompts: a
+regression score should be, a Bradley-Terry score is defined only up to a per-prompt
+offset. :func:`cross_prompt` compares every chosen response with the rejected responses
+of *other* prompts (no labels needed); :func:`calibration` (and
+:func:`attribute_calibration` for rows carrying ``chosen_<attribute>`` /
+``rejected_<attribute>`` labels) measures a regression model against 0..4 labels;
+:func:`goodness_stats` gives PPO's normalisation.
 """
 
 from __future__ import annotations
@@ -245,6 +253,24 @@ def evaluate(rows: Sequence[Row], chosen_scores: Sequence[float], rejected_score
     }
 
 
+def overlong_summary(rows: Sequence[Row], fits: Sequence[str]) -> dict[str, Any]:
+    """``{"prompt_cut", "dropped", "subsets": {subset: {"pairs", "prompt_cut", "dropped"}}, "rule"}``.
+
+    ``fits[i]`` is pair i's status from the scorer: ``whole``, ``prompt_cut`` or ``dropped``.
+    """
+    subsets: dict[str, dict[str, int]] = {}
+    for row, status in zip(rows, fits, strict=True):
+        entry = subsets.setdefault(row.get("subset") or UNLABELLED, {"pairs": 0, "prompt_cut": 0, "dropped": 0})
+        entry["pairs"] += 1
+        if status in ("prompt_cut", "dropped"):
+            entry[status] += 1
+    return {"prompt_cut": sum(e["prompt_cut"] for e in subsets.values()),
+            "dropped": sum(e["dropped"] for e in subsets.values()),
+            "subsets": dict(sorted(subsets.items())),
+            "rule": "responses are never cut: a longer pair loses the start of its prompt; a pair whose response "
+                    "alone does not fit is dropped from every accuracy"}
+
+
 def _percent(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:5.1f}"
 
@@ -255,6 +281,8 @@ def _subset_lines(report: dict[str, Any], names: list[str], weights: Optional[di
         entry = report["subsets"][name]
         weight = f"  weight {weights[name]:.3f}" if weights else ""
         ties = f"  ({entry['ties']} tied)" if entry["ties"] else ""
+        if entry.get("prompt_cut") or entry.get("dropped"):
+            ties += f"  (prompt cut {entry.get('prompt_cut', 0)}, dropped {entry.get('dropped', 0)})"
         lines.append(f"    {name:<28} {_percent(entry['accuracy'])}  {entry['correct']:>5}/{entry['count']:<5}"
                      f"{weight}{ties}".rstrip())
     return lines
@@ -278,6 +306,7 @@ def format_table(report: dict[str, Any]) -> str:
     if report["other"]["subsets"]:
         lines.append(f"  {'Other':<30}        {report['other']['pairs']} pairs; {report['other']['note']}")
         lines += _subset_lines(report, report["other"]["subsets"])
+    lines += _extra_lines(report)
     split = report.get("diverging")
     if split:
         lines.append(f"  Annotators ({split['rule']}):")
@@ -289,7 +318,78 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _extra_lines(report: dict[str, Any]) -> list[str]:
+    """Over-long counts and calibration, when the report carries them."""
+    lines = []
+    overlong = report.get("overlong")
+    if overlong and (overlong["prompt_cut"] or overlong["dropped"]):
+        lines.append(f"  Over-long pairs: prompt cut {overlong['prompt_cut']}, dropped {overlong['dropped']} "
+                     f"({overlong['rule']})")
+        for name, entry in overlong["subsets"].items():
+            if entry["dropped"] and name not in report["subsets"]:
+                lines.append(f"    {name:<28} all {entry['pairs']} pairs dropped")
+    cross = (report.get("calibration") or {}).get("cross_prompt")
+    if cross and cross["accuracy"] is not None:
+        lines.append(f"  Cross-prompt calibration: chosen above other prompts' rejected {_percent(cross['accuracy'])}% "
+                     f"vs within-prompt {_percent(cross['within_prompt_accuracy'])}% ({cross['note']})")
+    for name, entry in ((report.get("calibration") or {}).get("attributes") or {}).items():
+        if entry["count"]:
+            pearson = "n/a" if entry["pearson"] is None else f"{entry['pearson']:.3f}"
+            lines.append(f"    {name:<28} pearson {pearson}  mse {entry['mse']:.3f} (mean-label mse "
+                         f"{entry['mse_of_mean']:.3f}, {entry['count']} responses)")
+    return lines
+
+
 # ----------------------------------------------------------------------------- calibration
+
+
+def cross_prompt(rows: Sequence[Row], chosen_scores: Sequence[float],
+                 rejected_scores: Sequence[float]) -> dict[str, Any]:
+    """How often a chosen response outscores the rejected responses of *other* prompts.
+
+    ``accuracy`` = the fraction of (chosen of pair i, rejected of pair j) with different prompts
+    where the chosen scores higher (ties count as incorrect); ``within_prompt_accuracy`` is the
+    usual pairwise accuracy. A score comparable across prompts keeps the two close; a per-prompt
+    offset (Bradley-Terry) pulls the cross-prompt figure toward 0.5. None with one prompt only.
+    """
+    import bisect
+
+    keys = [repr(row.get("prompt")) for row in rows]
+    ordered = sorted(rejected_scores)
+    above_all = sum(bisect.bisect_left(ordered, score) for score in chosen_scores)
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    above_same = sum(int(chosen_scores[i] > rejected_scores[j]) for members in groups.values()
+                     for i in members for j in members)
+    comparisons = len(rows) ** 2 - sum(len(members) ** 2 for members in groups.values())
+    within = sum(int(c > r) for c, r in zip(chosen_scores, rejected_scores, strict=True))
+    return {"accuracy": (above_all - above_same) / comparisons if comparisons else None,
+            "within_prompt_accuracy": within / len(rows) if rows else None,
+            "comparisons": comparisons,
+            "note": "near within-prompt: scores comparable across prompts; toward 50%: a per-prompt offset"}
+
+
+def attribute_calibration(rows: Sequence[Row], attributes: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """:func:`calibration` over both responses of every pair, for rows carrying ``chosen_<name>`` labels.
+
+    ``attributes``: ``{"names", "chosen", "rejected"}`` per-attribute predictions (a regression
+    model); None, or rows without any such label, give None.
+    """
+    if not attributes:
+        return None
+    names = list(attributes["names"])
+
+    def label(row: Row, side: str, name: str) -> float:
+        value = row.get(f"{side}_{name}")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float(MISSING)
+
+    true = [[label(row, side, name) for name in names] for row in rows for side in ("chosen", "rejected")]
+    if all(value == MISSING for values in true for value in values):
+        return None
+    pred = [values for pair in zip(attributes["chosen"], attributes["rejected"], strict=True) for values in pair]
+    return calibration(pred, true, names)
+
 
 
 def _pearson(xs: list[float], ys: list[float]) -> Optional[float]:

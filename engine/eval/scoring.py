@@ -15,6 +15,12 @@ cut changes no reward. With pipeline stages every micro-batch must have the same
 
 :func:`score_pairs_from_checkpoint` builds a scorer from a reward-model checkpoint at the
 current layout and scores ``{prompt, chosen, rejected}`` rows.
+
+Over-long rows: no score is read from a cut response. A row longer than ``seq_length``
+keeps its response whole and loses the start of its prompt (:mod:`engine.data.fit`, as
+in training); a row whose response alone does not fit gets no score (NaN, logged). The
+two responses of a pair share one prompt, cut to fit the longer of them, and a pair with
+a response that does not fit is left out and counted.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import torch.distributed as dist
 
 from engine.algorithms.reward import GOODNESS_WEIGHTS, RewardStep, RewardTrainConfig
 from engine.data.batching import padded_length
-from engine.data.chat import prompt_messages, render_prompt, render_reply
+from engine.data.chat import prompt_messages, render_reply
+from engine.data.fit import fit_prompt
 from engine.parallel.collectives import from_last_stage, gather_data_parallel_rows
 from engine.runner import ModelRunner
 
@@ -52,23 +59,41 @@ class RewardScorer:
         self.micro_batch_size = micro_batch_size
         self.template = template
 
-    def _encode(self, prompt: Any, response: str) -> dict[str, torch.Tensor]:
-        ids = render_prompt(prompt_messages(prompt), self.tokenizer, self.template)
-        ids = (ids + render_reply(response, self.tokenizer, self.template))[: self.seq_length]
+    def fit(self, prompt: Any, response: str, room: int = 0) -> Optional[tuple[list[int], bool]]:
+        """(ids of prompt + whole response, whether the prompt was cut), or None when the response does not fit.
+
+        ``room``: positions to leave for the reply at least (a pair's longer response).
+        """
+        reply = render_reply(response, self.tokenizer, self.template)
+        fitted = fit_prompt(prompt_messages(prompt), max(len(reply), room), self.tokenizer, self.template,
+                            self.seq_length)
+        return None if fitted is None else (fitted[0] + reply, fitted[1])
+
+    def reply_length(self, response: str) -> int:
+        return len(render_reply(response, self.tokenizer, self.template))
+
+    def _encode(self, prompt: Any, response: str, room: int = 0) -> Optional[dict[str, torch.Tensor]]:
+        fitted = self.fit(prompt, response, room)
+        if fitted is None:
+            return None
+        ids = fitted[0]
         pad = self.seq_length - len(ids)
         return {
             "tokens": torch.tensor(ids + [self.tokenizer.pad_id] * pad, dtype=torch.long),
             "end_index": torch.tensor(len(ids) - 1, dtype=torch.long),
         }
 
-    def _micro_batches(self, rows: list[tuple[Any, str]]) -> tuple[list[dict[str, torch.Tensor]], list[int], int]:
+    def _micro_batches(self, rows: list[tuple[Any, ...]]) -> tuple[list[dict[str, torch.Tensor]], list[int], int]:
         """(micro-batches, row index of each batched item, sequence length of the schedule).
 
         Items are ordered longest first; each micro-batch keeps only the positions up to its
-        longest row (see the module docstring).
+        longest row (see the module docstring). Rows whose response does not fit are left out.
         """
-        items = [self._encode(prompt, response) for prompt, response in rows]
-        order = sorted(range(len(items)), key=lambda i: -int(items[i]["end_index"]))
+        encoded = [self._encode(*row) for row in rows]
+        items = {i: item for i, item in enumerate(encoded) if item is not None}
+        if not items:
+            return [], [], 0
+        order = sorted(items, key=lambda i: -int(items[i]["end_index"]))
         order += [order[-1]] * (-len(order) % self.micro_batch_size)  # pad the last micro-batch
         multiple = 8 * self.parallel.layout.tensor
         longest = padded_length(int(items[order[0]]["end_index"]) + 1, self.seq_length, multiple)
@@ -82,12 +107,11 @@ class RewardScorer:
         return batches, order, longest
 
     @torch.no_grad()
-    def _local_rewards(self, rows: list[tuple[Any, str]]) -> torch.Tensor:
+    def _local_rewards(self, rows: list[tuple[Any, ...]]) -> torch.Tensor:
         """Rewards ``[len(rows), K]`` of this data-parallel rank's rows, on every pipeline stage."""
         outputs: list[torch.Tensor] = []
-        order: list[int] = []
-        if rows:
-            batches, order, _ = self._micro_batches(rows)
+        batches, order, _ = self._micro_batches(rows) if rows else ([], [], 0)
+        if batches:
 
             def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
                 batch = next(data_iterator)
@@ -98,13 +122,22 @@ class RewardScorer:
             self.model.set_training(False)
             outputs = self.model.run_schedule(batches, forward_step, forward_only=True, collect_outputs=True)
         rewards = torch.zeros(len(rows), self.step.head_size, dtype=torch.float32)
+        scored = len(set(order))
         if outputs and self.parallel.is_last_stage():
-            batched = torch.cat([o.float().cpu() for o in outputs])[: len(rows)]  # drop the padding items
-            rewards[torch.tensor(order[: len(rows)])] = batched
+            batched = torch.cat([o.float().cpu() for o in outputs])[:scored]  # drop the padding items
+            rewards[torch.tensor(order[:scored])] = batched
+        unfit = sorted(set(range(len(rows))) - set(order))
+        if unfit:  # no score is read from a cut response
+            rewards[unfit] = float("nan")
+            logger.warning("%d of %d rows not scored (NaN): the response alone is longer than seq_length=%d",
+                           len(unfit), len(rows), self.seq_length)
         return from_last_stage(rewards, self.parallel)
 
-    def score(self, rows: Sequence[tuple[Any, str]]) -> torch.Tensor:
-        """Rewards ``[len(rows), K]`` for ``(prompt, response)`` rows, in order, on every rank."""
+    def score(self, rows: Sequence[tuple[Any, ...]]) -> torch.Tensor:
+        """Rewards ``[len(rows), K]`` for ``(prompt, response[, room])`` rows, in order, on every rank.
+
+        A row whose response does not fit ``seq_length`` gets NaN (see the module docstring).
+        """
         dp_size, dp_rank = self.parallel.layout.data, self.parallel.dp_rank
         local = self._local_rewards([rows[i] for i in range(dp_rank, len(rows), dp_size)])
         return gather_data_parallel_rows(local, len(rows), self.parallel)
@@ -127,6 +160,8 @@ def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
     meta = ckpt.read_meta(path)
     saved = dict(meta["config"])
     saved["parallel"] = dict(saved["parallel"], data=None)
+    if saved.get("data", {}).get("overlong") == "truncate":  # runs saved before reward data refused it
+        saved["data"] = dict(saved["data"], overlong="cut_prompt")
     config = from_dict(RewardTrainConfig, merge_dicts(saved, parse_overrides(list(overrides))), f"{path}/{ckpt.META}")
     env = read_launch_env()
     layout = ParallelLayout.from_config(config.parallel, env.world_size)
@@ -139,19 +174,37 @@ def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
                         config.data.micro_batch_size, config.data.chat_template)
 
 
+def pair_fit(scorer: RewardScorer, row: dict[str, Any]) -> tuple[str, int]:
+    """(status, room) of a pair: ``"whole"``, ``"prompt_cut"`` or ``"dropped"``, and its longer reply length."""
+    room = max(scorer.reply_length(row["chosen"]), scorer.reply_length(row["rejected"]))
+    fitted = scorer.fit(row["prompt"], row["chosen"], room)
+    return ("dropped" if fitted is None else "prompt_cut" if fitted[1] else "whole"), room
+
+
 def score_pairs_from_checkpoint(
     checkpoint: str, rows: list[dict[str, Any]], weights: Optional[dict[str, float]], overrides: Sequence[str] = (),
-) -> tuple[list[float], list[float], Optional[list[list[float]]]]:
-    """(chosen scores, rejected scores, per-attribute chosen rewards or None) for pair rows, on every rank."""
+) -> tuple[list[float], list[float], Optional[dict[str, Any]], list[str]]:
+    """(chosen scores, rejected scores, attributes, fit status per pair), on every rank.
+
+    ``attributes``: None for a Bradley-Terry model, else ``{"names", "chosen", "rejected"}`` with the
+    per-attribute rewards of each response.
+
+    Status per pair (see :func:`pair_fit`); a ``"dropped"`` pair is not scored (NaN scores).
+    """
     owns_group = not dist.is_initialized()
     scorer = load_scorer(checkpoint, overrides)
-    flat = [(row["prompt"], row[side]) for row in rows for side in ("chosen", "rejected")]
-    rewards = scorer.score(flat)
+    fits = [pair_fit(scorer, row) for row in rows]
+    flat = [(row["prompt"], row[side], room) for row, (status, room) in zip(rows, fits, strict=True)
+            if status != "dropped" for side in ("chosen", "rejected")]
+    kept = torch.tensor([status != "dropped" for status, _ in fits], dtype=torch.bool)
+    rewards = torch.full((2 * len(rows), scorer.step.head_size), float("nan"))
+    rewards[kept.repeat_interleave(2)] = scorer.score(flat) if flat else rewards[:0]
     scores = scorer.scalar(rewards, weights if weights is not None else None)
     chosen, rejected = scores[0::2].tolist(), scores[1::2].tolist()
-    attributes = rewards[0::2].tolist() if scorer.step.rm.type == "regression" else None
+    attributes = ({"names": list(scorer.step.rm.attributes), "chosen": rewards[0::2].tolist(),
+                   "rejected": rewards[1::2].tolist()} if scorer.step.rm.type == "regression" else None)
     if owns_group:  # created here for this call: tear it down again
         scorer.parallel.destroy_model_parallel()
         dist.barrier()
         dist.destroy_process_group()
-    return chosen, rejected, attributes
+    return chosen, rejected, attributes, [status for status, _ in fits]

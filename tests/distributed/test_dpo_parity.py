@@ -18,7 +18,7 @@ from tests.helpers import launch, run_worker
 
 STEPS = 5
 BASE = [
-    "run.train_steps=5", "data.num_samples=160", "data.seq_length=96", "data.micro_batch_size=2",
+    "run.train_steps=5", "data.num_samples=160", "data.seq_length=160", "data.micro_batch_size=2",
     "data.global_batch_size=8", "logging.tensorboard=false", "logging.progress=false",
     "checkpoint.save_interval=0", "checkpoint.resume=none", "optimizer.lr=0.003", "dpo.reference=init",
 ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.helpers import keel_train, train_losses
 
-COMMON = ["data.seq_length=96", "data.micro_batch_size=2", "data.global_batch_size=8", "logging.progress=false",
+COMMON = ["data.seq_length=160", "data.micro_batch_size=2", "data.global_batch_size=8", "logging.progress=false",
           "logging.tensorboard=false", "checkpoint.keep_last=0", "optimizer.lr=0.003"]
 
 

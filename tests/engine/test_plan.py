@@ -176,3 +176,17 @@ def test_estimate_is_within_10_percent_of_measured_peak(tmp_path: Path) -> None:
     assert abs(estimate.total - measured) / measured <= 0.10, (
         f"estimate {estimate.total / 2**20:.0f} MiB vs measured {measured / 2**20:.0f} MiB"
     )
+
+
+def test_readme_says_where_the_planner_parameter_counts_come_from() -> None:
+    """The planner counts with the analytic formula (the meta-device build only checks it, above)."""
+    import inspect
+
+    import engine.plan
+    from tests.helpers import REPO
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "parameter counts come from each preset's analytic formula" in readme
+    assert "parameter counts come from building each preset on the meta device" not in readme
+    source = inspect.getsource(engine.plan.stage_parameters) + inspect.getsource(engine.plan.Plan.format)
+    assert "count_parameters_on_meta" not in source and "parameter_count()" in source

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from engine.algorithms.sft import SFTStep
 from engine.config import TrainConfig, load_config
+from engine.data.sources import load_rows
 from tests.helpers import single_process_parallel
 
 BASE = [
@@ -35,8 +36,16 @@ def test_sft_loss_matches_reference_cross_entropy_on_assistant_tokens(tmp_path: 
         mask = batch["loss_mask"]
         # the mask covers exactly the assistant answer + EOS: check on the rendered text
         tokenizer = trainer.tokenizer
-        answer = tokenizer.decode(batch["labels"][0][mask[0] > 0].tolist())
-        assert answer.startswith(trainer.train_data.samples and "") or answer
+        rows, _ = load_rows(trainer.config.data, trainer.config.run.seed)
+        replies = ["".join(m["content"] for m in row["messages"] if m["role"] == "assistant") for row in rows]
+        for index in range(3):
+            picked = batch["labels"][index][mask[index] > 0].tolist()
+            answer = tokenizer.decode([i for i in picked if i != tokenizer.eos_id])
+            # the masked labels are the start of one row's assistant replies (cut at seq_length), nothing else
+            assert len(answer) >= 3 and any(reply.startswith(answer) for reply in replies), answer
+            assert "User:" not in answer and "Assistant:" not in answer
+            if picked[-1] == tokenizer.eos_id:
+                assert answer in replies  # a whole reply ends with its EOS
         with torch.no_grad():
             positions = torch.arange(batch["tokens"].shape[1]).unsqueeze(0).expand_as(batch["tokens"])
             logits = model(batch["tokens"], positions, None)  # [b, s, vocab] without labels

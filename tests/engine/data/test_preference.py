@@ -36,13 +36,50 @@ def test_pairs_stay_together_in_a_micro_batch() -> None:
         assert picked == reply
 
 
-def test_over_long_pairs() -> None:
-    long_prompt = {"prompt": "p" * 40, "chosen": "a", "rejected": "b"}
+def test_over_long_pairs_keep_the_response_and_cut_the_prompt_from_the_left() -> None:
+    long_prompt = {"prompt": "p" * 40 + "END", "chosen": "a", "rejected": "bbb"}
     long_reply = {"prompt": "q", "chosen": "a" * 60, "rejected": "b"}
-    assert len(PreferenceDataset([long_prompt], TOK, 32)) == 0
-    truncated = PreferenceDataset([long_reply], TOK, 32)
-    assert len(truncated) == 1 and truncated[0]["end_index"].tolist() == [31, int(truncated[0]["end_index"][1])]
-    assert len(PreferenceDataset([long_reply], TOK, 32, overlong="drop")) == 0
+    data = PreferenceDataset([long_prompt, long_reply], TOK, 32, source="pairs.jsonl")
+    # the pair whose response alone does not fit is dropped and counted; the other keeps both responses whole
+    assert len(data) == 1
+    counts = data.overlong_counts
+    assert (counts.source, counts.total, counts.prompt_cut, counts.dropped) == ("pairs.jsonl", 2, 1, 1)
+    batch = data.collate([0])
+    for row, reply in ((0, "a"), (1, "bbb")):
+        end = int(batch["end_index"][row])
+        ids = batch["tokens"][row, : end + 1].tolist()
+        assert ids[-1] == TOK.eos_id and TOK.decode(ids[-len(reply) - 1: -1]) == reply
+        # the template's structure stays: BOS, the user header, the end of the prompt, the assistant header
+        assert ids[0] == TOK.bos_id
+        text = TOK.decode(ids[1: -len(reply) - 1])
+        assert text.startswith("User: p") and text.endswith("pppEND\nAssistant: ")
+        assert "p" * 40 not in text
+    # both responses of a pair read the same (cut) prompt, cut to fit the longer one
+    rejected_end = int(batch["end_index"][1])
+    assert batch["tokens"][0, : int(batch["end_index"][0]) - 1].tolist() == batch["tokens"][1, : rejected_end - 3].tolist()
+    assert rejected_end == 31  # the longer response fills the sequence exactly
+    assert len(PreferenceDataset([long_prompt], TOK, 32, overlong="drop")) == 0
+
+
+def test_cut_drops_oldest_turns_first_and_keeps_as_much_as_fits() -> None:
+    from engine.data.fit import fit_prompt
+
+    messages = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "first question " * 3},
+                {"role": "assistant", "content": "first answer " * 3}, {"role": "user", "content": "last?"}]
+    reply = render_reply("Yes.", TOK)
+    whole = render_prompt(messages, TOK)
+    assert fit_prompt(messages, len(reply), TOK, "plain", len(whole) + len(reply)) == (whole, False)
+    starts = {len(whole) + len(reply) - 1: "System: e nice.\nUser: first", 100: "User: rst question \nAssistant: first",
+              60: "User: \nAssistant: irst answer User: last?"}
+    for limit, start in starts.items():
+        fitted = fit_prompt(messages, len(reply), TOK, "plain", limit)
+        assert fitted is not None and fitted[1]
+        text = TOK.decode(fitted[0])
+        assert len(fitted[0]) + len(reply) == limit  # byte tokens: the longest cut that fits
+        assert text.startswith(start) and text.endswith("User: last?\nAssistant: ")
+    only_last = TOK.decode(fit_prompt(messages, len(reply), TOK, "plain", 28)[0])  # type: ignore[index]
+    assert only_last == "User: ast?\nAssistant: "  # the last user turn is cut from its left, headers kept
+    assert fit_prompt(messages, len(reply), TOK, "plain", 20) is None  # headers + reply alone do not fit
 
 
 def test_attribute_samples_keep_the_missing_sentinel() -> None:

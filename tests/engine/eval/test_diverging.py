@@ -27,7 +27,9 @@ REJECTED = [0.0, 0.0, 1.0, 0.0, 0.0]  # row 3 ties: incorrect
 def test_is_diverging() -> None:
     assert is_diverging([1, -1]) and is_diverging([-3, 0, 2])
     assert not is_diverging([3, 0]) and not is_diverging([0, 0]) and not is_diverging([]) and not is_diverging(None)
-    assert is_diverging([3, 0], spread_threshold=3) and not is_diverging([3, 1], spread_threshold=3)
+    # "spread above a threshold" (recipes.md): strictly above, so a spread equal to it is not diverging
+    assert is_diverging([3, 0], spread_threshold=2) and not is_diverging([3, 1], spread_threshold=2)
+    assert not is_diverging([3, 0], spread_threshold=3)
 
 
 def test_split_accuracy_by_hand() -> None:
@@ -36,11 +38,12 @@ def test_split_accuracy_by_hand() -> None:
     assert split["unanimous"] == {"count": 2, "correct": 1, "accuracy": 0.5}
     assert split["diverging"] == {"count": 2, "correct": 1, "accuracy": 0.5}
     assert split["without_annotators"] == 1
-    by_spread = split_accuracy(ROWS, CHOSEN, REJECTED, spread_threshold=3)
+    by_spread = split_accuracy(ROWS, CHOSEN, REJECTED, spread_threshold=2)
     # row 2 moves to diverging: unanimous row 0 -> 1/1; diverging rows 1, 2, 3 -> 1/3
     assert by_spread["unanimous"]["accuracy"] == 1.0
     assert by_spread["diverging"]["accuracy"] == pytest.approx(1 / 3)
-    assert "spread" in by_spread["rule"]
+    assert "spread max-min > 2" in by_spread["rule"]
+    assert split_accuracy(ROWS, CHOSEN, REJECTED, spread_threshold=3)["diverging"]["count"] == 2  # 3 is not above 3
 
 
 def test_list_diverging_counts() -> None:
@@ -48,7 +51,7 @@ def test_list_diverging_counts() -> None:
     assert [r["prompt"] for r in rows] == ["p1", "p3"]
     assert counts == {"rows": 5, "with_annotators": 4, "unanimous": 2, "diverging": 2, "direction": 2,
                       "spread_only": 0}
-    rows, counts = list_diverging(ROWS, spread_threshold=3)
+    rows, counts = list_diverging(ROWS, spread_threshold=2)
     assert [r["prompt"] for r in rows] == ["p1", "p2", "p3"] and counts["spread_only"] == 1
 
 
@@ -75,7 +78,7 @@ def test_data_diverging_command(write_jsonl: Callable[..., str], tmp_path: Path,
     assert [row["prompt"] for row in written] == ["p1"]
 
     pairs = write_jsonl(ROWS, "pairs.jsonl")
-    assert _run(["diverging", pairs, "--threshold", "3"]) == 0
+    assert _run(["diverging", pairs, "--threshold", "2"]) == 0
     assert "(pairs): 5 rows, 4 with annotators: 1 unanimous, 3 diverging" in capsys.readouterr().out
 
     bad = write_jsonl([{"prompt": "p", "chosen": "a", "rejected": "b", "annotator_strengths": [9]}], "bad.jsonl")

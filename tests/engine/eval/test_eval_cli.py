@@ -15,6 +15,8 @@ import pytest
 from engine.eval.cli import parse_weights, register
 from tests.engine.eval.conftest import SCORED_ROWS
 
+FITS: dict[int, list[str]] = {}  # pair statuses the stand-in scorer reports, by number of rows
+
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="keel eval")
@@ -29,9 +31,13 @@ def fake_scorer(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
 
     def score(checkpoint: str, rows: list[dict[str, Any]], weights: Optional[dict[str, float]],
-              overrides: list[str]) -> tuple[list[float], list[float], None]:
+              overrides: list[str]) -> tuple[list[float], list[float], None, list[str]]:
         calls.append({"checkpoint": checkpoint, "rows": len(rows), "weights": weights, "overrides": overrides})
-        return [c for _, c, _ in SCORED_ROWS], [r for _, _, r in SCORED_ROWS], None
+        fits = FITS.get(len(rows), ["whole"] * len(rows))
+        nan = float("nan")
+        chosen = [c if f != "dropped" else nan for (_, c, _), f in zip(SCORED_ROWS, fits, strict=True)]
+        rejected = [r if f != "dropped" else nan for (_, _, r), f in zip(SCORED_ROWS, fits, strict=True)]
+        return chosen, rejected, None, fits
 
     module = types.ModuleType("engine.eval.scoring")
     module.score_pairs_from_checkpoint = score  # type: ignore[attr-defined]
@@ -52,6 +58,40 @@ def test_rewardbench_command(bench_file: str, tmp_path: Path, fake_scorer: list[
     report = json.loads(out.read_text())
     assert report["correct"] == 13 and report["weights"] == {"helpfulness": 1.0, "correctness": 0.5}
     assert "diverging" not in report  # no row carries annotator strengths
+
+
+def test_rewardbench_reports_over_long_pairs_per_subset(bench_file: str, tmp_path: Path, fake_scorer: Any,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # rows 0-1 alpacaeval-easy: prompt cut, then dropped; row 5 (mt-bench-hard, its only row): dropped
+    fits = ["prompt_cut", "dropped", "whole", "whole", "whole", "dropped"] + ["whole"] * 14
+    monkeypatch.setitem(FITS, 20, fits)
+    out = tmp_path / "report.json"
+    assert _run(["rewardbench", "--checkpoint", "c", "--data", bench_file, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 18 and report["overlong"]["prompt_cut"] == 1 and report["overlong"]["dropped"] == 2
+    assert report["overlong"]["subsets"]["alpacaeval-easy"] == {"pairs": 2, "prompt_cut": 1, "dropped": 1}
+    assert report["overlong"]["subsets"]["mt-bench-hard"] == {"pairs": 1, "prompt_cut": 0, "dropped": 1}
+    easy = report["subsets"]["alpacaeval-easy"]
+    assert (easy["count"], easy["correct"], easy["prompt_cut"], easy["dropped"]) == (1, 1, 1, 1)
+    assert "mt-bench-hard" not in report["subsets"]  # nothing scored: no accuracy from a cut response
+    printed = capsys.readouterr().out
+    assert "Over-long pairs: prompt cut 1, dropped 2" in printed and "all 1 pairs dropped" in printed
+    assert "(prompt cut 1, dropped 1)" in printed
+
+
+def test_rewardbench_reports_cross_prompt_calibration(bench_file: str, tmp_path: Path, fake_scorer: Any,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report.json"
+    assert _run(["rewardbench", "--checkpoint", "c", "--data", bench_file, "--out", str(out)]) == 0
+    cross = json.loads(out.read_text())["calibration"]["cross_prompt"]
+    chosen = [c for _, c, _ in SCORED_ROWS]
+    rejected = [r for _, _, r in SCORED_ROWS]
+    # by hand: every (chosen i, rejected j) with i != j (each row has its own prompt)
+    above = sum(chosen[i] > rejected[j] for i in range(20) for j in range(20) if i != j)
+    assert cross["comparisons"] == 380 and cross["accuracy"] == pytest.approx(above / 380)
+    assert cross["within_prompt_accuracy"] == pytest.approx(13 / 20)
+    assert "Cross-prompt calibration" in capsys.readouterr().out
 
 
 def test_rewardbench_command_split_and_quiet_ranks(write_jsonl: Callable[..., str], fake_scorer: Any,

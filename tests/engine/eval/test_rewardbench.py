@@ -153,3 +153,28 @@ def test_goodness_stats() -> None:
         goodness_stats([1.0, math.nan])
     with pytest.raises(ValueError):
         goodness_stats([])
+
+
+def test_cross_prompt_leaves_out_pairs_of_the_same_prompt() -> None:
+    from engine.eval.rewardbench import cross_prompt
+
+    # two prompts with a per-prompt offset of 10: each pair is right within its prompt, but prompt B's
+    # rejected responses outscore prompt A's chosen ones
+    rows = [{"prompt": "A"}, {"prompt": "A"}, {"prompt": "B"}]
+    chosen, rejected = [1.0, 2.0, 12.0], [0.0, 0.5, 11.0]
+    cross = cross_prompt(rows, chosen, rejected)
+    # different-prompt comparisons: A's chosen (1, 2) vs B's rejected 11 -> 0/2; B's chosen 12 vs A's (0, 0.5) -> 2/2
+    assert cross["comparisons"] == 4 and cross["accuracy"] == pytest.approx(2 / 4)
+    assert cross["within_prompt_accuracy"] == 1.0
+
+
+def test_attribute_calibration_of_labelled_pairs() -> None:
+    from engine.eval.rewardbench import attribute_calibration
+
+    rows = [{"chosen_helpfulness": 4, "rejected_helpfulness": 1}, {"chosen_helpfulness": 3}]
+    attributes = {"names": ["helpfulness"], "chosen": [[3.5], [3.0]], "rejected": [[1.5], [9.0]]}
+    stats = attribute_calibration(rows, attributes)
+    assert stats is not None and stats["helpfulness"]["count"] == 3  # row 2's rejected has no label
+    assert stats["helpfulness"]["mse"] == pytest.approx((0.25 + 0.25 + 0.0) / 3)
+    assert attribute_calibration([{"prompt": "p"}, {"prompt": "q"}], attributes) is None
+    assert attribute_calibration(rows, None) is None
