@@ -148,19 +148,21 @@ def transformer_config(
         # gradient (same shape) would be swapped. Unbatched p2p orders by rank parity and is exact.
         batch_p2p_comm=on_gpu,
     )
+    kwargs.update(_recompute_and_fp8(recompute, recompute_num_layers, precision))
+    return TransformerConfig(**kwargs)
+
+
+def _recompute_and_fp8(recompute: str, recompute_num_layers: int, precision: Any) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields of activation recomputation and FP8."""
+    kwargs: dict[str, Any] = {}
     if recompute == "selective":
         kwargs.update(recompute_granularity="selective")
     elif recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=recompute_num_layers)
     if precision.fp8 is not None:
-        kwargs.update(
-            fp8=precision.fp8,
-            fp8_recipe="delayed",
-            fp8_amax_history_len=precision.fp8_amax_history_len,
-            fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
-            fp8_margin=precision.fp8_margin,
-        )
-    return TransformerConfig(**kwargs)
+        kwargs.update(fp8=precision.fp8, fp8_recipe="delayed", fp8_amax_history_len=precision.fp8_amax_history_len,
+                      fp8_amax_compute_algo=precision.fp8_amax_compute_algo, fp8_margin=precision.fp8_margin)
+    return kwargs
 
 
 def layer_spec(preset: ModelPreset, use_te: bool) -> Any:

@@ -363,6 +363,63 @@ def hf_side(args: argparse.Namespace, preset: Any, batch: torch.Tensor, info: di
     yield build
 
 
+def _shape(args: argparse.Namespace, preset: Any) -> dict[str, Any]:
+    return {
+        "preset": args.preset, "overrides": args.model_override, "num_layers": preset.num_layers,
+        "hidden_size": preset.hidden_size, "ffn_hidden_size": preset.ffn_hidden_size,
+        "num_attention_heads": preset.num_attention_heads, "num_query_groups": preset.num_query_groups,
+        "vocab_size": preset.vocab_size, "tie_embeddings": preset.tie_embeddings,
+        "rms_norm_eps": preset.layernorm_epsilon, "rope_theta": preset.rotary_base,
+        "parameter_count": preset.parameter_count(),
+    }
+
+
+def _methods(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "timing_method": (
+            "wall clock (time.perf_counter) of whole steps after the warm-up; tokens_per_s = tokens per step x "
+            "timed steps / sum of step times. interleaved: both models built, then timed steps alternate "
+            "AB BA AB ... so load from other processes and drift hit both alike; sequential: each side alone. "
+            "cpu_utilisation = process CPU time / wall / threads (well below 1 means the machine was busy)"
+        ),
+        "memory_method": (
+            "per side, in order, before any timed step: gc.collect + malloc_trim(0), baseline = psutil RSS before "
+            "building the model (imports done before); after the warm-up one more step with a thread sampling RSS "
+            f"every {args.rss_interval_ms} ms; "
+            "peak_rss_delta = sampled max - baseline, steady_rss_delta = RSS after that step - baseline; "
+            "ru_maxrss = getrusage high-water mark of the whole process after that step (monotonic, so for the "
+            "second side an upper bound only). RSS includes glibc's cached free memory, as a user would see it"
+        ),
+    }
+
+
+def _results(results: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "hf": results["hf"],
+        "keel": results["keel"],
+        "ratio_keel_over_hf_tokens_per_s": round(results["keel"]["tokens_per_s"] / results["hf"]["tokens_per_s"], 3),
+        "ratio_keel_over_hf_tokens_per_s_median_step": round(
+            results["keel"]["tokens_per_s_median_step"] / results["hf"]["tokens_per_s_median_step"], 3),
+        "ratio_keel_over_hf_tokens_per_s_best_step": round(
+            results["keel"]["tokens_per_s_best_step"] / results["hf"]["tokens_per_s_best_step"], 3),
+        "ratio_keel_over_hf_tokens_per_cpu_s": round(
+            results["keel"]["tokens_per_cpu_s"] / results["hf"]["tokens_per_cpu_s"], 3),
+        "ratio_keel_over_hf_peak_rss_delta": round(
+            results["keel"]["memory"]["peak_rss_delta_mib"] / max(results["hf"]["memory"]["peak_rss_delta_mib"], 1e-9), 3),
+    }
+
+
+def _write(args: argparse.Namespace, report: dict[str, Any], results: dict[str, Any]) -> None:
+    if report["shape"]["parameter_count"] != results["keel"]["parameters"] or results["hf"]["parameters"] != results["keel"]["parameters"]:
+        logger.warning("parameter counts differ: preset %d, keel %d, hf %d", report["shape"]["parameter_count"],
+                       results["keel"]["parameters"], results["hf"]["parameters"])
+    write_report(args.out, report)
+    logger.info("tokens/s: hf %.1f, keel %.1f (keel/hf %.3f); peak RSS delta MiB: hf %.0f, keel %.0f -> %s",
+                results["hf"]["tokens_per_s"], results["keel"]["tokens_per_s"],
+                report["ratio_keel_over_hf_tokens_per_s"], results["hf"]["memory"]["peak_rss_delta_mib"],
+                results["keel"]["memory"]["peak_rss_delta_mib"], args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("engine", "megatron", "torch.distributed"):
@@ -403,14 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "float32",
         "device": "cpu",
         "layout": "TP1 PP1 DP1 (1 process, gloo)",
-        "shape": {
-            "preset": args.preset, "overrides": args.model_override, "num_layers": preset.num_layers,
-            "hidden_size": preset.hidden_size, "ffn_hidden_size": preset.ffn_hidden_size,
-            "num_attention_heads": preset.num_attention_heads, "num_query_groups": preset.num_query_groups,
-            "vocab_size": preset.vocab_size, "tie_embeddings": preset.tie_embeddings,
-            "rms_norm_eps": preset.layernorm_epsilon, "rope_theta": preset.rotary_base,
-            "parameter_count": preset.parameter_count(),
-        },
+        "shape": _shape(args, preset),
         "batch": {"micro_batch_size": args.batch, "seq_length": args.seq_len, "tokens_per_step": tokens_per_step,
                   "data": "uniform random token ids, identical for both; labels = next token, loss on all"},
         "optimizer": {"type": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
@@ -419,43 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         "timed_steps": args.steps,
         "order": args.order,
         "mode": args.mode,
-        "timing_method": (
-            "wall clock (time.perf_counter) of whole steps after the warm-up; tokens_per_s = tokens per step x "
-            "timed steps / sum of step times. interleaved: both models built, then timed steps alternate "
-            "AB BA AB ... so load from other processes and drift hit both alike; sequential: each side alone. "
-            "cpu_utilisation = process CPU time / wall / threads (well below 1 means the machine was busy)"
-        ),
+        **_methods(args),
         "load_average_1m": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
         "machine_busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1) + 0.5,
         "run_wall_s": round(wall, 1),
-        "memory_method": (
-            "per side, in order, before any timed step: gc.collect + malloc_trim(0), baseline = psutil RSS before "
-            "building the model (imports done before); after the warm-up one more step with a thread sampling RSS "
-            f"every {args.rss_interval_ms} ms; "
-            "peak_rss_delta = sampled max - baseline, steady_rss_delta = RSS after that step - baseline; "
-            "ru_maxrss = getrusage high-water mark of the whole process after that step (monotonic, so for the "
-            "second side an upper bound only). RSS includes glibc's cached free memory, as a user would see it"
-        ),
-        "hf": results["hf"],
-        "keel": results["keel"],
-        "ratio_keel_over_hf_tokens_per_s": round(results["keel"]["tokens_per_s"] / results["hf"]["tokens_per_s"], 3),
-        "ratio_keel_over_hf_tokens_per_s_median_step": round(
-            results["keel"]["tokens_per_s_median_step"] / results["hf"]["tokens_per_s_median_step"], 3),
-        "ratio_keel_over_hf_tokens_per_s_best_step": round(
-            results["keel"]["tokens_per_s_best_step"] / results["hf"]["tokens_per_s_best_step"], 3),
-        "ratio_keel_over_hf_tokens_per_cpu_s": round(
-            results["keel"]["tokens_per_cpu_s"] / results["hf"]["tokens_per_cpu_s"], 3),
-        "ratio_keel_over_hf_peak_rss_delta": round(
-            results["keel"]["memory"]["peak_rss_delta_mib"] / max(results["hf"]["memory"]["peak_rss_delta_mib"], 1e-9), 3),
+        **_results(results),
     }
-    if report["shape"]["parameter_count"] != results["keel"]["parameters"] or results["hf"]["parameters"] != results["keel"]["parameters"]:
-        logger.warning("parameter counts differ: preset %d, keel %d, hf %d", report["shape"]["parameter_count"],
-                       results["keel"]["parameters"], results["hf"]["parameters"])
-    write_report(args.out, report)
-    logger.info("tokens/s: hf %.1f, keel %.1f (keel/hf %.3f); peak RSS delta MiB: hf %.0f, keel %.0f -> %s",
-                results["hf"]["tokens_per_s"], results["keel"]["tokens_per_s"],
-                report["ratio_keel_over_hf_tokens_per_s"], results["hf"]["memory"]["peak_rss_delta_mib"],
-                results["keel"]["memory"]["peak_rss_delta_mib"], args.out)
+    _write(args, report, results)
     return 0
 
 
