@@ -18,6 +18,8 @@ from typing import Any, Optional
 from engine.config import ConfigError, TrainConfig, describe, load_config
 from engine.data.errors import DataError
 from engine.parallel import failures
+from engine.runtime import setup_logging
+from engine.runtime import shutdown as _shutdown
 
 logger = logging.getLogger("engine")
 
@@ -31,18 +33,6 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
 
 def _algorithm(algo: str) -> Any:
     return __import__(ALGORITHMS[algo][0], fromlist=["create"])
-
-
-def setup_logging(level: str = "INFO") -> None:
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(
-        level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
-        format=f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
-    for noisy in ("megatron", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> int:
@@ -97,14 +87,6 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
         f"    checkpoint: {os.path.abspath(result.checkpoint) if result.checkpoint else 'none written'}",
     ]
     return "\n".join(lines)
-
-
-def _shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _config_show(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import torch
 
 from engine.data.batching import micro_batches_for
 from engine.data.dpo import DPOPairs, read_reference_lines
+from engine.runtime import setup_logging, shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,6 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 
 def cmd_ref_logprobs(args: argparse.Namespace) -> int:
     from engine.algorithms.dpo import DPOTrainConfig
-    from engine.cli import _shutdown, setup_logging
     from engine.config import load_config
     from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
 
@@ -134,7 +134,7 @@ def cmd_ref_logprobs(args: argparse.Namespace) -> int:
         count = precompute(config, parallel, output, config.logging.progress)
     if parallel.is_main:
         print(f"wrote reference log-probs of {count} pairs to {output}", flush=True)
-    _shutdown()
+    shutdown()
     return 0
 
 

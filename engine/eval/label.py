@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.config import ConfigError
 from engine.data.schemas import attribute_string
+from engine.runtime import shutdown
 
 
 def _prompt_and_response(row: dict[str, Any], where: str) -> tuple[Any, str]:
@@ -98,9 +99,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     count = label_file(scorer, rows, args.output, args.chunk, not args.quiet)
     if scorer.parallel.is_main:
         print(f"labelled {count} rows with {', '.join(scorer.step.rm.attributes)} into {args.output}", flush=True)
-    from engine.cli import _shutdown
-
-    _shutdown()
+    shutdown()
     return 0
 
 
