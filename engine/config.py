@@ -154,7 +154,10 @@ class DataConfig:
     tokenizer: str = doc(
         "Tokenizer: 'byte' (built-in byte-level), 'builtin-sp' (sentencepiece trained on the synthetic data), "
         "or a sentencepiece .model, a tokenizer.json, a directory holding one, or a .gguf file.", "byte")
-    chat_template: str = doc("Chat template for chat rows: 'plain', 'llama3', 'nemotron' or 'chatml'.", "plain")
+    chat_template: str = doc(
+        "Chat template for chat rows: 'auto' (the model's own template when the tokenizer carries one: "
+        "tokenizer_config.json chat_template or GGUF tokenizer.chat_template, rendered in a Jinja sandbox; "
+        "else 'plain'), 'plain', 'llama3', 'nemotron' or 'chatml'.", "auto")
     pack: bool = doc("Pack several SFT documents per sample (block-diagonal attention, per-document positions).", False)
     group_by_length: bool = doc(
         "Order each step's rows by length before cutting them into micro-batches, and cut every micro-batch "
@@ -174,7 +177,7 @@ class DataConfig:
         _choice("data.loss_on", self.loss_on, ("assistant", "all"))
         _choice("data.on_error", self.on_error, ("raise", "skip"))
         _choice("data.overlong", self.overlong, ("truncate", "drop"))
-        _choice("data.chat_template", self.chat_template, ("plain", "llama3", "nemotron", "chatml"))
+        _choice("data.chat_template", self.chat_template, ("auto", "plain", "llama3", "nemotron", "chatml"))
         _positive("data.seq_length", self.seq_length)
         _positive("data.micro_batch_size", self.micro_batch_size)
         _positive("data.global_batch_size", self.global_batch_size)

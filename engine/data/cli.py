@@ -18,7 +18,7 @@ from engine.data.schemas import FORMATS
 from engine.data.synthetic import BUILTIN, builtin_format, builtin_rows
 from engine.data.validate import validate_file
 
-TEMPLATE_CHOICES = ("plain", "llama3", "chatml", "nemotron")
+TEMPLATE_CHOICES = ("auto", "plain", "llama3", "chatml", "nemotron")
 SYNTH_NAMES = tuple(name.split(":", 1)[1] for name in BUILTIN)
 
 
@@ -112,7 +112,8 @@ def register(subparsers: Any) -> None:
                           help="row format (default: chat, or the built-in set's own)")
     validate.add_argument("--tokenizer", default="byte", help="byte, builtin-sp or a tokenizer file")
     validate.add_argument("--seq-length", type=int, default=128, help="sequence length used in training")
-    validate.add_argument("--template", choices=TEMPLATE_CHOICES, default="plain", help="chat template")
+    validate.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+                          help="chat template (auto: the tokenizer's own when it carries one, else plain)")
     validate.add_argument("--on-error", choices=("raise", "skip"), default="skip",
                           help="skip: list every bad row (default); raise: stop at the first")
     validate.add_argument("--num", type=int, default=512, help="rows of a builtin: source")
