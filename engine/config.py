@@ -145,7 +145,8 @@ DATA_FORMATS = ("chat", "text", "attributes", "helpsteer2_preference", "pairs", 
 @dataclass
 class DataConfig:
     source: str = doc(
-        "Training data: 'builtin:<name>' (synthetic, generated: sft, helpsteer, ...), a .jsonl/.json/.parquet "
+        "Training data: 'builtin:<name>' (synthetic, generated: sft, helpsteer, ...; 'builtin:<name>:validation' "
+        "or ':eval' asks about words and numbers the train split never uses), a .jsonl/.json/.parquet "
         "file, or 'hf:<org>/<name>[:<split>]' for a Hugging Face data set.", "builtin:sft")
     validation_source: Optional[str] = doc("Validation data (same forms as source); None = hold out from source.", None)
     format: str = doc(
