@@ -4,6 +4,7 @@
 
 Every prompt comes from the ``eval`` split of :mod:`engine.data.synthetic`: its word or
 number pair never appears in training rows (``builtin:helpsteer``, the train split).
+``--split train`` asks the same about the training distribution, for comparison.
 Reports, as JSON (``--out``) and on stdout:
 
 * **controlled pairwise accuracy** per kind of wrong answer: for each prompt, one style
@@ -30,6 +31,7 @@ import torch
 
 from engine.data.schemas import ATTRIBUTES
 from engine.data.synthetic import (
+    SPLITS,
     STYLES,
     WRONG_KINDS,
     compose_response,
@@ -101,20 +103,21 @@ def _mse(rewards: torch.Tensor, rows: list[dict[str, Any]], train: list[dict[str
 
 
 def evaluate(checkpoint: str, num_prompts: int, num_rows: int, seed: int, train_num: int,
-             train_seed: int) -> dict[str, Any]:
+             train_seed: int, split: str = "eval") -> dict[str, Any]:
     from engine.eval.scoring import load_scorer
 
     scorer = load_scorer(checkpoint)
-    pairs = controlled_pairs(num_prompts, seed)
+    pairs = controlled_pairs(num_prompts, seed, split)
     texts = sorted({(p.prompt, r) for p in pairs for r in (p.right, p.wrong)})
     scores = scorer.scalar(scorer.score(texts))
     goodness = {text: float(score) for text, score in zip(texts, scores, strict=True)}
-    rows = helpsteer_rows(num_rows, seed + 1, "eval")
+    rows = helpsteer_rows(num_rows, seed + 1, split)
     rewards = scorer.score([(row["prompt"], row["response"]) for row in rows])
     attributes = list(scorer.step.rm.attributes)
     return {
         "checkpoint": checkpoint,
-        "split": "eval (words and number pairs never in the train split)",
+        "split": split + (" (words and number pairs never in the train split)" if split != "train" else
+                          " (the training distribution; rows of another seed)"),
         "seed": seed,
         "prompts": num_prompts,
         "controlled_pairwise_accuracy": pairwise_report(pairs, goodness),
@@ -131,6 +134,9 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=600, help="unseen prompts for the controlled pairs")
     parser.add_argument("--rows", type=int, default=1200, help="unseen rows for the per-attribute MSE")
     parser.add_argument("--seed", type=int, default=777, help="seed of the eval prompts (not the training seed)")
+    parser.add_argument("--split", choices=SPLITS, default="eval",
+                        help="eval (unseen words and numbers, the default) or train, to compare with the training "
+                             "distribution")
     parser.add_argument("--train-num", type=int, default=None,
                         help="training rows, for the mean baseline (default: the run's data.num_samples)")
     parser.add_argument("--train-seed", type=int, default=None, help="training seed (default: the run's run.seed)")
@@ -141,7 +147,7 @@ def main() -> int:
     saved = read_meta(resolve(args.checkpoint))["config"]
     train_num = args.train_num if args.train_num is not None else int(saved["data"]["num_samples"])
     train_seed = args.train_seed if args.train_seed is not None else int(saved["run"]["seed"])
-    report = evaluate(args.checkpoint, args.prompts, args.rows, args.seed, train_num, train_seed)
+    report = evaluate(args.checkpoint, args.prompts, args.rows, args.seed, train_num, train_seed, args.split)
     report["training_rows"] = {"num": train_num, "seed": train_seed, "source": saved["data"]["source"]}
     text = json.dumps(report, indent=2)
     print(text)
