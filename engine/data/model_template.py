@@ -150,8 +150,14 @@ def _segments(source: str, messages: list[dict[str, Any]], tokenizer: Tokenizer,
 
 
 def _special_pattern(tokenizer: Tokenizer) -> Optional[re.Pattern[str]]:
-    specials = sorted(getattr(tokenizer, "special_tokens", {}) or {}, key=len, reverse=True)
-    return re.compile("(" + "|".join(re.escape(s) for s in specials if s) + ")") if specials else None
+    """A regex that splits text at the tokenizer's special-token strings (longest first)."""
+    return _compiled_specials(tuple(sorted(getattr(tokenizer, "special_tokens", {}) or {}, key=lambda t: (-len(t), t))))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_specials(specials: tuple[str, ...]) -> Optional[re.Pattern[str]]:
+    alternatives = [re.escape(s) for s in specials if s]
+    return re.compile("(" + "|".join(alternatives) + ")") if alternatives else None
 
 
 def _template_pieces(text: str, pattern: Optional[re.Pattern[str]]) -> list[Piece]:
