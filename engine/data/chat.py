@@ -41,7 +41,6 @@ from engine.data.tokenizers import Tokenizer, adds_bos, special_token_id
 
 ROLE_PREFIX = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 TEMPLATES = ("plain", "llama3", "chatml", "nemotron")
-CHOICES = ("auto", *TEMPLATES)
 Has = Callable[[str], bool]
 
 
