@@ -151,7 +151,8 @@ DATA_FORMATS = ("chat", "text", "attributes", "helpsteer2_preference", "pairs", 
 @dataclass
 class DataConfig:
     source: str = doc(
-        "Training data: 'builtin:<name>' (synthetic, generated: sft, helpsteer, ...), a .jsonl/.json/.parquet "
+        "Training data: 'builtin:<name>' (synthetic, generated: sft, helpsteer, ...; 'builtin:<name>:validation' "
+        "or ':eval' asks about words and numbers the train split never uses), a .jsonl/.json/.parquet "
         "file, or 'hf:<org>/<name>[:<split>]' for a Hugging Face data set.", "builtin:sft")
     validation_source: Optional[str] = doc(
         "Validation data (same forms as source); None = from data.source: a held-out data.validation_fraction of "
@@ -162,7 +163,10 @@ class DataConfig:
     tokenizer: str = doc(
         "Tokenizer: 'byte' (built-in byte-level), 'builtin-sp' (sentencepiece trained on the synthetic data), "
         "or a sentencepiece .model, a tokenizer.json, a directory holding one, or a .gguf file.", "byte")
-    chat_template: str = doc("Chat template for chat rows: 'plain', 'llama3', 'nemotron' or 'chatml'.", "plain")
+    chat_template: str = doc(
+        "Chat template for chat rows: 'auto' (the model's own template when the tokenizer carries one: "
+        "tokenizer_config.json chat_template or GGUF tokenizer.chat_template, rendered in a Jinja sandbox; "
+        "else 'plain'), 'plain', 'llama3', 'nemotron' or 'chatml'.", "auto")
     pack: bool = doc("Pack several SFT documents per sample (block-diagonal attention, per-document positions).", False)
     group_by_length: bool = doc(
         "Order each step's rows by length before cutting them into micro-batches, and cut every micro-batch "
@@ -185,7 +189,7 @@ class DataConfig:
         _choice("data.loss_on", self.loss_on, ("assistant", "all"))
         _choice("data.on_error", self.on_error, ("raise", "skip"))
         _choice("data.overlong", self.overlong, ("truncate", "drop", "cut_prompt"))
-        _choice("data.chat_template", self.chat_template, ("plain", "llama3", "nemotron", "chatml"))
+        _choice("data.chat_template", self.chat_template, ("auto", "plain", "llama3", "nemotron", "chatml"))
         _positive("data.seq_length", self.seq_length)
         _positive("data.micro_batch_size", self.micro_batch_size)
         _positive("data.global_batch_size", self.global_batch_size)

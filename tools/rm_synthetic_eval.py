@@ -1,73 +1,129 @@
-"""Judge a regression reward model on held-out synthetic HelpSteer-style rows (ground truth known).
+"""Judge a regression reward model on unseen synthetic prompts (ground truth known).
 
-    python tools/rm_synthetic_eval.py --checkpoint runs/rm/checkpoints --seed 777 --num 1200
+    python tools/rm_synthetic_eval.py --checkpoint runs/rm/checkpoints/best --seed 777 --prompts 600
 
+Every prompt comes from the ``eval`` split of :mod:`engine.data.synthetic`: its word or
+number pair never appears in training rows (``builtin:helpsteer``, the train split).
+``--split train`` asks the same about the training distribution, for comparison.
 Reports, as JSON (``--out``) and on stdout:
-* pairwise accuracy of the goodness score on held-out pairs (same prompt) whose responses
-  differ in correctness — the correct response should score higher — overall and per
-  task kind (addition, reversal, ...);
-* per-attribute MSE of the predictions, next to the MSE of always predicting the mean of
-  the training labels (``--train-seed``/``--train-num`` regenerate the training rows).
+
+* **controlled pairwise accuracy** per kind of wrong answer: for each prompt, one style
+  (bare, explained or rambling) and one right answer; for each kind of wrong answer
+  (``misreading``: a sibling task's answer; ``same_form``: off by 1 or 10, a count off by
+  one, two letters swapped) a wrong response that is the right one with only the answer
+  changed (same lead-in, both coherent). The pair is won when the goodness score of the
+  right response is higher. Overall per kind and per kind × task (addition, reversal, ...);
+* per-attribute MSE of the predictions on eval-split rows, next to the MSE of always
+  predicting the mean of the training labels (``--train-seed``/``--train-num``
+  regenerate the training rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.data.schemas import ATTRIBUTES
-from engine.data.synthetic import helpsteer_rows, task_kind
+from engine.data.synthetic import (
+    SPLITS,
+    STYLES,
+    WRONG_KINDS,
+    compose_response,
+    helpsteer_rows,
+    make_task,
+    prompt_text,
+    task_kind,
+    wrong_answer,
+)
 
 
-def _pairs_differing_in_correctness(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    """(index of the correct response, index of the wrong one) for prompts with one of each."""
-    by_prompt: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        by_prompt[row["prompt"]].append(i)
+@dataclass(frozen=True)
+class ControlledPair:
+    prompt: str
+    right: str
+    wrong: str
+    wrong_kind: str  # "misreading" | "same_form"
+    task: str  # "addition", "reversal", ...
+    style: str
+
+
+def controlled_pairs(num_prompts: int, seed: int, split: str = "eval") -> list[ControlledPair]:
+    """One right/wrong pair per kind of wrong answer for each of ``num_prompts`` prompts of ``split``.
+
+    Right and wrong responses share the prompt, the style and the lead-in (rendered from the
+    same random state); only the answer differs, and both are coherent.
+    """
+    rng = random.Random(seed)
     pairs = []
-    for indices in by_prompt.values():
-        right = [i for i in indices if rows[i]["correctness"] == 4]
-        wrong = [i for i in indices if rows[i]["correctness"] == 0]
-        pairs += [(r, w) for r in right for w in wrong]
+    for _ in range(num_prompts):
+        task = make_task(rng, split)
+        prompt = prompt_text(rng, task, split)
+        style = rng.choice(STYLES)
+        for kind in WRONG_KINDS:
+            wrong = wrong_answer(task, kind, rng)
+            lead_seed = rng.random()
+            right_text = compose_response(task, task.answer, True, style, random.Random(lead_seed))
+            wrong_text = compose_response(task, wrong, True, style, random.Random(lead_seed))
+            pairs.append(ControlledPair(prompt, right_text, wrong_text, kind, task_kind(prompt), style))
     return pairs
 
 
-def evaluate(checkpoint: str, num: int, seed: int, train_num: int, train_seed: int) -> dict[str, Any]:
-    from engine.eval.scoring import load_scorer
+def _accuracy(wins: list[bool]) -> dict[str, Any]:
+    return {"pairs": len(wins), "accuracy": sum(wins) / max(len(wins), 1)}
 
-    scorer = load_scorer(checkpoint)
-    rows = helpsteer_rows(num, seed)
-    rewards = scorer.score([(row["prompt"], row["response"]) for row in rows])
-    goodness = scorer.scalar(rewards)
-    pairs = _pairs_differing_in_correctness(rows)
-    wins = [bool(goodness[r] > goodness[w]) for r, w in pairs]
+
+def pairwise_report(pairs: list[ControlledPair], goodness: dict[tuple[str, str], float]) -> dict[str, Any]:
+    """Accuracy per kind of wrong answer, and per kind × task, from goodness scores of (prompt, response)."""
     by_kind: dict[str, list[bool]] = defaultdict(list)
-    for (r, _), win in zip(pairs, wins, strict=True):
-        by_kind[task_kind(rows[r]["prompt"])].append(win)
-    train = helpsteer_rows(train_num, train_seed)
-    attributes = scorer.step.rm.attributes
+    by_kind_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for pair in pairs:
+        win = goodness[(pair.prompt, pair.right)] > goodness[(pair.prompt, pair.wrong)]
+        by_kind[pair.wrong_kind].append(win)
+        by_kind_task[pair.wrong_kind][pair.task].append(win)
+    return {kind: {**_accuracy(by_kind[kind]),
+                   "by_task": {task: _accuracy(wins) for task, wins in sorted(by_kind_task[kind].items())}}
+            for kind in WRONG_KINDS}
+
+
+def _mse(rewards: torch.Tensor, rows: list[dict[str, Any]], train: list[dict[str, Any]],
+         attributes: list[str]) -> dict[str, dict[str, float]]:
     mse: dict[str, dict[str, float]] = {}
     for k, name in enumerate(attributes):
         labels = torch.tensor([float(row[name]) for row in rows])
         mean = sum(float(row[name]) for row in train) / len(train)
-        mse[name] = {
-            "model": float((rewards[:, k] - labels).pow(2).mean()),
-            "predict_training_mean": float((mean - labels).pow(2).mean()),
-        }
+        mse[name] = {"model": float((rewards[:, k] - labels).pow(2).mean()),
+                     "predict_training_mean": float((mean - labels).pow(2).mean())}
+    return mse
+
+
+def evaluate(checkpoint: str, num_prompts: int, num_rows: int, seed: int, train_num: int,
+             train_seed: int, split: str = "eval") -> dict[str, Any]:
+    from engine.eval.scoring import load_scorer
+
+    scorer = load_scorer(checkpoint)
+    pairs = controlled_pairs(num_prompts, seed, split)
+    texts = sorted({(p.prompt, r) for p in pairs for r in (p.right, p.wrong)})
+    scores = scorer.scalar(scorer.score(texts))
+    goodness = {text: float(score) for text, score in zip(texts, scores, strict=True)}
+    rows = helpsteer_rows(num_rows, seed + 1, split)
+    rewards = scorer.score([(row["prompt"], row["response"]) for row in rows])
+    attributes = list(scorer.step.rm.attributes)
     return {
         "checkpoint": checkpoint,
-        "held_out_rows": len(rows),
-        "held_out_seed": seed,
-        "pairs_differing_in_correctness": len(pairs),
-        "pairwise_accuracy": sum(wins) / max(len(pairs), 1),
-        "pairwise_accuracy_by_kind": {kind: {"pairs": len(v), "accuracy": sum(v) / len(v)}
-                                      for kind, v in sorted(by_kind.items())},
-        "mse": mse,
-        "attributes": list(attributes),
+        "split": split + (" (words and number pairs never in the train split)" if split != "train" else
+                          " (the training distribution; rows of another seed)"),
+        "seed": seed,
+        "prompts": num_prompts,
+        "controlled_pairwise_accuracy": pairwise_report(pairs, goodness),
+        "eval_rows": len(rows),
+        "mse": _mse(rewards, rows, helpsteer_rows(train_num, train_seed), attributes),
+        "attributes": attributes,
         "all_attributes": list(ATTRIBUTES),
     }
 
@@ -75,8 +131,12 @@ def evaluate(checkpoint: str, num: int, seed: int, train_num: int, train_seed: i
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir, run checkpoint dir, or best/latest pointer")
-    parser.add_argument("--num", type=int, default=1200, help="held-out rows to generate")
-    parser.add_argument("--seed", type=int, default=777, help="seed of the held-out rows (not the training seed)")
+    parser.add_argument("--prompts", type=int, default=600, help="unseen prompts for the controlled pairs")
+    parser.add_argument("--rows", type=int, default=1200, help="unseen rows for the per-attribute MSE")
+    parser.add_argument("--seed", type=int, default=777, help="seed of the eval prompts (not the training seed)")
+    parser.add_argument("--split", choices=SPLITS, default="eval",
+                        help="eval (unseen words and numbers, the default) or train, to compare with the training "
+                             "distribution")
     parser.add_argument("--train-num", type=int, default=None,
                         help="training rows, for the mean baseline (default: the run's data.num_samples)")
     parser.add_argument("--train-seed", type=int, default=None, help="training seed (default: the run's run.seed)")
@@ -87,7 +147,7 @@ def main() -> int:
     saved = read_meta(resolve(args.checkpoint))["config"]
     train_num = args.train_num if args.train_num is not None else int(saved["data"]["num_samples"])
     train_seed = args.train_seed if args.train_seed is not None else int(saved["run"]["seed"])
-    report = evaluate(args.checkpoint, args.num, args.seed, train_num, train_seed)
+    report = evaluate(args.checkpoint, args.prompts, args.rows, args.seed, train_num, train_seed, args.split)
     report["training_rows"] = {"num": train_num, "seed": train_seed, "source": saved["data"]["source"]}
     text = json.dumps(report, indent=2)
     print(text)

@@ -72,8 +72,9 @@ class DPOConfig:
 
 
 def _dpo_data_defaults() -> DataConfig:
-    # HelpSteer-style attribute rows paired by helpfulness (ties dropped), as the HelpSteer2 recipe.
-    return DataConfig(source="builtin:helpsteer", validation_source="builtin:helpsteer", format="attributes",
+    # HelpSteer-style attribute rows paired by helpfulness (ties dropped), as the HelpSteer2 recipe. No
+    # validation_source: validation comes from data.source (a built-in set's unseen :validation split).
+    return DataConfig(source="builtin:helpsteer", format="attributes",
                       seq_length=256, micro_batch_size=2, global_batch_size=8, num_samples=2048,
                       overlong="cut_prompt")
 

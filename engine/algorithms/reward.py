@@ -22,9 +22,7 @@ does not fit is dropped. The counts are logged per source.
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -38,7 +36,7 @@ from engine.data.errors import DataError, Where
 from engine.data.loaders import iter_records
 from engine.data.preference import AttributeDataset, PreferenceDataset
 from engine.data.schemas import ATTRIBUTES, MISSING, check_row
-from engine.data.sources import load_rows, read_source
+from engine.data.sources import paired_rows
 from engine.losses import bradley_terry, masked_mse, weighted_score
 
 logger = logging.getLogger(__name__)
@@ -169,7 +167,7 @@ class RewardStep(Step):
 
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
         data = config.data
-        train_rows, valid_rows = reward_rows(data, config.run.seed)
+        train_rows, valid_rows = paired_rows(data, config.run.seed)
         train_source, valid_source = data.source, data.validation_source or data.source
         if self.rm.type == "regression":
             train = AttributeDataset(train_rows, tokenizer, data.seq_length, template=data.chat_template,
@@ -242,47 +240,6 @@ class RewardStep(Step):
             "accuracy": torch.stack([correct.detach(), pairs]),
         }
         return total, count.to(torch.int).cpu(), metrics
-
-
-def _prompt_key(row: dict[str, Any]) -> str:
-    return json.dumps(row.get("prompt"), sort_keys=True)
-
-
-def hold_out_prompts(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]],
-                                                                                       list[dict[str, Any]]]:
-    """(train, validation): about ``fraction`` of the rows, whole prompts at a time, chosen by ``seed``.
-
-    Every row of a prompt lands on the same side, so validation pairs stay complete and no
-    validation prompt is seen in training.
-    """
-    keys = sorted({_prompt_key(row) for row in rows})
-    random.Random(seed).shuffle(keys)
-    target, held, count = int(len(rows) * fraction), set(), 0
-    sizes: dict[str, int] = defaultdict(int)
-    for row in rows:
-        sizes[_prompt_key(row)] += 1
-    for key in keys:
-        if count >= target:
-            break
-        held.add(key)
-        count += sizes[key]
-    return [r for r in rows if _prompt_key(r) not in held], [r for r in rows if _prompt_key(r) in held]
-
-
-def reward_rows(data: DataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Training and validation rows of a reward model.
-
-    Without ``data.validation_source`` validation comes from ``data.source``: a ``builtin:``
-    generator draws fresh rows with the next seed; a file or hub set holds out
-    ``data.validation_fraction`` of its rows, whole prompts at a time.
-    """
-    if data.validation_source:
-        return load_rows(data, seed)
-    if data.source.startswith("builtin:"):
-        return (read_source(data.source, data.format, data.num_samples, seed, data.on_error),
-                read_source(data.source, data.format, data.num_samples, seed + 1, data.on_error))
-    rows = read_source(data.source, data.format, data.num_samples, seed, data.on_error)
-    return hold_out_prompts(rows, data.validation_fraction, seed)
 
 
 def _first_without_strength(source: str, fmt: str, num: int, seed: int) -> Optional[Where]:

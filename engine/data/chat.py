@@ -6,6 +6,10 @@ assistant replies (their content and the end-of-turn marker) and nothing else.
 
 Templates (``template=``):
 
+* ``auto`` — the model's own template when the tokenizer carries one (``chat_template`` in
+  ``tokenizer_config.json``, ``tokenizer.chat_template`` in a GGUF file), rendered in a
+  Jinja sandbox as transformers does (:mod:`engine.data.model_template`); ``plain`` when it
+  carries none.
 * ``plain`` — ``Role: content\\n`` per turn; an assistant reply ends with EOS.
 * ``llama3`` — ``<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>``.
 * ``chatml`` — ``<|im_start|>role\\ncontent<|im_end|>\\n`` (SmolLM2, Qwen).
@@ -168,6 +172,24 @@ def tokenize_pieces(pieces: list[Piece], tokenizer: Tokenizer) -> tuple[list[int
     return ids, mask
 
 
+def resolve_template(template: str, tokenizer: Tokenizer) -> str:
+    """``template``, with ``auto`` resolved: ``model`` when the tokenizer carries a template, else ``plain``."""
+    if template != "auto":
+        return template
+    from engine.data.model_template import model_chat_template
+
+    return "model" if model_chat_template(tokenizer) is not None else "plain"
+
+
+def _model_pieces(messages: list[dict[str, Any]], tokenizer: Tokenizer, attributes: Any,
+                  generation_prompt: bool = False) -> list[Piece]:
+    from engine.data.model_template import model_pieces
+
+    if attributes is not None:
+        raise ValueError("attributes need the nemotron (SteerLM) template, not the model's own (auto)")
+    return model_pieces(messages, tokenizer, generation_prompt)
+
+
 def render_chat(messages: list[dict[str, Any]], tokenizer: Tokenizer, template: str = "plain",
                 attributes: Optional[dict[str, int] | str] = None) -> tuple[list[int], list[int]]:
     """(token ids, loss mask): mask[i] = 1 iff token i belongs to an assistant reply.
@@ -175,12 +197,18 @@ def render_chat(messages: list[dict[str, Any]], tokenizer: Tokenizer, template: 
     ``attributes`` (dict or ``"helpfulness:4,..."`` string) is written in each
     assistant header; only the ``nemotron`` template supports it.
     """
+    template = resolve_template(template, tokenizer)
+    if template == "model":
+        return tokenize_pieces(_model_pieces(messages, tokenizer, attributes), tokenizer)
     return tokenize_pieces(conversation_pieces(messages, template, _has(tokenizer), attributes), tokenizer)
 
 
 def render_prompt(messages: list[dict[str, Any]], tokenizer: Tokenizer, template: str = "plain",
                   attributes: Optional[dict[str, int] | str] = None) -> list[int]:
     """Ids of ``messages`` (ending with a user turn) plus the assistant header."""
+    template = resolve_template(template, tokenizer)
+    if template == "model":
+        return tokenize_pieces(_model_pieces(messages, tokenizer, attributes, generation_prompt=True), tokenizer)[0]
     pieces = conversation_pieces(messages, template, _has(tokenizer), attributes, generation_prompt=True)
     return tokenize_pieces(pieces, tokenizer)[0]
 
@@ -192,6 +220,11 @@ def render_reply(content: str, tokenizer: Tokenizer, template: str = "plain") ->
     without the separator that follows a reply (chatml's newline), so the last id is
     the end-of-response token a reward head reads.
     """
+    template = resolve_template(template, tokenizer)
+    if template == "model":
+        from engine.data.model_template import model_reply_pieces
+
+        return tokenize_pieces(model_reply_pieces(content, tokenizer), tokenizer)[0]
     pieces = _body(template, "assistant", content)
     while pieces and not pieces[-1].masked:
         pieces.pop()
@@ -207,9 +240,15 @@ def render_chat_text(messages: list[dict[str, Any]], template: str = "nemotron",
 
 def stop_token_ids(tokenizer: Tokenizer, template: str) -> list[int]:
     """Ids that end an assistant reply under ``template`` (EOS plus the template's marker)."""
-    marker = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "nemotron": "<extra_id_1>"}.get(template)
-    special = special_token_id(tokenizer, marker) if marker else None
-    return sorted({tokenizer.eos_id} | ({special} if special is not None else set()))
+    template = resolve_template(template, tokenizer)
+    if template == "model":
+        from engine.data.model_template import model_stop_markers
+
+        markers = model_stop_markers(tokenizer)
+    else:
+        markers = [{"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "nemotron": "<extra_id_1>"}.get(template, "")]
+    specials = {special_token_id(tokenizer, marker) for marker in markers if marker}
+    return sorted({tokenizer.eos_id} | {i for i in specials if i is not None})
 
 
 def prompt_messages(prompt: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

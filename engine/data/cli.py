@@ -16,11 +16,11 @@ from engine.data.convert import convert_file
 from engine.data.errors import DataError
 from engine.data.loaders import write_jsonl
 from engine.data.schemas import FORMATS
-from engine.data.synthetic import BUILTIN, builtin_format, builtin_rows
+from engine.data.synthetic import BUILTIN, SPLITS, builtin_format, builtin_rows
 from engine.data.validate import validate_file
 from engine.eval.label import register as register_label
 
-TEMPLATE_CHOICES = ("plain", "llama3", "chatml", "nemotron")
+TEMPLATE_CHOICES = ("auto", "plain", "llama3", "chatml", "nemotron")
 SYNTH_NAMES = tuple(name.split(":", 1)[1] for name in BUILTIN)
 
 
@@ -68,6 +68,8 @@ def _convert(kind: str) -> Any:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     name = args.name if args.name.startswith("builtin:") else f"builtin:{args.name}"
+    if args.split != "train":
+        name = f"{name}:{args.split}"
     count = write_jsonl(builtin_rows(name, args.num, args.seed), args.output)
     print(f"wrote {count} synthetic {builtin_format(name)} rows ({name}, seed {args.seed}) to {args.output}")
     return 0
@@ -114,7 +116,8 @@ def register(subparsers: Any) -> None:
                           help="row format (default: chat, or the built-in set's own)")
     validate.add_argument("--tokenizer", default="byte", help="byte, builtin-sp or a tokenizer file")
     validate.add_argument("--seq-length", type=int, default=128, help="sequence length used in training")
-    validate.add_argument("--template", choices=TEMPLATE_CHOICES, default="plain", help="chat template")
+    validate.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+                          help="chat template (auto: the tokenizer's own when it carries one, else plain)")
     validate.add_argument("--on-error", choices=("raise", "skip"), default="skip",
                           help="skip: list every bad row (default); raise: stop at the first")
     validate.add_argument("--num", type=int, default=512, help="rows of a builtin: source")
@@ -132,6 +135,8 @@ def register(subparsers: Any) -> None:
     synth = subparsers.add_parser("synth", help="write a built-in synthetic data set to JSONL",
                                   description="Write deterministic synthetic rows (clearly synthetic) to JSONL.")
     synth.add_argument("name", choices=SYNTH_NAMES + tuple(BUILTIN), help="which built-in set")
+    synth.add_argument("--split", choices=SPLITS, default="train",
+                       help="train, or validation/eval: words and number pairs train never uses (not for sft)")
     synth.add_argument("output", help="output .jsonl file")
     synth.add_argument("--num", type=int, default=1000, help="number of rows")
     synth.add_argument("--seed", type=int, default=0, help="random seed")

@@ -25,7 +25,7 @@ import torch
 from engine.config import ConfigError
 from engine.data.convert import helpsteer2_preference_to_bt, helpsteer2_to_dpo
 from engine.data.preference import PreferenceDataset
-from engine.data.sources import load_rows
+from engine.data.sources import paired_rows
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class DPOPairs(PreferenceDataset):
         """(train, validation) pairs per ``config.data``."""
         data = config.data
         splits = []
-        for name, rows in zip(("train", "validation"), load_rows(data, config.run.seed), strict=True):
+        for name, rows in zip(("train", "validation"), paired_rows(data, config.run.seed), strict=True):
             convert = _CONVERTERS.get(data.format)
             if convert is not None:
                 rows, counts = convert(rows)

@@ -11,6 +11,9 @@ pre-tokenizer regex a BPE vocabulary was trained with).
   special added tokens.
 * ``llama`` → a sentencepiece BPE model rebuilt from pieces, scores and types (identity
   normalisation, ``add_space_prefix`` as stored), i.e. the original ``tokenizer.model``.
+
+Either way the tokenizer's ``chat_template`` is ``tokenizer.chat_template`` when the file
+has one (rendered by ``data.chat_template=auto``, :mod:`engine.data.model_template`).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "
 
 
 def read_gguf_metadata(path: str) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` metadata of a GGUF file as plain Python values."""
+    """The ``tokenizer.ggml.*`` metadata of a GGUF file as plain Python values, plus
+    ``chat_template`` (``tokenizer.chat_template``) when the file has one."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     prefix = "tokenizer.ggml."
     meta = {key[len(prefix):]: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
+    if "tokenizer.chat_template" in reader.fields:
+        meta["chat_template"] = reader.fields["tokenizer.chat_template"].contents()
     if "tokens" not in meta:
         raise ValueError(f"{path}: the GGUF file has no embedded tokenizer (no tokenizer.ggml.tokens)")
     return meta
@@ -80,7 +86,7 @@ def _bpe_tokenizer(meta: dict[str, Any], path: str) -> HFTokenizer:
     add_bos = meta.get("add_bos_token")
     return HFTokenizer(raw, name=path, bos_token=_token(tokens, meta, "bos_token_id"),
                        eos_token=_token(tokens, meta, "eos_token_id"), pad_token=_token(tokens, meta, "padding_token_id"),
-                       add_bos=None if add_bos is None else bool(add_bos))
+                       add_bos=None if add_bos is None else bool(add_bos), chat_template=meta.get("chat_template"))
 
 
 def _spm_tokenizer(meta: dict[str, Any], path: str) -> SentencePieceTokenizer:
@@ -107,6 +113,7 @@ def _spm_tokenizer(meta: dict[str, Any], path: str) -> SentencePieceTokenizer:
     tokenizer = SentencePieceTokenizer(proto.SerializeToString(), name=path)
     if meta.get("add_bos_token") is not None:
         tokenizer.add_bos = tokenizer.add_bos and bool(meta["add_bos_token"])
+    tokenizer.chat_template = meta.get("chat_template")
     return tokenizer
 
 
@@ -126,7 +133,7 @@ def write_gguf_tokenizer(path: str, model: str, tokens: list[str], types: list[i
                          merges: Optional[list[str]] = None, scores: Optional[list[float]] = None,
                          bos_id: Optional[int] = None, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
                          unk_id: Optional[int] = None, pre: Optional[str] = None,
-                         add_bos: Optional[bool] = None) -> None:
+                         add_bos: Optional[bool] = None, chat_template: Optional[str] = None) -> None:
     """Write a GGUF file holding only tokenizer metadata (for tests and tools)."""
     from gguf import GGUFWriter
 
@@ -146,6 +153,8 @@ def write_gguf_tokenizer(path: str, model: str, tokens: list[str], types: list[i
             add(value)
     if add_bos is not None:
         writer.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -8,11 +8,14 @@ row stops the run (naming file, line and field) or is skipped and counted.
 
 from __future__ import annotations
 
+import json
 import random
-from typing import Any
+from collections import defaultdict
+from typing import Any, Optional
 
 from engine.data.loaders import load_rows as _load_source
 from engine.data.schemas import Row
+from engine.data.synthetic import SPLITS, UNSPLIT
 
 
 def read_source(source: str, fmt: str, num: int, seed: int, on_error: str = "raise") -> list[Row]:
@@ -32,3 +35,54 @@ def load_rows(data: Any, seed: int) -> tuple[list[dict[str, Any]], list[dict[str
     random.Random(seed).shuffle(order)
     valid = set(order[:holdout])
     return [r for i, r in enumerate(rows) if i not in valid], [r for i, r in enumerate(rows) if i in valid]
+
+
+def validation_split(source: str) -> Optional[str]:
+    """``builtin:<set>:validation`` for a built-in set with splits named without one, else None."""
+    base, _, split = source.partition(":")[2].partition(":")
+    if not source.startswith("builtin:") or split or f"builtin:{base}" in UNSPLIT:
+        return None
+    return f"builtin:{base}:{SPLITS[1]}"
+
+
+def _prompt_key(row: dict[str, Any]) -> str:
+    return json.dumps(row.get("prompt"), sort_keys=True)
+
+
+def hold_out_prompts(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]],
+                                                                                       list[dict[str, Any]]]:
+    """(train, validation): about ``fraction`` of the rows, whole prompts at a time, chosen by ``seed``.
+
+    Every row of a prompt lands on the same side, so validation pairs stay complete and no
+    validation prompt is seen in training.
+    """
+    keys = sorted({_prompt_key(row) for row in rows})
+    random.Random(seed).shuffle(keys)
+    target, held, count = int(len(rows) * fraction), set(), 0
+    sizes: dict[str, int] = defaultdict(int)
+    for row in rows:
+        sizes[_prompt_key(row)] += 1
+    for key in keys:
+        if count >= target:
+            break
+        held.add(key)
+        count += sizes[key]
+    return [r for r in rows if _prompt_key(r) not in held], [r for r in rows if _prompt_key(r) in held]
+
+
+def paired_rows(data: Any, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training and validation rows of data whose rows group by prompt (reward models, DPO).
+
+    Without ``data.validation_source`` validation comes from ``data.source``: a ``builtin:``
+    set with splits validates on its ``:validation`` split (words and numbers training never
+    sees), another ``builtin:`` set draws fresh rows with the next seed, and a file or hub set
+    holds out ``data.validation_fraction`` of its rows, whole prompts at a time.
+    """
+    if data.validation_source:
+        return load_rows(data, seed)
+    if data.source.startswith("builtin:"):
+        held_out = validation_split(data.source)
+        return (read_source(data.source, data.format, data.num_samples, seed, data.on_error),
+                read_source(held_out or data.source, data.format, data.num_samples, seed + 1, data.on_error))
+    rows = read_source(data.source, data.format, data.num_samples, seed, data.on_error)
+    return hold_out_prompts(rows, data.validation_fraction, seed)

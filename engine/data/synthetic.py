@@ -5,8 +5,11 @@ labels below are *true by construction* and trained models can be judged on grou
 truth without any download:
 
 * a response is **right or wrong** (its final answer; :func:`check_response` verifies
-  it from the prompt alone; a wrong answer is the answer to a sibling task, as if the
-  question were misread: :func:`_wrong_answer`) → ``correctness`` 4 / 0;
+  it from the prompt alone) → ``correctness`` 4 / 0. Half the wrong answers are
+  *misreadings* (the answer to a sibling task: 57 + 38 answered with 19), half have the
+  right answer's *form* (a sum off by 1 or 10, a count off by one, a reversal with two
+  letters swapped), so correctness cannot be judged from the answer's form alone
+  (:func:`wrong_answer`; rows say which in ``wrong_answer``);
 * **tidy or garbled** (shuffled, broken lead-in; the final answer is kept) →
   ``coherence`` 4 / 1;
 * **bare, explained or rambling** → ``complexity`` 1 / 2 / 2 and ``verbosity`` 0 / 2 / 4;
@@ -18,6 +21,12 @@ difference. Simulated annotators (3-5 per pair) agree in direction when the resp
 differ in substance (correctness, coherence); when the responses differ only in style,
 each annotator follows personal taste (terse or detailed) a third of the time, so
 style-only pairs are where they diverge.
+Splits: words are made up (:func:`task_word`) and every word and unordered number pair
+belongs to one of ``train`` (80%), ``validation`` and ``eval`` (10% each) by a fixed hash
+(:func:`split_of`), so ``builtin:helpsteer:eval`` asks only questions that
+``builtin:helpsteer`` (the train split) never asks. ``builtin:sft`` keeps its original ten
+words and has no splits.
+
 Every row generated here carries ``"synthetic": True``, except chat SFT rows, which keep
 their historical ``{"messages": [...]}`` shape.
 """
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -65,6 +75,12 @@ def sft_conversations(num: int, seed: int) -> list[dict[str, Any]]:
 
 # --- tasks with checkable answers -------------------------------------------------------
 
+SPLITS = ("train", "validation", "eval")
+WRONG_KINDS = ("misreading", "same_form")
+_ONSETS = "bcdfghjklmnprstvwz"
+_CODAS = "lmnrst"
+
+
 @dataclass(frozen=True)
 class Task:
     question: str
@@ -83,19 +99,61 @@ _PATTERNS: list[tuple[str, re.Pattern[str], Callable[[re.Match[str]], str]]] = [
 ]
 
 
-def make_task(rng: random.Random) -> Task:
+def split_of(key: str) -> str:
+    """The split a word (``"w:<word>"``) or an unordered number pair (``"n:<low>:<high>"``) belongs to.
+
+    A fixed hash: 10% ``eval``, 10% ``validation``, 80% ``train``, so the splits never share
+    a word or a number pair, whatever the seed or the number of rows.
+    """
+    bucket = zlib.crc32(key.encode()) % 10
+    return "eval" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown synthetic split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def _pseudo_word(rng: random.Random) -> str:
+    """A pronounceable made-up word of 3-9 letters (consonant-vowel syllables, some closed)."""
+    while True:
+        word = "".join(rng.choice(_ONSETS) + rng.choice("aeiou") + (rng.choice(_CODAS) if rng.random() < 0.3 else "")
+                       for _ in range(rng.randint(1, 3)))
+        if len(word) >= 3:
+            return word
+
+
+def task_word(rng: random.Random, split: str = "train") -> str:
+    """A made-up word of ``split`` (see :func:`split_of`)."""
+    while True:
+        word = _pseudo_word(rng)
+        if split_of(f"w:{word}") == split:
+            return word
+
+
+def _number_pair(rng: random.Random, low: int, high: int, split: str) -> tuple[int, int]:
+    """(a, b) drawn from [low, high) whose unordered pair belongs to ``split``."""
+    while True:
+        a, b = rng.randrange(low, high), rng.randrange(low, high)
+        if split_of(f"n:{min(a, b)}:{max(a, b)}") == split:
+            return a, b
+
+
+def make_task(rng: random.Random, split: str = "train") -> Task:
+    """One task whose word or number pair belongs to ``split`` (see :func:`split_of`)."""
+    _check_split(split)
     kind = rng.randrange(6)
-    word = rng.choice(_WORDS)
     if kind == 0:
-        a, b = rng.randrange(100), rng.randrange(100)
+        a, b = _number_pair(rng, 0, 100, split)
         return Task(f"What is {a} + {b}?", str(a + b), f"Adding {a} and {b} gives {{answer}}.", "arithmetic")
     if kind == 1:
-        a, b = sorted((rng.randrange(100), rng.randrange(100)), reverse=True)
+        a, b = sorted(_number_pair(rng, 0, 100, split), reverse=True)
         return Task(f"What is {a} minus {b}?", str(a - b), f"Taking {b} away from {a} leaves {{answer}}.",
                     "arithmetic")
     if kind == 2:
-        a, b = rng.randrange(2, 13), rng.randrange(2, 13)
+        a, b = _number_pair(rng, 2, 13, split)
         return Task(f"What is {a} times {b}?", str(a * b), f"{a} groups of {b} make {{answer}}.", "arithmetic")
+    word = task_word(rng, split)
     if kind == 3:
         return Task(f"Spell '{word}' backwards.", word[::-1],
                     f"Reading '{word}' from the last letter to the first gives {{answer}}.", "words")
@@ -106,14 +164,12 @@ def make_task(rng: random.Random) -> Task:
                 f"Each letter of '{word}' written as a capital gives {{answer}}.", "words")
 
 
-def _wrong_answer(task: Task, rng: random.Random) -> str:
-    """A misreading: the right answer to a sibling task on the same numbers or word.
+def _misreading(task: Task, rng: random.Random) -> str:
+    """The right answer to a sibling task on the same numbers or word.
 
     ``What is 57 + 38?`` answered with 19 (subtracted) or 2166 (multiplied); ``Spell 'river'
     backwards.`` answered with RIVER (capitalised) or 5 (counted). Telling these from the
-    right answer needs the prompt (the same answer is right for the sibling task), and a
-    tiny model learns it from scratch in minutes. Near misses (57 + 38 = 96) it does not:
-    a from-scratch 4-layer model trained 1200 steps on them stayed at chance.
+    right answer needs the prompt (the same answer is right for the sibling task).
     """
     if task.kind == "arithmetic":
         a, b = (int(n) for n in re.findall(r"\d+", task.question))
@@ -127,6 +183,37 @@ def _wrong_answer(task: Task, rng: random.Random) -> str:
     return rng.choice(sorted(options))
 
 
+def _swap_two_letters(text: str, rng: random.Random) -> Optional[str]:
+    """``text`` with two different adjacent letters swapped, or None when all letters are equal."""
+    places = [i for i in range(len(text) - 1) if text[i] != text[i + 1]]
+    if not places:
+        return None
+    i = rng.choice(places)
+    return text[:i] + text[i + 1] + text[i] + text[i + 2:]
+
+
+def _same_form(task: Task, rng: random.Random) -> str:
+    """A wrong answer of the right answer's form: a number off by 1 or 10 (a letter count off
+    by one), or the right word with two adjacent letters swapped. Only reading and solving
+    the prompt tells it from the right answer."""
+    if task.answer.isdigit() or task.answer.startswith("-"):
+        value = int(task.answer)
+        steps = [1] if "letters are in" in task.question else [1, 10]
+        delta = rng.choice(steps) * rng.choice((1, -1))
+        return str(value + delta if value + delta >= 0 else value - delta)
+    swapped = _swap_two_letters(task.answer, rng)
+    return swapped if swapped is not None else _misreading(task, rng)
+
+
+def wrong_answer(task: Task, kind: str, rng: random.Random) -> str:
+    """A wrong answer of ``kind``: ``misreading`` (a sibling task's answer) or ``same_form``."""
+    if kind == "misreading":
+        return _misreading(task, rng)
+    if kind == "same_form":
+        return _same_form(task, rng)
+    raise ValueError(f"unknown kind of wrong answer {kind!r}; choose one of {', '.join(WRONG_KINDS)}")
+
+
 def _garble(text: str, rng: random.Random) -> str:
     words = text.replace(".", "").split()
     rng.shuffle(words)
@@ -138,9 +225,15 @@ def _garble(text: str, rng: random.Random) -> str:
     return " ".join(out).lower()
 
 
-def render_response(task: Task, correct: bool, coherent: bool, style: str, rng: random.Random) -> str:
-    """A response whose last word/number is its final answer (right or wrong)."""
-    answer = task.answer if correct else _wrong_answer(task, rng)
+def render_response(task: Task, correct: bool, coherent: bool, style: str, rng: random.Random,
+                    wrong_kind: str = "misreading") -> str:
+    """A response whose last word/number is its final answer (right, or wrong of ``wrong_kind``)."""
+    answer = task.answer if correct else wrong_answer(task, wrong_kind, rng)
+    return compose_response(task, answer, coherent, style, rng)
+
+
+def compose_response(task: Task, answer: str, coherent: bool, style: str, rng: random.Random) -> str:
+    """A response in ``style`` (tidy or garbled) that ends with ``answer``."""
     if style == "bare":
         lead = ""
     elif style == "explained":
@@ -212,27 +305,38 @@ def _sample_properties(rng: random.Random) -> tuple[bool, bool, str]:
     return rng.random() < 0.6, rng.random() < 0.8, rng.choice(STYLES)
 
 
-def _prompt_text(rng: random.Random, task: Task) -> str:
-    """Mostly single-turn; one in ten is multi-turn with HelpSteer's ``<extra_id_1>`` markers."""
+def _wrong_kind(rng: random.Random, correct: bool) -> Optional[str]:
+    """None for a right answer, else ``misreading`` or ``same_form`` (half each)."""
+    return None if correct else rng.choice(WRONG_KINDS)
+
+
+def prompt_text(rng: random.Random, task: Task, split: str = "train") -> str:
+    """Mostly single-turn; one in ten is multi-turn with HelpSteer's ``<extra_id_1>`` markers
+    (the earlier turn's task comes from the same split)."""
     if rng.random() >= 0.1:
         return task.question
-    earlier = make_task(rng)
+    earlier = make_task(rng, split)
     reply = render_response(earlier, True, True, "bare", rng)
     return f"{earlier.question}\n<extra_id_1>Assistant\n{reply}\n<extra_id_1>User\n{task.question}"
 
 
-def helpsteer_rows(num: int, seed: int) -> list[dict[str, Any]]:
-    """HelpSteer2-shaped rows: two responses per prompt (adjacent), five true ratings each."""
+def helpsteer_rows(num: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
+    """HelpSteer2-shaped rows: two responses per prompt (adjacent), five true ratings each.
+
+    ``wrong_answer`` says what a wrong response got wrong: ``misreading`` or ``same_form``
+    (:func:`wrong_answer`); None when the response is right.
+    """
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     while len(rows) < num:
-        task = make_task(rng)
-        prompt = _prompt_text(rng, task)
+        task = make_task(rng, split)
+        prompt = prompt_text(rng, task, split)
         for _ in range(min(2, num - len(rows))):
             correct, coherent, style = _sample_properties(rng)
-            response = render_response(task, correct, coherent, style, rng)
+            kind = _wrong_kind(rng, correct)
+            response = render_response(task, correct, coherent, style, rng, kind or "misreading")
             rows.append({"prompt": prompt, "response": response, **ratings(correct, coherent, style),
-                         "synthetic": True})
+                         "wrong_answer": kind, "synthetic": True})
     return rows
 
 
@@ -256,13 +360,13 @@ def _annotators(rng: random.Random, true_strength: int, style_only: bool, second
     return votes
 
 
-def _pair(rng: random.Random) -> dict[str, Any]:
-    task = make_task(rng)
-    prompt = _prompt_text(rng, task)
+def _pair(rng: random.Random, split: str) -> dict[str, Any]:
+    task = make_task(rng, split)
+    prompt = prompt_text(rng, task, split)
     while True:
         first, second = _sample_properties(rng), _sample_properties(rng)
-        response_1 = render_response(task, *first, rng)
-        response_2 = render_response(task, *second, rng)
+        response_1 = render_response(task, *first, rng, _wrong_kind(rng, first[0]) or "misreading")
+        response_2 = render_response(task, *second, rng, _wrong_kind(rng, second[0]) or "misreading")
         if response_1 != response_2:
             break
     h1, h2 = helpfulness(*first), helpfulness(*second)
@@ -278,7 +382,7 @@ def _pair(rng: random.Random) -> dict[str, Any]:
     }
 
 
-def preference_pairs(num: int, seed: int) -> list[dict[str, Any]]:
+def preference_pairs(num: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
     """HelpSteer2-Preference-shaped pairs with simulated annotators (see module docstring).
 
     Extra fields: ``true_strength`` (clipped helpfulness difference, response_2 minus
@@ -286,10 +390,10 @@ def preference_pairs(num: int, seed: int) -> list[dict[str, Any]]:
     (``"arithmetic"`` or ``"words"``).
     """
     rng = random.Random(seed)
-    return [_pair(rng) for _ in range(num)]
+    return [_pair(rng, split) for _ in range(num)]
 
 
-def generic_pairs(num: int, seed: int) -> list[dict[str, Any]]:
+def generic_pairs(num: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
     """``{"prompt", "chosen", "rejected", "margin", "subset", "annotator_strengths"}`` pairs.
 
     Built from :func:`preference_pairs` (ties dropped, generated until ``num`` remain);
@@ -299,7 +403,7 @@ def generic_pairs(num: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     while len(rows) < num:
-        pair = _pair(rng)
+        pair = _pair(rng, split)
         strength = pair["preference_strength"]
         if strength == 0:
             continue
@@ -312,12 +416,12 @@ def generic_pairs(num: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def prompt_rows(num: int, seed: int, with_attributes: bool = False) -> list[dict[str, Any]]:
+def prompt_rows(num: int, seed: int, split: str = "train", with_attributes: bool = False) -> list[dict[str, Any]]:
     """Prompt-only rows for rollouts; with ``with_attributes`` each has SteerLM targets."""
     rng = random.Random(seed)
     rows = []
     for _ in range(num):
-        row: dict[str, Any] = {"prompt": _prompt_text(rng, make_task(rng)), "synthetic": True}
+        row: dict[str, Any] = {"prompt": prompt_text(rng, make_task(rng, split), split), "synthetic": True}
         if with_attributes:
             style = rng.choice(STYLES)
             row["attributes"] = ratings(True, True, style)
@@ -325,42 +429,57 @@ def prompt_rows(num: int, seed: int, with_attributes: bool = False) -> list[dict
     return rows
 
 
-def text_rows(num: int, seed: int) -> list[dict[str, Any]]:
+def text_rows(num: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
     """Plain-text rows: a question followed by an explained right answer."""
     rng = random.Random(seed)
     rows = []
     for _ in range(num):
-        task = make_task(rng)
+        task = make_task(rng, split)
         rows.append({"text": f"{task.question} {render_response(task, True, True, 'explained', rng)}",
                      "synthetic": True})
     return rows
 
 
-BUILTIN: dict[str, tuple[str, Callable[[int, int], list[dict[str, Any]]]]] = {
+Generator = Callable[..., list[dict[str, Any]]]
+BUILTIN: dict[str, tuple[str, Generator]] = {
     "builtin:sft": ("chat", sft_conversations),
     "builtin:text": ("text", text_rows),
     "builtin:helpsteer": ("attributes", helpsteer_rows),
     "builtin:helpsteer2_preference": ("helpsteer2_preference", preference_pairs),
     "builtin:pairs": ("pairs", generic_pairs),
     "builtin:prompts": ("prompts", prompt_rows),
-    "builtin:steerlm_prompts": ("prompts", lambda num, seed: prompt_rows(num, seed, with_attributes=True)),
+    "builtin:steerlm_prompts": ("prompts", lambda num, seed, split="train": prompt_rows(num, seed, split, True)),
 }
+UNSPLIT = ("builtin:sft",)  # the original chat rows: one fixed word list, no splits
 
 
 def builtin_format(name: str) -> str:
     """The row format (see :mod:`engine.data.schemas`) of built-in data set ``name``."""
-    return _lookup(name)[0]
+    return _lookup(name)[1]
 
 
-def _lookup(name: str) -> tuple[str, Callable[[int, int], list[dict[str, Any]]]]:
-    if name not in BUILTIN:
-        raise ValueError(f"unknown built-in data set {name!r}; available: {', '.join(BUILTIN)}")
-    return BUILTIN[name]
+def _lookup(name: str) -> tuple[str, str, Generator]:
+    """(base name, format, generator) of ``builtin:<set>`` or ``builtin:<set>:<split>``."""
+    base, _, split = name.partition(":")[2].partition(":")
+    base = f"builtin:{base}"
+    if base not in BUILTIN:
+        raise ValueError(f"unknown built-in data set {name!r}; available: {', '.join(BUILTIN)} "
+                         f"(add :{'|:'.join(SPLITS)} to pick a split)")
+    if split and (base in UNSPLIT or split not in SPLITS):
+        raise ValueError(f"built-in data set {name!r}: " + (f"{base} has no splits" if base in UNSPLIT else
+                         f"unknown split {split!r}; choose one of {', '.join(SPLITS)}"))
+    return split, *BUILTIN[base]
 
 
 def builtin_rows(name: str, num: int, seed: int) -> list[dict[str, Any]]:
-    """``num`` rows of built-in data set ``name`` (e.g. ``builtin:sft``), deterministic in ``seed``."""
-    return _lookup(name)[1](num, seed)
+    """``num`` rows of built-in data set ``name``, deterministic in ``seed``.
+
+    ``builtin:<set>`` is the ``train`` split; ``builtin:<set>:validation`` and
+    ``builtin:<set>:eval`` draw on words and number pairs the train split never uses
+    (:func:`split_of`).
+    """
+    split, _, generate = _lookup(name)
+    return generate(num, seed, split) if split else generate(num, seed)
 
 
 def tokenizer_corpus(seed: int = 0, num: int = 600) -> list[str]:

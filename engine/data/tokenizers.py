@@ -18,7 +18,10 @@ Special tokens are explicit. ``encode`` never adds BOS/EOS and treats its text a
 plain text: a string such as ``"<|eot_id|>"`` inside user content is *not* turned into
 the special token (no prompt injection through data). Chat templates insert specials by
 id through :func:`special_token_id`. Every tokenizer here also has ``special_tokens``
-(text → id) and ``add_bos`` (whether sequences start with ``bos_id``).
+(text → id), ``add_bos`` (whether sequences start with ``bos_id``) and ``chat_template``
+(the model's own Jinja chat template, or None): from ``chat_template`` in a
+``tokenizer_config.json`` or a ``chat_template.jinja`` beside the tokenizer file, or from
+``tokenizer.chat_template`` in a GGUF file.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class ByteTokenizer:
     vocab_size = 256 + 3
     add_bos = True
     special_tokens: dict[str, int] = {}
+    chat_template: Optional[str] = None
 
     def encode(self, text: str) -> list[int]:
         return [b + self._offset for b in text.encode("utf-8")]
@@ -109,6 +113,7 @@ class SentencePieceTokenizer:
         proto.ParseFromString(self._sp.serialized_model_proto())
         special_types = (model_pb2.ModelProto.SentencePiece.CONTROL, model_pb2.ModelProto.SentencePiece.USER_DEFINED)
         self.special_tokens = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in special_types}
+        self.chat_template: Optional[str] = None
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.EncodeAsIds(text))
@@ -138,8 +143,10 @@ class HFTokenizer:
     """
 
     def __init__(self, tokenizer: Any, name: str = "<tokenizer>", bos_token: Optional[str] = None,
-                 eos_token: Optional[str] = None, pad_token: Optional[str] = None, add_bos: Optional[bool] = None):
+                 eos_token: Optional[str] = None, pad_token: Optional[str] = None, add_bos: Optional[bool] = None,
+                 chat_template: Optional[str] = None):
         self.name = name
+        self.chat_template = chat_template
         self._tok = tokenizer
         self._tok.encode_special_tokens = True  # special-token text in data stays text
         vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -161,10 +168,11 @@ class HFTokenizer:
     def from_file(cls, path: str) -> HFTokenizer:
         from tokenizers import Tokenizer as RawTokenizer
 
-        config = _tokenizer_config(os.path.dirname(os.path.abspath(path)))
+        directory = os.path.dirname(os.path.abspath(path))
+        config = _tokenizer_config(directory)
         return cls(RawTokenizer.from_file(path), name=path, bos_token=_token_text(config.get("bos_token")),
                    eos_token=_token_text(config.get("eos_token")), pad_token=_token_text(config.get("pad_token")),
-                   add_bos=config.get("add_bos_token"))
+                   add_bos=config.get("add_bos_token"), chat_template=_chat_template(directory, config))
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -180,6 +188,20 @@ def _tokenizer_config(directory: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         config = json.load(fh)
     return config if isinstance(config, dict) else {}
+
+
+def _chat_template(directory: str, config: dict[str, Any]) -> Optional[str]:
+    """The chat template of a tokenizer directory: ``chat_template.jinja``, else the config's
+    ``chat_template`` (a string, or a list of named templates: the one named ``default``)."""
+    path = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _token_text(value: Any) -> Optional[str]:
@@ -210,7 +232,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise ValueError(f"data.tokenizer={spec!r}: expected 'byte', 'builtin-sp' or an existing .model, "
                          "tokenizer .json or .gguf file")
     if spec.endswith(".model"):
-        return SentencePieceTokenizer(spec)
+        tokenizer = SentencePieceTokenizer(spec)
+        directory = os.path.dirname(os.path.abspath(spec))
+        tokenizer.chat_template = _chat_template(directory, _tokenizer_config(directory))
+        return tokenizer
     if spec.endswith(".json"):
         return HFTokenizer.from_file(spec)
     if spec.endswith(".gguf"):

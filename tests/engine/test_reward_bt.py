@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.algorithms.reward import RewardStep, RewardTrainConfig, reward_rows
+from engine.algorithms.reward import RewardStep, RewardTrainConfig
 from engine.config import load_config
 from engine.data.errors import DataError
+from engine.data.sources import paired_rows
 from tests.helpers import single_process_parallel
 
 BASE = ["rm.type=bt", "data.format=pairs", "data.seq_length=64", "data.micro_batch_size=2",
@@ -67,7 +68,7 @@ def test_user_source_holds_out_validation_from_itself(tmp_path: Path) -> None:
     source = _write(tmp_path / "pairs.jsonl", _pairs(40) + _pairs(40))  # every prompt twice
     config = load_config(RewardTrainConfig, None, BASE + [f"data.source={source}", "data.validation_fraction=0.25"])
     assert config.data.validation_source is None
-    train, valid = reward_rows(config.data, 7)
+    train, valid = paired_rows(config.data, 7)
     assert len(valid) == 20 and len(train) == 60
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in valid}  # whole prompts held out
 

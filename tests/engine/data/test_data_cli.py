@@ -35,6 +35,14 @@ def test_synth_validate_convert(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert _run(["convert-helpsteer2-preference-bt", prefs, str(tmp_path / "bt.jsonl")]) == 0
 
 
+def test_synth_writes_a_split(tmp_path: Path) -> None:
+    from engine.data.synthetic import helpsteer_rows
+
+    path = tmp_path / "eval.jsonl"
+    assert _run(["synth", "helpsteer", str(path), "--num", "20", "--seed", "3", "--split", "eval"]) == 0
+    assert [json.loads(line) for line in path.read_text().splitlines()] == helpsteer_rows(20, 3, "eval")
+
+
 def test_validate_reports_bad_rows_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')

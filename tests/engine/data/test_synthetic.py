@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import re
+from collections import Counter
+
+import pytest
+
 from engine.data.schemas import check_row
 from engine.data.synthetic import (
     builtin_rows,
@@ -9,9 +15,12 @@ from engine.data.synthetic import (
     generic_pairs,
     helpfulness,
     helpsteer_rows,
+    make_task,
     preference_pairs,
     prompt_rows,
     sft_conversations,
+    split_of,
+    wrong_answer,
 )
 
 
@@ -72,3 +81,46 @@ def test_generic_pairs_and_prompts_are_valid() -> None:
     for row in prompt_rows(20, 3, with_attributes=True):
         assert set(check_row("prompts", row)["attributes"]) == {"helpfulness", "correctness", "coherence",
                                                               "complexity", "verbosity"}
+
+
+def _subjects(prompt: str) -> set[str]:
+    """The words and unordered number pairs a prompt asks about (every turn)."""
+    words = {f"w:{w}" for w in re.findall(r"'([a-z]+)'", prompt)}
+    pairs = {f"n:{min(int(a), int(b))}:{max(int(a), int(b))}"
+             for a, b in re.findall(r"What is (\d+) (?:\+|minus|times) (\d+)\?", prompt)}
+    return words | pairs
+
+
+def test_splits_share_no_word_and_no_number_pair() -> None:
+    subjects = {split: set().union(*(_subjects(row["prompt"]) for row in builtin_rows(name, 3000, 5)))
+                for split, name in [("train", "builtin:helpsteer"), ("validation", "builtin:helpsteer:validation"),
+                                    ("eval", "builtin:helpsteer:eval")]}
+    assert all(split_of(key) == split for split, keys in subjects.items() for key in keys)
+    assert not subjects["train"] & subjects["eval"] and not subjects["train"] & subjects["validation"]
+    assert len({k for k in subjects["train"] if k.startswith("w:")}) > 500  # not ten words
+    assert len({k for k in subjects["eval"] if k.startswith("w:")}) > 500
+    train_prompts = {row["prompt"] for row in helpsteer_rows(4000, 1)}
+    assert not train_prompts & {row["prompt"] for row in helpsteer_rows(2000, 777, "eval")}
+    assert builtin_rows("builtin:pairs:eval", 3, 1) == generic_pairs(3, 1, "eval")
+    with pytest.raises(ValueError, match="has no splits"):
+        builtin_rows("builtin:sft:eval", 3, 1)
+    with pytest.raises(ValueError, match="unknown split"):
+        builtin_rows("builtin:helpsteer:test", 3, 1)
+
+
+def test_wrong_answers_are_misreadings_or_of_the_right_form() -> None:
+    rows = helpsteer_rows(3000, 6)
+    kinds = Counter(row["wrong_answer"] for row in rows)
+    assert kinds[None] == sum(row["correctness"] == 4 for row in rows)
+    assert min(kinds["misreading"], kinds["same_form"]) > 0.4 * (kinds["misreading"] + kinds["same_form"])
+    rng = random.Random(0)
+    for _ in range(500):
+        task = make_task(rng, "eval")
+        same_form, misreading = wrong_answer(task, "same_form", rng), wrong_answer(task, "misreading", rng)
+        assert same_form != task.answer and misreading != task.answer
+        if task.answer.isdigit():
+            assert same_form.lstrip("-").isdigit() and abs(int(same_form) - int(task.answer)) in (
+                (1,) if "letters" in task.question else (1, 10))
+        else:  # two adjacent letters swapped, same letters, same case
+            assert sorted(same_form) == sorted(task.answer) and same_form.isupper() == task.answer.isupper()
+            assert sum(a != b for a, b in zip(same_form, task.answer, strict=True)) == 2
