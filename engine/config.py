@@ -17,9 +17,9 @@ from typing import Any, ClassVar, Optional, Union, cast, get_args, get_origin, g
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or invalid."""
+# Defined in engine.errors (so modules imported below in validate() need not import
+# this one back); re-exported here, where every existing caller imports it from.
+from engine.errors import ConfigError as ConfigError
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.models.presets import ModelPreset
 
 logger = logging.getLogger(__name__)

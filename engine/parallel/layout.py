@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
