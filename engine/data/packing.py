@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engine.data.sft import build_documents
+from engine.data.documents import build_documents
 from engine.data.tokenizers import Tokenizer
 
 
