@@ -22,7 +22,7 @@ import logging
 import os
 from typing import Any
 
-from engine.data.tokenizers import SentencePieceTokenizer
+from engine.data.tokenizer_types import SentencePieceTokenizer
 
 logger = logging.getLogger(__name__)
 

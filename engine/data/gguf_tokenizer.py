@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from engine.data.tokenizers import HFTokenizer, SentencePieceTokenizer, sentencepiece_proto_module
+from engine.data.tokenizer_types import HFTokenizer, SentencePieceTokenizer, sentencepiece_proto_module
 
 logger = logging.getLogger(__name__)
 
