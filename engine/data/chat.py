@@ -34,8 +34,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
+# Piece and its constructors live in engine.data.pieces (shared with model_template,
+# which would otherwise import this module back); re-exported here.
+from engine.data.pieces import Piece as Piece
+from engine.data.pieces import _content, _mark
 from engine.data.schemas import attribute_string
 from engine.data.tokenizers import Tokenizer, adds_bos, special_token_id
 
@@ -44,28 +48,9 @@ TEMPLATES = ("plain", "llama3", "chatml", "nemotron")
 Has = Callable[[str], bool]
 
 
-class Piece(NamedTuple):
-    """One tokenisation unit. ``marker`` pieces are special tokens (see module docstring);
-    ``constant`` pieces (template text, not message content) have their ids cached."""
-
-    text: str
-    masked: bool = False
-    marker: bool = False
-    end_of_turn: bool = False
-    constant: bool = True
-
-
 BOS = Piece("", marker=True)  # resolved to the tokenizer's BOS id (or nothing)
 EOS = Piece("", masked=True, marker=True, end_of_turn=True)
 _CONSTANT_IDS: weakref.WeakKeyDictionary[Any, dict[tuple[str, bool, bool], list[int]]] = weakref.WeakKeyDictionary()
-
-
-def _content(text: str, masked: bool = False) -> Piece:
-    return Piece(text, masked, constant=False)
-
-
-def _mark(text: str, masked: bool = False, end_of_turn: bool = False) -> Piece:
-    return Piece(text, masked=masked, marker=True, end_of_turn=end_of_turn)
 
 
 def _header(template: str, role: str, previous: Optional[str], has: Has) -> list[Piece]:

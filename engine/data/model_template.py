@@ -43,7 +43,7 @@ import re
 from datetime import datetime
 from typing import Any, Optional
 
-from engine.data.chat import Piece, _content, _mark
+from engine.data.pieces import Piece, _content, _mark
 from engine.data.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
