@@ -31,10 +31,14 @@ def test_config_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], 
 def test_examples_load_and_validate(path: Path) -> None:
     import yaml
 
+    from engine.algorithms.dpo import DPOTrainConfig
     from engine.algorithms.reward import RewardTrainConfig
 
-    cls = RewardTrainConfig if "rm" in (yaml.safe_load(path.read_text()) or {}) else TrainConfig
-    config = load_config(cls, str(path))
+    sections = yaml.safe_load(path.read_text()) or {}
+    cls = RewardTrainConfig if "rm" in sections else DPOTrainConfig if "dpo" in sections else TrainConfig
+    # recipes that start from the user's SFT checkpoint say so in their header; give them one
+    needs_start = "dpo" in sections and "reference" not in sections["dpo"]
+    config = load_config(cls, str(path), ["checkpoint.load=runs/sft/checkpoints"] if needs_start else [])
     config.validate(config.parallel.tensor * config.parallel.pipeline)
 
 

@@ -1,0 +1,38 @@
+"""Policies learn what they are taught, judged on prompts never seen in training.
+
+* DPO (``tools/dpo_learns.py``, its defaults): from a tiny SFT model, the implicit reward
+  prefers the right answer on unseen prompts (eval split) in >= 90% of controlled pairs whose
+  wrong answer is a misreading (0.5 before DPO: the policy is its reference). Same-form wrong
+  answers have no bar; the number is recorded in tools/bench/results/dpo_learns.json.
+* SteerLM (``tools/steerlm_learns.py``): generations for unseen prompts are longer when the
+  attributes ask for verbosity 4 than for verbosity 0.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO, _env
+
+
+def _run(tool: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, tool, "--out", str(out)], cwd=REPO, env=_env(), text=True,
+                          capture_output=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def test_dpo_prefers_right_answers_on_unseen_prompts(tmp_path: Path) -> None:
+    report = _run("tools/dpo_learns.py", tmp_path)["unseen_prompts_after_dpo"]
+    assert report["misreading"]["pairs"] >= 300
+    assert report["misreading"]["accuracy"] >= 0.90, report
+    assert report["same_form"]["accuracy"] > 0.5, report  # measured 0.70; above chance, no bar beyond that
+
+
+def test_steerlm_verbosity_changes_generated_length(tmp_path: Path) -> None:
+    report = _run("tools/steerlm_learns.py", tmp_path)
+    assert report["data_attribute_sets_length_ratio_4_over_0"] >= 3.0, report
+    assert report["verbosity_only_length_ratio_4_over_0"] > 1.0, report
