@@ -12,8 +12,10 @@ One process per measurement (CPU, fp32, TP1), sides run one after the other, nev
   *exactly Keel's token ids* (its dataset preparation is replaced by Keel's prompt/response
   ids), the same batch, β, LR, betas, clipping. ``default``: TRL's defaults (``adamw_torch``,
   live reference model, padded batches); ``best``: ``adamw_torch_fused`` (the kernel Keel
-  uses), ``precompute_ref_log_probs=True`` (no reference forward per step), and
-  ``padding_free=True`` if TRL accepts it on this machine (recorded).
+  uses) and ``precompute_ref_log_probs=True`` (no reference forward per step). TRL 1.16's
+  ``padding_free`` is disabled since its DPO refactor (it warns and pads; ``--trl-padding-free``
+  tries it anyway), and ``DPOTrainer`` has no length grouping of its own, so padding to the
+  longest row of the batch is TRL's best here, as it is Keel's.
 
 Each run does ``--warmup`` untimed steps then ``--steps`` timed ones; pairs/s = pairs per
 step × timed steps / their wall time. Reference precomputation is outside the timed steps
