@@ -97,25 +97,34 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_data(out, args.train_prompts, args.eval_prompts, args.seed)
     began = time.perf_counter()
-    keel(["train", "sft", *COMMON, f"data.source={out / 'sft.jsonl'}", "data.format=chat",
-          f"run.train_steps={args.sft_steps}", "optimizer.lr=3e-3", "scheduler.type=cosine",
-          "scheduler.warmup_steps=20", "data.micro_batch_size=8", "data.global_batch_size=32",
-          "data.num_samples=100000", f"run.output_dir={out / 'sft'}"], args.nproc)
-    sft = out / "sft" / "checkpoints"
+    sft = train_sft(out, out / "sft.jsonl", args.sft_steps, args.nproc)
     keel(["train", "dpo", *COMMON, f"data.source={out / 'train_pairs.jsonl'}", "data.format=pairs",
           f"data.validation_source={out / 'eval_misreading.jsonl'}", f"checkpoint.load={sft}",
           f"run.train_steps={args.dpo_steps}", f"optimizer.lr={args.dpo_lr}", f"dpo.beta={args.beta}",
           "scheduler.type=constant", "data.micro_batch_size=4", "data.global_batch_size=16",
           "data.num_samples=100000", f"run.output_dir={out / 'dpo'}"], args.nproc)
     report = {"unseen_prompts_after_dpo": judge(out, out / "dpo" / "checkpoints", sft),
-              "before_dpo": "0.5 for every kind: the policy is its reference, every pair ties",
-              "settings": vars(args), "wall_s": round(time.perf_counter() - began, 1)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    (out / "report.json").write_text(text + "\n")
-    if args.report:
-        Path(args.report).write_text(text + "\n")
+              "before_dpo": "0.5 for every kind: the policy is its reference, every pair ties"}
+    write_report(report, args, began)
     return 0
+
+
+def write_report(report: dict[str, Any], args: argparse.Namespace, began: float) -> None:
+    """Print ``report`` (plus the settings and wall time) and write it to ``<out>/report.json`` and ``--report``."""
+    report.update(settings=vars(args), wall_s=round(time.perf_counter() - began, 1))
+    text = json.dumps(report, indent=2) + "\n"
+    print(text, end="")
+    (Path(args.out) / "report.json").write_text(text)
+    if args.report:
+        Path(args.report).write_text(text)
+
+
+def train_sft(out: Path, source: Path, steps: int, nproc: int, extra: tuple[str, ...] = ()) -> Path:
+    """tiny-llama SFT on ``source`` (chat rows) into ``<out>/sft``; returns its checkpoint directory."""
+    keel(["train", "sft", *COMMON, f"data.source={source}", "data.format=chat", *extra, f"run.train_steps={steps}",
+          "optimizer.lr=3e-3", "scheduler.type=cosine", "scheduler.warmup_steps=20", "data.micro_batch_size=8",
+          "data.global_batch_size=32", "data.num_samples=100000", f"run.output_dir={out / 'sft'}"], nproc)
+    return out / "sft" / "checkpoints"
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from engine.data.convert import attributes_to_steerlm  # noqa: E402
 from engine.data.synthetic import helpsteer_rows, prompt_rows  # noqa: E402
-from tools.dpo_learns import COMMON, keel  # noqa: E402
+from tools.dpo_learns import keel, train_sft, write_report  # noqa: E402
 
 SETTINGS = {
     "verbosity_only_0": "verbosity=0", "verbosity_only_4": "verbosity=4",
@@ -66,24 +66,16 @@ def main() -> int:
     (out / "steerlm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts = prompt_rows(args.prompts, args.seed + 1, "eval")
     (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in prompts))
-    keel(["train", "sft", *COMMON, f"data.source={out / 'steerlm.jsonl'}", "data.format=chat",
-          "data.chat_template=nemotron", f"run.train_steps={args.steps}", "optimizer.lr=3e-3",
-          "scheduler.type=cosine", "scheduler.warmup_steps=20", "data.micro_batch_size=8",
-          "data.global_batch_size=32", "data.num_samples=100000", f"run.output_dir={out / 'sft'}"], args.nproc)
+    checkpoint = train_sft(out, out / "steerlm.jsonl", args.steps, args.nproc, ("data.chat_template=nemotron",))
     report: dict[str, Any] = {}
     for name, attributes in SETTINGS.items():
         target = out / f"{name}.jsonl"
-        keel(["generate", str(out / "sft" / "checkpoints"), str(out / "prompts.jsonl"), str(target),
+        keel(["generate", str(checkpoint), str(out / "prompts.jsonl"), str(target),
               "--attributes", attributes, "--max-new-tokens", str(args.max_new_tokens), "--quiet"])
         report[name] = {"attributes": attributes, **_lengths(target)}
     for kind in ("verbosity_only", "data_attribute_sets"):
         report[f"{kind}_length_ratio_4_over_0"] = report[f"{kind}_4"]["mean_tokens"] / report[f"{kind}_0"]["mean_tokens"]
-    report.update(settings=vars(args), wall_s=round(time.perf_counter() - began, 1))
-    text = json.dumps(report, indent=2)
-    print(text)
-    (out / "report.json").write_text(text + "\n")
-    if args.report:
-        Path(args.report).write_text(text + "\n")
+    write_report(report, args, began)
     return 0
 
 
