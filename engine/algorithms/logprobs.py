@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from kernels import token_logprobs
+from kernels._dispatch import Backend
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
@@ -22,8 +23,11 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: tor
     if parallel is not None and parallel.layout.tensor > 1:
         tp_group, vocab_start = parallel.tp_group, parallel.tp_rank * logits.shape[-1]
     mask = loss_mask.to(logits.device).float()
+    # Triton on GPUs; on CPU always the chunked torch path (TRITON_INTERPRET=1, which the kernel tests
+    # set, would otherwise pick Triton's interpreter: exact, but an order of magnitude slower)
+    backend: Backend = "auto" if logits.is_cuda else "torch"
     per_token = token_logprobs(logits, labels.to(logits.device), tp_group=tp_group, vocab_start=vocab_start,
-                               loss_mask=mask)
+                               loss_mask=mask, backend=backend)
     assert isinstance(per_token, torch.Tensor)
     return (per_token * mask).sum(-1), mask.sum(-1)
 
