@@ -15,11 +15,11 @@ for rollouts. It runs on one process (tensor parallelism comes with that backend
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from engine.algorithms.logprobs import lm_forward
 from engine.config import ConfigError
 from engine.data.chat import prompt_messages, render_prompt, stop_token_ids
+from engine.data.loaders import parsed_records
 from engine.data.schemas import ATTRIBUTES
 
 logger = logging.getLogger(__name__)
@@ -130,15 +131,12 @@ def load_policy(checkpoint: str) -> tuple[Any, Any, Any]:
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """``{"prompt": str | messages}`` rows (SFT ``messages`` rows give their turns before the last reply)."""
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for where, row in parsed_records(path):
         if "prompt" not in row and "messages" in row:
             messages = row["messages"]
             row = {**row, "prompt": messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages}
         if "prompt" not in row:
-            raise ConfigError(f"{path}, line {number}: field 'prompt': expected a string or messages, got none")
+            raise ConfigError(f"{where}: field 'prompt': expected a string or messages, got none")
         rows.append(row)
     return rows
 
@@ -153,7 +151,7 @@ def complete(model: Any, tokenizer: Any, template: str, rows: list[dict[str, Any
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         prompts = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in chunk]
-        step = Sampling(**{**sampling.__dict__, "seed": sampling.seed + start})
+        step = dataclasses.replace(sampling, seed=sampling.seed + start)
         for row, ids in zip(chunk, generate(model, prompts, stop, step, tokenizer.pad_id, max_length), strict=True):
             finished = bool(ids) and ids[-1] in stop
             out.append({"prompt": row["prompt"], "completion": tokenizer.decode(ids[:-1] if finished else ids),

@@ -28,20 +28,19 @@ import torch
 from engine.algorithms.base import Batch, Step
 from engine.checkpoint import dist as ckpt
 from engine.config import save_config
-from engine.data.batching import (  # noqa: F401  (re-exported: older call sites import them from here)
-    SEQUENCE_KEYS,
+from engine.data.batching import (  # noqa: F401  (cut_to_length, group_by_length, padded_length: re-exported)
     cut_to_length,
     group_by_length,
     micro_batches_for,
     padded_length,
-    schedule_iterators,
+    to_device,
 )
 from engine.data.sampler import GlobalBatchSampler
 from engine.data.tokenizers import load_tokenizer
 from engine.faults import maybe_fail
 from engine.metrics import MetricsWriter
 from engine.parallel.collectives import any_rank, from_last_stage, sum_over_data_parallel
-from engine.runner import ModelRunner, build_model, build_optimizer, fuse_cpu_adamw, wrap_in_ddp  # noqa: F401
+from engine.runner import ModelRunner, build_model, fuse_cpu_adamw  # noqa: F401  (build_model: re-exported)
 
 _fuse_cpu_adamw = fuse_cpu_adamw  # the name older tests and call sites use
 
@@ -109,9 +108,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one schedule
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        batch = next(data_iterator)
-        if torch.cuda.is_available():
-            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        batch = to_device(next(data_iterator))
         output = self.step.forward(model, batch, self.parallel)
         return output, partial(self.step.loss, batch)
 

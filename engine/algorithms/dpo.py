@@ -34,6 +34,7 @@ import torch
 from engine.algorithms.base import Batch, Step
 from engine.algorithms.logprobs import lm_forward, sequence_logprobs
 from engine.config import ConfigError, DataConfig, TrainConfig, doc
+from engine.data.batching import to_device
 from engine.data.dpo import DPOPairs, load_reference_logprobs
 from engine.losses import chosen_nll, dpo_loss, preference_logit
 
@@ -149,9 +150,7 @@ class DPOStep(Step):
                 batch["reference_logps"] = logps.detach().cpu()
 
     def _reference_step(self, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        batch = next(data_iterator)
-        if torch.cuda.is_available():
-            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        batch = to_device(next(data_iterator))
 
         def collect(output: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
             return sequence_logprobs(output, batch["labels"], batch["loss_mask"], self.parallel)[0]

@@ -12,6 +12,7 @@ into ``<output>`` (written to a temporary name, then renamed) and removes the pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,11 @@ from engine.data.dpo import DPOPairs, read_reference_lines
 from engine.runtime import setup_logging, shutdown
 
 logger = logging.getLogger(__name__)
+
+
+def _writes(parallel: Any) -> bool:
+    """One rank per data-parallel shard writes: the last pipeline stage's first tensor-parallel rank."""
+    return bool(parallel.is_last_stage() and parallel.tp_rank == 0)
 
 
 def _partial_path(output: Path, dp_rank: int) -> Path:
@@ -53,7 +59,7 @@ def _pair_logprobs(step: Any, dataset: DPOPairs, indices: list[int], config: Any
 
 def _write_split(step: Any, dataset: DPOPairs, split: str, todo: list[int], config: Any, parallel: Any,
                  sink: Any, progress: Any) -> None:
-    writes = parallel.is_last_stage() and parallel.tp_rank == 0
+    writes = _writes(parallel)
     chunk = config.data.global_batch_size // parallel.layout.data or 1
     for start in range(0, len(todo), chunk):
         indices = todo[start: start + chunk]
@@ -87,8 +93,7 @@ def precompute(config: Any, parallel: Any, output: Path, progress_bar: bool = Tr
     from engine.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(config.data.tokenizer)
-    step = DPOStep(config.dpo)
-    step.dpo.reference_logprobs = None  # build the reference model itself
+    step = DPOStep(dataclasses.replace(config.dpo, reference_logprobs=None))  # build the reference model itself
     step.setup(config, parallel, tokenizer)
     splits = dict(zip(("train", "validation"), DPOPairs.from_config(config, tokenizer), strict=True))
     partial = _partial_path(output, parallel.dp_rank)
@@ -97,8 +102,7 @@ def precompute(config: Any, parallel: Any, output: Path, progress_bar: bool = Tr
     todo = {name: _todo(data, name, done, parallel.dp_rank, parallel.layout.data) for name, data in splits.items()}
     progress = _progress(sum(len(d) for d in splits.values()), len(done) * parallel.layout.data,
                          progress_bar and parallel.is_main)
-    writes = parallel.is_last_stage() and parallel.tp_rank == 0
-    with open(partial, "a") if writes else open(os.devnull, "w") as sink:
+    with open(partial, "a") if _writes(parallel) else open(os.devnull, "w") as sink:
         for name, dataset in splits.items():
             _write_split(step, dataset, name, todo[name], config, parallel, sink, progress)
     if progress is not None:

@@ -33,6 +33,13 @@ class StepDataset(Protocol):
         ...
 
 
+def to_device(batch: Batch) -> Batch:
+    """``batch`` on the current CUDA device when there is one (unchanged on CPU)."""
+    if not torch.cuda.is_available():
+        return batch
+    return {key: value.cuda(non_blocking=True) for key, value in batch.items()}
+
+
 def group_by_length(groups: list[list[int]], length: Callable[[int], int]) -> list[list[int]]:
     """The same indices, longest first, in groups of the same sizes.
 

@@ -134,6 +134,14 @@ def iter_records(source: str, num: int = 512, seed: int = 0) -> Iterator[tuple[W
                         source=source, hint="check data.source")
 
 
+def parsed_records(source: str) -> Iterator[tuple[Where, Any]]:
+    """Records of ``source`` (file or hub set) with their position; one that is not JSON is a :class:`DataError`."""
+    for where, raw in iter_records(source):
+        if isinstance(raw, Unparsable):
+            raise DataError(where, "<json>", "a valid JSON object", got=raw.message)
+        yield where, raw
+
+
 def _note(stats: ReadStats, error: DataError) -> None:
     stats.skipped += 1
     if len(stats.problems) < MAX_PROBLEMS:

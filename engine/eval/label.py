@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError
+from engine.data.loaders import parsed_records
 from engine.data.schemas import attribute_string
 from engine.runtime import shutdown
 
@@ -39,17 +40,8 @@ def _prompt_and_response(row: dict[str, Any], where: str) -> tuple[Any, str]:
 
 
 def read_rows(path: str) -> list[tuple[dict[str, Any], Any, str]]:
-    """(row, prompt, response) per line of ``path``; a bad line is reported with its number."""
-    out = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}, line {number}: not JSON ({error.msg})") from None
-        out.append((row, *_prompt_and_response(row, f"{path}, line {number}")))
-    return out
+    """(row, prompt, response) per row of ``path``; a bad row is reported with its line."""
+    return [(row, *_prompt_and_response(row, str(where))) for where, row in parsed_records(path)]
 
 
 def labelled(row: dict[str, Any], prediction: list[float], names: list[str]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine.algorithms.reward import GOODNESS_WEIGHTS, RewardStep, RewardTrainConfig
-from engine.data.batching import padded_length
+from engine.data.batching import padded_length, to_device
 from engine.data.chat import prompt_messages, render_reply
 from engine.data.fit import fit_prompt
 from engine.parallel.collectives import from_last_stage, gather_data_parallel_rows
@@ -51,7 +51,6 @@ class RewardScorer:
     def __init__(self, model: ModelRunner | list[Any], step: RewardStep, tokenizer: Any, parallel: Any,
                  seq_length: int, micro_batch_size: int = 8, template: str = "plain"):
         self.model = model if isinstance(model, ModelRunner) else ModelRunner(model, None, None, parallel)
-        self.chunks = self.model.chunks
         self.step = step
         self.tokenizer = tokenizer
         self.parallel = parallel
@@ -71,6 +70,10 @@ class RewardScorer:
 
     def reply_length(self, response: str) -> int:
         return len(render_reply(response, self.tokenizer, self.template))
+
+    @property
+    def chunks(self) -> list[Any]:
+        return list(self.model.chunks)
 
     def _encode(self, prompt: Any, response: str, room: int = 0) -> Optional[dict[str, torch.Tensor]]:
         fitted = self.fit(prompt, response, room)
@@ -114,9 +117,7 @@ class RewardScorer:
         if batches:
 
             def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
-                batch = next(data_iterator)
-                if torch.cuda.is_available():
-                    batch = {k: v.cuda() for k, v in batch.items()}
+                batch = to_device(next(data_iterator))
                 return self.step.forward(model, batch, self.parallel), lambda out, non_loss_data=True: out
 
             self.model.set_training(False)
