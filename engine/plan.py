@@ -323,27 +323,19 @@ def count_parameters_on_meta(preset: ModelPreset) -> int:
     Needs megatron's parallel state; a 1-rank gloo world is created (and torn down) when none exists.
     """
     import torch
-    import torch.distributed as dist
 
     from engine.config import PrecisionConfig
     from engine.models.builder import build_gpt_chunks, transformer_config
-    from engine.parallel.layout import LaunchEnv, ParallelLayout, ParallelState, _free_port
+    from engine.parallel.layout import ParallelLayout, single_process_parallel
 
     layout = ParallelLayout(1, 1, 1)
-    created = not dist.is_initialized()
-    if created:
-        state = ParallelState.initialize(layout, LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single"))
-    try:
+    with single_process_parallel():
         config = transformer_config(preset, layout, PrecisionConfig(), use_te=False)
         config.perform_initialization = False
         config.use_cpu_initialization = True
         with torch.device("meta"):
             chunks = build_gpt_chunks(preset, config, use_te=False, virtual_pipeline=None)
         return sum(p.numel() for chunk in chunks for p in chunk.parameters())
-    finally:
-        if created:
-            state.destroy_model_parallel()
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- command line

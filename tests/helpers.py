@@ -105,21 +105,14 @@ def run_worker(nproc: int, script: str, payload: Any, out: Path) -> Any:
 @contextlib.contextmanager
 def single_process_parallel(seed: int = 1234, **parallel: Any) -> Iterator[Any]:
     """A 1-rank gloo world with megatron's groups initialised, torn down afterwards."""
-    import torch.distributed as dist
-
     from engine.config import ParallelConfig
-    from engine.parallel.layout import LaunchEnv, ParallelLayout, ParallelState
+    from engine.parallel.layout import ParallelState
 
-    layout = ParallelLayout.from_config(ParallelConfig(**parallel), 1)
-    state = ParallelState.initialize(layout, LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"), seed=seed)
+    state = ParallelState.initialize_single_process(seed, ParallelConfig(**parallel))
     try:
         yield state
     finally:
-        from engine.parallel import cpu
-
-        state.destroy_model_parallel()
-        dist.destroy_process_group()
-        cpu.deactivate()
+        state.shutdown()
 
 
 def tiny_model_single_process(preset: str = "tiny-llama", seed: int = 1234, **model_overrides: Any) -> Any:

@@ -19,17 +19,24 @@ from kernels._dispatch import Backend
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
                       parallel: Optional[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(``sum_t mask_t log p(labels_t)`` per row ``[batch]``, masked token count per row ``[batch]``)."""
+    mask = loss_mask.to(logits.device).float()
+    per_token = per_token_logprobs(logits, labels, mask, parallel)
+    return (per_token * mask).sum(-1), mask.sum(-1)
+
+
+def per_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                       parallel: Optional[Any]) -> torch.Tensor:
+    """``log p(labels_t)`` per position ``[batch, seq]`` (0 where ``loss_mask`` is 0) from this rank's vocab slice."""
     tp_group, vocab_start = None, 0
     if parallel is not None and parallel.layout.tensor > 1:
         tp_group, vocab_start = parallel.tp_group, parallel.tp_rank * logits.shape[-1]
-    mask = loss_mask.to(logits.device).float()
     # Triton on GPUs; on CPU always the chunked torch path (TRITON_INTERPRET=1, which the kernel tests
     # set, would otherwise pick Triton's interpreter: exact, but an order of magnitude slower)
     backend: Backend = "auto" if logits.is_cuda else "torch"
     per_token = token_logprobs(logits, labels.to(logits.device), tp_group=tp_group, vocab_start=vocab_start,
-                               loss_mask=mask, backend=backend)
+                               loss_mask=loss_mask.to(logits.device).float(), backend=backend)
     assert isinstance(per_token, torch.Tensor)
-    return (per_token * mask).sum(-1), mask.sum(-1)
+    return per_token
 
 
 def lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -38,3 +45,54 @@ def lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     output: torch.Tensor = model(tokens, positions, None)
     return output
+
+
+def sequence_batches(sequences: list[list[int]], prompt_lengths: list[int], micro_batch_size: int,
+                     pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of prompt+response rows, all padded to one length (pipeline stages exchange fixed shapes).
+
+    ``labels[t]`` is ``tokens[t + 1]`` and ``loss_mask`` is 1 exactly on the response tokens.
+    """
+    width = max(len(s) for s in sequences)
+    batches = []
+    for first in range(0, len(sequences), micro_batch_size):
+        rows = sequences[first: first + micro_batch_size]
+        lengths = prompt_lengths[first: first + micro_batch_size]
+        tokens = torch.full((micro_batch_size, width), pad_id, dtype=torch.long)
+        labels = torch.full((micro_batch_size, width), pad_id, dtype=torch.long)
+        mask = torch.zeros(micro_batch_size, width)
+        for i, (row, prompt) in enumerate(zip(rows, lengths, strict=True)):
+            tokens[i, : len(row)] = torch.tensor(row)
+            labels[i, : len(row) - 1] = torch.tensor(row[1:])
+            mask[i, prompt - 1: len(row) - 1] = 1.0
+        batches.append({"tokens": tokens, "labels": labels, "loss_mask": mask})
+    return batches
+
+
+def response_logprobs(runner: Any, sequences: list[list[int]], prompt_lengths: list[int],
+                      micro_batch_size: int = 8) -> list[list[float]]:
+    """Per-token log-probs of each row's response under ``runner``'s model, on every rank.
+
+    The trainer's side of the rollout/trainer agreement: the same kernel the generation backend
+    uses, on the training layout's vocabulary-parallel logits. Every rank passes the same rows.
+    """
+    from engine.data.batching import to_device
+    from engine.parallel.collectives import from_last_stage
+
+    parallel = runner.parallel
+    batches = sequence_batches(sequences, prompt_lengths, micro_batch_size)
+
+    def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        batch = to_device(next(data_iterator))
+
+        def collect(output: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
+            return per_token_logprobs(output, batch["labels"], batch["loss_mask"], parallel).float()
+
+        return lm_forward(model, batch), collect
+
+    with torch.no_grad():
+        outputs = runner.run_schedule(batches, step, forward_only=True, collect_outputs=True)
+    width = batches[0]["tokens"].shape[1]
+    local = torch.cat([o.cpu() for o in outputs]) if parallel.is_last_stage() else torch.zeros(len(batches) * micro_batch_size, width)
+    values = from_last_stage(local, parallel)
+    return [values[i, p - 1: len(s) - 1].tolist() for i, (s, p) in enumerate(zip(sequences, prompt_lengths, strict=True))]

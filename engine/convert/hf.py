@@ -56,23 +56,19 @@ def _single_rank_model(overrides: list[str]) -> tuple[Any, Any, Any, Any]:
     (every tensor is overwritten by the conversion)."""
     from engine.config import TrainConfig, load_config
     from engine.models.builder import build_gpt_chunks, transformer_config
-    from engine.parallel.layout import LaunchEnv, ParallelLayout, ParallelState, _free_port
+    from engine.parallel.layout import ParallelState
 
     config = load_config(TrainConfig, None, [*overrides, "model.layer_spec=local", "precision.dtype=fp32"])
     preset = resolve_preset(config.model)
-    layout = ParallelLayout(1, 1, 1)
-    parallel = ParallelState.initialize(layout, LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single"))
-    tconfig = transformer_config(preset, layout, config.precision, use_te=False)
+    parallel = ParallelState.initialize_single_process()
+    tconfig = transformer_config(preset, parallel.layout, config.precision, use_te=False)
     tconfig.perform_initialization = False
     chunks = build_gpt_chunks(preset, tconfig, use_te=False, virtual_pipeline=None)
     return config, parallel, chunks, preset
 
 
 def _teardown(parallel: Any) -> None:
-    import torch.distributed as dist
-
-    parallel.destroy_model_parallel()
-    dist.destroy_process_group()
+    parallel.shutdown()
 
 
 def hf_to_keel(model_dir: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None) -> Path:

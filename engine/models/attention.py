@@ -12,6 +12,12 @@ Shapes follow megatron: query ``[sq, b, heads, head_dim]``, key/value
 An explicit ``attention_mask`` (bool, True = masked out, broadcastable to
 ``[b, 1 or heads, sq, sk]``) replaces the causal mask; the data pipeline uses it for
 packed sequences so no token attends across a document boundary.
+
+With a KV cache the queries are the last ``sq`` of ``sk`` positions. SDPA's
+``is_causal`` aligns its triangle top-left (query ``i`` sees keys ``<= i``), which is
+right only when ``sq == sk``; a chunk of several new tokens onto a non-empty cache gets
+the bottom-right triangle (query ``i`` sees keys ``<= i + sk - sq``) as an explicit mask.
+A single new token sees the whole cache.
 """
 
 from __future__ import annotations
@@ -52,9 +58,16 @@ class SDPACoreAttention(DotProductAttention):
         else:
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
             causal = mask_type == AttnMaskType.causal and q.shape[2] > 1
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa,
-            )
+            sq, sk = q.shape[2], k.shape[2]
+            if causal and sq != sk:
+                allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=allowed, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa,
+                )
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa,
+                )
         # [b, h, s, d] -> [s, b, h*d]
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

@@ -165,8 +165,12 @@ def _recompute_and_fp8(recompute: str, recompute_num_layers: int, precision: Any
     return kwargs
 
 
-def layer_spec(preset: ModelPreset, use_te: bool) -> Any:
-    """TE layer spec, or the local spec with Keel's CPU attention, MLP and sequence-parallel norm."""
+def layer_spec(preset: ModelPreset, use_te: bool, tp_group: Any = None) -> Any:
+    """TE layer spec, or the local spec with Keel's CPU attention, MLP and sequence-parallel norm.
+
+    ``tp_group`` is the tensor-parallel group of a model built outside megatron's global layout (the
+    generation model); megatron passes it to its own MLP classes, Keel's local MLP takes it here.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -179,13 +183,16 @@ def layer_spec(preset: ModelPreset, use_te: bool) -> Any:
     install_rotary()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=preset.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    spec.submodules.mlp = LocalMLPSpec(spec.submodules.mlp.submodules, params=dict(spec.submodules.mlp.params))
+    mlp_params = dict(spec.submodules.mlp.params)
+    if tp_group is not None:
+        mlp_params["tp_group"] = tp_group
+    spec.submodules.mlp = LocalMLPSpec(spec.submodules.mlp.submodules, params=mlp_params)
     spec.submodules.input_layernorm = LocalNorm
     spec.submodules.pre_mlp_layernorm = LocalNorm
     return spec
 
 
-def _block_spec(spec: Any, config: Any, use_te: bool, vp_stage: Optional[int]) -> Any:
+def _block_spec(spec: Any, config: Any, use_te: bool, vp_stage: Optional[int], pp_rank: Optional[int] = None) -> Any:
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     if use_te:
@@ -196,19 +203,33 @@ def _block_spec(spec: Any, config: Any, use_te: bool, vp_stage: Optional[int]) -
         from engine.models.norm import LocalNorm
 
         norm = LocalNorm
-    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[spec] * count, layer_norm=norm)
 
 
 def build_gpt_chunks(
     preset: ModelPreset, config: Any, use_te: bool, virtual_pipeline: Optional[int],
     model_cls: Optional[type] = None, model_kwargs: Optional[dict[str, Any]] = None,
+    process_groups: Any = None,
 ) -> list[Any]:
-    """One ``GPTModel`` (or ``model_cls``, a subclass) per virtual-pipeline chunk of this rank."""
+    """One ``GPTModel`` (or ``model_cls``, a subclass) per virtual-pipeline chunk of this rank.
+
+    ``process_groups`` (a megatron ``ProcessGroupCollection``) builds a whole, unpipelined model on
+    those groups instead of megatron's global training layout: the generation model.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     model_cls = model_cls or GPTModel
+    if process_groups is not None:
+        spec = layer_spec(preset, use_te, tp_group=process_groups.tp)
+        return [model_cls(
+            config=config, transformer_layer_spec=_block_spec(spec, config, use_te, None, pp_rank=0),
+            vocab_size=preset.vocab_size, max_sequence_length=preset.max_sequence_length,
+            pre_process=True, post_process=True, share_embeddings_and_output_weights=preset.tie_embeddings,
+            position_embedding_type="rope", rotary_base=preset.rotary_base, rotary_percent=preset.rotary_percent,
+            pg_collection=process_groups, **(model_kwargs or {}),
+        )]
     spec = layer_spec(preset, use_te)
     chunks = []
     for vp_stage in range(virtual_pipeline or 1):

@@ -10,11 +10,13 @@ the engine asks. Nothing else touches ``parallel_state`` globals directly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import re
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -194,11 +196,19 @@ class ParallelLayout:
 
 
 class ParallelState:
-    """Initialised process groups for one layout; the accessor the rest of Keel uses."""
+    """Initialised process groups for one training layout; the accessor the rest of Keel uses.
 
-    def __init__(self, layout: ParallelLayout, env: LaunchEnv):
+    The object owns its groups: :meth:`initialize` creates them through megatron's
+    ``parallel_state`` (megatron's modules read them from there) and keeps them, with this
+    rank's coordinates, on the object. A second layout of the same world, the generation
+    layout with its own tensor-parallel size, lives beside it in
+    :class:`engine.parallel.generation_layout.GenerationParallelState`.
+    """
+
+    def __init__(self, layout: ParallelLayout, env: LaunchEnv, groups: Optional[dict[str, Any]] = None):
         self.layout = layout
         self.env = env
+        self._groups = groups if groups is not None else _megatron_groups()
 
     # -- lifecycle -----------------------------------------------------------------
     @classmethod
@@ -247,10 +257,29 @@ class ParallelState:
                     layout.describe(), backend, timeout_minutes)
         return cls(layout, env)
 
+    @classmethod
+    def initialize_single_process(cls, seed: int = 1234, parallel: Any = None) -> ParallelState:
+        """A one-rank gloo world (TP1/PP1/DP1 unless ``parallel``, a ``ParallelConfig``, says otherwise).
+
+        The set-up of every tool that needs megatron's groups on one process (``keel plan``,
+        conversions, ``keel generate``, tests); undo it with :meth:`shutdown`.
+        """
+        layout = ParallelLayout(1, 1, 1) if parallel is None else ParallelLayout.from_config(parallel, 1)
+        return cls.initialize(layout, LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single"), seed=seed)
+
     def destroy_model_parallel(self) -> None:
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
+
+    def shutdown(self) -> None:
+        """Destroy megatron's groups and the world group, and leave the CPU layer (one-process tools)."""
+        from engine.parallel import cpu
+
+        self.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        cpu.deactivate()
 
     # -- ranks and groups ----------------------------------------------------------
     @property
@@ -263,39 +292,27 @@ class ParallelState:
 
     @property
     def tp_rank(self) -> int:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_tensor_model_parallel_rank()
+        return int(self._groups["tp_rank"])
 
     @property
     def pp_rank(self) -> int:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_pipeline_model_parallel_rank()
+        return int(self._groups["pp_rank"])
 
     @property
     def dp_rank(self) -> int:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_data_parallel_rank()
+        return int(self._groups["dp_rank"])
 
     @property
     def dp_group(self) -> Any:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_data_parallel_group()
+        return self._groups["dp_group"]
 
     @property
     def pp_group(self) -> Any:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_pipeline_model_parallel_group()
+        return self._groups["pp_group"]
 
     @property
     def tp_group(self) -> Any:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_tensor_model_parallel_group()
+        return self._groups["tp_group"]
 
     def is_first_stage(self, vp_stage: Optional[int] = None) -> bool:
         from megatron.core import parallel_state
@@ -309,9 +326,36 @@ class ParallelState:
 
     @property
     def last_stage_global_rank(self) -> int:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_pipeline_model_parallel_last_rank()
+        return int(self._groups["last_stage_global_rank"])
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def _megatron_groups() -> dict[str, Any]:
+    """The groups and coordinates megatron's ``parallel_state`` holds for this rank, read once."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp_group": ps.get_tensor_model_parallel_group(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_group": ps.get_pipeline_model_parallel_group(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_group": ps.get_data_parallel_group(), "dp_rank": ps.get_data_parallel_rank(),
+        "last_stage_global_rank": ps.get_pipeline_model_parallel_last_rank(),
+    }
+
+
+@contextlib.contextmanager
+def single_process_parallel(seed: int = 1234, parallel: Any = None) -> Iterator[ParallelState]:
+    """:meth:`ParallelState.initialize_single_process` for the duration of a ``with`` block.
+
+    When a process group already exists (a tool called from inside a run) nothing is created or
+    torn down: ``None`` is yielded and megatron's current groups serve.
+    """
+    if dist.is_initialized():
+        yield None  # type: ignore[misc]
+        return
+    state = ParallelState.initialize_single_process(seed, parallel)
+    try:
+        yield state
+    finally:
+        state.shutdown()

@@ -1,0 +1,270 @@
+"""Training layout → generation layout weight resharding: plan, execute, transport.
+
+**Plan** (computed once per pair of models, printable). Both models describe their
+shards the way checkpoints do, through megatron's ``sharded_state_dict``: each local
+tensor is a box (offset, shape) of a *global*, layout-independent tensor under a key.
+That global form already accounts for fused QKV with grouped KV heads (rows grouped per
+query group, so a TP split is a contiguous run of groups), SwiGLU's fused ``[gate; up]``
+(two boxes per rank, one in each half), the vocabulary-parallel embedding and output
+layer, tied embeddings, and the pipeline (layers stacked on a leading axis). Every rank
+gathers both descriptions once; the plan intersects each generation box with the
+training boxes of the same key and picks, per piece, a source rank among the replicas
+that hold it: the destination itself when it can (an in-process copy), else the
+least-loaded holder.
+
+**Execute** walks the plan in buckets of whole generation parameters whose bytes stay
+under ``bucket_bytes`` (one parameter larger than that is a bucket of its own). In a
+bucket each rank posts its sends and receives, copies its in-process pieces, assembles
+each generation parameter it owns and hands it to the backend's ``update_weights``.
+Peak extra memory is the buffers of one bucket; it is measured and reported.
+
+**Transport** is :func:`exchange_pieces`: point-to-point sends and receives over the
+world group (gloo on CPU, NCCL on GPU), one tag per piece of a bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) in the global tensor's coordinates
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One local tensor of one rank, as a box of a global tensor."""
+
+    key: str
+    rank: int
+    box: Box
+    prepend: int  # leading axes of the global tensor that the local tensor does not have (size 1 in the box)
+    index: int  # position of the local tensor in its rank's shard list
+    param: str = ""  # generation side: the parameter the tensor is a row range of
+    row_start: int = 0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A region of a global tensor that ``src`` sends and ``dst`` writes into parameter ``param``."""
+
+    key: str
+    src: int
+    src_index: int
+    src_slices: tuple[tuple[int, int], ...]  # per local dim of the source tensor
+    dst: int
+    param: str
+    dst_slices: tuple[tuple[int, int], ...]  # per dim of the destination parameter
+    numel: int
+
+
+@dataclass
+class ReshardPlan:
+    """Pieces grouped into buckets of whole generation parameters."""
+
+    buckets: list[list[Piece]]
+    bucket_bytes: int
+    element_size: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def pieces(self) -> Iterator[Piece]:
+        for bucket in self.buckets:
+            yield from bucket
+
+    def describe(self, limit: int = 40) -> str:
+        """A readable table: per piece, which rank sends which slice to which rank's parameter."""
+        pieces = list(self.pieces())
+        moved = sum(p.numel for p in pieces if p.src != p.dst)
+        local = sum(p.numel for p in pieces if p.src == p.dst)
+        lines = [f"reshard plan: {len(pieces)} pieces in {len(self.buckets)} buckets (<= {self.bucket_bytes} B), "
+                 f"{moved * self.element_size / 2**20:.1f} MiB sent between ranks, "
+                 f"{local * self.element_size / 2**20:.1f} MiB copied in-process"]
+        for piece in pieces[:limit]:
+            src = ",".join(f"{a}:{b}" for a, b in piece.src_slices)
+            dst = ",".join(f"{a}:{b}" for a, b in piece.dst_slices)
+            lines.append(f"  {piece.key}[{src}] rank {piece.src} -> rank {piece.dst} {piece.param}[{dst}]")
+        if len(pieces) > limit:
+            lines.append(f"  ... {len(pieces) - limit} more")
+        return "\n".join(lines)
+
+
+def _sharded_tensors(model: Any) -> Iterator[Any]:
+    from engine.models.init import _iter_sharded_tensors
+
+    module = getattr(model, "module", model)
+    for sharded in _iter_sharded_tensors(module.sharded_state_dict()):
+        if isinstance(sharded.data, torch.Tensor):
+            yield sharded
+
+
+def _box(sharded: Any) -> Box:
+    prepend = sharded.prepend_axis_num
+    offset = tuple(sharded.global_offset)
+    shape = (1,) * prepend + tuple(sharded.local_shape)
+    return offset, shape
+
+
+def local_shards(chunks: list[Any], rank: int) -> tuple[list[Shard], list[torch.Tensor]]:
+    """(descriptions, tensors) of a training model's local shards (every chunk of this rank)."""
+    shards: list[Shard] = []
+    tensors: list[torch.Tensor] = []
+    for chunk in chunks:
+        for sharded in _sharded_tensors(chunk):
+            shards.append(Shard(sharded.key, rank, _box(sharded), sharded.prepend_axis_num, len(tensors)))
+            tensors.append(sharded.data)
+    return shards, tensors
+
+
+def generation_shards(model: Any, rank: int) -> list[Shard]:
+    """Descriptions of a generation model's local shards, each tied to the parameter rows it views."""
+    by_storage = {}
+    for name, param in model.named_parameters():
+        by_storage[param.untyped_storage().data_ptr()] = (name, param)
+    shards: list[Shard] = []
+    for sharded in _sharded_tensors(model):
+        data = sharded.data
+        name, param = by_storage[data.untyped_storage().data_ptr()]
+        offset = data.storage_offset() - param.storage_offset()
+        if not data.is_contiguous() or tuple(data.shape[1:]) != tuple(param.shape[1:]) or offset % max(param.stride(0), 1):
+            raise NotImplementedError(f"{sharded.key}: the generation tensor is not a row range of {name}")
+        row_start = offset // param.stride(0) if param.dim() > 1 else offset
+        shards.append(Shard(sharded.key, rank, _box(sharded), sharded.prepend_axis_num, len(shards), name, row_start))
+    return shards
+
+
+def _intersect(a: Box, b: Box) -> Box | None:
+    lo = tuple(max(x, y) for x, y in zip(a[0], b[0], strict=True))
+    hi = tuple(min(x + m, y + n) for x, m, y, n in zip(a[0], a[1], b[0], b[1], strict=True))
+    if any(h <= low for low, h in zip(lo, hi, strict=True)):
+        return None
+    return lo, tuple(h - low for low, h in zip(lo, hi, strict=True))
+
+
+def _local_slices(region: Box, box: Box, prepend: int, row_start: int = 0) -> tuple[tuple[int, int], ...]:
+    """``region`` in the coordinates of the local tensor that holds ``box`` (prepended axes dropped)."""
+    slices = []
+    for dim in range(prepend, len(box[0])):
+        start = region[0][dim] - box[0][dim] + (row_start if dim == prepend else 0)
+        slices.append((start, start + region[1][dim]))
+    return tuple(slices)
+
+
+def build_plan(train: list[Shard], gen: list[Shard], bucket_bytes: int, element_size: int) -> ReshardPlan:
+    """Every generation box covered by pieces of training boxes (see the module docstring)."""
+    sources: dict[str, dict[Box, list[Shard]]] = {}
+    for shard in train:
+        sources.setdefault(shard.key, {}).setdefault(shard.box, []).append(shard)
+    load: dict[int, int] = {}
+    by_param: dict[str, list[Piece]] = {}
+    for target in sorted(gen, key=lambda s: (s.param, s.rank, s.box)):
+        covered = 0
+        for box, holders in sorted(sources.get(target.key, {}).items()):
+            region = _intersect(box, target.box)
+            if region is None:
+                continue
+            numel = int(torch.tensor(region[1]).prod())
+            same = [h for h in holders if h.rank == target.rank]
+            src = same[0] if same else min(holders, key=lambda h: (load.get(h.rank, 0), h.rank))
+            load[src.rank] = load.get(src.rank, 0) + numel * (src.rank != target.rank)
+            by_param.setdefault(target.param, []).append(Piece(
+                target.key, src.rank, src.index, _local_slices(region, box, src.prepend), target.rank, target.param,
+                _local_slices(region, target.box, target.prepend, target.row_start), numel))
+            covered += numel
+        if covered != int(torch.tensor(target.box[1]).prod()):
+            raise ValueError(f"reshard: {target.key} box {target.box} of rank {target.rank} is not covered by the "
+                             f"training shards ({covered} elements found); the two models differ")
+    buckets: list[list[Piece]] = [[]]
+    size = 0
+    for name in sorted(by_param):
+        pieces = by_param[name]
+        nbytes = sum(p.numel for p in pieces) * element_size
+        if buckets[-1] and size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].extend(pieces)
+        size += nbytes
+    return ReshardPlan(buckets, bucket_bytes, element_size)
+
+
+def _view(tensor: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    return tensor[tuple(slice(a, b) for a, b in slices)]
+
+
+def exchange_pieces(sends: list[tuple[torch.Tensor, int, int]], receives: list[tuple[torch.Tensor, int, int]]) -> None:
+    """Transport: post every (tensor, peer rank, tag) send and receive of a bucket, then wait for all."""
+    ops = [dist.P2POp(dist.isend, tensor, peer, tag=tag) for tensor, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, tensor, peer, tag=tag) for tensor, peer, tag in receives]
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
+
+class Resharder:
+    """Moves a training model's weights into a generation backend, every iteration, by a plan made once.
+
+    Collective: every rank of the world constructs it and calls :meth:`reshard` together.
+    """
+
+    def __init__(self, train_chunks: list[Any], backend: Any, bucket_bytes: int = 64 * 2**20):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        train, self.train_tensors = local_shards(train_chunks, rank)
+        gen = generation_shards(backend.model, rank)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, (train, gen))
+            train = [s for part, _ in gathered for s in part]
+            gen = [s for _, part in gathered for s in part]
+        element_size = self.train_tensors[0].element_size() if self.train_tensors else 4
+        start = time.perf_counter()
+        self.plan = build_plan(train, gen, bucket_bytes, element_size)
+        self.plan.stats["plan_seconds"] = time.perf_counter() - start
+        self.backend = backend
+        self.rank = rank
+        logger.info("%s", self.plan.describe(limit=0))
+
+    @torch.no_grad()
+    def reshard(self) -> dict[str, float]:
+        """Execute the plan; returns seconds, bytes sent/received/copied, peak extra bytes and GB/s."""
+        start = time.perf_counter()
+        totals = {"sent_bytes": 0.0, "received_bytes": 0.0, "copied_bytes": 0.0, "peak_extra_bytes": 0.0}
+        for bucket in self.plan.buckets:
+            extra = self._run_bucket(bucket, totals)
+            totals["peak_extra_bytes"] = max(totals["peak_extra_bytes"], float(extra))
+        seconds = time.perf_counter() - start
+        moved = totals["received_bytes"] + totals["copied_bytes"]
+        return {**totals, "seconds": seconds, "gb_per_second": moved / max(seconds, 1e-9) / 1e9}
+
+    def _run_bucket(self, bucket: list[Piece], totals: dict[str, float]) -> int:
+        params = self.backend.params
+        assembled = {p.param: torch.empty_like(params[p.param]) for p in bucket if p.dst == self.rank}
+        sends, receives, pending = [], [], []
+        for tag, piece in enumerate(bucket):
+            if piece.src == self.rank:
+                source = _view(self.train_tensors[piece.src_index], piece.src_slices)
+                if piece.dst == self.rank:
+                    _view(assembled[piece.param], piece.dst_slices).copy_(source)
+                    totals["copied_bytes"] += source.numel() * source.element_size()
+                    continue
+                buffer = source.to(params[piece.param].dtype).contiguous()
+                sends.append((buffer, piece.dst, tag))
+                totals["sent_bytes"] += buffer.numel() * buffer.element_size()
+            elif piece.dst == self.rank:
+                target = _view(assembled[piece.param], piece.dst_slices)
+                buffer = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+                receives.append((buffer, piece.src, tag))
+                pending.append((target, buffer))
+                totals["received_bytes"] += buffer.numel() * buffer.element_size()
+        exchange_pieces(sends, receives)
+        for target, buffer in pending:
+            target.copy_(buffer)
+        self.backend.update_weights(assembled.items())
+        buffers = [b for b, _, _ in sends] + [b for b, _, _ in receives] + list(assembled.values())
+        return sum(b.numel() * b.element_size() for b in buffers)
