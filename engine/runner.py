@@ -3,7 +3,9 @@
 A run can hold several :class:`ModelRunner` objects side by side on the same ranks: the
 policy that trains, a frozen reference (DPO, PPO's KL), and later a critic and a reward
 model. Each runs megatron's schedules (training or forward-only) under any
-pipeline/virtual-pipeline layout, and gives its checkpoint state. The training loop
+pipeline/virtual-pipeline layout, and gives its checkpoint state. A trained runner can
+:meth:`~ModelRunner.offload` its optimizer state and free its grad buffers while a rollout
+generates, and :meth:`~ModelRunner.onload` them before training resumes. The training loop
 (:mod:`engine.trainer`) owns logging, validation, checkpoint timing and signals; it holds
 no model-building code of its own.
 """
@@ -19,6 +21,7 @@ import torch
 
 from engine.checkpoint import dist as ckpt
 from engine.data.batching import Batch, schedule_iterators
+from engine.memory_swap import HostSwap, SwapError
 from engine.models.presets import resolve_preset
 
 logger = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ class ModelRunner:
         self.parallel = parallel
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self._swap: Optional[HostSwap] = None
         if optimizer is not None:
             self._configure_grad_hooks()
 
@@ -174,6 +178,35 @@ class ModelRunner:
         no_sync = [c.no_sync for c in self.chunks]
         self.transformer_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
+    # ------------------------------------------------------------------ memory swap between phases
+    @property
+    def offloaded(self) -> bool:
+        return self._swap is not None and self._swap.offloaded
+
+    def offload(self, optimizer_state: bool = True, grad_buffers: bool = True) -> dict[str, int]:
+        """Before generation: optimizer state to host memory, grad buffers freed; returns bytes per kind.
+
+        See :mod:`engine.memory_swap`. Weights stay, so forward-only schedules still run; training,
+        optimizer steps and checkpoints are refused until :meth:`onload`. Offloading twice, or
+        a frozen runner, raises :class:`~engine.memory_swap.SwapError`.
+        """
+        if self._swap is None:
+            self._swap = HostSwap(self.chunks, self.optimizer)
+        return self._swap.offload(optimizer_state, grad_buffers)
+
+    def onload(self) -> dict[str, int]:
+        """Before training resumes: optimizer state back, grad buffers re-allocated and zeroed.
+
+        Raises :class:`~engine.memory_swap.SwapError` when nothing is offloaded.
+        """
+        if self._swap is None:
+            raise SwapError("onload() without offload(): the model's state is already in place")
+        return self._swap.onload()
+
+    def _require_onloaded(self, what: str) -> None:
+        if self.offloaded:
+            raise SwapError(f"{what} while the optimizer state and grad buffers are offloaded; call onload() first")
+
     # ------------------------------------------------------------------ schedules
     def run_schedule(self, micro_batches: list[Batch], forward_step: ForwardStep, forward_only: bool,
                      collect_outputs: bool = False) -> list[Any]:
@@ -185,6 +218,8 @@ class ModelRunner:
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if not forward_only:
+            self._require_onloaded("a training schedule")
         if not micro_batches:
             return []
         first = micro_batches[0]["tokens"]
@@ -203,6 +238,7 @@ class ModelRunner:
         ) or [])
 
     def zero_grad(self) -> None:
+        self._require_onloaded("zero_grad()")
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -212,6 +248,7 @@ class ModelRunner:
 
         The schedule is advanced first so step k trains at the LR of step k (warm-up starts above 0).
         """
+        self._require_onloaded("an optimizer step")
         self.scheduler.step(increment=1)
         lr = float(self.optimizer.param_groups[0]["lr"])
         _, grad_norm, _ = self.optimizer.step()
@@ -227,11 +264,13 @@ class ModelRunner:
         return ckpt.model_signature(self.preset)
 
     def save(self, directory: str, step: int, extra: dict[str, Any], keep_last: int, with_optimizer: bool) -> str:
+        self._require_onloaded("saving a checkpoint")
         optimizer = self.optimizer if with_optimizer else None
         return str(ckpt.save(directory, step, self.chunks, optimizer, self.parallel, extra, keep_last))
 
     def load(self, path: Path) -> dict[str, Any]:
         """Resume model, optimizer and schedule from ``path``; returns the checkpoint's metadata."""
+        self._require_onloaded("loading a checkpoint")
         meta = ckpt.load(path, self.chunks, self.optimizer, self.parallel, self.signature,
                          load_optimizer=self.optimizer is not None)
         if self.optimizer is not None:
