@@ -130,13 +130,18 @@ def backend_class(name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def check_prompts(prompts: list[list[int]], params: SamplingParams, context: Optional[int]) -> None:
-    """One clear error, before any work, for empty prompts or prompts that leave no room to generate."""
-    limit = params.max_length or context or 0
+def check_prompts(prompts: list[list[int]], params: SamplingParams, context: Optional[int],
+                  names: Optional[list[str]] = None) -> None:
+    """One clear error, before any work, for empty prompts or prompts that leave no room to generate.
+
+    ``names[i]`` says where prompt ``i`` came from (``file:line``); the default is its index.
+    """
+    limit = min(x for x in (params.max_length, context) if x) if (params.max_length or context) else 0
     for i, prompt in enumerate(prompts):
+        where = names[i] if names else f"prompt {i}"
         if not prompt:
-            raise ConfigError(f"prompt {i} is empty")
+            raise ConfigError(f"{where}: the prompt is empty")
         if limit and len(prompt) >= limit:
             raise ConfigError(
-                f"prompt {i} has {len(prompt)} tokens, which leaves no room to generate within the context of "
+                f"{where}: the prompt has {len(prompt)} tokens, which leaves no room to generate within the context of "
                 f"{limit} tokens; shorten the prompt or raise the model's max_length")
