@@ -406,6 +406,7 @@ class TRTLLMBackend:
         self._engine_dir: Optional[Path] = None
         self._runner: Any = None
         self._updates = 0
+        self._warned_logprobs = False
 
     @property
     def max_seq_len(self) -> int:
@@ -504,8 +505,7 @@ class TRTLLMBackend:
         return api.Request(input_token_ids=list(prompt), max_tokens=budget, sampling_config=sampling,
                            output_config=output, stop_words=stop_words)
 
-    @staticmethod
-    def _rollouts(prompts: list[list[int]], params: SamplingParams, results: list[Any]) -> Rollouts:
+    def _rollouts(self, prompts: list[list[int]], params: SamplingParams, results: list[Any]) -> Rollouts:
         stops = set(params.stop_token_ids)
         tokens, logprobs, reasons = [], [], []
         for result in results:
@@ -514,7 +514,8 @@ class TRTLLMBackend:
             logprobs.append([float(x) for x in result.log_probs[0]][: len(new)])
             reasons.append("stop" if new and new[-1] in stops else "length")
         raw = params.temperature == 1.0 and params.top_k == 0 and params.top_p == 1.0
-        if not raw:
+        if not raw and not self._warned_logprobs:
+            self._warned_logprobs = True
             logger.warning("trtllm: log-probs are of TensorRT-LLM's sampling distribution (temperature=%s, top_k=%s, "
                            "top_p=%s), not the raw model distribution", params.temperature, params.top_k, params.top_p)
         stats = {"logprobs_raw": float(raw), "new_tokens": float(sum(len(t) for t in tokens))}
