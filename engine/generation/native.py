@@ -118,7 +118,7 @@ class NativeBackend:
             torch.cuda.empty_cache()
 
     # -- generation ----------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seeds: Optional[list[int]] = None) -> Rollouts:
         """Complete every prompt. Every rank of the world calls it with the same prompts; each replica

@@ -11,6 +11,8 @@ llama.cpp dependencies: only the GGUF file is needed).
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,13 @@ def test_smollm2_gguf_answers_paris_and_matches_transformers(gguf_file: Path, tm
     from engine.trainer import build_model
 
     launch(1, ["-m", "engine", "convert", "gguf-to-keel", str(gguf_file), str(tmp_path / "keel"),
-               "model.preset=smollm2-135m"])
+               "model.preset=smollm2-135m", f"data.tokenizer={gguf_file}", "data.chat_template=auto"])
+    # the user's path: keel generate on the native KV-cache backend, the model's own chat template
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": QUESTION}) + "\n")
+    launch(1, ["-m", "engine", "generate", str(tmp_path / "keel"), str(tmp_path / "prompts.jsonl"),
+               str(tmp_path / "answers.jsonl"), "--max-new-tokens", "16", "--quiet"])
+    generated = json.loads((tmp_path / "answers.jsonl").read_text())
+    assert "Paris" in generated["completion"], generated
     tokenizer = load_tokenizer(str(gguf_file))
     prompt = render_prompt([{"role": "user", "content": QUESTION}], tokenizer, "chatml")
     config = load_config(TrainConfig, None, ["model.preset=smollm2-135m", "model.init=megatron"])
