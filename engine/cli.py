@@ -153,10 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     _register_optional(sub, "eval", "engine.eval.cli", "evaluate reward models (RewardBench-style accuracy)")
     _register_optional(sub, "convert", "engine.convert", "convert checkpoints to/from Hugging Face and GGUF")
     from engine.generate import register as register_generate
+    from engine.generation.plan_cli import register as register_reshard_plan
     from engine.plan import register as register_plan
 
     register_plan(sub)
     register_generate(sub)
+    register_reshard_plan(sub)
     return parser
 
 

@@ -63,6 +63,7 @@ class Piece:
     param: str
     dst_slices: tuple[tuple[int, int], ...]  # per dim of the destination parameter
     numel: int
+    region: Box = ((), ())  # the piece in the global tensor's coordinates
 
 
 @dataclass
@@ -87,9 +88,9 @@ class ReshardPlan:
                  f"{moved * self.element_size / 2**20:.1f} MiB sent between ranks, "
                  f"{local * self.element_size / 2**20:.1f} MiB copied in-process"]
         for piece in pieces[:limit]:
-            src = ",".join(f"{a}:{b}" for a, b in piece.src_slices)
+            region = ",".join(f"{o}:{o + n}" for o, n in zip(*piece.region, strict=True))
             dst = ",".join(f"{a}:{b}" for a, b in piece.dst_slices)
-            lines.append(f"  {piece.key}[{src}] rank {piece.src} -> rank {piece.dst} {piece.param}[{dst}]")
+            lines.append(f"  {piece.key}[{region}]  rank {piece.src} -> rank {piece.dst}  {piece.param}[{dst}]")
         if len(pieces) > limit:
             lines.append(f"  ... {len(pieces) - limit} more")
         return "\n".join(lines)
@@ -124,13 +125,12 @@ def local_shards(chunks: list[Any], rank: int) -> tuple[list[Shard], list[torch.
 
 def generation_shards(model: Any, rank: int) -> list[Shard]:
     """Descriptions of a generation model's local shards, each tied to the parameter rows it views."""
-    by_storage = {}
-    for name, param in model.named_parameters():
-        by_storage[param.untyped_storage().data_ptr()] = (name, param)
+    params = {id(param): (name, param) for name, param in model.named_parameters()}
     shards: list[Shard] = []
     for sharded in _sharded_tensors(model):
         data = sharded.data
-        name, param = by_storage[data.untyped_storage().data_ptr()]
+        base = data if data._base is None else data._base  # SwiGLU's gate and up are views of fc1
+        name, param = params[id(base)]
         offset = data.storage_offset() - param.storage_offset()
         if not data.is_contiguous() or tuple(data.shape[1:]) != tuple(param.shape[1:]) or offset % max(param.stride(0), 1):
             raise NotImplementedError(f"{sharded.key}: the generation tensor is not a row range of {name}")
@@ -175,7 +175,7 @@ def build_plan(train: list[Shard], gen: list[Shard], bucket_bytes: int, element_
             load[src.rank] = load.get(src.rank, 0) + numel * (src.rank != target.rank)
             by_param.setdefault(target.param, []).append(Piece(
                 target.key, src.rank, src.index, _local_slices(region, box, src.prepend), target.rank, target.param,
-                _local_slices(region, target.box, target.prepend, target.row_start), numel))
+                _local_slices(region, target.box, target.prepend, target.row_start), numel, region))
             covered += numel
         if covered != int(torch.tensor(target.box[1]).prod()):
             raise ValueError(f"reshard: {target.key} box {target.box} of rank {target.rank} is not covered by the "

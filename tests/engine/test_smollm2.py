@@ -12,7 +12,6 @@ llama.cpp dependencies: only the GGUF file is needed).
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest

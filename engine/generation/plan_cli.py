@@ -1,0 +1,81 @@
+"""``keel reshard-plan``: print the training → generation resharding plan of a model.
+
+The plan is computed exactly as in a run (:mod:`engine.generation.reshard`), from both
+models' checkpoint metadata, on models built on the meta device (no memory, no weights),
+so any preset's plan can be read on a laptop. It needs one process per training rank:
+started without torchrun, the command relaunches itself on ``TP × PP × DP`` gloo ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any]:
+    from engine.config import PrecisionConfig
+    from engine.models.builder import build_gpt_chunks, transformer_config
+    from engine.models.presets import PRESETS
+    from engine.parallel.generation_layout import GenerationParallelState
+    from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
+
+    preset = PRESETS[args.model]
+    env = read_launch_env()
+    layout = ParallelLayout(args.train_tensor, args.train_pipeline, env.world_size // (args.train_tensor * args.train_pipeline))
+    layout.check_model(preset)
+    state = ParallelState.initialize(layout, env)
+    generation = GenerationParallelState.initialize(args.generation_tensor)
+    generation.layout.check_model(preset)
+    with torch.device("meta"):
+        config = transformer_config(preset, state.layout, PrecisionConfig(), use_te=False)
+        config.perform_initialization = False
+        train = build_gpt_chunks(preset, config, use_te=False, virtual_pipeline=None)
+        gen_config = transformer_config(preset, generation.layout, PrecisionConfig(), use_te=False)
+        gen_config.perform_initialization = False
+        model = build_gpt_chunks(preset, gen_config, False, None, process_groups=generation.process_groups())[0]
+    return train, model
+
+
+def cmd_reshard_plan(args: argparse.Namespace) -> int:
+    from engine.generation.reshard import build_plan, generation_shards, local_shards
+
+    world = args.train_tensor * args.train_pipeline * args.data
+    if "RANK" not in os.environ and world > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                   "-m", "engine", *sys.argv[1:]]
+        return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    train, model = _meta_models(args)
+    rank = dist.get_rank()
+    shards = (local_shards(train, rank)[0], generation_shards(model, rank))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, shards)
+    plan = build_plan([s for t, _ in gathered for s in t], [s for _, g in gathered for s in g],
+                      args.bucket_mib * 2**20, 4)
+    if rank == 0:
+        print(f"{args.model}: training TP{args.train_tensor}×PP{args.train_pipeline}×DP{args.data} -> "
+              f"generation TP{args.generation_tensor} ({world // args.generation_tensor} replicas)")
+        print(plan.describe(limit=args.limit), flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``keel reshard-plan``."""
+    parser = subparsers.add_parser(
+        "reshard-plan", help="print which training shard goes to which generation rank",
+        description="Compute and print the training -> generation weight resharding plan of a model preset "
+        "(models on the meta device; relaunches itself on TP x PP x DP gloo ranks).")
+    parser.add_argument("--model", required=True, help="model preset")
+    parser.add_argument("--train-tensor", type=int, default=1)
+    parser.add_argument("--train-pipeline", type=int, default=1)
+    parser.add_argument("--data", type=int, default=1, help="training data-parallel size")
+    parser.add_argument("--generation-tensor", type=int, default=1)
+    parser.add_argument("--bucket-mib", type=int, default=64, help="bucket size of the execution (MiB)")
+    parser.add_argument("--limit", type=int, default=40, help="pieces to list (the summary counts all)")
+    parser.set_defaults(func=cmd_reshard_plan)

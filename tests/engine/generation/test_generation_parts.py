@@ -1,0 +1,98 @@
+"""Single-process pieces of generation: sampling options and filters, the KV-cache attention mask, the
+resharding planner on hand-made shard descriptions, and ``keel reshard-plan``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.errors import ConfigError
+from engine.generation.base import SamplingParams, backend_class, check_prompts
+from engine.generation.native import filter_logits, pick_tokens
+from engine.generation.reshard import Shard, build_plan
+from tests.helpers import launch
+
+
+def test_sampling_options_are_checked_and_unknown_ones_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown sampling option.*beam_width"):
+        SamplingParams.from_dict({"temperature": 0.7, "beam_width": 4})
+    with pytest.raises(ConfigError, match="top_p=0.0 must be in"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ConfigError, match="temperature=-1"):
+        SamplingParams(temperature=-1)
+    assert SamplingParams.from_dict({"stop_token_ids": [3, 4]}).stop_token_ids == (3, 4)
+    with pytest.raises(ConfigError, match="unknown generation backend 'vllm'"):
+        backend_class("vllm")
+
+
+def test_prompt_without_room_is_refused_with_its_name() -> None:
+    with pytest.raises(ConfigError, match="a.jsonl, line 2: the prompt has 8 tokens.*context of 8"):
+        check_prompts([[1], [1] * 8], SamplingParams(), 8, names=["a.jsonl, line 1", "a.jsonl, line 2"])
+    with pytest.raises(ConfigError, match="prompt 0: the prompt is empty"):
+        check_prompts([[]], SamplingParams(), 8)
+
+
+def test_top_k_and_top_p_keep_what_the_definitions_say() -> None:
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    # top-k 2: the two largest (0.4, 0.3); top-p 0.75: the smallest prefix of the sorted probabilities
+    # reaching 0.75 is 0.4 + 0.3 + 0.15 = 0.85 (0.4 + 0.3 = 0.7 falls short)
+    kept_k = torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_k=2)))[0].tolist()
+    kept_p = torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.75)))[0].tolist()
+    assert kept_k == [False, True, False, True, False]
+    assert kept_p == [False, True, False, True, True]
+    scaled = filter_logits(logits, SamplingParams(temperature=0.5))
+    assert torch.allclose(scaled, logits * 2)
+    draws = pick_tokens(logits.expand(4000, -1), SamplingParams(temperature=1.0, top_k=2),
+                        [torch.Generator().manual_seed(i) for i in range(4000)])
+    share = (draws == 1).float().mean().item()
+    assert abs(share - 0.4 / 0.7) < 0.03 and set(draws.tolist()) == {1, 3}
+
+
+def test_causal_chunk_onto_a_cache_sees_the_bottom_right_triangle() -> None:
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from engine.models.attention import SDPACoreAttention
+
+    attention = SDPACoreAttention.__new__(SDPACoreAttention)
+    torch.nn.Module.__init__(attention)
+    attention.attention_dropout = torch.nn.Dropout(0.0)
+    attention.softmax_scale = None
+    attention.attn_mask_type = AttnMaskType.causal
+    torch.manual_seed(0)
+    q, k, v = torch.randn(8, 2, 4, 16), torch.randn(8, 2, 2, 16), torch.randn(8, 2, 2, 16)
+    full = attention(q, k, v, None)
+    chunk = attention(q[5:], k, v, None)  # the last 3 queries onto 8 keys (5 cached)
+    assert torch.allclose(chunk, full[5:], atol=1e-6)
+
+
+def _shard(key: str, rank: int, offset: tuple[int, ...], shape: tuple[int, ...], param: str = "") -> Shard:
+    return Shard(key, rank, (offset, shape), 0, 0, param, 0)
+
+
+def test_planner_prefers_in_process_copies_balances_replicas_and_reports_gaps() -> None:
+    # training: TP2 over rows of a [4, 3] tensor, two data-parallel replicas (ranks 0,1 and 2,3)
+    train = [_shard("w", r, ((r % 2) * 2, 0), (2, 3)) for r in range(4)]
+    # generation TP1: every rank wants the whole tensor
+    gen = [_shard("w", r, (0, 0), (4, 3), param="w") for r in range(4)]
+    plan = build_plan(train, gen, bucket_bytes=2**20, element_size=4)
+    pieces = list(plan.pieces())
+    assert sum(p.numel for p in pieces) == 4 * 12
+    for piece in pieces:
+        own_rows = (piece.dst % 2) * 2
+        if piece.region[0][0] == own_rows:  # the destination holds this half itself: copied in-process
+            assert piece.src == piece.dst
+    remote = [p.src for p in pieces if p.src != p.dst]
+    assert sorted(remote) == [0, 1, 2, 3]  # each replica rank sends once: load spread over both replicas
+    with pytest.raises(ValueError, match="not covered"):
+        build_plan(train[:1], gen[:1], 2**20, 4)
+
+
+def test_reshard_plan_command_prints_the_plan() -> None:
+    proc = launch(1, ["-m", "engine", "reshard-plan", "--model", "tiny-llama", "--train-tensor", "2",
+                      "--generation-tensor", "1", "--limit", "3"])
+    out = proc.stdout
+    assert "training TP2×PP1×DP1 -> generation TP1 (2 replicas)" in out, out
+    assert "decoder.layers.mlp.linear_fc1.weight" in out or "more" in out
+    assert math.isfinite(float(out.split("MiB sent")[0].split(",")[-1].strip()))
