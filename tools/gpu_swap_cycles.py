@@ -1,9 +1,8 @@
 """GPU check: memory does not grow over train <-> generate cycles with the optimizer swapped out.
 
 Each cycle: one SFT training step, ``ModelRunner.offload()`` (optimizer state to pinned host
-memory, grad buffers freed), a forward-only pass standing in for generation (the native
-backend's ``generate``/``release`` should take its place once it is on this branch), then
-``onload()``. After each phase it prints ``torch.cuda.memory_allocated`` and
+memory, grad buffers freed), reshard into the native generation backend, generate (KV cache),
+``release()``, then ``onload()``. After each phase it prints ``torch.cuda.memory_allocated`` and
 ``max_memory_allocated`` (MiB); at the end it compares the allocation after the last onload
 with the one after cycle 2 (cycle 1 creates the AdamW state) and exits 1 if it grew by more
 than ``--tolerance-mib``, or if an offload freed less than it reported.
@@ -35,21 +34,22 @@ def _mib() -> tuple[float, float]:
     return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
 
 
-def _generate_stand_in(trainer: Any) -> None:
-    runner = trainer.model
-    runner.set_training(False)
-    with torch.no_grad():
-        runner.run_schedule([trainer.train_data.collate(list(range(4)))], trainer._forward_step, True)
-    runner.set_training(True)
+def _generate(resharder: Any) -> None:
+    from engine.generation.base import SamplingParams
+
+    resharder.reshard()
+    prompts = [[1 + (7 * i + j) % 200 for j in range(16 + 4 * i)] for i in range(8)]
+    resharder.backend.generate(prompts, SamplingParams(max_new_tokens=64, temperature=1.0, seed=1))
+    resharder.backend.release()
 
 
-def _cycle(trainer: Any, number: int) -> tuple[float, bool]:
+def _cycle(trainer: Any, resharder: Any, number: int) -> tuple[float, bool]:
     """One train -> offload -> generate -> onload cycle; returns (MiB after onload, offload freed enough)."""
     trainer.train_step(number)
     trained, _ = _mib()
     stats = trainer.model.offload()
     offloaded, _ = _mib()
-    _generate_stand_in(trainer)
+    _generate(resharder)
     generated, _ = _mib()
     trainer.model.onload()
     onloaded, peak = _mib()
@@ -73,13 +73,17 @@ def main() -> int:
         return 2
     from engine.algorithms.sft import SFTStep
     from engine.config import TrainConfig, load_config
+    from engine.generation.native import NativeBackend
+    from engine.generation.reshard import Resharder
+    from engine.parallel.generation_layout import GenerationParallelState
     from engine.parallel.layout import ParallelLayout, ParallelState
     from engine.trainer import Trainer
 
     config = load_config(TrainConfig, None, DEFAULTS + args.overrides)
     parallel = ParallelState.initialize(ParallelLayout.from_config(config.parallel, 1), seed=config.run.seed)
     trainer = Trainer(config, SFTStep(), parallel)
-    after = [_cycle(trainer, n) for n in range(1, args.cycles + 1)]
+    resharder = Resharder(trainer.model.chunks, NativeBackend(config, GenerationParallelState.initialize(1), 8))
+    after = [_cycle(trainer, resharder, n) for n in range(1, args.cycles + 1)]
     growth = after[-1][0] - after[min(1, len(after) - 1)][0]
     ok = growth <= args.tolerance_mib and all(freed for _, freed in after)
     print(f"{'PASS' if ok else 'FAIL'}: allocation after onload grew {growth:.2f} MiB from cycle 2 to "
