@@ -23,19 +23,22 @@ from typing import Any, Optional
 import torch
 
 _original: Optional[Callable[..., torch.Tensor]] = None
-_cache: dict[tuple[int, torch.dtype], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+_cache: dict[tuple[Any, ...], tuple[Any, torch.Tensor, torch.Tensor]] = {}
 _CACHE_SIZE = 16
 
 
 def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (id(freqs), dtype)
+    # With a KV cache megatron passes each layer a fresh slice of one frequency tensor: key by the
+    # base tensor and the slice, so every layer of a decoding step shares one cos/sin.
+    base = freqs if freqs._base is None else freqs._base
+    key = (id(base), freqs.storage_offset(), tuple(freqs.shape), tuple(freqs.stride()), dtype)
     hit = _cache.get(key)
-    if hit is not None and hit[0]() is freqs:
+    if hit is not None and hit[0]() is base:
         return hit[1], hit[2]
     cos, sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
     if len(_cache) >= _CACHE_SIZE:
         _cache.pop(next(iter(_cache)))
-    _cache[key] = (weakref.ref(freqs), cos, sin)
+    _cache[key] = (weakref.ref(base), cos, sin)
     return cos, sin
 
 
