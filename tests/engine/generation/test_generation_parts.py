@@ -96,3 +96,16 @@ def test_reshard_plan_command_prints_the_plan() -> None:
     assert "training TP2×PP1×DP1 -> generation TP1 (2 replicas)" in out, out
     assert "decoder.layers.mlp.linear_fc1.weight" in out or "more" in out
     assert math.isfinite(float(out.split("MiB sent")[0].split(",")[-1].strip()))
+
+
+def test_generation_tp_that_does_not_split_the_heads_is_refused() -> None:
+    from engine.models.presets import PRESETS
+    from engine.parallel.generation_layout import GenerationLayout
+    from engine.parallel.layout import LayoutError
+
+    with pytest.raises(LayoutError, match=r"KV heads\)=2 is not divisible by the generation tensor-parallel size 4"):
+        GenerationLayout.for_world(4, 8).check_model(PRESETS["tiny-llama"])
+    with pytest.raises(LayoutError, match="num_attention_heads=9 is not divisible by the generation tensor-parallel size 2"):
+        GenerationLayout.for_world(2, 2).check_model(PRESETS["smollm2-135m"])
+    with pytest.raises(LayoutError, match="size 3 does not divide the world size 4; pick one of 1, 2, 4"):
+        GenerationLayout.for_world(3, 4)
