@@ -189,9 +189,12 @@ def print_result(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(cmd: list[str], label: str, cwd: Path, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Run ``cmd`` to completion; its last ``RESULT`` line, plus ``peak_rss_mib`` (the child's ``ru_maxrss``,
-    via ``wait4``), ``wall_s`` and the load average before and after it. Exits with the output's tail on failure."""
+def run_child(cmd: list[str], label: str, cwd: Path, env: Optional[dict[str, str]] = None,
+              result_file: Optional[Path] = None) -> dict[str, Any]:
+    """Run ``cmd`` to completion; its last ``RESULT`` line (or, with ``result_file``, that file's JSON: what a
+    multi-rank launch writes from one rank), plus ``peak_rss_mib`` (``ru_maxrss`` of the child, or of its largest
+    descendant, via ``wait4``), ``wall_s`` and the load average before and after it. Exits with the output's tail
+    on failure."""
     load_before = load_average()
     began = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
@@ -201,9 +204,11 @@ def run_child(cmd: list[str], label: str, cwd: Path, env: Optional[dict[str, str
         out.seek(0)
         text = out.read()
     lines = [line for line in text.splitlines() if line.startswith(RESULT_PREFIX)]
-    if status != 0 or not lines:
+    found = result_file.is_file() if result_file is not None else bool(lines)
+    if status != 0 or not found:
         raise SystemExit(f"{label} failed:\n{text[-4000:]}")
-    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result: dict[str, Any] = json.loads(result_file.read_text() if result_file is not None
+                                        else lines[-1][len(RESULT_PREFIX):])
     result.update(peak_rss_mib=round(usage.ru_maxrss / 1024, 1), wall_s=round(time.perf_counter() - began, 1),
                   load_before=load_before, load_after=load_average())
     return result
