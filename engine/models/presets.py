@@ -76,6 +76,8 @@ PRESETS: dict[str, ModelPreset] = {
             normalization="LayerNorm", activation="squared_relu", tie_embeddings=False,
         ),
         ModelPreset("bench-34m", 8, 512, 8, 4, 1536, 8192, 1024, **_LLAMA),  # type: ignore[arg-type]
+        # ~125M, heads and KV heads divisible by 2 and 4: multi-rank benchmarks (refit) on CPU
+        ModelPreset("bench-125m", 12, 768, 12, 4, 2048, 32000, 1024, **_LLAMA),  # type: ignore[arg-type]
         ModelPreset("bench-1b", 24, 2048, 16, 8, 5632, 32000, 2048, **_LLAMA),  # type: ignore[arg-type]
         ModelPreset(
             "smollm2-135m", 30, 576, 9, 3, 1536, 49152, 8192, tie_embeddings=True, rotary_base=100000,

@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tools.bench.common import machine_info, versions, write_report  # noqa: E402
+from tools.bench.common import machine_info, print_result, run_child, versions, write_report  # noqa: E402
 
 DEFAULT_OUT = REPO / "tools/bench/results/dpo.json"
 LR, BETA = 5e-6, 0.1
@@ -169,7 +168,7 @@ def child(args: argparse.Namespace) -> int:
     lengths = [len(c) + len(r) for (c, _), (r, _), _ in pairs.pairs]
     result.update(pairs_per_step=args.batch, mean_pair_tokens=sum(lengths) / len(lengths))
     result["pairs_per_s"] = args.batch * len(result["step_times_s"]) / sum(result["step_times_s"])
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
     return 0
 
 
@@ -177,19 +176,9 @@ def measure(side: str, variant: str, args: argparse.Namespace) -> dict[str, Any]
     cmd = [sys.executable, __file__, "--child", "--side", side, "--variant", variant, "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
            "--rows", str(args.rows), "--threads", str(args.threads)] + (["--trl-padding-free"] if args.trl_padding_free else [])
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
-        _, status, usage = os.wait4(proc.pid, 0)
-        out.seek(0)
-        text = out.read()
-    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
-    if status != 0 or not lines:
-        raise SystemExit(f"{side}/{variant} failed:\n{text[-4000:]}")
-    result: dict[str, Any] = json.loads(lines[-1][len("RESULT "):])
-    result.update(peak_rss_mib=round(usage.ru_maxrss / 1024, 1), load_1m_before=load_before,
-                  load_1m_after=os.getloadavg()[0])
+    result = run_child(cmd, f"{side}/{variant}", REPO, env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
+    load_before = result["load_1m_before"] = result["load_before"]["1m"]
+    result["load_1m_after"] = result["load_after"]["1m"]
     print(f"{side:5s} {variant:8s} {result['pairs_per_s']:.2f} pairs/s, peak RSS {result['peak_rss_mib']:.0f} MiB "
           f"(load {load_before:.1f} -> {result['load_1m_after']:.1f})", flush=True)
     return result

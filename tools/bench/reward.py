@@ -67,7 +67,6 @@ import argparse
 import logging
 import os
 import random
-import statistics
 import string
 import sys
 import tempfile
@@ -81,7 +80,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tools.bench.common import machine_info, versions, write_report  # noqa: E402
+from tools.bench.common import Timer, interleave, machine_info, versions, write_report  # noqa: E402
 
 logger = logging.getLogger("bench.reward")
 DEFAULT_OUT = REPO / "tools/bench/results/reward.json"
@@ -106,51 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     parser.add_argument("--seed", type=int, default=1234)
     return parser.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------- timing
-
-
-class Timer:
-    """Wall and process-CPU times of one side's timed calls."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []
-        self.warmup_times: list[float] = []
-
-    def run(self, fn: Callable[[], Any], timed: bool = True) -> Any:
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        if timed:
-            self.times.append(wall)
-            self.cpu_times.append(cpu)
-        else:
-            self.warmup_times.append(wall)
-        return out
-
-    def summary(self, units_per_call: int, unit: str, threads: int) -> dict[str, Any]:
-        total = sum(self.times)
-        return {
-            f"{unit}_per_s": round(units_per_call * len(self.times) / total, 2),
-            f"{unit}_per_s_median": round(units_per_call / statistics.median(self.times), 2),
-            f"{unit}_per_s_best": round(units_per_call / min(self.times), 2),
-            f"{unit}_per_cpu_s": round(units_per_call * len(self.times) / sum(self.cpu_times), 2),
-            "time_s": {"mean": round(total / len(self.times), 4), "median": round(statistics.median(self.times), 4),
-                       "min": round(min(self.times), 4), "max": round(max(self.times), 4)},
-            "times_s": [round(t, 4) for t in self.times],
-            "cpu_times_s": [round(t, 4) for t in self.cpu_times],
-            "cpu_utilisation": round(sum(self.cpu_times) / total / threads, 3),
-            "warmup_times_s": [round(t, 4) for t in self.warmup_times],
-        }
-
-
-def interleave(names: list[str], rounds: int, call: Callable[[str], None]) -> None:
-    """A B, B A, A B, ...: ``rounds`` calls of each side."""
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            call(name)
 
 
 # ---------------------------------------------------------------------------- data

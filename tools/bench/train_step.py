@@ -46,15 +46,11 @@ then (monotonic: for the second side an upper bound only).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import logging
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -62,17 +58,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tools.bench.common import machine_info, versions, write_report  # noqa: E402
+from tools.bench.common import (  # noqa: E402
+    MIB,
+    RssSampler,
+    machine_info,
+    rss_bytes,
+    ru_maxrss_bytes,
+    trim_memory,
+    versions,
+    write_report,
+)
 
 logger = logging.getLogger("bench.train_step")
 DEFAULT_OUT = REPO / "tools/bench/results/train_step.json"
-MIB = 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,50 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model_override is None:
         args.model_override = ["num_layers=13"]
     return args
-
-
-# ---------------------------------------------------------------------------- memory
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
-class RssSampler:
-    """Samples this process's RSS on a background thread; ``peak`` is the maximum seen."""
-
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._proc = psutil.Process()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, int(self._proc.memory_info().rss))
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _ru_maxrss() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------------------- timing
@@ -182,29 +141,29 @@ class Side:
 
     def build_and_measure(self, build: Builder, args: argparse.Namespace) -> None:
         """Build, warm up, then one RSS-sampled step: fills ``self.memory``."""
-        _trim()
-        baseline = _rss()
+        trim_memory()
+        baseline = rss_bytes()
         began = time.perf_counter()
         self.step, self.keep = build()
         self.build_s = time.perf_counter() - began
-        _trim()
-        after_build = _rss()
+        trim_memory()
+        after_build = rss_bytes()
         for _ in range(args.warmup):
             self.run(timed=False)
         with RssSampler(args.rss_interval_ms / 1000.0) as sampler:
             self.run(timed=False)
-        steady = _rss()
+        steady = rss_bytes()
         self.memory = {
             "baseline_rss_mib": round(baseline / MIB, 1),
             "after_build_rss_delta_mib": round((after_build - baseline) / MIB, 1),
             "peak_rss_delta_mib": round((sampler.peak - baseline) / MIB, 1),
             "steady_rss_delta_mib": round((steady - baseline) / MIB, 1),
-            "ru_maxrss_mib": round(_ru_maxrss() / MIB, 1),
+            "ru_maxrss_mib": round(ru_maxrss_bytes() / MIB, 1),
         }
 
     def release(self) -> None:
         self.step = self.keep = None
-        _trim()
+        trim_memory()
 
     def report(self, tokens_per_step: int, threads: int) -> dict[str, Any]:
         total = sum(self.times)
