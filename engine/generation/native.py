@@ -77,7 +77,7 @@ class NativeBackend:
 
     name = "native"
 
-    def __init__(self, config: Any, state: Any, max_batch_size: int = 64):
+    def __init__(self, config: Any, state: Any, max_batch_size: int = 64, decoder: str = "auto"):
         from engine.models.builder import build_gpt_chunks, transformer_config, use_transformer_engine
         from engine.models.presets import resolve_preset
 
@@ -93,8 +93,23 @@ class NativeBackend:
             model = model.cuda(torch.cuda.current_device())
         self.model = model.eval()
         self.params = dict(self.model.named_parameters())
+        self.decoder = self._pick_decoder(decoder)
         self.loaded: set[str] = set()
         self.stats: dict[str, float] = {}
+
+    def _pick_decoder(self, choice: str) -> Any:
+        """:class:`~engine.generation.decoder.CachedDecoder` where it applies ("auto"/"cached"), else None:
+        megatron's modules with its static cache ("megatron", and the TE spec)."""
+        from engine.generation.decoder import CachedDecoder, supports
+
+        if choice not in ("auto", "cached", "megatron"):
+            raise ConfigError(f"decoder={choice!r}: expected auto, cached or megatron")
+        why_not = supports(self.model)
+        if choice == "cached" and why_not:
+            raise ConfigError(f"the cached decoder cannot run this model: {why_not}")
+        if choice == "megatron" or why_not:
+            return None
+        return CachedDecoder(self.model, self.state.tp_group, self.state.layout.tensor)
 
     # -- weights -------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -113,7 +128,9 @@ class NativeBackend:
         return sorted(set(self.params) - self.loaded)
 
     def release(self) -> None:
-        """Free what generation holds beyond the weights (KV caches live per batch; the allocator's cache here)."""
+        """Free what generation holds beyond the weights: the KV cache, and on GPU the allocator's cache."""
+        if self.decoder is not None:
+            self.decoder.release()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -155,18 +172,28 @@ class NativeBackend:
             merged.update(part)
         return merged
 
-    def _forward(self, tokens: torch.Tensor, start: int, context: Any) -> torch.Tensor:
-        """Logits ``[rows, vocab]`` (fp32, whole vocabulary) after ``tokens [rows, n]`` at positions ``start..``."""
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
-        logits = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
-        context.increment_sequence_len_offset(tokens.shape[1])
-        return logits[:, -1].float()
+    def _batch_forward(self, rows: int, length: int) -> Any:
+        """``forward(tokens [rows, n], start) -> fp32 logits [rows, vocab]`` at the last position, with a fresh
+        KV cache for ``rows`` rows of up to ``length`` positions."""
+        if self.decoder is not None:
+            self.decoder.allocate(rows, length)
+            self.stats["kv_cache_bytes"] = float(self.decoder.cache_bytes())
+            return self.decoder.forward
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        context = StaticInferenceContext(rows, length)
+
+        def forward(tokens: torch.Tensor, start: int) -> torch.Tensor:
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
+            logits = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+            context.increment_sequence_len_offset(tokens.shape[1])
+            return logits[:, -1].float()
+
+        return forward
 
     def _decode(self, prompts: list[list[int]], params: SamplingParams,
                 seeds: list[int]) -> list[tuple[list[int], list[float], str]]:
         """One batch: (new tokens, their log-probs, finish reason) per prompt."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         limit = min(params.max_length or self.preset.max_sequence_length, self.preset.max_sequence_length)
         lengths = [len(p) for p in prompts]
         total = min(max(lengths) + params.max_new_tokens, limit)
@@ -174,14 +201,14 @@ class NativeBackend:
         tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
         for i, prompt in enumerate(prompts):
             tokens[i, : len(prompt)] = torch.tensor(prompt)
-        context = StaticInferenceContext(len(prompts), total)
+        forward = self._batch_forward(len(prompts), total)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         stops = set(params.stop_token_ids)
         new: list[list[int]] = [[] for _ in prompts]
         logps: list[list[float]] = [[] for _ in prompts]
         finish: list[Optional[str]] = [None] * len(prompts)
         position = min(lengths)
-        logits = self._forward(tokens[:, :position], 0, context)
+        logits = forward(tokens[:, :position], 0)
         while True:
             # rows that draw now: not finished and past their prompt (a row's generator is used only for its own draws)
             active = [i for i in range(len(prompts)) if finish[i] is None and position >= lengths[i]]
@@ -199,8 +226,6 @@ class NativeBackend:
                         finish[i] = "length"
             if all(f is not None for f in finish):
                 break
-            logits = self._forward(tokens[:, position: position + 1], position, context)
+            logits = forward(tokens[:, position: position + 1], position)
             position += 1
-        self.stats["kv_cache_bytes"] = float(sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                                                 for k, v in context.key_value_memory_dict.values()))
         return [(n, lp, str(f)) for n, lp, f in zip(new, logps, finish, strict=True)]

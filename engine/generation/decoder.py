@@ -1,0 +1,147 @@
+"""A lean decoding forward over the megatron model's own parameters, with a cache of rotated keys.
+
+On CPU, megatron's module stack costs about as much per decoding step as the matrix
+products themselves (autograd functions, parallel-region bookkeeping, a dozen module calls
+per layer), and its static KV cache stores keys before the rotary embedding, so every step
+rotates the whole cache again in every layer. For decoding, :class:`CachedDecoder` runs the
+same computation directly: per layer norm → fused QKV → rotary (new positions only) → cache
+write → SDPA over the cache → output projection (+ TP all-reduce) → norm → fc1 → gated or
+plain activation → fc2 (+ TP all-reduce), reading the weights of the megatron modules in
+place (resharding writes into them; nothing is copied). The layouts are megatron's: QKV rows
+grouped per KV head, ``[gate; up]`` per TP rank, a vocabulary-parallel embedding and output
+layer. It covers the local layer spec without biases or QK norm; anything else (the TE spec
+on GPU) decodes through megatron's own modules and static cache instead (see ``native.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def supports(model: Any) -> Optional[str]:
+    """None when :class:`CachedDecoder` can run ``model``, else why not."""
+    from engine.models.norm import LocalNorm
+
+    config = model.config
+    layer = model.decoder.layers[0]
+    if not isinstance(layer.input_layernorm, LocalNorm):
+        return "not the local layer spec"
+    if config.add_bias_linear or config.add_qkv_bias or getattr(config, "qk_layernorm", False):
+        return "linear biases or QK layernorm"
+    if config.rotary_interleaved or config.apply_query_key_layer_scaling or model.position_embedding_type != "rope":
+        return "a position or attention variant it does not implement"
+    return None
+
+
+class CachedDecoder:
+    """Prefill and one-token decoding of a local-spec megatron ``GPTModel`` with a rotated-key cache."""
+
+    def __init__(self, model: Any, tp_group: Any, tp_size: int):
+        self.model = model
+        self.config = model.config
+        self.tp_group = tp_group if tp_size > 1 else None
+        self.tp_size = tp_size
+        attention = model.decoder.layers[0].self_attention
+        self.head_dim = self.config.kv_channels
+        self.groups = self.config.num_query_groups // tp_size
+        self.heads = self.config.num_attention_heads // tp_size
+        self.scale = attention.core_attention.softmax_scale
+        self.gated = self.config.gated_linear_unit
+        self.activation = self.config.activation_func
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    # -- cache -----------------------------------------------------------------------
+    def allocate(self, batch: int, length: int) -> None:
+        """Empty key/value caches ``[batch, groups, length, head_dim]`` per layer, and the rotary table."""
+        weight = self.model.decoder.layers[0].self_attention.linear_qkv.weight
+        shape = (batch, self.groups, length, self.head_dim)
+        self.cache = [(weight.new_empty(shape), weight.new_empty(shape)) for _ in self.model.decoder.layers]
+        freqs = self.model.rotary_pos_emb(length)  # [length, 1, 1, rotary dim]
+        self._rotary = (torch.cos(freqs).to(weight.dtype).view(length, -1), torch.sin(freqs).to(weight.dtype).view(length, -1))
+
+    def cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.cache)
+
+    def release(self) -> None:
+        self.cache, self._rotary = [], None
+
+    # -- forward ---------------------------------------------------------------------
+    def _rotate(self, t: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotary embedding of ``t [batch, heads, seq, head_dim]`` at positions ``start..``, megatron's rotate-half form."""
+        assert self._rotary is not None
+        cos, sin = (x[start: start + t.shape[2]] for x in self._rotary)
+        rot = cos.shape[-1]
+        part = t[..., :rot]
+        first, second = torch.chunk(part, 2, dim=-1)
+        out = part * cos + torch.cat((-second, first), dim=-1) * sin
+        return out if rot == t.shape[-1] else torch.cat((out, t[..., rot:]), dim=-1)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embedding.word_embeddings.weight
+        if self.tp_group is None:
+            return F.embedding(tokens, weight)
+        start = dist.get_rank(self.tp_group) * weight.shape[0]
+        local = tokens - start
+        outside = (local < 0) | (local >= weight.shape[0])
+        hidden = F.embedding(local.masked_fill(outside, 0), weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self._reduce(hidden)
+
+    def _attention(self, layer: Any, x: torch.Tensor, index: int, start: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        attention = layer.self_attention
+        qkv = F.linear(x, attention.linear_qkv.weight).view(batch, seq, self.groups, -1, self.head_dim)
+        per_group = self.heads // self.groups
+        query = qkv[:, :, :, :per_group].reshape(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        key = qkv[:, :, :, per_group].transpose(1, 2)
+        value = qkv[:, :, :, per_group + 1].transpose(1, 2)
+        keys, values = self.cache[index]
+        keys[:, :, start: start + seq] = self._rotate(key, start)
+        values[:, :, start: start + seq] = value
+        end = start + seq
+        query = self._rotate(query, start)
+        if seq == 1:  # one new token: two batched products per KV group beat SDPA's small-query path on CPU
+            grouped = query.view(batch, self.groups, per_group, self.head_dim)
+            scores = torch.matmul(grouped, keys[:, :, :end].transpose(-1, -2)).mul_(self.scale)
+            out = torch.matmul(scores.softmax(-1), values[:, :, :end]).view(batch, 1, self.heads * self.head_dim)
+        else:
+            mask = torch.ones(seq, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(query, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=self.heads != self.groups)
+            out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+        return self._reduce(F.linear(out, attention.linear_proj.weight))
+
+    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(x, mlp.linear_fc1.weight)
+        if self.gated:
+            gate, up = torch.chunk(hidden, 2, dim=-1)
+            hidden = self.activation(gate) * up
+        else:
+            hidden = self.activation(hidden)
+        return self._reduce(F.linear(hidden, mlp.linear_fc2.weight))
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Full-vocabulary fp32 logits ``[batch, vocab]`` at the last of ``tokens [batch, seq]`` (positions ``start..``)."""
+        x = self._embed(tokens)
+        for index, layer in enumerate(self.model.decoder.layers):
+            x = x + self._attention(layer, layer.input_layernorm(x), index, start)
+            x = x + self._mlp(layer.mlp, layer.pre_mlp_layernorm(x))
+        last = self.model.decoder.final_layernorm(x[:, -1])
+        weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights \
+            else self.model.output_layer.weight
+        logits = F.linear(last, weight).float()
+        if self.tp_group is None:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+        dist.all_gather(parts, logits, group=self.tp_group)
+        return torch.cat(parts, dim=-1)
