@@ -113,7 +113,8 @@ class NativeBackend:
 
     # -- weights -------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (name, this rank's generation-layout slice) pairs into the model."""
+        """Copy (name, this rank's generation-layout slice) pairs into the model (a parameter given as
+        itself, written in place through :meth:`weights_in_place`, is only marked as loaded)."""
         with torch.no_grad():
             for name, tensor in named_tensors:
                 param = self.params.get(name)
@@ -121,8 +122,13 @@ class NativeBackend:
                     raise KeyError(f"generation model has no parameter {name!r}")
                 if tuple(param.shape) != tuple(tensor.shape):
                     raise ValueError(f"{name}: slice of shape {tuple(tensor.shape)} for a parameter of {tuple(param.shape)}")
-                param.copy_(tensor)
+                if tensor.data_ptr() != param.data_ptr():
+                    param.copy_(tensor)
                 self.loaded.add(name)
+
+    def weights_in_place(self) -> dict[str, torch.Tensor]:
+        """The model's parameters by name, for a resharder that writes them directly (no staging copy)."""
+        return {name: param.data for name, param in self.params.items()}
 
     def missing_weights(self) -> list[str]:
         return sorted(set(self.params) - self.loaded)

@@ -15,8 +15,10 @@ least-loaded holder.
 **Execute** walks the plan in buckets of whole generation parameters whose bytes stay
 under ``bucket_bytes`` (one parameter larger than that is a bucket of its own). In a
 bucket each rank posts its sends and receives, copies its in-process pieces, assembles
-each generation parameter it owns and hands it to the backend's ``update_weights``.
-Peak extra memory is the buffers of one bucket; it is measured and reported.
+each generation parameter it owns and hands it to the backend's ``update_weights``. A
+backend that exposes its weights is written in place, so only slices that are not
+contiguous (column ranges of row-parallel weights) need a buffer. Peak extra memory is
+the buffers of one bucket; it is measured and reported.
 
 **Transport** is :func:`exchange_pieces`: point-to-point sends and receives over the
 world group (gloo on CPU, NCCL on GPU), one tag per piece of a bucket.
@@ -243,28 +245,44 @@ class Resharder:
         return {**totals, "seconds": seconds, "gb_per_second": moved / max(seconds, 1e-9) / 1e9}
 
     def _run_bucket(self, bucket: list[Piece], totals: dict[str, float]) -> int:
-        params = self.backend.params
-        assembled = {p.param: torch.empty_like(params[p.param]) for p in bucket if p.dst == self.rank}
+        """One bucket: sends, receives and in-process copies; returns the extra bytes it allocated.
+
+        A backend that exposes its weights (``weights_in_place()``, the native backend) is written
+        directly: contiguous destination slices receive in place and only non-contiguous ones (a
+        column range of a row-parallel weight) go through a buffer. Contiguous sources are sent as
+        they are.
+        """
+        in_place = getattr(self.backend, "weights_in_place", None)
+        params = in_place() if in_place is not None else self.backend.params
+        targets: dict[str, torch.Tensor] = {}
+        for piece in bucket:
+            if piece.dst == self.rank and piece.param not in targets:
+                targets[piece.param] = params[piece.param] if in_place is not None else torch.empty_like(params[piece.param])
+        extra = 0 if in_place is not None else sum(t.numel() * t.element_size() for t in targets.values())
         sends, receives, pending = [], [], []
         for tag, piece in enumerate(bucket):
             if piece.src == self.rank:
                 source = _view(self.train_tensors[piece.src_index], piece.src_slices)
                 if piece.dst == self.rank:
-                    _view(assembled[piece.param], piece.dst_slices).copy_(source)
+                    _view(targets[piece.param], piece.dst_slices).copy_(source)
                     totals["copied_bytes"] += source.numel() * source.element_size()
                     continue
-                buffer = source.to(params[piece.param].dtype).contiguous()
+                dtype = params[piece.param].dtype
+                buffer = source if source.is_contiguous() and source.dtype == dtype else source.to(dtype).contiguous()
+                extra += 0 if buffer is source else buffer.numel() * buffer.element_size()
                 sends.append((buffer, piece.dst, tag))
                 totals["sent_bytes"] += buffer.numel() * buffer.element_size()
             elif piece.dst == self.rank:
-                target = _view(assembled[piece.param], piece.dst_slices)
-                buffer = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+                target = _view(targets[piece.param], piece.dst_slices)
+                buffer = target if target.is_contiguous() else torch.empty(target.shape, dtype=target.dtype,
+                                                                           device=target.device)
+                if buffer is not target:
+                    pending.append((target, buffer))
+                    extra += buffer.numel() * buffer.element_size()
                 receives.append((buffer, piece.src, tag))
-                pending.append((target, buffer))
                 totals["received_bytes"] += buffer.numel() * buffer.element_size()
         exchange_pieces(sends, receives)
         for target, buffer in pending:
             target.copy_(buffer)
-        self.backend.update_weights(assembled.items())
-        buffers = [b for b, _, _ in sends] + [b for b, _, _ in receives] + list(assembled.values())
-        return sum(b.numel() * b.element_size() for b in buffers)
+        self.backend.update_weights(targets.items())
+        return extra
