@@ -28,6 +28,8 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "sft": ("engine.algorithms.sft", "supervised fine-tuning on chat or plain text"),
     "rm": ("engine.algorithms.reward", "reward model: SteerLM attribute regression or Bradley-Terry"),
     "dpo": ("engine.algorithms.dpo", "direct preference optimisation (DPO, IPO, RPO) against a frozen reference"),
+    "grpo": ("engine.algorithms.grpo", "online GRPO (Dr. GRPO, DAPO options) on rollouts from the generation backend"),
+    "reinforce": ("engine.algorithms.reinforce", "online REINFORCE with a leave-one-out baseline (RLOO)"),
 }
 
 
@@ -51,7 +53,13 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
         parallel = ParallelState.initialize(layout, env, seed=config.run.seed, timeout_minutes=timeout)
     from engine.trainer import Trainer
 
-    trainer = Trainer(config, module.create(config), parallel)
+    step = module.create(config)
+    trainer_class: Any = Trainer
+    if getattr(step, "online", False):
+        from engine.online_trainer import OnlineTrainer
+
+        trainer_class = OnlineTrainer
+    trainer = trainer_class(config, step, parallel)
     with failures.translated(env.rank, timeout, "during training"):
         result = trainer.fit()
     if parallel.is_main:

@@ -48,12 +48,13 @@ def lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 
 
 def sequence_batches(sequences: list[list[int]], prompt_lengths: list[int], micro_batch_size: int,
-                     pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
+                     pad_id: int = 0, width: Optional[int] = None) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of prompt+response rows, all padded to one length (pipeline stages exchange fixed shapes).
 
-    ``labels[t]`` is ``tokens[t + 1]`` and ``loss_mask`` is 1 exactly on the response tokens.
+    ``labels[t]`` is ``tokens[t + 1]`` and ``loss_mask`` is 1 exactly on the response tokens
+    (the label positions ``prompt - 1 .. len - 2``). ``width`` defaults to the longest row.
     """
-    width = max(len(s) for s in sequences)
+    width = width or max(len(s) for s in sequences)
     batches = []
     for first in range(0, len(sequences), micro_batch_size):
         rows = sequences[first: first + micro_batch_size]

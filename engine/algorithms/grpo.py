@@ -1,0 +1,143 @@
+"""GRPO (Shao et al. 2024) with the Dr. GRPO and DAPO options: ``keel train grpo``.
+
+For each prompt, ``rollout.samples_per_prompt`` = G rollouts with outcome rewards ``r_i``;
+every token of rollout ``i`` gets the advantage ``Â_i = (r_i - mean(r)) / (std(r) + ε)``
+(``grpo.normalize_std=false``: ``r_i - mean(r)``, Dr. GRPO). Per token, with
+``ρ = π_θ(t) / π_old(t)`` (``π_old``: the training model's log-probs recomputed before the
+update), the loss is ``-min(ρÂ, clip(ρ, 1-ε_low, 1+ε_high)Â)`` (``grpo.eps_high`` > ``eps_low``
+is DAPO's clip-higher), plus, with ``grpo.kl=loss``, ``β·KL_t`` with the k3 estimator
+``π_ref/π_θ - log(π_ref/π_θ) - 1``. ``grpo.kl=reward`` subtracts ``β·Σ_t(log π_old - log π_ref)``
+from each rollout's reward instead; ``off`` drops the reference model entirely (DAPO).
+
+``grpo.aggregation`` says how token losses become the step's loss (:func:`engine.losses.aggregate`):
+``seq_mean_token_mean`` (GRPO: each rollout's token mean, then the mean over rollouts),
+``token_mean`` (DAPO: all tokens of the step weigh the same) or ``seq_sum_constant``
+(Dr. GRPO: each rollout's token sum over a constant, default ``rollout.max_new_tokens``).
+
+Dynamic sampling (DAPO, ``grpo.dynamic_sampling``) drops groups whose rewards are all equal
+(zero advantage) and samples more prompts until the iteration's groups are full, at most
+``grpo.max_sampling_rounds`` rounds; the counts are logged. Overlong responses (no stop token
+within ``rollout.max_new_tokens``) can be excluded from the loss (``grpo.overlong=filter``) or
+given DAPO's soft penalty (``penalty``, over the last ``grpo.overlong_cache`` tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from engine.algorithms.base import Batch
+from engine.algorithms.online import OnlineStep, OnlineTrainConfig
+from engine.config import ConfigError, doc
+from engine.generation.base import Rollouts
+
+METRICS = ("policy_loss", "kl_loss", "clip_fraction", "ratio_mean")
+
+
+@dataclass
+class GRPOConfig:
+    eps_low: float = doc("Lower clip range ε_low of the ratio.", 0.2)
+    eps_high: float = doc("Upper clip range ε_high (DAPO's clip-higher: 0.28).", 0.2)
+    kl: str = doc("'loss' (β·k3 KL term), 'reward' (β·KL subtracted from the reward) or 'off' (no reference).",
+                  "loss")
+    kl_coef: float = doc("β of the KL term.", 0.04)
+    normalize_std: bool = doc("Divide advantages by the group's reward std (false: Dr. GRPO).", True)
+    aggregation: str = doc("'seq_mean_token_mean' (GRPO), 'token_mean' (DAPO) or 'seq_sum_constant' (Dr. GRPO).",
+                           "seq_mean_token_mean")
+    aggregation_constant: Optional[int] = doc("Constant of seq_sum_constant (default: rollout.max_new_tokens).", None)
+    dynamic_sampling: bool = doc("Drop groups with equal rewards and sample more prompts (DAPO).", False)
+    max_sampling_rounds: int = doc("Most generation rounds per iteration with dynamic sampling.", 4)
+    overlong: str = doc("Responses cut at rollout.max_new_tokens: 'keep', 'filter' (no loss) or 'penalty' (DAPO).",
+                        "keep")
+    overlong_cache: int = doc("Tokens before the limit where DAPO's soft overlong penalty starts.", 8)
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ConfigError(f"grpo.eps_low={self.eps_low} must be in [0, 1) and grpo.eps_high={self.eps_high} >= 0")
+        choices = {"kl": ("loss", "reward", "off"), "overlong": ("keep", "filter", "penalty"),
+                   "aggregation": ("seq_mean_token_mean", "token_mean", "seq_sum_constant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"grpo.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.kl_coef < 0 or self.max_sampling_rounds < 1:
+            raise ConfigError("grpo.kl_coef must be >= 0 and grpo.max_sampling_rounds >= 1")
+
+
+@dataclass
+class GRPOTrainConfig(OnlineTrainConfig):
+    """``keel train grpo``: the shared online sections plus ``grpo``."""
+
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.run.output_dir == "runs/sft-demo":
+            self.run.output_dir = "runs/grpo"
+            self.checkpoint.dir = "runs/grpo/checkpoints"
+        if self.rollout.samples_per_prompt < 2:
+            raise ConfigError("GRPO compares rollouts of a prompt: rollout.samples_per_prompt must be >= 2")
+
+
+class GRPOStep(OnlineStep):
+    name = "grpo"
+    loss_name = "policy_loss"
+
+    def __init__(self, config: GRPOTrainConfig):
+        self.config = config
+        self.grpo = config.grpo
+        self.uses_reference = self.grpo.kl != "off" and self.grpo.kl_coef > 0
+
+    def metric_names(self) -> tuple[str, ...]:
+        return METRICS
+
+    def curve_metrics(self) -> tuple[str, ...]:
+        return ("reward", "reward_synthetic_check", "kl", "response_length")
+
+    def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
+                   ref_logps: list[list[float]]) -> list[list[float]]:
+        from engine.losses import group_advantages, overlong_penalty
+
+        rewards = scores.clone().float()
+        if self.grpo.overlong == "penalty":
+            lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
+            rewards = rewards + overlong_penalty(lengths, self.config.rollout.max_new_tokens, self.grpo.overlong_cache)
+        if self.grpo.kl == "reward" and self.uses_reference:
+            kl = torch.tensor([sum(a - b for a, b in zip(lp, rp, strict=True)) for lp, rp in zip(logps, ref_logps, strict=True)])
+            rewards = rewards - self.grpo.kl_coef * kl
+        advantage = group_advantages(rewards, self.config.rollout.samples_per_prompt, self.grpo.normalize_std)
+        cut = [r == "length" for r in rollouts.finish_reasons]
+        return [[0.0 if (self.grpo.overlong == "filter" and cut[i]) else float(advantage[i])] * len(tokens)
+                for i, tokens in enumerate(rollouts.tokens)]
+
+    def loss(self, batch: Batch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        from engine.losses import aggregate, clipped_policy_loss, kl_penalty
+
+        logps = self.token_logps(batch, output)
+        device = logps.device
+        mask = batch["loss_mask"].to(device).float() * batch["keep"].to(device)
+        advantages = batch["advantages"].to(device)
+        per_token, clipped, ratio = clipped_policy_loss(logps, batch["old_logps"].to(device), advantages, mask,
+                                                        self.grpo.eps_low, self.grpo.eps_high)
+        kl = kl_penalty(logps, batch["ref_logps"].to(device), "k3") * mask
+        if self.grpo.kl == "loss" and self.uses_reference:
+            per_token = per_token + self.grpo.kl_coef * kl
+        constant = self.grpo.aggregation_constant or self.config.rollout.max_new_tokens
+        total, count = aggregate(per_token, mask, self.grpo.aggregation, constant)
+        kl_total, _ = aggregate(kl, mask, self.grpo.aggregation, constant)
+        tokens = mask.sum()
+        metrics = {
+            "policy_loss": torch.stack([total.detach(), count.float()]),
+            "kl_loss": torch.stack([kl_total.detach(), count.float()]),
+            "clip_fraction": torch.stack([(clipped.float() * mask).sum(), tokens]),
+            "ratio_mean": torch.stack([(ratio.detach() * mask).sum(), tokens]),
+        }
+        return total, count.to(torch.int), metrics
+
+
+CONFIG = GRPOTrainConfig
+
+
+def create(config: GRPOTrainConfig) -> GRPOStep:
+    return GRPOStep(config)

@@ -1,0 +1,201 @@
+"""The iteration every online algorithm shares (GRPO, REINFORCE/RLOO, later PPO).
+
+One training "step" of the loop (:class:`engine.trainer.Trainer`) is one iteration:
+
+1. **refit**: reshard the policy's weights from the training layout into the generation
+   backend (:mod:`engine.generation.reshard`, plan made once);
+2. **generate**: ``samples_per_prompt`` rollouts for each of ``prompts_per_iteration``
+   prompts on the backend's own layout (every replica takes a share);
+3. **release** the backend's KV cache;
+4. **score**: reward functions (on global rank 0, in a worker pool; the result is broadcast)
+   and/or a reward model;
+5. **recompute** the rollouts' log-probs with the training model (the ratio's ``π_old``,
+   never the backend's numbers) and with the frozen reference (for the KL);
+6. **train**: ``epochs`` passes over the rollout buffer in optimizer steps of
+   ``data.global_batch_size`` sequences, sharded over data-parallel ranks;
+
+and the loop's checkpointing, SIGTERM handling, metrics and progress bar apply per iteration.
+The buffer (prompts × samples) is independent of the optimizer batch. Prompts are drawn by a
+resumable sampler and every random choice is seeded by the iteration number, so a run killed
+mid-iteration and started again repeats that iteration exactly. Each phase is timed
+(``time_refit`` ... ``time_train``) and logged with the iteration's metrics.
+
+An algorithm is an :class:`OnlineStep`: it turns scores into per-token advantages and defines
+the per-token loss; this module owns everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from engine.algorithms.base import Batch, Step
+from engine.algorithms.logprobs import lm_forward, per_token_logprobs, response_logprobs, sequence_batches
+from engine.config import ConfigError, TrainConfig, doc
+from engine.data.batching import to_device
+from engine.generation.base import Rollouts, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("refit", "generate", "score", "logprobs", "train")
+
+
+@dataclass
+class RolloutConfig:
+    prompts: str = doc("Prompt set: JSONL of {prompt, answer?, ...} rows or builtin:prompts[:split].",
+                       "builtin:prompts")
+    eval_prompts: Optional[str] = doc("Held-out prompts for evaluation (default: the built-in eval split).",
+                                      "builtin:prompts:eval")
+    num_prompts: int = doc("Prompts read from the set.", 4096)
+    eval_num_prompts: int = doc("Held-out prompts evaluated at run.eval_interval (greedy).", 64)
+    prompts_per_iteration: int = doc("Prompts per iteration.", 16)
+    samples_per_prompt: int = doc("Rollouts per prompt (GRPO's G, RLOO's k).", 4)
+    generation_tensor: int = doc("Tensor-parallel size of the generation layout.", 1)
+    max_new_tokens: int = doc("Longest response.", 48)
+    temperature: float = doc("Sampling temperature of the rollouts.", 1.0)
+    top_p: float = doc("Nucleus sampling of the rollouts.", 1.0)
+    top_k: int = doc("Top-k sampling of the rollouts (0 = off).", 0)
+    max_batch_size: int = doc("Rows decoded together per generation replica.", 64)
+    bucket_mib: int = doc("Resharding bucket size (MiB): bounds the extra memory of a refit.", 64)
+    epochs: int = doc("Passes over each iteration's rollouts.", 1)
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "prompts_per_iteration", "samples_per_prompt", "generation_tensor",
+                     "max_new_tokens", "max_batch_size", "bucket_mib", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        self.sampling(0)  # temperature/top-p/top-k checked now, not at the first iteration
+
+    @property
+    def buffer_size(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+    def sampling(self, seed: int) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, seed)
+
+
+@dataclass
+class OnlineTrainConfig(TrainConfig):
+    """Shared sections of the online algorithms; each adds its own."""
+
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reference: Optional[str] = doc(
+        "Checkpoint of the frozen KL reference (None = checkpoint.load; 'init' = the policy's initialisation).", None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reference is None:
+            self.reference = self.checkpoint.load
+
+    def validate(self, world_size: int) -> None:
+        super().validate(world_size)
+        from engine.models.presets import resolve_preset
+        from engine.parallel.generation_layout import GenerationLayout
+
+        GenerationLayout.for_world(self.rollout.generation_tensor, world_size).check_model(resolve_preset(self.model))
+        if self.rollout.buffer_size % self.data.global_batch_size:
+            raise ConfigError(
+                f"the rollout buffer (rollout.prompts_per_iteration x rollout.samples_per_prompt = "
+                f"{self.rollout.buffer_size}) must be a multiple of data.global_batch_size ({self.data.global_batch_size})")
+
+
+class OnlineStep(Step):
+    """An online algorithm: advantages from scores, and a per-token loss on the rollout micro-batches.
+
+    Micro-batches carry ``tokens``, ``labels``, ``loss_mask`` (response tokens), ``old_logps``,
+    ``ref_logps`` and ``advantages`` (``[rows, seq]``, aligned with ``labels``).
+    """
+
+    online = True  # run by engine.online_trainer.OnlineTrainer
+    uses_reference: bool = True
+    reference: Any = None
+    parallel: Any = None
+
+    def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
+        """The frozen KL reference (when the algorithm uses one)."""
+        from engine.runner import ModelRunner
+
+        self.parallel = parallel
+        if self.uses_reference:
+            checkpoint = None if config.reference == "init" else config.reference
+            self.reference = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
+            logger.info("%s: frozen KL reference from %s", self.name, checkpoint or "the policy's initialisation")
+
+    def reward_runner(self, config: Any) -> Any:
+        """The reward functions of ``config.rewards`` (built on global rank 0 only)."""
+        from engine.rewards import RewardRunner
+
+        return RewardRunner(config.rewards)
+
+    def curve_metrics(self) -> tuple[str, ...]:
+        """Metrics drawn into the run's curves.png."""
+        return ("reward", "kl", "response_length")
+
+    def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
+        from engine.data.prompts import load_prompts
+
+        rollout = config.rollout
+        train = load_prompts(rollout.prompts, rollout.num_prompts, config.run.seed)
+        held_out = load_prompts(rollout.eval_prompts, rollout.eval_num_prompts, config.run.seed) \
+            if rollout.eval_prompts else []
+        return train, held_out
+
+    def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
+                   ref_logps: list[list[float]]) -> list[list[float]]:
+        """Per-token advantages of every rollout (rows grouped by prompt, ``samples_per_prompt`` each)."""
+        raise NotImplementedError
+
+    def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
+        return lm_forward(model, batch)
+
+    def token_logps(self, batch: Batch, output: torch.Tensor) -> torch.Tensor:
+        return per_token_logprobs(output, batch["labels"], batch["loss_mask"], self.parallel).float()
+
+
+@dataclass
+class Iteration:
+    """What one iteration made, on every rank."""
+
+    rows: list[Any]  # the prompt rows, each repeated samples_per_prompt times
+    prompts: list[list[int]]
+    rollouts: Rollouts
+    scores: torch.Tensor
+    components: dict[str, list[float]]
+    keep: list[bool]
+    responses: list[str] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def broadcast_from_first(value: Any) -> Any:
+    """``value`` of global rank 0 on every rank (a picklable object)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rollout_micro_batches(sequences: list[list[int]], prompt_lengths: list[int], per_token: dict[str, list[list[float]]],
+                          rows: list[int], micro_batch_size: int, width: int) -> list[Batch]:
+    """Micro-batches of the rollout rows ``rows`` (this rank's share), every one ``width`` wide.
+
+    Per-token values (one per response token) are placed at the label positions of their tokens.
+    """
+    batches = []
+    for first in range(0, len(rows), micro_batch_size):
+        chosen = rows[first: first + micro_batch_size]
+        batch = sequence_batches([sequences[i] for i in chosen], [prompt_lengths[i] for i in chosen],
+                                 micro_batch_size, width=width)[0]
+        for name, values in per_token.items():
+            tensor = torch.zeros(micro_batch_size, width)
+            for slot, i in enumerate(chosen):
+                start = prompt_lengths[i] - 1
+                tensor[slot, start: start + len(values[i])] = torch.tensor(values[i])
+            batch[name] = tensor
+        batches.append(batch)
+    return batches

@@ -1,0 +1,200 @@
+"""The loop of online RL: :class:`OnlineTrainer` runs one iteration per training step.
+
+The phases are described in :mod:`engine.algorithms.online`. The policy is the trainer's
+:class:`~engine.runner.ModelRunner`; the generation backend and the resharding plan are
+built once here, beside it, on the generation layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Optional
+
+import torch
+
+from engine.algorithms.logprobs import response_logprobs
+from engine.algorithms.online import PHASES, Iteration, OnlineStep, broadcast_from_first, rollout_micro_batches
+from engine.data.chat import prompt_messages, render_prompt, stop_token_ids
+from engine.data.sampler import GlobalBatchSampler
+from engine.trainer import FitResult, Trainer, TrainingError
+
+logger = logging.getLogger(__name__)
+
+
+class OnlineTrainer(Trainer):
+    """:class:`~engine.trainer.Trainer` whose step is a whole generate → score → train iteration."""
+
+    step: OnlineStep
+
+    def __init__(self, config: Any, step: OnlineStep, parallel: Any):
+        from engine.generation.native import NativeBackend
+        from engine.generation.reshard import Resharder
+        from engine.parallel.generation_layout import GenerationParallelState
+
+        super().__init__(config, step, parallel)
+        rollout = config.rollout
+        # prompts: the same on every rank (generation spreads them over the replicas itself)
+        self.sampler = GlobalBatchSampler(len(self.train_data), rollout.prompts_per_iteration,
+                                          rollout.prompts_per_iteration, 0, 1, config.run.seed)
+        self.template = config.data.chat_template
+        self.stop_ids = tuple(stop_token_ids(self.tokenizer, self.template))
+        generation = GenerationParallelState.initialize(rollout.generation_tensor)
+        self.backend = NativeBackend(config, generation, rollout.max_batch_size)
+        self.resharder = Resharder(self.model.chunks, self.backend, rollout.bucket_mib * 2**20)
+        self.rewards = step.reward_runner(config) if parallel.is_main else None
+
+    # ------------------------------------------------------------------ rollouts
+    def _render(self, row: Any) -> list[int]:
+        return render_prompt(prompt_messages(row.prompt), self.tokenizer, self.template, None)
+
+    def _score(self, rows: list[Any], responses: list[str]) -> tuple[torch.Tensor, dict[str, list[float]], list[bool]]:
+        """(total reward per rollout, per-component values, keep mask), computed on rank 0 and broadcast."""
+        result = None
+        if self.rewards is not None:
+            scored = self.rewards([r.prompt_text for r in rows], responses, [r.metadata_with_answer for r in rows])
+            result = (scored.totals, scored.components, scored.keep)
+        totals, components, keep = broadcast_from_first(result)
+        return torch.tensor(totals, dtype=torch.float32), components, list(keep)
+
+    def collect(self, step_number: int) -> Iteration:
+        """Refit, generate, release and score the rollouts of one iteration (every rank gets all of it)."""
+        rollout = self.config.rollout
+        times: dict[str, float] = {}
+        began = time.perf_counter()
+        self.resharder.reshard()
+        times["refit"] = time.perf_counter() - began
+        picked = [self.train_data[i] for group in self.sampler.next_step() for i in group]
+        rows = [row for row in picked for _ in range(rollout.samples_per_prompt)]
+        prompts = [self._render(row) for row in rows]
+        began = time.perf_counter()
+        seed = self.config.run.seed * 1_000_003 + step_number * 10_007
+        params = rollout.sampling(seed)
+        params = type(params)(**{**params.__dict__, "stop_token_ids": self.stop_ids,
+                                 "max_length": self.config.data.seq_length})
+        rollouts = self.backend.generate(prompts, params)
+        self.backend.release()
+        times["generate"] = time.perf_counter() - began
+        began = time.perf_counter()
+        responses = [self._decode(tokens, reason) for tokens, reason in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]
+        scores, components, keep = self._score(rows, responses)
+        times["score"] = time.perf_counter() - began
+        return Iteration(rows, prompts, rollouts, scores, components, keep, responses, times)
+
+    def _decode(self, tokens: list[int], reason: str) -> str:
+        return str(self.tokenizer.decode(tokens[:-1] if reason == "stop" else tokens))
+
+    # ------------------------------------------------------------------ training
+    def _recompute(self, it: Iteration) -> tuple[list[list[float]], list[list[float]]]:
+        """Per-token log-probs of every rollout under the policy (π_old) and the reference."""
+        sequences = it.rollouts.sequences()
+        lengths = [len(p) for p in it.prompts]
+        micro = self.config.data.micro_batch_size
+        self.model.set_training(False)
+        logps = response_logprobs(self.model, sequences, lengths, micro)
+        self.model.set_training(True)
+        reference = self.step.reference
+        ref_logps = response_logprobs(reference, sequences, lengths, micro) if reference is not None else logps
+        return logps, ref_logps
+
+    def _minibatches(self, it: Iteration, per_token: dict[str, list[list[float]]], step_number: int,
+                     epoch: int) -> list[list[Any]]:
+        """Micro-batches of this rank for each optimizer step of one pass over the buffer."""
+        size = len(it.prompts)
+        sequences = it.rollouts.sequences()
+        lengths = [len(p) for p in it.prompts]
+        width = max(len(s) for s in sequences)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(step_number * 131 + epoch)).tolist()
+        data, layout = self.config.data, self.layout
+        steps = []
+        for first in range(0, size, data.global_batch_size):
+            mine = order[first: first + data.global_batch_size][self.parallel.dp_rank:: layout.data]
+            steps.append(rollout_micro_batches(sequences, lengths, per_token, mine, data.micro_batch_size, width))
+        return steps
+
+    def _optimize(self, micro_batches: list[Any], step_number: int) -> dict[str, float]:
+        self.model.zero_grad()
+        totals = self._run_schedule(micro_batches, forward_only=False)
+        metrics = self._means(totals)
+        if totals[0, 1] == 0:
+            return {}
+        if not math.isfinite(metrics[self.step.loss_name]):
+            raise TrainingError(f"{self.step.loss_name} is {metrics[self.step.loss_name]} at iteration {step_number}; "
+                                "stopping before the optimizer update")
+        metrics["lr"], metrics["grad_norm"] = self.model.optimizer_step()
+        return metrics
+
+    def train_step(self, step_number: int) -> dict[str, float]:
+        """One iteration: collect, recompute log-probs, compute advantages, train ``rollout.epochs`` passes."""
+        it = self.collect(step_number)
+        began = time.perf_counter()
+        logps, ref_logps = self._recompute(it)
+        it.times["logprobs"] = time.perf_counter() - began
+        advantages = self.step.advantages(it.scores, it.rollouts, logps, ref_logps)
+        masks = [[1.0 if keep else 0.0] * len(t) for keep, t in zip(it.keep, it.rollouts.tokens, strict=True)]
+        per_token = {"old_logps": logps, "ref_logps": ref_logps, "advantages": advantages, "keep": masks}
+        began = time.perf_counter()
+        updates = [self._optimize(micro, step_number) for epoch in range(self.config.rollout.epochs)
+                   for micro in self._minibatches(it, per_token, step_number, epoch)]
+        it.times["train"] = time.perf_counter() - began
+        updates = [u for u in updates if u]
+        if not updates:
+            raise TrainingError(f"iteration {step_number}: every rollout was skipped by the reward functions")
+        metrics = {name: sum(u[name] for u in updates) / len(updates) for name in updates[0]}
+        metrics.update(self._rollout_metrics(it, logps, ref_logps))
+        metrics["tokens"] = float(sum(len(s) for s in it.rollouts.sequences()))
+        return metrics
+
+    def _rollout_metrics(self, it: Iteration, logps: list[list[float]], ref_logps: list[list[float]]) -> dict[str, float]:
+        lengths = it.rollouts.lengths
+        values = {"reward": float(it.scores.mean()), "response_length": sum(lengths) / len(lengths),
+                  "stopped": it.rollouts.finish_reasons.count("stop") / len(lengths),
+                  "skipped": float(it.keep.count(False))}
+        for name, column in it.components.items():
+            values[f"reward_{name}"] = sum(column) / len(column)
+        tokens = [(a, b) for row, ref in zip(logps, ref_logps, strict=True) for a, b in zip(row, ref, strict=True)]
+        values["kl"] = sum(a - b for a, b in tokens) / max(len(tokens), 1)
+        backend = [abs(a - b) for row, mine in zip(it.rollouts.logprobs, logps, strict=True) for a, b in zip(row, mine, strict=True)]
+        values["rollout_logprob_diff_max"] = max(backend, default=0.0)
+        values.update({f"time_{phase}": it.times.get(phase, 0.0) for phase in PHASES})
+        return values
+
+    # ------------------------------------------------------------------ held-out evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy answers to the held-out prompts, scored by the reward functions."""
+        if not self.valid_data:
+            return {}
+        self.resharder.reshard()
+        rows = list(self.valid_data)
+        params = self.config.rollout.sampling(0)
+        params = type(params)(**{**params.__dict__, "temperature": 0.0, "stop_token_ids": self.stop_ids,
+                                 "max_length": self.config.data.seq_length})
+        rollouts = self.backend.generate([self._render(r) for r in rows], params)
+        self.backend.release()
+        responses = [self._decode(t, r) for t, r in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]
+        scores, components, _ = self._score(rows, responses)
+        values = {"reward": float(scores.mean()), "response_length": sum(rollouts.lengths) / len(rows)}
+        values.update({f"reward_{name}": sum(c) / len(c) for name, c in components.items()})
+        return values
+
+    def _log_validation(self, step_number: int, result: FitResult) -> Optional[float]:
+        valid = self.evaluate()
+        if valid:
+            self.metrics.write(step_number, valid, prefix="validation")
+            logger.info("held-out at iteration %d: %s", step_number,
+                        ", ".join(f"{k} {v:.4f}" for k, v in sorted(valid.items())))
+        return None
+
+    def _validate(self, step_number: int, result: FitResult) -> bool:
+        self._log_validation(step_number, result)
+        return False  # no "best" checkpoint by a loss: every iteration's rewards are logged instead
+
+    def fit(self) -> FitResult:
+        result = super().fit()
+        if self.parallel.is_main:
+            from engine.plots import write_curves
+
+            write_curves(self.run_dir, self.step.curve_metrics())
+        return result
