@@ -18,6 +18,7 @@ from engine.algorithms.logprobs import response_logprobs
 from engine.algorithms.online import PHASES, Iteration, OnlineStep, broadcast_from_first, rollout_micro_batches
 from engine.data.chat import prompt_messages, render_prompt, stop_token_ids
 from engine.data.sampler import GlobalBatchSampler
+from engine.faults import maybe_fail
 from engine.trainer import FitResult, Trainer, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class OnlineTrainer(Trainer):
     def train_step(self, step_number: int) -> dict[str, float]:
         """One iteration: collect, recompute log-probs, compute advantages, train ``rollout.epochs`` passes."""
         it = self.collect(step_number)
+        maybe_fail("in-step", step_number)  # mid-iteration: rollouts made, nothing trained
         began = time.perf_counter()
         logps, ref_logps = self._recompute(it)
         it.times["logprobs"] = time.perf_counter() - began

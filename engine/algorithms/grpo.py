@@ -97,7 +97,7 @@ class GRPOStep(OnlineStep):
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]]) -> list[list[float]]:
-        from engine.losses import group_advantages, overlong_penalty
+        from engine.advantages import group_advantages, overlong_penalty
 
         rewards = scores.clone().float()
         if self.grpo.overlong == "penalty":

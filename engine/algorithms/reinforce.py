@@ -67,7 +67,7 @@ class ReinforceStep(GRPOStep):
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]]) -> list[list[float]]:
-        from engine.losses import rloo_advantages
+        from engine.advantages import rloo_advantages
 
         rewards = scores.clone().float()
         if self.uses_reference:
