@@ -15,11 +15,17 @@ Importing this package imports neither torch nor megatron (worker processes impo
 
 from engine.rewards.config import ON_ERROR, RewardFunctionConfig, parse_reward_configs
 from engine.rewards.registry import RewardFunction, batched, registered_names, resolve_reward, reward_function
+from engine.rewards.runner import RewardResult, RewardRunner, RowFailure
+from engine.rewards.worker import RewardError
 
 __all__ = [
     "ON_ERROR",
+    "RewardError",
     "RewardFunction",
     "RewardFunctionConfig",
+    "RewardResult",
+    "RewardRunner",
+    "RowFailure",
     "batched",
     "parse_reward_configs",
     "registered_names",
