@@ -15,7 +15,9 @@ Formats (``fmt``):
   (str, or messages whose last turn is the assistant reply), optional ``margin``,
   ``subset`` and ``annotator_strengths`` (ints, positive = chosen better).
 * ``prompts`` — ``prompt`` (str or messages ending with user), optional target
-  ``attributes`` (dict or ``"helpfulness:4,..."`` string), normalised to a dict.
+  ``attributes`` (dict or ``"helpfulness:4,..."`` string), normalised to a dict, and
+  optional ``answer`` (a string or finite number: the reference answer reward functions
+  check against).
 
 Unknown extra fields are kept; data sets carry many (justifications, ids, ...).
 """
@@ -199,6 +201,10 @@ def check_pairs(row: Row, where: Optional[Where]) -> Row:
 
 def check_prompts(row: Row, where: Optional[Where]) -> Row:
     out = dict(row, prompt=_prompt(row, where))
+    answer = row.get("answer")
+    number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+    if answer is not None and not (isinstance(answer, str) or (number and abs(answer) < float("inf"))):
+        raise _fail(where, "answer", "a string or a finite number (the reference answer)", answer)
     if row.get("attributes") is not None:
         out["attributes"] = parse_attributes(row["attributes"], where)
     return out

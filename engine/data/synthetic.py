@@ -429,6 +429,33 @@ def prompt_rows(num: int, seed: int, split: str = "train", with_attributes: bool
     return rows
 
 
+SFT_TASK_KINDS = ("addition", "multiplication", "reversal")
+
+
+def sft_task(rng: random.Random, split: str = "train") -> Task:
+    """A task of one of ``builtin:sft``'s three kinds (:data:`SFT_TASK_KINDS`), worded as there and
+    with the same number ranges, its number pair or (made-up) word from ``split``."""
+    while True:
+        task = make_task(rng, split)
+        if task_kind(task.question) in SFT_TASK_KINDS:
+            return task
+
+
+def rollout_prompt_rows(num: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
+    """Prompts for online RL (``builtin:prompts``): the questions ``builtin:sft`` teaches, one user turn.
+
+    Each row carries its right ``answer`` and its ``task_kind`` (:func:`task_kind`), so a reward
+    function can score a rollout without re-solving the task; splits as in :func:`make_task`.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num):
+        task = sft_task(rng, split)
+        rows.append({"prompt": task.question, "answer": task.answer, "task_kind": task_kind(task.question),
+                     "synthetic": True})
+    return rows
+
+
 def text_rows(num: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
     """Plain-text rows: a question followed by an explained right answer."""
     rng = random.Random(seed)
@@ -447,7 +474,7 @@ BUILTIN: dict[str, tuple[str, Generator]] = {
     "builtin:helpsteer": ("attributes", helpsteer_rows),
     "builtin:helpsteer2_preference": ("helpsteer2_preference", preference_pairs),
     "builtin:pairs": ("pairs", generic_pairs),
-    "builtin:prompts": ("prompts", prompt_rows),
+    "builtin:prompts": ("prompts", rollout_prompt_rows),
     "builtin:steerlm_prompts": ("prompts", lambda num, seed, split="train": prompt_rows(num, seed, split, True)),
 }
 UNSPLIT = ("builtin:sft",)  # the original chat rows: one fixed word list, no splits

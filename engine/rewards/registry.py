@@ -1,0 +1,129 @@
+"""Reward functions by name: a registry filled by a decorator, or ``package.module:function``.
+
+A reward function scores one rollout::
+
+    def my_reward(prompt: str, response: str, metadata: dict, **kwargs) -> float | dict[str, float]
+
+``metadata`` is the prompt row's extra fields plus its ``answer``
+(:meth:`engine.data.prompts.PromptRow.reward_metadata`); ``kwargs`` come from the
+config's ``kwargs``. A *batched* function takes lists instead (``prompts, responses,
+metadatas``) and returns a list with one value per row. A dict return reports named
+sub-scores; its sum is the function's value.
+
+Register with ``@reward_function("name")`` (``batched=True`` for a batched one), or
+name any module-level function as ``package.module:function`` (mark a batched one with
+:func:`batched`). Functions run in worker processes, so they must live in an importable
+module (not in the script run as ``__main__``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar
+
+from engine.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+KwargsCheck = Callable[[dict[str, Any]], None]
+BATCHED_ATTR = "keel_reward_batched"
+CHECK_ATTR = "keel_reward_check"
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    """A resolved reward function: its ``name``, the callable, whether it is ``batched``, and an
+    optional ``check`` of its kwargs run before any work (raises ``ValueError`` with the problem)."""
+
+    name: str
+    fn: Callable[..., Any]
+    batched: bool = False
+    check: Optional[KwargsCheck] = None
+
+    def validate_kwargs(self, kwargs: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` when ``kwargs`` do not fit the function's signature or check."""
+        sample: tuple[Any, ...] = ([], [], []) if self.batched else ("", "", {})
+        try:
+            inspect.signature(self.fn).bind(*sample, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"reward function {self.name!r}: kwargs {kwargs!r} do not fit "
+                              f"{self.fn.__name__}{inspect.signature(self.fn)}: {exc}") from None
+        if self.check is not None:
+            try:
+                self.check(kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"reward function {self.name!r}: kwargs {kwargs!r}: {exc}") from None
+
+
+REGISTRY: dict[str, RewardFunction] = {}
+
+
+def reward_function(name: Optional[str] = None, *, batched: bool = False,
+                    check: Optional[KwargsCheck] = None) -> Callable[[F], F]:
+    """Decorator: register a reward function under ``name`` (default: the function's name).
+
+    ``batched=True``: the function takes ``(prompts, responses, metadatas, **kwargs)`` lists and
+    returns a list. ``check(kwargs)`` validates the configured kwargs before any work.
+    """
+
+    def register(fn: F) -> F:
+        key = name or fn.__name__
+        existing = REGISTRY.get(key)
+        if existing is not None and _origin(existing.fn) != _origin(fn):
+            raise ValueError(f"reward function {key!r} is already registered by {_origin(existing.fn)}; "
+                             "pick another name")
+        setattr(fn, BATCHED_ATTR, batched)
+        if check is not None:
+            setattr(fn, CHECK_ATTR, check)
+        REGISTRY[key] = RewardFunction(key, fn, batched, check)
+        return fn
+
+    return register
+
+
+def batched(fn: F) -> F:
+    """Mark a ``module:function`` reward function as batched without registering it."""
+    setattr(fn, BATCHED_ATTR, True)
+    return fn
+
+
+def _origin(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def _import_reference(name: str) -> Callable[..., Any]:
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"reward function {name!r}: cannot import module {module_name!r} ({exc}); "
+                          "check the name and that the module is on PYTHONPATH") from None
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"reward function {name!r}: module {module_name!r} has no {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"reward function {name!r}: {attribute!r} is a {type(target).__name__}, not a function")
+    return target
+
+
+def registered_names() -> list[str]:
+    """Names of every registered reward function (the built-ins included)."""
+    import engine.rewards.builtins  # noqa: F401  (registers the built-ins)
+
+    return sorted(REGISTRY)
+
+
+def resolve_reward(name: str) -> RewardFunction:
+    """The reward function called ``name``: a registered name or ``package.module:function``."""
+    if ":" in name:
+        fn = _import_reference(name)
+        return RewardFunction(name, fn, bool(getattr(fn, BATCHED_ATTR, False)), getattr(fn, CHECK_ATTR, None))
+    names = registered_names()
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown reward function {name!r}; registered: {', '.join(names)} "
+                          "(or give 'package.module:function')")
+    return REGISTRY[name]

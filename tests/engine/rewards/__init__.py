@@ -1,0 +1,1 @@
+"""Tests of engine.rewards and engine.data.prompts."""

@@ -1,0 +1,104 @@
+"""Prompt sets for rollouts: validated rows, and the built-in prompts with their answers and splits."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+
+from engine.data.errors import DataError
+from engine.data.loaders import ReadStats
+from engine.data.prompts import PromptRow, iter_prompts, load_prompts, prompt_row
+from engine.data.synthetic import SFT_TASK_KINDS, sft_conversations, split_of, task_kind
+from engine.rewards.builtins import math_answer, synthetic_check
+
+
+def test_rows_keep_answer_and_metadata(write_jsonl: Callable[..., str]) -> None:
+    path = write_jsonl([
+        {"prompt": "What is 2 + 3?", "answer": 5, "id": "a"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 times 4?"}],
+         "answer": "12"},
+        {"prompt": "Tell me a joke."},
+    ])
+    rows = load_prompts(path)
+    assert rows[0] == PromptRow("What is 2 + 3?", 5, {"id": "a"}, rows[0].where)
+    assert str(rows[0].where).endswith("data.jsonl, line 1")
+    assert rows[0].reward_metadata() == {"id": "a", "answer": 5} and rows[2].reward_metadata() == {}
+    assert rows[1].text == "System: Be brief.\nUser: What is 3 times 4?" and rows[1].messages[0]["role"] == "system"
+    assert synthetic_check(rows[1].text, "12", {}) == 1.0
+    assert rows[2].answer is None and rows[2].messages == [{"role": "user", "content": "Tell me a joke."}]
+
+
+@pytest.mark.parametrize("bad, field, expected", [
+    ({"answer": 3}, "prompt", "a string, got 'missing'"),
+    ({"prompt": 7}, "prompt", "a string, got 7"),
+    ({"prompt": "  "}, "prompt", "a non-empty string"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "prompt[1].role",
+     "the conversation to end with a 'user' turn"),
+    ({"prompt": "q", "answer": [3]}, "answer", "a string or a finite number"),
+    ({"prompt": "q", "answer": True}, "answer", "a string or a finite number"),
+    ({"prompt": "q", "answer": float("nan")}, "answer", "a string or a finite number"),
+])
+def test_bad_rows_name_file_line_and_field(write_jsonl: Callable[..., str], bad: dict, field: str,
+                                           expected: str) -> None:
+    path = write_jsonl([{"prompt": "fine", "answer": "1"}, bad])
+    with pytest.raises(DataError) as caught:
+        load_prompts(path)
+    message = str(caught.value)
+    assert f"data.jsonl, line 2: field '{field}': expected {expected}" in message
+    assert caught.value.row == 2 and caught.value.field == field
+
+
+def test_bad_rows_can_be_skipped_and_counted(write_jsonl: Callable[..., str]) -> None:
+    path = write_jsonl([{"prompt": "a"}, "{not json", {"prompt": 3}, {"prompt": "b", "answer": 2.5}])
+    stats = ReadStats()
+    rows = list(iter_prompts(path, on_error="skip", stats=stats))
+    assert [row.prompt for row in rows] == ["a", "b"] and (stats.valid, stats.skipped) == (2, 2)
+    assert "line 2: field '<json>'" in stats.problems[0]
+    with pytest.raises(DataError, match="line 2: field '<json>'"):
+        load_prompts(path)
+    with pytest.raises(DataError, match="at least one valid row"):
+        load_prompts(write_jsonl([{"prompt": 1}], "bad.jsonl"), on_error="skip")
+
+
+def test_builtin_prompts_ask_what_sft_teaches_and_carry_the_answer() -> None:
+    rows = load_prompts("builtin:prompts", 300, seed=4)
+    assert load_prompts("builtin:prompts", 300, seed=4) == rows
+    kinds = {row.metadata["task_kind"] for row in rows}
+    assert kinds == set(SFT_TASK_KINDS)
+    sft_questions = {m["content"] for c in sft_conversations(300, 0) for m in c["messages"] if m["role"] == "user"}
+    sft_forms = {re.sub(r"\d+|'[a-z]+'", "#", q) for q in sft_questions}
+    assert {re.sub(r"\d+|'[a-z]+'", "#", row.text) for row in rows} == sft_forms
+    for row in rows:
+        assert task_kind(row.text) == row.metadata["task_kind"]
+        assert synthetic_check(row.text, f"So the answer is {row.answer}.", row.reward_metadata()) == 1.0
+        assert synthetic_check(row.text, f"So the answer is {row.answer}x.", row.reward_metadata()) == 0.0
+        if row.metadata["task_kind"] != "reversal":
+            assert math_answer(row.text, f"\\boxed{{{row.answer}}}", row.reward_metadata()) == 1.0
+
+
+def _keys(prompt: str) -> set[str]:
+    numbers = [int(n) for n in re.findall(r"\d+", prompt)]
+    words = re.findall(r"'([a-z]+)'", prompt)
+    keys = {f"w:{word}" for word in words}
+    if len(numbers) == 2:
+        keys.add(f"n:{min(numbers)}:{max(numbers)}")
+    return keys
+
+
+def test_builtin_splits_never_share_a_word_or_number_pair() -> None:
+    seen = {split: set().union(*(_keys(row.text) for row in load_prompts(f"builtin:prompts:{split}", 400, seed=1)))
+            for split in ("train", "validation", "eval")}
+    assert [row.text for row in load_prompts("builtin:prompts", 50, 1)] == [
+        row.text for row in load_prompts("builtin:prompts:train", 50, 1)]
+    for split, keys in seen.items():
+        assert keys and all(split_of(key) == split for key in keys)
+    assert not seen["train"] & seen["eval"] and not seen["train"] & seen["validation"]
+    assert not seen["validation"] & seen["eval"]
+
+
+def test_prompt_row_from_a_dict() -> None:
+    assert prompt_row({"prompt": "q", "answer": "1", "task_kind": "x"}).metadata == {"task_kind": "x"}
+    with pytest.raises(DataError, match="field 'answer'"):
+        prompt_row({"prompt": "q", "answer": {}})

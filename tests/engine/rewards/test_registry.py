@@ -1,0 +1,128 @@
+"""Reward functions by registered name or module:function; their config, alone and in an algorithm's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_config, save_config
+from engine.errors import ConfigError
+from engine.rewards import (
+    RewardFunctionConfig,
+    RewardRunner,
+    parse_reward_configs,
+    registered_names,
+    resolve_reward,
+    reward_function,
+)
+
+SAMPLE = "tests.engine.rewards.sample_rewards"
+
+
+def test_builtins_are_registered() -> None:
+    assert {"synthetic_check", "math_answer", "regex_format", "length_penalty"} <= set(registered_names())
+    assert resolve_reward("math_answer").batched is False
+
+
+def test_module_function_and_batched_marks() -> None:
+    brevity = resolve_reward(f"{SAMPLE}:brevity")
+    assert brevity.fn("", "short", {}) == 1.0 and not brevity.batched
+    assert resolve_reward(f"{SAMPLE}:lengths").batched
+    assert resolve_reward("sample_batched_parity").batched  # registered when the module was imported
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no_such_reward", "unknown reward function 'no_such_reward'; registered: .*math_answer"),
+    ("tests.engine.rewards.nope:f", "cannot import module 'tests.engine.rewards.nope'"),
+    (f"{SAMPLE}:missing", "has no 'missing'"),
+])
+def test_unknown_functions_are_config_errors(name: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_reward(name)
+
+
+def test_register_twice_under_one_name_is_refused() -> None:
+    def first(prompt: str, response: str, metadata: dict) -> float:
+        return 0.0
+
+    with pytest.raises(ValueError, match="already registered"):
+        reward_function("math_answer")(first)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name": ""}, "non-empty"),
+    ({"name": "pkg.mod:"}, "package.module:function"),
+    ({"name": "math_answer", "weight": float("nan")}, "weight=nan must be a finite number"),
+    ({"name": "math_answer", "timeout_seconds": 0}, "timeout_seconds=0 must be a number > 0"),
+    ({"name": "math_answer", "on_error": "ignore"}, "on_error='ignore' is not one of 'zero', 'skip', 'raise'"),
+    ({"name": "math_answer", "kwargs": [1]}, "kwargs=\\[1\\] must be a mapping"),
+])
+def test_config_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RewardFunctionConfig(**kwargs)
+
+
+def test_kwargs_are_checked_before_any_work() -> None:
+    with pytest.raises(ConfigError, match="regex_format.*pattern"):
+        RewardRunner([RewardFunctionConfig("regex_format")], workers=0)
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        RewardRunner([RewardFunctionConfig("regex_format", kwargs={"pattern": "("})], workers=0)
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'tokens'"):
+        RewardRunner([RewardFunctionConfig("length_penalty", kwargs={"tokens": 3})], workers=0)
+    with pytest.raises(ConfigError, match="unit='bytes'"):
+        RewardRunner([RewardFunctionConfig("length_penalty", kwargs={"unit": "bytes"})], workers=0)
+
+
+def test_unpicklable_functions_are_refused_for_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.engine.rewards.sample_rewards as sample
+
+    monkeypatch.setattr(sample, "anonymous", sample.lambda_holder(), raising=False)
+    with pytest.raises(ConfigError, match="cannot be sent to a worker process"):
+        RewardRunner([RewardFunctionConfig(f"{SAMPLE}:anonymous")], workers=1)
+
+
+def test_parse_names_the_entry() -> None:
+    configs = parse_reward_configs([{"name": "math_answer"}, {"name": "regex_format", "weight": 2,
+                                                             "kwargs": {"pattern": "x"}}], "grpo.rewards")
+    assert [c.component for c in configs] == ["math_answer", "regex_format"] and configs[1].weight == 2.0
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[1\]: unknown config key 'wieght'"):
+        parse_reward_configs([{"name": "math_answer"}, {"name": "x", "wieght": 1}], "grpo.rewards")
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\]: missing 'name'"):
+        parse_reward_configs([{"weight": 1}], "grpo.rewards")
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].*on_error='nope'"):
+        parse_reward_configs([{"name": "math_answer", "on_error": "nope"}], "grpo.rewards")
+    with pytest.raises(ConfigError, match="'regex_format' is listed twice; give each a distinct 'label'"):
+        parse_reward_configs([{"name": "regex_format"}, {"name": "regex_format"}], "grpo.rewards")
+
+
+@dataclass
+class ToyRLSection:
+    reward_functions: list[RewardFunctionConfig] = field(
+        default_factory=lambda: [RewardFunctionConfig("synthetic_check")], metadata={"doc": "Reward functions."})
+    reward_workers: int = 2
+
+    def __post_init__(self) -> None:
+        self.reward_functions = parse_reward_configs(self.reward_functions, "toy.reward_functions")
+
+
+@dataclass
+class ToyConfig:
+    toy: ToyRLSection = field(default_factory=ToyRLSection)
+
+
+def test_as_a_list_field_of_an_algorithm_config(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("toy:\n  reward_functions:\n    - {name: math_answer}\n"
+                    "    - {name: regex_format, weight: 0.2, kwargs: {pattern: 'boxed'}, on_error: skip}\n")
+    config = load_config(ToyConfig, str(path))
+    assert [(c.name, c.weight, c.on_error) for c in config.toy.reward_functions] == [
+        ("math_answer", 1.0, "zero"), ("regex_format", 0.2, "skip")]
+    assert load_config(ToyConfig).toy.reward_functions[0].name == "synthetic_check"
+    overridden = load_config(ToyConfig, str(path), ["toy.reward_functions=[{name: length_penalty, weight: 0.5}]"])
+    assert [(c.name, c.weight) for c in overridden.toy.reward_functions] == [("length_penalty", 0.5)]
+    save_config(config, str(tmp_path / "saved.yaml"))
+    assert load_config(ToyConfig, str(tmp_path / "saved.yaml")) == config
+    with pytest.raises(ConfigError, match=r"toy.reward_functions\[0\]: .*timeout_seconds=-1"):
+        load_config(ToyConfig, None, ["toy.reward_functions=[{name: math_answer, timeout_seconds: -1}]"])
