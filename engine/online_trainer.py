@@ -16,7 +16,7 @@ import torch
 
 from engine.algorithms.logprobs import response_logprobs
 from engine.algorithms.online import PHASES, Iteration, OnlineStep, broadcast_from_first, rollout_micro_batches
-from engine.data.chat import prompt_messages, render_prompt, stop_token_ids
+from engine.data.chat import render_prompt, stop_token_ids
 from engine.data.sampler import GlobalBatchSampler
 from engine.faults import maybe_fail
 from engine.trainer import FitResult, Trainer, TrainingError
@@ -48,13 +48,15 @@ class OnlineTrainer(Trainer):
 
     # ------------------------------------------------------------------ rollouts
     def _render(self, row: Any) -> list[int]:
-        return render_prompt(prompt_messages(row.prompt), self.tokenizer, self.template, None)
+        return render_prompt(row.messages, self.tokenizer, self.template, None)
 
-    def _score(self, rows: list[Any], responses: list[str]) -> tuple[torch.Tensor, dict[str, list[float]], list[bool]]:
+    def _score(self, rows: list[Any], responses: list[str],
+               lengths: list[int]) -> tuple[torch.Tensor, dict[str, list[float]], list[bool]]:
         """(total reward per rollout, per-component values, keep mask), computed on rank 0 and broadcast."""
         result = None
         if self.rewards is not None:
-            scored = self.rewards([r.prompt_text for r in rows], responses, [r.metadata_with_answer for r in rows])
+            metadata = [{**r.reward_metadata(), "response_tokens": n} for r, n in zip(rows, lengths, strict=True)]
+            scored = self.rewards.score([r.text for r in rows], responses, metadata)
             result = (scored.totals, scored.components, scored.keep)
         totals, components, keep = broadcast_from_first(result)
         return torch.tensor(totals, dtype=torch.float32), components, list(keep)
@@ -66,7 +68,8 @@ class OnlineTrainer(Trainer):
         began = time.perf_counter()
         self.resharder.reshard()
         times["refit"] = time.perf_counter() - began
-        picked = [self.train_data[i] for group in self.sampler.next_step() for i in group]
+        prompts_set: list[Any] = self.train_data  # type: ignore[assignment]  # a list of PromptRow
+        picked = [prompts_set[i] for group in self.sampler.next_step() for i in group]
         rows = [row for row in picked for _ in range(rollout.samples_per_prompt)]
         prompts = [self._render(row) for row in rows]
         began = time.perf_counter()
@@ -79,7 +82,7 @@ class OnlineTrainer(Trainer):
         times["generate"] = time.perf_counter() - began
         began = time.perf_counter()
         responses = [self._decode(tokens, reason) for tokens, reason in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]
-        scores, components, keep = self._score(rows, responses)
+        scores, components, keep = self._score(rows, responses, rollouts.lengths)
         times["score"] = time.perf_counter() - began
         return Iteration(rows, prompts, rollouts, scores, components, keep, responses, times)
 
@@ -169,14 +172,14 @@ class OnlineTrainer(Trainer):
         if not self.valid_data:
             return {}
         self.resharder.reshard()
-        rows = list(self.valid_data)
+        rows: list[Any] = self.valid_data  # type: ignore[assignment]  # a list of PromptRow
         params = self.config.rollout.sampling(0)
         params = type(params)(**{**params.__dict__, "temperature": 0.0, "stop_token_ids": self.stop_ids,
                                  "max_length": self.config.data.seq_length})
         rollouts = self.backend.generate([self._render(r) for r in rows], params)
         self.backend.release()
         responses = [self._decode(t, r) for t, r in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]
-        scores, components, _ = self._score(rows, responses)
+        scores, components, _ = self._score(rows, responses, rollouts.lengths)
         values = {"reward": float(scores.mean()), "response_length": sum(rollouts.lengths) / len(rows)}
         values.update({f"reward_{name}": sum(c) / len(c) for name, c in components.items()})
         return values
@@ -194,7 +197,11 @@ class OnlineTrainer(Trainer):
         return False  # no "best" checkpoint by a loss: every iteration's rewards are logged instead
 
     def fit(self) -> FitResult:
-        result = super().fit()
+        try:
+            result = super().fit()
+        finally:
+            if self.rewards is not None:
+                self.rewards.close()
         if self.parallel.is_main:
             from engine.plots import write_curves
 

@@ -24,7 +24,7 @@ given DAPO's soft penalty (``penalty``, over the last ``grpo.overlong_cache`` to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 

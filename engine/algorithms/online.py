@@ -27,7 +27,6 @@ the per-token loss; this module owns everything else.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -35,10 +34,10 @@ import torch
 import torch.distributed as dist
 
 from engine.algorithms.base import Batch, Step
-from engine.algorithms.logprobs import lm_forward, per_token_logprobs, response_logprobs, sequence_batches
+from engine.algorithms.logprobs import lm_forward, per_token_logprobs, sequence_batches
 from engine.config import ConfigError, TrainConfig, doc
-from engine.data.batching import to_device
 from engine.generation.base import Rollouts, SamplingParams
+from engine.rewards import RewardFunctionConfig, parse_reward_configs
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +83,19 @@ class OnlineTrainConfig(TrainConfig):
     """Shared sections of the online algorithms; each adds its own."""
 
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward_functions: list[RewardFunctionConfig] = field(
+        default_factory=lambda: [RewardFunctionConfig("synthetic_check")],
+        metadata={"doc": "Reward functions, each {name, weight, kwargs, timeout_seconds, on_error (zero|skip|raise), "
+                         "label}; name is a registered function or module:function."})
+    reward_workers: int = doc("Reward worker processes (0 = in the trainer's process, no timeouts).", 2)
     reference: Optional[str] = doc(
         "Checkpoint of the frozen KL reference (None = checkpoint.load; 'init' = the policy's initialisation).", None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.reward_functions = parse_reward_configs(self.reward_functions, "reward_functions")
+        if not self.reward_functions:
+            raise ConfigError("reward_functions is empty: name at least one reward function (e.g. synthetic_check)")
         if self.reference is None:
             self.reference = self.checkpoint.load
 
@@ -130,7 +137,7 @@ class OnlineStep(Step):
         """The reward functions of ``config.rewards`` (built on global rank 0 only)."""
         from engine.rewards import RewardRunner
 
-        return RewardRunner(config.rewards)
+        return RewardRunner(config.reward_functions, config.reward_workers)
 
     def curve_metrics(self) -> tuple[str, ...]:
         """Metrics drawn into the run's curves.png."""

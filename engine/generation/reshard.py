@@ -230,7 +230,7 @@ class Resharder:
         self.plan.stats["plan_seconds"] = time.perf_counter() - start
         self.backend = backend
         self.rank = rank
-        logger.info("%s", self.plan.describe(limit=0))
+        logger.info("%s", self.plan.describe(limit=0).splitlines()[0])
 
     @torch.no_grad()
     def reshard(self) -> dict[str, float]:
