@@ -45,6 +45,7 @@ class OnlineTrainer(Trainer):
         self.backend = NativeBackend(config, generation, rollout.max_batch_size)
         self.resharder = Resharder(self.model.chunks, self.backend, rollout.bucket_mib * 2**20)
         self.rewards = step.reward_runner(config) if parallel.is_main else None
+        self.reward_model = step.reward_model(config)
 
     # ------------------------------------------------------------------ rollouts
     def _render(self, row: Any) -> list[int]:
@@ -52,14 +53,40 @@ class OnlineTrainer(Trainer):
 
     def _score(self, rows: list[Any], responses: list[str],
                lengths: list[int]) -> tuple[torch.Tensor, dict[str, list[float]], list[bool]]:
-        """(total reward per rollout, per-component values, keep mask), computed on rank 0 and broadcast."""
+        """(total reward per rollout, per-component values, keep mask) on every rank.
+
+        The reward model scores on every rank (a collective); the reward functions run on global
+        rank 0, which adds the model's component and broadcasts the result.
+        """
+        rm_scores = self._reward_model_scores(rows, responses)
         result = None
-        if self.rewards is not None:
-            metadata = [{**r.reward_metadata(), "response_tokens": n} for r, n in zip(rows, lengths, strict=True)]
-            scored = self.rewards.score([r.text for r in rows], responses, metadata)
-            result = (scored.totals, scored.components, scored.keep)
+        if self.parallel.is_main:
+            if self.rewards is not None:
+                metadata = [{**r.reward_metadata(), "response_tokens": n} for r, n in zip(rows, lengths, strict=True)]
+                scored = self.rewards.score([r.text for r in rows], responses, metadata)
+                totals, components, keep = scored.totals, scored.components, scored.keep
+            else:
+                totals, components, keep = [0.0] * len(rows), {}, [True] * len(rows)
+            if rm_scores is not None:
+                keep = [k and not math.isnan(v) for k, v in zip(keep, rm_scores, strict=True)]  # response did not fit
+                column = [0.0 if math.isnan(v) else v for v in rm_scores]
+                weight = self.config.reward_model_weight
+                totals = [t + weight * v if k else 0.0 for t, v, k in zip(totals, column, keep, strict=True)]
+                components = {**components, "rm": column}
+            result = (totals, components, keep)
         totals, components, keep = broadcast_from_first(result)
         return torch.tensor(totals, dtype=torch.float32), components, list(keep)
+
+    def _reward_model_scores(self, rows: list[Any], responses: list[str]) -> Optional[list[float]]:
+        """Normalised reward-model scores (NaN where the response does not fit), or None without a model."""
+        if self.reward_model is None:
+            return None
+        from engine.eval.scoring import GOODNESS_WEIGHTS
+
+        rewards = self.reward_model.score([(r.prompt, response) for r, response in zip(rows, responses, strict=True)])
+        scores = self.reward_model.scalar(rewards, GOODNESS_WEIGHTS)
+        config = self.config
+        return ((scores - config.reward_model_mean) / config.reward_model_std).tolist()
 
     def collect(self, step_number: int) -> Iteration:
         """Refit, generate, release and score the rollouts of one iteration (every rank gets all of it)."""

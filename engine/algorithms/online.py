@@ -88,14 +88,24 @@ class OnlineTrainConfig(TrainConfig):
         metadata={"doc": "Reward functions, each {name, weight, kwargs, timeout_seconds, on_error (zero|skip|raise), "
                          "label}; name is a registered function or module:function."})
     reward_workers: int = doc("Reward worker processes (0 = in the trainer's process, no timeouts).", 2)
+    reward_model: Optional[str] = doc(
+        "Reward-model checkpoint (`keel train rm`) scoring every rollout as the component 'rm', built at the "
+        "training layout. Regression models give their goodness (helpfulness-weighted attributes), BT ones their score.",
+        None)
+    reward_model_weight: float = doc("Weight of the reward model's component in the total reward.", 1.0)
+    reward_model_mean: float = doc("Stored mean subtracted from the reward model's score (normalisation).", 0.0)
+    reward_model_std: float = doc("Stored std the centred reward-model score is divided by.", 1.0)
     reference: Optional[str] = doc(
         "Checkpoint of the frozen KL reference (None = checkpoint.load; 'init' = the policy's initialisation).", None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.reward_functions = parse_reward_configs(self.reward_functions, "reward_functions")
-        if not self.reward_functions:
-            raise ConfigError("reward_functions is empty: name at least one reward function (e.g. synthetic_check)")
+        if not self.reward_functions and not self.reward_model:
+            raise ConfigError("no reward: name a reward function in reward_functions (e.g. synthetic_check) or set "
+                              "reward_model=<checkpoint>")
+        if self.reward_model_std <= 0:
+            raise ConfigError(f"reward_model_std={self.reward_model_std} must be > 0")
         if self.reference is None:
             self.reference = self.checkpoint.load
 
@@ -134,10 +144,24 @@ class OnlineStep(Step):
             logger.info("%s: frozen KL reference from %s", self.name, checkpoint or "the policy's initialisation")
 
     def reward_runner(self, config: Any) -> Any:
-        """The reward functions of ``config.rewards`` (built on global rank 0 only)."""
+        """The reward functions of ``config.reward_functions`` (built on global rank 0 only; None without any)."""
         from engine.rewards import RewardRunner
 
-        return RewardRunner(config.reward_functions, config.reward_workers)
+        return RewardRunner(config.reward_functions, config.reward_workers) if config.reward_functions else None
+
+    def reward_model(self, config: Any) -> Any:
+        """A :class:`~engine.eval.scoring.RewardScorer` of ``config.reward_model`` at the training layout, or None."""
+        if not config.reward_model:
+            return None
+        from engine.eval.scoring import load_scorer
+
+        layout = [f"parallel.tensor={config.parallel.tensor}", f"parallel.pipeline={config.parallel.pipeline}",
+                  f"data.seq_length={config.data.seq_length}", f"data.micro_batch_size={config.data.micro_batch_size}",
+                  f"data.chat_template={config.data.chat_template}", f"data.tokenizer={config.data.tokenizer}"]
+        scorer = load_scorer(config.reward_model, layout)
+        logger.info("%s: reward model %s (%s) scores every rollout with weight %g", self.name, config.reward_model,
+                    scorer.step.rm.type, config.reward_model_weight)
+        return scorer
 
     def curve_metrics(self) -> tuple[str, ...]:
         """Metrics drawn into the run's curves.png."""

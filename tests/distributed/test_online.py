@@ -72,3 +72,18 @@ def test_reinforce_goes_on_through_misbehaving_reward_functions(tmp_path: Path) 
     assert sum(r["skipped"] for r in records) > 0  # raised, NaN and hung rows were dropped from training
     assert "flaky" in proc.stderr  # each failure is reported with its function
     assert all(r["kl"] == r["kl"] for r in records)
+
+
+def test_grpo_scores_with_a_reward_model_at_a_tp2_layout(tmp_path: Path) -> None:
+    rm = ["rm.type=regression", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
+          "data.tokenizer=builtin-sp", "model.preset=tiny-llama", "data.micro_batch_size=2",
+          "data.global_batch_size=4", "logging.progress=false", "logging.tensorboard=false",
+          "checkpoint.resume=none", f"run.output_dir={tmp_path / 'rm'}"]
+    keel_train(1, rm, algo="rm")
+    run = tmp_path / "grpo"
+    keel_train(2, [*BASE, "parallel.tensor=2", "reward_functions=[]", f"reward_model={tmp_path / 'rm' / 'checkpoints'}",
+                   "reward_model_mean=1.0", "reward_model_std=2.0", "run.train_steps=1", f"run.output_dir={run}"],
+               algo="grpo")
+    record = _records(run)[0]
+    assert "reward_rm" in record and record["reward_rm"] == record["reward"]  # the model is the only component
+    assert record["policy_loss"] != 0.0
