@@ -100,7 +100,8 @@ def complete(backend: Any, tokenizer: Any, template: str, rows: list[dict[str, A
              attributes: Optional[dict[str, int]], batch_size: int = 64,
              progress: bool = False) -> list[dict[str, Any]]:
     """One completion per row, as ``{prompt, completion, finish_reason, tokens, attributes}`` dicts."""
-    sampling = dataclasses.replace(sampling, stop_token_ids=tuple(stop_token_ids(tokenizer, template)))
+    sampling = dataclasses.replace(sampling, stop_token_ids=tuple(stop_token_ids(tokenizer, template)),
+                                   vocab_size=tokenizer.vocab_size)
     out: list[dict[str, Any]] = []
     bar = _progress(len(rows), progress)
     for start in range(0, len(rows), batch_size):

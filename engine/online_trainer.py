@@ -103,7 +103,7 @@ class OnlineTrainer(Trainer):
         seed = self.config.run.seed * 1_000_003 + step_number * 10_007
         params = rollout.sampling(seed)
         params = type(params)(**{**params.__dict__, "stop_token_ids": self.stop_ids,
-                                 "max_length": self.config.data.seq_length})
+                                 "max_length": self.config.data.seq_length, "vocab_size": self.tokenizer.vocab_size})
         rollouts = self.backend.generate(prompts, params)
         self.backend.release()
         times["generate"] = time.perf_counter() - began
@@ -202,7 +202,7 @@ class OnlineTrainer(Trainer):
         rows: list[Any] = self.valid_data  # type: ignore[assignment]  # a list of PromptRow
         params = self.config.rollout.sampling(0)
         params = type(params)(**{**params.__dict__, "temperature": 0.0, "stop_token_ids": self.stop_ids,
-                                 "max_length": self.config.data.seq_length})
+                                 "max_length": self.config.data.seq_length, "vocab_size": self.tokenizer.vocab_size})
         rollouts = self.backend.generate([self._render(r) for r in rows], params)
         self.backend.release()
         responses = [self._decode(t, r) for t, r in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]

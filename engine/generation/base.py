@@ -34,7 +34,8 @@ class SamplingParams:
     ``seed`` seeds the draws of the whole call, and row ``i`` of the call draws from
     ``seed + i`` so a row's sample does not depend on the rows batched with it.
     ``max_length`` caps prompt + new tokens (the model's context); 0 means no cap beyond
-    ``max_new_tokens``.
+    ``max_new_tokens``. ``vocab_size`` (0 = the model's) keeps draws among the tokenizer's ids
+    when the model's vocabulary is padded beyond it; log-probs stay those of the whole vocabulary.
     """
 
     max_new_tokens: int = 64
@@ -44,6 +45,7 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
     max_length: int = 0
+    vocab_size: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,6 +59,8 @@ class SamplingParams:
             problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
         if self.max_length < 0:
             problems.append(f"max_length={self.max_length} must be >= 0")
+        if self.vocab_size < 0:
+            problems.append(f"vocab_size={self.vocab_size} must be >= 0")
         if problems:
             raise ConfigError("sampling: " + "; ".join(problems))
 

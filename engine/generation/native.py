@@ -53,6 +53,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def pick_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
     """Next token per row of ``logits [rows, vocab]``: argmax when greedy, else a draw from each row's generator."""
+    if 0 < params.vocab_size < logits.shape[-1]:
+        logits = logits[:, : params.vocab_size]
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits, params).softmax(-1)
