@@ -30,6 +30,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "dpo": ("engine.algorithms.dpo", "direct preference optimisation (DPO, IPO, RPO) against a frozen reference"),
     "grpo": ("engine.algorithms.grpo", "online GRPO (Dr. GRPO, DAPO options) on rollouts from the generation backend"),
     "reinforce": ("engine.algorithms.reinforce", "online REINFORCE with a leave-one-out baseline (RLOO)"),
+    "ppo": ("engine.algorithms.ppo", "online PPO: actor from SFT, critic from the reward model, GAE"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any, Optional
 
@@ -46,6 +47,7 @@ class OnlineTrainer(Trainer):
         self.resharder = Resharder(self.model.chunks, self.backend, rollout.bucket_mib * 2**20)
         self.rewards = step.reward_runner(config) if parallel.is_main else None
         self.reward_model = step.reward_model(config)
+        self.critic = step.build_critic(config, parallel)
 
     # ------------------------------------------------------------------ rollouts
     def _render(self, row: Any) -> list[int]:
@@ -157,25 +159,49 @@ class OnlineTrainer(Trainer):
         return metrics
 
     def train_step(self, step_number: int) -> dict[str, float]:
-        """One iteration: collect, recompute log-probs, compute advantages, train ``rollout.epochs`` passes."""
+        """One iteration: collect, recompute log-probs (and values), compute advantages, train ``rollout.epochs`` passes."""
         it = self.collect(step_number)
         maybe_fail("in-step", step_number)  # mid-iteration: rollouts made, nothing trained
         began = time.perf_counter()
         logps, ref_logps = self._recompute(it)
+        values = None
+        if self.critic is not None:
+            values = self.critic.values(it.rollouts.sequences(), [len(p) for p in it.prompts],
+                                        self.config.data.micro_batch_size)
         it.times["logprobs"] = time.perf_counter() - began
-        advantages = self.step.advantages(it.scores, it.rollouts, logps, ref_logps)
-        masks = [[1.0 if keep else 0.0] * len(t) for keep, t in zip(it.keep, it.rollouts.tokens, strict=True)]
-        per_token = {"old_logps": logps, "ref_logps": ref_logps, "advantages": advantages, "keep": masks}
+        per_token: dict[str, list[list[float]]] = dict(self.step.advantages(it.scores, it.rollouts, logps, ref_logps, values))
+        per_token.update(old_logps=logps, ref_logps=ref_logps,
+                         keep=[[1.0 if keep else 0.0] * len(t) for keep, t in zip(it.keep, it.rollouts.tokens, strict=True)])
         began = time.perf_counter()
-        updates = [self._optimize(micro, step_number) for epoch in range(self.config.rollout.epochs)
-                   for micro in self._minibatches(it, per_token, step_number, epoch)]
+        steps = [micro for epoch in range(self.config.rollout.epochs)
+                 for micro in self._minibatches(it, per_token, step_number, epoch)]
+        metrics = self._train_actor(steps, step_number)
+        if self.critic is not None:
+            metrics.update(self._train_critic(steps))
         it.times["train"] = time.perf_counter() - began
-        updates = [u for u in updates if u]
-        if not updates:
-            raise TrainingError(f"iteration {step_number}: every rollout was skipped by the reward functions")
-        metrics = {name: sum(u[name] for u in updates) / len(updates) for name in updates[0]}
         metrics.update(self._rollout_metrics(it, logps, ref_logps))
         metrics["tokens"] = float(sum(len(s) for s in it.rollouts.sequences()))
+        return metrics
+
+    def _train_actor(self, steps: list[list[Any]], step_number: int) -> dict[str, float]:
+        swap = self.critic is not None and self.config.ppo.swap_models
+        if swap:
+            self.critic.runner.offload()
+        updates = [u for u in (self._optimize(micro, step_number) for micro in steps) if u]
+        if not updates:
+            raise TrainingError(f"iteration {step_number}: every rollout was skipped by the reward functions")
+        return {name: sum(u[name] for u in updates) / len(updates) for name in updates[0]}
+
+    def _train_critic(self, steps: list[list[Any]]) -> dict[str, float]:
+        """The critic's updates on the same micro-batches, with the actor's training state swapped out."""
+        swap = self.config.ppo.swap_models
+        if swap:
+            moved = self.model.offload()
+            self.critic.runner.onload()
+        metrics = dict(self.critic.train(steps))
+        if swap:
+            metrics["swapped_bytes"] = float(sum(moved.values()))
+            self.model.onload()
         return metrics
 
     def _rollout_metrics(self, it: Iteration, logps: list[list[float]], ref_logps: list[list[float]]) -> dict[str, float]:
@@ -191,6 +217,28 @@ class OnlineTrainer(Trainer):
         values["rollout_logprob_diff_max"] = max(backend, default=0.0)
         values.update({f"time_{phase}": it.times.get(phase, 0.0) for phase in PHASES})
         return values
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step_number: int) -> str:
+        """The policy's checkpoint, and the critic's beside it (``<checkpoint.dir>/critic``)."""
+        path = super().save_checkpoint(step_number)
+        if self.critic is not None:
+            chk = self.config.checkpoint
+            extra = {"model_signature": self.critic.runner.signature, "scheduler": self.critic.runner.scheduler.state_dict(),
+                     "config": self.critic.config.to_dict(), "algorithm": "critic"}
+            self.critic.runner.save(os.path.join(str(chk.dir), "critic"), step_number, extra, chk.keep_last,
+                                    chk.save_optimizer)
+        return path
+
+    def maybe_resume(self) -> int:
+        start = super().maybe_resume()
+        if self.critic is not None and start > 0:
+            from engine.checkpoint import dist as ckpt
+
+            path = ckpt.resolve(os.path.join(str(self.config.checkpoint.dir), "critic", f"step_{start:07d}"))
+            self.critic.runner.load(path)
+            logger.info("critic resumed from %s", path)
+        return start
 
     # ------------------------------------------------------------------ held-out evaluation
     @torch.no_grad()

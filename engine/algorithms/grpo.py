@@ -96,7 +96,7 @@ class GRPOStep(OnlineStep):
         return ("reward", "reward_synthetic_check", "kl", "response_length")
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
-                   ref_logps: list[list[float]]) -> list[list[float]]:
+                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
         from engine.advantages import group_advantages, overlong_penalty
 
         rewards = scores.clone().float()
@@ -108,8 +108,8 @@ class GRPOStep(OnlineStep):
             rewards = rewards - self.grpo.kl_coef * kl
         advantage = group_advantages(rewards, self.config.rollout.samples_per_prompt, self.grpo.normalize_std)
         cut = [r == "length" for r in rollouts.finish_reasons]
-        return [[0.0 if (self.grpo.overlong == "filter" and cut[i]) else float(advantage[i])] * len(tokens)
-                for i, tokens in enumerate(rollouts.tokens)]
+        return {"advantages": [[0.0 if (self.grpo.overlong == "filter" and cut[i]) else float(advantage[i])] * len(tokens)
+                               for i, tokens in enumerate(rollouts.tokens)]}
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         from engine.losses import aggregate, clipped_policy_loss, kl_penalty

@@ -8,6 +8,7 @@ the generation backend get the same numbers from the same function.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -20,23 +21,22 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: tor
                       parallel: Optional[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(``sum_t mask_t log p(labels_t)`` per row ``[batch]``, masked token count per row ``[batch]``)."""
     mask = loss_mask.to(logits.device).float()
-    per_token = per_token_logprobs(logits, labels, mask, parallel)
+    per_token: torch.Tensor = per_token_logprobs(logits, labels, mask, parallel)
     return (per_token * mask).sum(-1), mask.sum(-1)
 
 
 def per_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                       parallel: Optional[Any]) -> torch.Tensor:
-    """``log p(labels_t)`` per position ``[batch, seq]`` (0 where ``loss_mask`` is 0) from this rank's vocab slice."""
+                       parallel: Optional[Any], return_entropy: bool = False) -> Any:
+    """``log p(labels_t)`` per position ``[batch, seq]`` (0 where ``loss_mask`` is 0) from this rank's vocab slice;
+    with ``return_entropy`` also each position's entropy (a pair)."""
     tp_group, vocab_start = None, 0
     if parallel is not None and parallel.layout.tensor > 1:
         tp_group, vocab_start = parallel.tp_group, parallel.tp_rank * logits.shape[-1]
     # Triton on GPUs; on CPU always the chunked torch path (TRITON_INTERPRET=1, which the kernel tests
     # set, would otherwise pick Triton's interpreter: exact, but an order of magnitude slower)
     backend: Backend = "auto" if logits.is_cuda else "torch"
-    per_token = token_logprobs(logits, labels.to(logits.device), tp_group=tp_group, vocab_start=vocab_start,
-                               loss_mask=loss_mask.to(logits.device).float(), backend=backend)
-    assert isinstance(per_token, torch.Tensor)
-    return per_token
+    return token_logprobs(logits, labels.to(logits.device), tp_group=tp_group, vocab_start=vocab_start,
+                          loss_mask=loss_mask.to(logits.device).float(), backend=backend, return_entropy=return_entropy)
 
 
 def lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -77,6 +77,19 @@ def response_logprobs(runner: Any, sequences: list[list[int]], prompt_lengths: l
     The trainer's side of the rollout/trainer agreement: the same kernel the generation backend
     uses, on the training layout's vocabulary-parallel logits. Every rank passes the same rows.
     """
+    parallel = runner.parallel
+
+    def logps(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return per_token_logprobs(output, batch["labels"], batch["loss_mask"], parallel).float()
+
+    return response_values(runner, sequences, prompt_lengths, logps, micro_batch_size)
+
+
+def response_values(runner: Any, sequences: list[list[int]], prompt_lengths: list[int],
+                    per_position: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+                    micro_batch_size: int = 8) -> list[list[float]]:
+    """``per_position(model output, batch) -> [rows, seq]`` read at each response token's label position,
+    per row, on every rank (forward-only schedule of ``runner`` under any TP/PP)."""
     from engine.data.batching import to_device
     from engine.parallel.collectives import from_last_stage
 
@@ -87,7 +100,7 @@ def response_logprobs(runner: Any, sequences: list[list[int]], prompt_lengths: l
         batch = to_device(next(data_iterator))
 
         def collect(output: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
-            return per_token_logprobs(output, batch["labels"], batch["loss_mask"], parallel).float()
+            return per_position(output, batch).float()
 
         return lm_forward(model, batch), collect
 

@@ -177,15 +177,21 @@ class OnlineStep(Step):
         return train, held_out
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
-                   ref_logps: list[list[float]]) -> list[list[float]]:
-        """Per-token advantages of every rollout (rows grouped by prompt, ``samples_per_prompt`` each)."""
+                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
+        """Per-token ``advantages`` of every rollout (rows grouped by prompt, ``samples_per_prompt`` each), and
+        any other per-token value the loss reads (PPO: ``returns``, ``old_values``)."""
         raise NotImplementedError
+
+    def build_critic(self, config: Any, parallel: Any) -> Any:
+        """The value model, for algorithms that have one (PPO); None otherwise."""
+        return None
 
     def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
         return lm_forward(model, batch)
 
     def token_logps(self, batch: Batch, output: torch.Tensor) -> torch.Tensor:
-        return per_token_logprobs(output, batch["labels"], batch["loss_mask"], self.parallel).float()
+        logps: torch.Tensor = per_token_logprobs(output, batch["labels"], batch["loss_mask"], self.parallel)
+        return logps.float()
 
 
 @dataclass

@@ -15,6 +15,7 @@ near the sampling policy. ``reinforce.aggregation`` is as in GRPO (default ``tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -66,7 +67,7 @@ class ReinforceStep(GRPOStep):
         self.uses_reference = self.grpo.kl != "off"
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
-                   ref_logps: list[list[float]]) -> list[list[float]]:
+                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
         from engine.advantages import rloo_advantages
 
         rewards = scores.clone().float()
@@ -74,7 +75,7 @@ class ReinforceStep(GRPOStep):
             kl = torch.tensor([sum(a - b for a, b in zip(lp, rp, strict=True)) for lp, rp in zip(logps, ref_logps, strict=True)])
             rewards = rewards - self.grpo.kl_coef * kl
         advantage = rloo_advantages(rewards, self.config.rollout.samples_per_prompt)
-        return [[float(advantage[i])] * len(tokens) for i, tokens in enumerate(rollouts.tokens)]
+        return {"advantages": [[float(advantage[i])] * len(tokens) for i, tokens in enumerate(rollouts.tokens)]}
 
 
 CONFIG = ReinforceTrainConfig

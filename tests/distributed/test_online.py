@@ -74,16 +74,38 @@ def test_reinforce_goes_on_through_misbehaving_reward_functions(tmp_path: Path) 
     assert all(r["kl"] == r["kl"] for r in records)
 
 
-def test_grpo_scores_with_a_reward_model_at_a_tp2_layout(tmp_path: Path) -> None:
+def _reward_model(tmp_path: Path) -> Path:
     rm = ["rm.type=regression", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
           "data.tokenizer=builtin-sp", "model.preset=tiny-llama", "data.micro_batch_size=2",
           "data.global_batch_size=4", "logging.progress=false", "logging.tensorboard=false",
           "checkpoint.resume=none", f"run.output_dir={tmp_path / 'rm'}"]
     keel_train(1, rm, algo="rm")
+    return tmp_path / "rm" / "checkpoints"
+
+
+def test_grpo_scores_with_a_reward_model_and_ppo_trains_a_critic_from_it(tmp_path: Path) -> None:
+    reward_model = _reward_model(tmp_path)
     run = tmp_path / "grpo"
-    keel_train(2, [*BASE, "parallel.tensor=2", "reward_functions=[]", f"reward_model={tmp_path / 'rm' / 'checkpoints'}",
+    keel_train(2, [*BASE, "parallel.tensor=2", "reward_functions=[]", f"reward_model={reward_model}",
                    "reward_model_mean=1.0", "reward_model_std=2.0", "run.train_steps=1", f"run.output_dir={run}"],
                algo="grpo")
     record = _records(run)[0]
     assert "reward_rm" in record and record["reward_rm"] == record["reward"]  # the model is the only component
     assert record["policy_loss"] != 0.0
+
+    # PPO at TP2 (2 ranks): actor and critic co-located, each one's training state swapped out while the
+    # other trains; killed mid-iteration and resumed, actor and critic continue to the same losses
+    args = [*BASE, "parallel.tensor=2", f"reward_model={reward_model}", "run.train_steps=3", "ppo.critic_lr=3e-4",
+            "checkpoint.save_interval=1"]
+    whole, killed = tmp_path / "ppo", tmp_path / "ppo-killed"
+    keel_train(2, [*args, f"run.output_dir={whole}"], algo="ppo")
+    records = _records(whole)
+    assert abs(records[0]["ratio_mean"] - 1.0) <= 1e-6 and records[0]["rollout_logprob_diff_max"] <= 1e-5
+    assert all(r["swapped_bytes"] > 0 and r["value_loss"] == r["value_loss"] for r in records)
+    assert records[-1]["value_loss"] < records[0]["value_loss"]  # the critic fits the returns
+    proc = keel_train(2, [*args, f"run.output_dir={killed}"], env={"KEEL_FAULT": "in-step:3:KILL"}, check=False,
+                      algo="ppo")
+    assert proc.returncode != 0
+    keel_train(2, [*args, f"run.output_dir={killed}", "checkpoint.resume=auto"], algo="ppo")
+    resumed = {r["step"]: (r["policy_loss"], r["value_loss"]) for r in _records(killed)}
+    assert resumed[3] == (records[2]["policy_loss"], records[2]["value_loss"])
