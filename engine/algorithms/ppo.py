@@ -49,7 +49,9 @@ class PPOConfig:
     clip: float = doc("ε of the actor's ratio clip.", 0.2)
     value_clip: float = doc("ε_v of the critic's value clip.", 0.2)
     whiten: bool = doc("Whiten the advantages over each iteration's tokens.", True)
-    critic: Optional[str] = doc("Critic initialisation checkpoint (None = reward_model).", None)
+    critic: Optional[str] = doc(
+        "Critic initialisation: a reward-model checkpoint (None = reward_model), or 'init' = the policy's trunk "
+        "(checkpoint.load, else its seeded initialisation) with a new one-output value head.", None)
     critic_lr: Optional[float] = doc("Critic learning rate (None = optimizer.lr).", None)
     swap_models: bool = doc("Keep the idle model's optimizer state and gradients in host memory.", True)
 
@@ -78,7 +80,7 @@ class PPOTrainConfig(OnlineTrainConfig):
         super().validate(world_size)
         if not self.ppo.critic:
             raise ConfigError("keel train ppo needs a critic: set reward_model=<RM checkpoint> (the critic starts from "
-                              "it) or ppo.critic=<checkpoint>")
+                              "it), ppo.critic=<checkpoint>, or ppo.critic=init (a value head on the policy's trunk)")
 
 
 class PPOStep(OnlineStep):
@@ -154,21 +156,31 @@ class Critic:
         from engine.eval.scoring import GOODNESS_WEIGHTS
         from engine.runner import ModelRunner
 
-        path = ckpt.resolve(config.ppo.critic)
-        saved = dict(ckpt.read_meta(path)["config"])
-        rm_config = from_dict(RewardTrainConfig, {"model": saved["model"], "rm": saved.get("rm", {})}, str(path))
+        if config.ppo.critic == "init":
+            rm_config = RewardTrainConfig(model=config.model)
+            rm_config.rm.type = "bt"
+            source: Optional[str] = config.checkpoint.load
+        else:
+            path = ckpt.resolve(config.ppo.critic)
+            saved = dict(ckpt.read_meta(path)["config"])
+            rm_config = from_dict(RewardTrainConfig, {"model": saved["model"], "rm": saved.get("rm", {})}, str(path))
+            source = str(path)
         optimizer = dataclasses.replace(config.optimizer, lr=config.ppo.critic_lr or config.optimizer.lr)
         assert isinstance(optimizer, OptimizerConfig)
         self.config = dataclasses.replace(config, model=rm_config.model, optimizer=optimizer)
         self.rm_step = RewardStep(rm_config.rm)
         self.runner = ModelRunner.trained(self.config, parallel, self.rm_step.model_class())
-        self.runner.load_weights(str(path))
+        if source:
+            left = self.runner.load_weights(source)  # from a policy checkpoint the value head stays new
+            if left:
+                logger.info("ppo: critic keys not in %s (initialised): %s", source, ", ".join(left))
         self.parallel = parallel
         attributes = rm_config.rm.attributes
         self.weights = torch.tensor([GOODNESS_WEIGHTS.get(a, 0.0) for a in attributes]) \
             if rm_config.rm.type == "regression" else torch.ones(1)
+        logger.info("ppo: critic from %s (%s head, %d outputs)", source or "the policy's initialisation",
+                    rm_config.rm.type, len(self.weights))
         self.value_clip = config.ppo.value_clip
-        logger.info("ppo: critic from %s (%s head, %d outputs)", path, rm_config.rm.type, len(self.weights))
 
     def _values(self, output: torch.Tensor) -> torch.Tensor:
         return (output.float() * self.weights.to(output.device)).sum(-1)  # [rows, seq]
