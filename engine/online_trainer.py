@@ -91,18 +91,28 @@ class OnlineTrainer(Trainer):
         return ((scores - config.reward_model_mean) / config.reward_model_std).tolist()
 
     def collect(self, step_number: int) -> Iteration:
-        """Refit, generate, release and score the rollouts of one iteration (every rank gets all of it)."""
-        rollout = self.config.rollout
-        times: dict[str, float] = {}
+        """Refit, then generate, release and score rounds of rollouts (one, or with dynamic sampling until the
+        iteration's groups are full); every rank gets all of it."""
         began = time.perf_counter()
         self.resharder.reshard()
-        times["refit"] = time.perf_counter() - began
+        refit = time.perf_counter() - began
+        dynamic = getattr(self.step, "dynamic_sampling", None)
+        it = self._round(step_number, 0)
+        if dynamic is not None:
+            it = self._fill_groups(it, step_number, dynamic)
+        it.times["refit"] = refit
+        return it
+
+    def _round(self, step_number: int, round_number: int) -> Iteration:
+        """One round: the sampler's next prompts, ``samples_per_prompt`` rollouts each, scored."""
+        rollout = self.config.rollout
+        times: dict[str, float] = {}
         prompts_set: list[Any] = self.train_data  # type: ignore[assignment]  # a list of PromptRow
         picked = [prompts_set[i] for group in self.sampler.next_step() for i in group]
         rows = [row for row in picked for _ in range(rollout.samples_per_prompt)]
         prompts = [self._render(row) for row in rows]
         began = time.perf_counter()
-        seed = self.config.run.seed * 1_000_003 + step_number * 10_007
+        seed = self.config.run.seed * 1_000_003 + step_number * 10_007 + round_number * 101
         params = rollout.sampling(seed)
         params = type(params)(**{**params.__dict__, "stop_token_ids": self.stop_ids,
                                  "max_length": self.config.data.seq_length, "vocab_size": self.tokenizer.vocab_size})
@@ -114,6 +124,31 @@ class OnlineTrainer(Trainer):
         scores, components, keep = self._score(rows, responses, rollouts.lengths)
         times["score"] = time.perf_counter() - began
         return Iteration(rows, prompts, rollouts, scores, components, keep, responses, times)
+
+    def _fill_groups(self, first: Iteration, step_number: int, dynamic: Any) -> Iteration:
+        """DAPO's dynamic sampling: keep groups whose rewards differ, sample more rounds until the iteration's
+        groups are full (at most ``max_rounds``); a batch still short is topped up with dropped groups."""
+        from engine.advantages import DynamicSampling, dynamic_sampling_filter
+
+        size = self.config.rollout.samples_per_prompt
+        target = self.config.rollout.prompts_per_iteration
+        book = DynamicSampling(target_groups=target, max_rounds=dynamic)
+        rounds, kept, dropped = [first], [], []
+        while True:
+            it = rounds[-1]
+            keep = dynamic_sampling_filter(it.scores, size).tolist()
+            joined = book.add_round(keep)
+            kept += [(len(rounds) - 1, g) for g in joined]
+            dropped += [(len(rounds) - 1, g) for g, k in enumerate(keep) if not k]
+            if book.done:
+                break
+            rounds.append(self._round(step_number, len(rounds)))
+        groups = kept + dropped[: target - len(kept)]
+        merged = _merge_groups(rounds, groups, size)
+        merged.times["dynamic_rounds"] = float(book.rounds)
+        merged.times["dynamic_dropped"] = float(book.dropped)
+        merged.times["dynamic_filled"] = float(max(0, target - len(kept)))
+        return merged
 
     def _decode(self, tokens: list[int], reason: str) -> str:
         return str(self.tokenizer.decode(tokens[:-1] if reason == "stop" else tokens))
@@ -216,6 +251,7 @@ class OnlineTrainer(Trainer):
         backend = [abs(a - b) for row, mine in zip(it.rollouts.logprobs, logps, strict=True) for a, b in zip(row, mine, strict=True)]
         values["rollout_logprob_diff_max"] = max(backend, default=0.0)
         values.update({f"time_{phase}": it.times.get(phase, 0.0) for phase in PHASES})
+        values.update({key: value for key, value in it.times.items() if key.startswith("dynamic_")})
         return values
 
     # ------------------------------------------------------------------ checkpoints
@@ -282,3 +318,22 @@ class OnlineTrainer(Trainer):
 
             write_curves(self.run_dir, self.step.curve_metrics())
         return result
+
+
+def _merge_groups(rounds: list[Iteration], groups: list[tuple[int, int]], size: int) -> Iteration:
+    """One iteration of the chosen ``(round, group)`` prompt groups (``size`` rollouts each), in that order."""
+    from engine.generation.base import Rollouts
+
+    picks = [(r, g * size + j) for r, g in groups for j in range(size)]
+
+    def take(get: Any) -> list[Any]:
+        return [get(rounds[r])[i] for r, i in picks]
+
+    rollouts = Rollouts(take(lambda it: it.rollouts.prompts), take(lambda it: it.rollouts.tokens),
+                        take(lambda it: it.rollouts.logprobs), take(lambda it: it.rollouts.finish_reasons))
+    names = rounds[0].components
+    components = {name: take(lambda it, name=name: it.components[name]) for name in names}
+    times = {key: sum(it.times.get(key, 0.0) for it in rounds) for key in ("generate", "score")}
+    return Iteration(take(lambda it: it.rows), take(lambda it: it.prompts), rollouts,
+                     torch.tensor(take(lambda it: it.scores.tolist())), components, take(lambda it: it.keep),
+                     take(lambda it: it.responses), times)

@@ -7,7 +7,7 @@ every token of rollout ``i`` gets the advantage ``Â_i = (r_i - mean(r)) / (std(
 update), the loss is ``-min(ρÂ, clip(ρ, 1-ε_low, 1+ε_high)Â)`` (``grpo.eps_high`` > ``eps_low``
 is DAPO's clip-higher), plus, with ``grpo.kl=loss``, ``β·KL_t`` with the k3 estimator
 ``π_ref/π_θ - log(π_ref/π_θ) - 1``. ``grpo.kl=reward`` subtracts ``β·Σ_t(log π_old - log π_ref)``
-from each rollout's reward instead; ``off`` drops the reference model entirely (DAPO).
+from each rollout's reward instead; ``none`` drops the reference model entirely (DAPO).
 
 ``grpo.aggregation`` says how token losses become the step's loss (:func:`engine.losses.aggregate`):
 ``seq_mean_token_mean`` (GRPO: each rollout's token mean, then the mean over rollouts),
@@ -40,7 +40,7 @@ METRICS = ("policy_loss", "kl_loss", "clip_fraction", "ratio_mean")
 class GRPOConfig:
     eps_low: float = doc("Lower clip range ε_low of the ratio.", 0.2)
     eps_high: float = doc("Upper clip range ε_high (DAPO's clip-higher: 0.28).", 0.2)
-    kl: str = doc("'loss' (β·k3 KL term), 'reward' (β·KL subtracted from the reward) or 'off' (no reference).",
+    kl: str = doc("'loss' (β·k3 KL term), 'reward' (β·KL subtracted from the reward) or 'none' (no reference).",
                   "loss")
     kl_coef: float = doc("β of the KL term.", 0.04)
     normalize_std: bool = doc("Divide advantages by the group's reward std (false: Dr. GRPO).", True)
@@ -56,7 +56,7 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ConfigError(f"grpo.eps_low={self.eps_low} must be in [0, 1) and grpo.eps_high={self.eps_high} >= 0")
-        choices = {"kl": ("loss", "reward", "off"), "overlong": ("keep", "filter", "penalty"),
+        choices = {"kl": ("loss", "reward", "none"), "overlong": ("keep", "filter", "penalty"),
                    "aggregation": ("seq_mean_token_mean", "token_mean", "seq_sum_constant")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -87,7 +87,9 @@ class GRPOStep(OnlineStep):
     def __init__(self, config: GRPOTrainConfig):
         self.config = config
         self.grpo = config.grpo
-        self.uses_reference = self.grpo.kl != "off" and self.grpo.kl_coef > 0
+        self.uses_reference = self.grpo.kl != "none" and self.grpo.kl_coef > 0
+        # sampling rounds per iteration with DAPO's dynamic sampling (read by the online trainer)
+        self.dynamic_sampling = self.grpo.max_sampling_rounds if self.grpo.dynamic_sampling else None
 
     def metric_names(self) -> tuple[str, ...]:
         return METRICS

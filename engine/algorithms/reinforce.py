@@ -38,7 +38,7 @@ class ReinforceConfig:
 
     def as_grpo(self) -> GRPOConfig:
         """The shared clipped-surrogate settings: KL in the reward, no std normalisation."""
-        return GRPOConfig(eps_low=self.clip, eps_high=self.clip, kl="reward" if self.kl_coef > 0 else "off",
+        return GRPOConfig(eps_low=self.clip, eps_high=self.clip, kl="reward" if self.kl_coef > 0 else "none",
                           kl_coef=self.kl_coef, normalize_std=False, aggregation=self.aggregation)
 
 
@@ -64,7 +64,7 @@ class ReinforceStep(GRPOStep):
     def __init__(self, config: ReinforceTrainConfig):
         self.config = config  # type: ignore[assignment]
         self.grpo = config.reinforce.as_grpo()
-        self.uses_reference = self.grpo.kl != "off"
+        self.uses_reference = self.grpo.kl != "none"
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:

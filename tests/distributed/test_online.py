@@ -109,3 +109,19 @@ def test_grpo_scores_with_a_reward_model_and_ppo_trains_a_critic_from_it(tmp_pat
     keel_train(2, [*args, f"run.output_dir={killed}", "checkpoint.resume=auto"], algo="ppo")
     resumed = {r["step"]: (r["policy_loss"], r["value_loss"]) for r in _records(killed)}
     assert resumed[3] == (records[2]["policy_loss"], records[2]["value_loss"])
+
+
+def test_grpo_dynamic_sampling_resamples_groups_with_equal_rewards(tmp_path: Path) -> None:
+    dapo = ["grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=3", "grpo.eps_high=0.28", "grpo.kl=none",
+            "grpo.aggregation=token_mean", "grpo.overlong=penalty", "run.train_steps=1"]
+    # an untrained policy never answers right: every group's rewards are equal (all 0), so each round drops all
+    # of them, the cap of 3 rounds is reached and the batch is topped up with dropped groups
+    flat = tmp_path / "flat"
+    keel_train(1, [*BASE, *dapo, "reward_functions=[{name: synthetic_check}]", f"run.output_dir={flat}"], algo="grpo")
+    record = _records(flat)[0]
+    assert (record["dynamic_rounds"], record["dynamic_dropped"], record["dynamic_filled"]) == (3.0, 12.0, 4.0)
+    # a reward that varies within most groups: the batch is filled with groups whose rewards differ
+    varied = tmp_path / "varied"
+    keel_train(1, [*BASE, *dapo, f"run.output_dir={varied}"], algo="grpo")
+    record = _records(varied)[0]
+    assert record["dynamic_filled"] == 0.0 and record["dynamic_rounds"] < 3 and record["policy_loss"] != 0.0
