@@ -24,7 +24,7 @@ given DAPO's soft penalty (``penalty``, over the last ``grpo.overlong_cache`` to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -70,14 +70,8 @@ class GRPOTrainConfig(OnlineTrainConfig):
     """``keel train grpo``: the shared online sections plus ``grpo``."""
 
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.run.output_dir == "runs/sft-demo":
-            self.run.output_dir = "runs/grpo"
-            self.checkpoint.dir = "runs/grpo/checkpoints"
-        if self.rollout.samples_per_prompt < 2:
-            raise ConfigError("GRPO compares rollouts of a prompt: rollout.samples_per_prompt must be >= 2")
+    ALGORITHM: ClassVar[str] = "grpo"
+    GROUP_NEEDS: ClassVar[str] = "GRPO compares the rollouts of a prompt"
 
 
 class GRPOStep(OnlineStep):

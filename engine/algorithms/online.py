@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
@@ -82,6 +82,9 @@ class RolloutConfig:
 class OnlineTrainConfig(TrainConfig):
     """Shared sections of the online algorithms; each adds its own."""
 
+    ALGORITHM: ClassVar[str] = "online"  # default run directory runs/<ALGORITHM>
+    GROUP_NEEDS: ClassVar[str] = ""  # why rollouts of a prompt are compared (then >= 2 are needed)
+
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward_functions: list[RewardFunctionConfig] = field(
         default_factory=lambda: [RewardFunctionConfig("synthetic_check")],
@@ -100,6 +103,11 @@ class OnlineTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.run.output_dir == "runs/sft-demo":
+            self.run.output_dir = f"runs/{self.ALGORITHM}"
+            self.checkpoint.dir = f"runs/{self.ALGORITHM}/checkpoints"
+        if self.GROUP_NEEDS and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"{self.GROUP_NEEDS}: rollout.samples_per_prompt must be >= 2")
         self.reward_functions = parse_reward_configs(self.reward_functions, "reward_functions")
         if not self.reward_functions and not self.reward_model:
             raise ConfigError("no reward: name a reward function in reward_functions (e.g. synthetic_check) or set "

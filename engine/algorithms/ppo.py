@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -67,12 +67,10 @@ class PPOTrainConfig(OnlineTrainConfig):
     """``keel train ppo``: the shared online sections plus ``ppo``."""
 
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    ALGORITHM: ClassVar[str] = "ppo"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.run.output_dir == "runs/sft-demo":
-            self.run.output_dir = "runs/ppo"
-            self.checkpoint.dir = "runs/ppo/checkpoints"
         if self.ppo.critic is None:
             self.ppo.critic = self.reward_model
 

@@ -15,7 +15,7 @@ near the sampling policy. ``reinforce.aggregation`` is as in GRPO (default ``tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -47,15 +47,12 @@ class ReinforceTrainConfig(OnlineTrainConfig):
     """``keel train reinforce``: the shared online sections plus ``reinforce``."""
 
     reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)
+    ALGORITHM: ClassVar[str] = "reinforce"
+    GROUP_NEEDS: ClassVar[str] = "RLOO's baseline is the other rollouts of the prompt"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.reinforce.as_grpo()  # the aggregation name is checked now
-        if self.run.output_dir == "runs/sft-demo":
-            self.run.output_dir = "runs/reinforce"
-            self.checkpoint.dir = "runs/reinforce/checkpoints"
-        if self.rollout.samples_per_prompt < 2:
-            raise ConfigError("RLOO's baseline needs other rollouts of the prompt: rollout.samples_per_prompt >= 2")
 
 
 class ReinforceStep(GRPOStep):
