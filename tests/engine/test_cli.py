@@ -32,13 +32,23 @@ def test_examples_load_and_validate(path: Path) -> None:
     import yaml
 
     from engine.algorithms.dpo import DPOTrainConfig
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.algorithms.ppo import PPOTrainConfig
+    from engine.algorithms.reinforce import ReinforceTrainConfig
     from engine.algorithms.reward import RewardTrainConfig
 
     sections = yaml.safe_load(path.read_text()) or {}
-    cls = RewardTrainConfig if "rm" in sections else DPOTrainConfig if "dpo" in sections else TrainConfig
-    # recipes that start from the user's SFT checkpoint say so in their header; give them one
-    needs_start = "dpo" in sections and "reference" not in sections["dpo"]
-    config = load_config(cls, str(path), ["checkpoint.load=runs/sft/checkpoints"] if needs_start else [])
+    by_section = {"rm": RewardTrainConfig, "dpo": DPOTrainConfig, "ppo": PPOTrainConfig, "grpo": GRPOTrainConfig,
+                  "reinforce": ReinforceTrainConfig}
+    cls = next((c for name, c in by_section.items() if name in sections), TrainConfig)
+    # recipes that start from the user's SFT checkpoint (and PPO's from the user's reward model) say so in
+    # their header; give them one
+    overrides = []
+    if "dpo" in sections and "reference" not in sections["dpo"]:
+        overrides.append("checkpoint.load=runs/sft/checkpoints")
+    if "ppo" in sections and "critic" not in sections["ppo"]:
+        overrides += ["checkpoint.load=runs/sft/checkpoints", "reward_model=runs/rm/checkpoints"]
+    config = load_config(cls, str(path), overrides)
     config.validate(config.parallel.tensor * config.parallel.pipeline)
 
 
