@@ -17,8 +17,8 @@ MARGIN = 40
 
 
 def _series(path: str, key: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    train: list[tuple[int, float]] = []
-    held_out: list[tuple[int, float]] = []
+    """(training, held-out) points of ``key``; a step logged again (a resumed or repeated run) keeps its last value."""
+    points: dict[str, dict[int, float]] = {"train": {}, "validation": {}}
     with open(path) as fh:
         for line in fh:
             if not line.strip():
@@ -26,9 +26,9 @@ def _series(path: str, key: str) -> tuple[list[tuple[int, float]], list[tuple[in
             record = json.loads(line)
             value = record.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                target = held_out if record.get("split") == "validation" else train
-                target.append((int(record.get("step", 0)), float(value)))
-    return train, held_out
+                split = "validation" if record.get("split") == "validation" else "train"
+                points[split][int(record.get("step", 0))] = float(value)
+    return sorted(points["train"].items()), sorted(points["validation"].items())
 
 
 def _panel(draw: object, origin: tuple[int, int], title: str, train: list[tuple[int, float]],
