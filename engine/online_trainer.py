@@ -7,6 +7,7 @@ built once here, beside it, on the generation layout.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -50,6 +51,13 @@ class OnlineTrainer(Trainer):
         self.critic = step.build_critic(config, parallel)
 
     # ------------------------------------------------------------------ rollouts
+    def _sampling(self, seed: int, greedy: bool = False) -> Any:
+        """The rollout sampling settings with this run's stop tokens, context and tokenizer vocabulary."""
+        params = self.config.rollout.sampling(seed)
+        return dataclasses.replace(params, temperature=0.0 if greedy else params.temperature,
+                                   stop_token_ids=self.stop_ids, max_length=self.config.data.seq_length,
+                                   vocab_size=self.tokenizer.vocab_size)
+
     def _render(self, row: Any) -> list[int]:
         return render_prompt(row.messages, self.tokenizer, self.template, None)
 
@@ -113,10 +121,7 @@ class OnlineTrainer(Trainer):
         prompts = [self._render(row) for row in rows]
         began = time.perf_counter()
         seed = self.config.run.seed * 1_000_003 + step_number * 10_007 + round_number * 101
-        params = rollout.sampling(seed)
-        params = type(params)(**{**params.__dict__, "stop_token_ids": self.stop_ids,
-                                 "max_length": self.config.data.seq_length, "vocab_size": self.tokenizer.vocab_size})
-        rollouts = self.backend.generate(prompts, params)
+        rollouts = self.backend.generate(prompts, self._sampling(seed))
         self.backend.release()
         times["generate"] = time.perf_counter() - began
         began = time.perf_counter()
@@ -284,10 +289,7 @@ class OnlineTrainer(Trainer):
             return {}
         self.resharder.reshard()
         rows: list[Any] = self.valid_data  # type: ignore[assignment]  # a list of PromptRow
-        params = self.config.rollout.sampling(0)
-        params = type(params)(**{**params.__dict__, "temperature": 0.0, "stop_token_ids": self.stop_ids,
-                                 "max_length": self.config.data.seq_length, "vocab_size": self.tokenizer.vocab_size})
-        rollouts = self.backend.generate([self._render(r) for r in rows], params)
+        rollouts = self.backend.generate([self._render(r) for r in rows], self._sampling(0, greedy=True))
         self.backend.release()
         responses = [self._decode(t, r) for t, r in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]
         scores, components, _ = self._score(rows, responses, rollouts.lengths)
