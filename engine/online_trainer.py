@@ -7,7 +7,6 @@ built once here, beside it, on the generation layout.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -17,8 +16,7 @@ from typing import Any, Optional
 import torch
 
 from engine.algorithms.logprobs import response_logprobs
-from engine.algorithms.online import PHASES, Iteration, OnlineStep, broadcast_from_first, rollout_micro_batches
-from engine.data.chat import render_prompt, stop_token_ids
+from engine.algorithms.online import PHASES, Iteration, OnlineStep, rollout_micro_batches
 from engine.data.sampler import GlobalBatchSampler
 from engine.faults import maybe_fail
 from engine.trainer import FitResult, Trainer, TrainingError
@@ -32,78 +30,26 @@ class OnlineTrainer(Trainer):
     step: OnlineStep
 
     def __init__(self, config: Any, step: OnlineStep, parallel: Any):
-        from engine.generation.native import NativeBackend
-        from engine.generation.reshard import Resharder
-        from engine.parallel.generation_layout import GenerationParallelState
+        from engine.sampling_phase import SamplingPhase
 
         super().__init__(config, step, parallel)
         rollout = config.rollout
         # prompts: the same on every rank (generation spreads them over the replicas itself)
         self.sampler = GlobalBatchSampler(len(self.train_data), rollout.prompts_per_iteration,
                                           rollout.prompts_per_iteration, 0, 1, config.run.seed)
-        self.template = config.data.chat_template
-        self.stop_ids = tuple(stop_token_ids(self.tokenizer, self.template))
-        generation = GenerationParallelState.initialize(rollout.generation_tensor)
-        self.backend = NativeBackend(config, generation, rollout.max_batch_size)
-        self.resharder = Resharder(self.model.chunks, self.backend, rollout.bucket_mib * 2**20)
-        self.rewards = step.reward_runner(config) if parallel.is_main else None
-        self.reward_model = step.reward_model(config)
+        self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
         self.critic = step.build_critic(config, parallel)
 
     # ------------------------------------------------------------------ rollouts
-    def _sampling(self, seed: int, greedy: bool = False) -> Any:
-        """The rollout sampling settings with this run's stop tokens, context and tokenizer vocabulary."""
-        params = self.config.rollout.sampling(seed)
-        return dataclasses.replace(params, temperature=0.0 if greedy else params.temperature,
-                                   stop_token_ids=self.stop_ids, max_length=self.config.data.seq_length,
-                                   vocab_size=self.tokenizer.vocab_size)
-
-    def _render(self, row: Any) -> list[int]:
-        return render_prompt(row.messages, self.tokenizer, self.template, None)
-
     def _score(self, rows: list[Any], responses: list[str],
                lengths: list[int]) -> tuple[torch.Tensor, dict[str, list[float]], list[bool]]:
-        """(total reward per rollout, per-component values, keep mask) on every rank.
-
-        The reward model scores on every rank (a collective); the reward functions run on global
-        rank 0, which adds the model's component and broadcasts the result.
-        """
-        rm_scores = self._reward_model_scores(rows, responses)
-        result = None
-        if self.parallel.is_main:
-            if self.rewards is not None:
-                metadata = [{**r.reward_metadata(), "response_tokens": n} for r, n in zip(rows, lengths, strict=True)]
-                scored = self.rewards.score([r.text for r in rows], responses, metadata)
-                totals, components, keep = scored.totals, scored.components, scored.keep
-            else:
-                totals, components, keep = [0.0] * len(rows), {}, [True] * len(rows)
-            if rm_scores is not None:
-                keep = [k and not math.isnan(v) for k, v in zip(keep, rm_scores, strict=True)]  # response did not fit
-                column = [0.0 if math.isnan(v) else v for v in rm_scores]
-                weight = self.config.reward_model_weight
-                totals = [t + weight * v if k else 0.0 for t, v, k in zip(totals, column, keep, strict=True)]
-                components = {**components, "rm": column}
-            result = (totals, components, keep)
-        totals, components, keep = broadcast_from_first(result)
-        return torch.tensor(totals, dtype=torch.float32), components, list(keep)
-
-    def _reward_model_scores(self, rows: list[Any], responses: list[str]) -> Optional[list[float]]:
-        """Normalised reward-model scores (NaN where the response does not fit), or None without a model."""
-        if self.reward_model is None:
-            return None
-        from engine.eval.scoring import GOODNESS_WEIGHTS
-
-        rewards = self.reward_model.score([(r.prompt, response) for r, response in zip(rows, responses, strict=True)])
-        scores = self.reward_model.scalar(rewards, GOODNESS_WEIGHTS)
-        config = self.config
-        return ((scores - config.reward_model_mean) / config.reward_model_std).tolist()
+        """(total reward per rollout, per-component values, keep mask) on every rank (see SamplingPhase.score)."""
+        return self.phase.score(rows, responses, lengths)
 
     def collect(self, step_number: int) -> Iteration:
         """Refit, then generate, release and score rounds of rollouts (one, or with dynamic sampling until the
         iteration's groups are full); every rank gets all of it."""
-        began = time.perf_counter()
-        self.resharder.reshard()
-        refit = time.perf_counter() - began
+        refit = self.phase.refit()
         dynamic = getattr(self.step, "dynamic_sampling", None)
         it = self._round(step_number, 0)
         if dynamic is not None:
@@ -118,14 +64,12 @@ class OnlineTrainer(Trainer):
         prompts_set: list[Any] = self.train_data  # type: ignore[assignment]  # a list of PromptRow
         picked = [prompts_set[i] for group in self.sampler.next_step() for i in group]
         rows = [row for row in picked for _ in range(rollout.samples_per_prompt)]
-        prompts = [self._render(row) for row in rows]
+        prompts = [self.phase.render(row) for row in rows]
         began = time.perf_counter()
         seed = self.config.run.seed * 1_000_003 + step_number * 10_007 + round_number * 101
-        rollouts = self.backend.generate(prompts, self._sampling(seed))
-        self.backend.release()
+        rollouts, responses = self.phase.generate(prompts, seed)
         times["generate"] = time.perf_counter() - began
         began = time.perf_counter()
-        responses = [self._decode(tokens, reason) for tokens, reason in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]
         scores, components, keep = self._score(rows, responses, rollouts.lengths)
         times["score"] = time.perf_counter() - began
         return Iteration(rows, prompts, rollouts, scores, components, keep, responses, times)
@@ -154,9 +98,6 @@ class OnlineTrainer(Trainer):
         merged.times["dynamic_dropped"] = float(book.dropped)
         merged.times["dynamic_filled"] = float(max(0, target - len(kept)))
         return merged
-
-    def _decode(self, tokens: list[int], reason: str) -> str:
-        return str(self.tokenizer.decode(tokens[:-1] if reason == "stop" else tokens))
 
     # ------------------------------------------------------------------ training
     def _recompute(self, it: Iteration) -> tuple[list[list[float]], list[list[float]]]:
@@ -287,11 +228,9 @@ class OnlineTrainer(Trainer):
         """Greedy answers to the held-out prompts, scored by the reward functions."""
         if not self.valid_data:
             return {}
-        self.resharder.reshard()
+        self.phase.refit()
         rows: list[Any] = self.valid_data  # type: ignore[assignment]  # a list of PromptRow
-        rollouts = self.backend.generate([self._render(r) for r in rows], self._sampling(0, greedy=True))
-        self.backend.release()
-        responses = [self._decode(t, r) for t, r in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]
+        rollouts, responses = self.phase.generate([self.phase.render(r) for r in rows], 0, greedy=True)
         scores, components, _ = self._score(rows, responses, rollouts.lengths)
         values = {"reward": float(scores.mean()), "response_length": sum(rollouts.lengths) / len(rows)}
         values.update({f"reward_{name}": sum(c) / len(c) for name, c in components.items()})
@@ -313,8 +252,7 @@ class OnlineTrainer(Trainer):
         try:
             result = super().fit()
         finally:
-            if self.rewards is not None:
-                self.rewards.close()
+            self.phase.close()
         if self.parallel.is_main:
             from engine.plots import write_curves
 

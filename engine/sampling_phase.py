@@ -1,0 +1,190 @@
+"""The sampling phase every sample-and-train algorithm shares: refit → generate → release → score.
+
+:class:`SamplingPhase` owns the generation backend (built on its own
+:class:`~engine.parallel.generation_layout.GenerationParallelState`), the resharding plan from the
+trained policy's layout into it, the reward functions (global rank 0) and the reward model. Online RL
+(:class:`engine.online_trainer.OnlineTrainer`) runs it once per iteration; the iterative recipes
+(:class:`engine.iterative_trainer.IterativeTrainer`: iterative DPO, SteerLM 2.0) run it chunk by
+chunk and keep what it made on disk in a :class:`SampleStore`, so an interrupted iteration resumes
+without regenerating the chunks that are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from engine.algorithms.online import broadcast_from_first
+from engine.data.chat import render_prompt, stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+class SamplingPhase:
+    """Generation backend + resharder + scorers beside a trained policy (a :class:`~engine.runner.ModelRunner`).
+
+    ``step`` provides ``reward_runner(config)`` and ``reward_model(config)`` (see
+    :class:`engine.algorithms.online.OnlineStep`); ``config`` has a ``rollout`` section
+    (:class:`engine.algorithms.online.RolloutConfig`) and the reward-model fields of
+    :class:`engine.algorithms.online.OnlineTrainConfig`.
+    """
+
+    def __init__(self, config: Any, parallel: Any, policy: Any, tokenizer: Any, step: Any):
+        from engine.generation.native import NativeBackend
+        from engine.generation.reshard import Resharder
+        from engine.parallel.generation_layout import GenerationParallelState
+
+        rollout = config.rollout
+        self.config = config
+        self.parallel = parallel
+        self.tokenizer = tokenizer
+        self.template = config.data.chat_template
+        self.stop_ids = tuple(stop_token_ids(tokenizer, self.template))
+        generation = GenerationParallelState.initialize(rollout.generation_tensor)
+        self.backend = NativeBackend(config, generation, rollout.max_batch_size)
+        self.resharder = Resharder(policy.chunks, self.backend, rollout.bucket_mib * 2**20)
+        self.rewards = step.reward_runner(config) if parallel.is_main else None
+        self.reward_model = step.reward_model(config)
+
+    # ------------------------------------------------------------------ generation
+    def sampling(self, seed: int, greedy: bool = False) -> Any:
+        """The rollout sampling settings with this run's stop tokens, context and tokenizer vocabulary."""
+        params = self.config.rollout.sampling(seed)
+        return dataclasses.replace(params, temperature=0.0 if greedy else params.temperature,
+                                   stop_token_ids=self.stop_ids, max_length=self.config.data.seq_length,
+                                   vocab_size=self.tokenizer.vocab_size)
+
+    def render(self, row: Any, attributes: Optional[str] = None) -> list[int]:
+        """Prompt ids of ``row`` (a PromptRow) with the run's template; SteerLM ``attributes`` need ``nemotron``."""
+        return render_prompt(row.messages, self.tokenizer, self.template, attributes)
+
+    def decode(self, tokens: list[int], reason: str) -> str:
+        return str(self.tokenizer.decode(tokens[:-1] if reason == "stop" else tokens))
+
+    def refit(self) -> float:
+        """Reshard the policy's current weights into the backend; returns the seconds it took."""
+        began = time.perf_counter()
+        self.resharder.reshard()
+        return time.perf_counter() - began
+
+    def generate(self, prompts: list[list[int]], seed: int, greedy: bool = False) -> tuple[Any, list[str]]:
+        """(rollouts, decoded responses) of ``prompts`` (one row each; repeat a prompt for n samples); the
+        backend's memory is released afterwards. Row ``i`` samples with seed ``seed + i``."""
+        rollouts = self.backend.generate(prompts, self.sampling(seed, greedy))
+        self.backend.release()
+        responses = [self.decode(t, r) for t, r in zip(rollouts.tokens, rollouts.finish_reasons, strict=True)]
+        return rollouts, responses
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, rows: list[Any], responses: list[str],
+              lengths: list[int]) -> tuple[torch.Tensor, dict[str, list[float]], list[bool]]:
+        """(total reward per rollout, per-component values, keep mask) on every rank.
+
+        The reward model scores on every rank (a collective); the reward functions run on global
+        rank 0, which adds the model's component and broadcasts the result.
+        """
+        rm_scores = self.reward_model_scores(rows, responses)
+        result = None
+        if self.parallel.is_main:
+            if self.rewards is not None:
+                metadata = [{**r.reward_metadata(), "response_tokens": n} for r, n in zip(rows, lengths, strict=True)]
+                scored = self.rewards.score([r.text for r in rows], responses, metadata)
+                totals, components, keep = scored.totals, scored.components, scored.keep
+            else:
+                totals, components, keep = [0.0] * len(rows), {}, [True] * len(rows)
+            if rm_scores is not None:
+                keep = [k and not math.isnan(v) for k, v in zip(keep, rm_scores, strict=True)]  # response did not fit
+                column = [0.0 if math.isnan(v) else v for v in rm_scores]
+                weight = self.config.reward_model_weight
+                totals = [t + weight * v if k else 0.0 for t, v, k in zip(totals, column, keep, strict=True)]
+                components = {**components, "rm": column}
+            result = (totals, components, keep)
+        totals, components, keep = broadcast_from_first(result)
+        return torch.tensor(totals, dtype=torch.float32), components, list(keep)
+
+    def reward_model_scores(self, rows: list[Any], responses: list[str]) -> Optional[list[float]]:
+        """Normalised reward-model goodness (NaN where the response does not fit), or None without a model."""
+        if self.reward_model is None:
+            return None
+        from engine.eval.scoring import GOODNESS_WEIGHTS
+
+        rewards = self.reward_model.score([(r.prompt, response) for r, response in zip(rows, responses, strict=True)])
+        scores = self.reward_model.scalar(rewards, GOODNESS_WEIGHTS)
+        config = self.config
+        return ((scores - config.reward_model_mean) / config.reward_model_std).tolist()
+
+    def reward_model_attributes(self, rows: list[Any], responses: list[str]) -> tuple[list[str], list[list[float]]]:
+        """(attribute names, the regression reward model's predicted attributes per response; NaN where the
+        response does not fit) on every rank."""
+        if self.reward_model is None or self.reward_model.step.rm.type != "regression":
+            raise RuntimeError("predicted attributes need a regression reward model (reward_model=<checkpoint>)")
+        rewards = self.reward_model.score([(r.prompt, response) for r, response in zip(rows, responses, strict=True)])
+        return list(self.reward_model.step.rm.attributes), rewards.tolist()
+
+    def close(self) -> None:
+        if self.rewards is not None:
+            self.rewards.close()
+
+
+class SampleStore:
+    """What one iteration sampled, on disk: ``<run>/iterations/iter_<k>/``.
+
+    * ``chunks/chunk_<c>.jsonl``: the samples of chunk ``c`` (a batch of prompts, n samples each), written
+      by global rank 0 to a temporary name, fsynced and renamed, so a chunk file is complete or absent;
+    * ``samples.jsonl``: every chunk's samples in order, written when the last chunk is done;
+    * ``pairs.jsonl`` / ``weights.jsonl`` (what the recipe trains on) and ``summary.json``.
+
+    A killed iteration, started again, reads the complete chunks and generates only the others.
+    """
+
+    def __init__(self, run_dir: str, iteration: int, writes: bool):
+        self.dir = Path(run_dir) / "iterations" / f"iter_{iteration}"
+        self.writes = writes
+        if writes:
+            (self.dir / "chunks").mkdir(parents=True, exist_ok=True)
+
+    def chunk_path(self, chunk: int) -> Path:
+        return self.dir / "chunks" / f"chunk_{chunk:05d}.jsonl"
+
+    def done_chunks(self, count: int) -> dict[int, list[dict[str, Any]]]:
+        """``{chunk: samples}`` of the complete chunks among ``0..count-1`` (read on rank 0, sent to every rank)."""
+        found: dict[int, list[dict[str, Any]]] = {}
+        if self.writes:
+            for chunk in range(count):
+                path = self.chunk_path(chunk)
+                if path.is_file():
+                    found[chunk] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        done: dict[int, list[dict[str, Any]]] = broadcast_from_first(found)
+        return done
+
+    def write_chunk(self, chunk: int, samples: list[dict[str, Any]]) -> None:
+        if self.writes:
+            write_atomic(self.chunk_path(chunk), samples)
+
+    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        if self.writes:
+            write_atomic(self.dir / name, rows)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.writes:
+            tmp = self.dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.dir / "summary.json")
+
+
+def write_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as JSON lines at ``path``: a temporary file, fsynced, then renamed over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as out:
+        out.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
