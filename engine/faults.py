@@ -6,7 +6,10 @@
 * ``after``: after finishing the step (before its checkpoint);
 * ``in-step``: in the middle of the step, at the forward pass of its first micro-batch;
 * ``in-save``: in the checkpoint of that step, after the shards are written and before
-  the checkpoint is committed.
+  the checkpoint is committed;
+* ``in-sample``: in the sampling phase of an iterative recipe (iterative DPO, SteerLM 2.0),
+  right after the ``<step>``-th chunk this process generated is on disk (counted from 1 in
+  each process, so a resumed run that finds chunks on disk counts only the new ones).
 
 Without ``<rank>`` every rank does it; with it only that global rank. Under torchrun the
 fault fires in the first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so a
@@ -20,7 +23,7 @@ from __future__ import annotations
 import os
 import signal
 
-WHEN = ("after", "in-step", "in-save")
+WHEN = ("after", "in-step", "in-save", "in-sample")
 
 
 def _this_rank() -> int:

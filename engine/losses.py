@@ -8,6 +8,7 @@ compute each formula independently.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -197,3 +198,34 @@ def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str,
                              f"generation length), got {constant!r}")
         return token_sums.sum() / constant, sequences
     raise ValueError(f"unknown loss aggregation {mode!r}; use one of {', '.join(AGGREGATION_MODES)}")
+
+
+def steerlm2_log_weights(target: torch.Tensor, predicted: torch.Tensor, prior_logps: torch.Tensor,
+                         proposal_logps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """SteerLM 2.0 unnormalised log importance weights of ``n`` samples of one prompt.
+
+    For target attributes ``a*`` (``[K]``), the reward model's predicted attributes ``μ_i``
+    (``[n, K]``), the prior's sequence log-probs ``log P(y_i|x)`` and the proposal's
+    ``log Q(y_i|a*,x)`` (``[n]``)::
+
+        log P(a*|x,y_i) = Σ_k log N(a*_k; μ_ik, σ²) = Σ_k [-(a*_k - μ_ik)² / (2σ²) - log(σ √(2π))]
+        log w_i         = log P(a*|x,y_i) + log P(y_i|x) - log Q(y_i|a*,x)
+    """
+    squared = (target.unsqueeze(0) - predicted).pow(2)
+    likelihood = (-squared / (2 * sigma**2) - math.log(sigma * math.sqrt(2 * math.pi))).sum(-1)
+    return likelihood + prior_logps - proposal_logps
+
+
+def self_normalised_weights(log_weights: torch.Tensor) -> torch.Tensor:
+    """``w̃_i = exp(log w_i) / Σ_j exp(log w_j)`` = ``softmax(log w)``, computed in log space."""
+    return torch.softmax(log_weights, dim=-1)
+
+
+def weighted_nll(logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample terms of SteerLM 2.0's loss ``-Σ_i w̃_i log π_θ(y_i|a*,x)`` (``logps``: sequence log-probs).
+
+    Minimising it over θ minimises ``KL(P̂(·|a*,x) || π_θ(·|a*,x))`` for the self-normalised estimate
+    ``P̂ = Σ_i w̃_i δ(y_i)`` of the Bayes-optimal policy ``P(y|a*,x) ∝ P(a*|x,y) P(y|x)``
+    (the KL differs from the loss by the entropy of ``P̂``, which does not depend on θ).
+    """
+    return -weights * logps

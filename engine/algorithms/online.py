@@ -84,6 +84,7 @@ class OnlineTrainConfig(TrainConfig):
 
     ALGORITHM: ClassVar[str] = "online"  # default run directory runs/<ALGORITHM>
     GROUP_NEEDS: ClassVar[str] = ""  # why rollouts of a prompt are compared (then >= 2 are needed)
+    BUFFER_IS_BATCH: ClassVar[bool] = True  # the rollout buffer is split into optimizer steps (online RL)
 
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward_functions: list[RewardFunctionConfig] = field(
@@ -123,33 +124,17 @@ class OnlineTrainConfig(TrainConfig):
         from engine.parallel.generation_layout import GenerationLayout
 
         GenerationLayout.for_world(self.rollout.generation_tensor, world_size).check_model(resolve_preset(self.model))
-        if self.rollout.buffer_size % self.data.global_batch_size:
+        if self.BUFFER_IS_BATCH and self.rollout.buffer_size % self.data.global_batch_size:
             raise ConfigError(
                 f"the rollout buffer (rollout.prompts_per_iteration x rollout.samples_per_prompt = "
                 f"{self.rollout.buffer_size}) must be a multiple of data.global_batch_size ({self.data.global_batch_size})")
 
 
-class OnlineStep(Step):
-    """An online algorithm: advantages from scores, and a per-token loss on the rollout micro-batches.
+class PromptSampling:
+    """What every algorithm that samples from prompts needs: the prompt sets (train, held-out) of
+    ``rollout``, the reward functions and the reward model (online RL, iterative DPO, SteerLM 2.0)."""
 
-    Micro-batches carry ``tokens``, ``labels``, ``loss_mask`` (response tokens), ``old_logps``,
-    ``ref_logps`` and ``advantages`` (``[rows, seq]``, aligned with ``labels``).
-    """
-
-    online = True  # run by engine.online_trainer.OnlineTrainer
-    uses_reference: bool = True
-    reference: Any = None
-    parallel: Any = None
-
-    def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
-        """The frozen KL reference (when the algorithm uses one)."""
-        from engine.runner import ModelRunner
-
-        self.parallel = parallel
-        if self.uses_reference:
-            checkpoint = None if config.reference == "init" else config.reference
-            self.reference = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
-            logger.info("%s: frozen KL reference from %s", self.name, checkpoint or "the policy's initialisation")
+    name: str
 
     def reward_runner(self, config: Any) -> Any:
         """The reward functions of ``config.reward_functions`` (built on global rank 0 only; None without any)."""
@@ -171,10 +156,6 @@ class OnlineStep(Step):
                     scorer.step.rm.type, config.reward_model_weight)
         return scorer
 
-    def curve_metrics(self) -> tuple[str, ...]:
-        """Metrics drawn into the run's curves.png."""
-        return ("reward", "kl", "response_length")
-
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
         from engine.data.prompts import load_prompts
 
@@ -183,6 +164,33 @@ class OnlineStep(Step):
         held_out = load_prompts(rollout.eval_prompts, rollout.eval_num_prompts, config.run.seed) \
             if rollout.eval_prompts else []
         return train, held_out
+
+
+class OnlineStep(PromptSampling, Step):
+    """An online algorithm: advantages from scores, and a per-token loss on the rollout micro-batches.
+
+    Micro-batches carry ``tokens``, ``labels``, ``loss_mask`` (response tokens), ``old_logps``,
+    ``ref_logps`` and ``advantages`` (``[rows, seq]``, aligned with ``labels``).
+    """
+
+    online = True  # run by engine.online_trainer.OnlineTrainer
+    uses_reference: bool = True
+    reference: Any = None
+    parallel: Any = None
+
+    def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
+        """The frozen KL reference (when the algorithm uses one)."""
+        from engine.runner import ModelRunner
+
+        self.parallel = parallel
+        if self.uses_reference:
+            checkpoint = None if config.reference == "init" else config.reference
+            self.reference = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
+            logger.info("%s: frozen KL reference from %s", self.name, checkpoint or "the policy's initialisation")
+
+    def curve_metrics(self) -> tuple[str, ...]:
+        """Metrics drawn into the run's curves.png."""
+        return ("reward", "kl", "response_length")
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
