@@ -31,6 +31,10 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "grpo": ("engine.algorithms.grpo", "online GRPO (Dr. GRPO, DAPO options) on rollouts from the generation backend"),
     "reinforce": ("engine.algorithms.reinforce", "online REINFORCE with a leave-one-out baseline (RLOO)"),
     "ppo": ("engine.algorithms.ppo", "online PPO: actor from SFT, critic from the reward model, GAE"),
+    "iterative-dpo": ("engine.algorithms.iterative_dpo", "iterative DPO: sample n per prompt, best vs worst by the "
+                      "reward, one DPO round from the current policy; repeat"),
+    "steerlm2": ("engine.algorithms.steerlm2", "SteerLM 2.0: sample n per prompt at target attributes, train on "
+                 "self-normalised importance weights from the reward model"),
 }
 
 
@@ -56,7 +60,11 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
 
     step = module.create(config)
     trainer_class: Any = Trainer
-    if getattr(step, "online", False):
+    if getattr(step, "iterative", False):
+        from engine.iterative_trainer import IterativeTrainer
+
+        trainer_class = IterativeTrainer
+    elif getattr(step, "online", False):
         from engine.online_trainer import OnlineTrainer
 
         trainer_class = OnlineTrainer

@@ -110,13 +110,17 @@ class OnlineTrainConfig(TrainConfig):
         if self.GROUP_NEEDS and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"{self.GROUP_NEEDS}: rollout.samples_per_prompt must be >= 2")
         self.reward_functions = parse_reward_configs(self.reward_functions, "reward_functions")
-        if not self.reward_functions and not self.reward_model:
-            raise ConfigError("no reward: name a reward function in reward_functions (e.g. synthetic_check) or set "
-                              "reward_model=<checkpoint>")
+        self.check_reward()
         if self.reward_model_std <= 0:
             raise ConfigError(f"reward_model_std={self.reward_model_std} must be > 0")
         if self.reference is None:
             self.reference = self.checkpoint.load
+
+    def check_reward(self) -> None:
+        """Some reward is configured (when the config is built)."""
+        if not self.reward_functions and not self.reward_model:
+            raise ConfigError("no reward: name a reward function in reward_functions (e.g. synthetic_check) or set "
+                              "reward_model=<checkpoint>")
 
     def validate(self, world_size: int) -> None:
         super().validate(world_size)

@@ -1,0 +1,198 @@
+"""The loop of the sample-and-train recipes (iterative DPO, SteerLM 2.0): :class:`IterativeTrainer`.
+
+Each iteration ``k = 1 .. iterative.iterations``:
+
+1. **sample** (:class:`~engine.sampling_phase.SamplingPhase`): the iteration's
+   ``rollout.prompts_per_iteration`` prompts (window ``k`` of a permutation of the prompt set
+   seeded by ``run.seed``), in chunks of ``iterative.chunk_prompts``: the policy is resharded into
+   the generation backend once, then per chunk ``rollout.samples_per_prompt`` samples per prompt are
+   generated (the step may condition each prompt on target attributes), the backend is released, the
+   step scores them, and the chunk is written to ``iterations/iter_<k>/chunks/`` (atomically). Chunk
+   ``c`` samples with seeds that depend only on ``(run.seed, k, c)``, so an interrupted iteration,
+   started again, reuses the chunks on disk and regenerates exactly the rest;
+2. the step turns the samples into the round's data (``pairs.jsonl`` / ``weights.jsonl``);
+3. **train** one round from the current policy: ``ceil(rollout.epochs × items / data.global_batch_size)``
+   optimizer steps of the shared :class:`~engine.trainer.Trainer` step (its schedules, loss checks and
+   optimizer), after the step's ``begin_round`` hook (iterative DPO: reference := the policy now);
+4. greedy held-out evaluation (``iterative.evaluate``), ``summary.json``, one ``metrics.jsonl`` row per
+   iteration (``step`` = the iteration; held-out rows also at iteration 0), and a checkpoint whose
+   step number is the iteration, so a run killed after an iteration resumes at the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Optional
+
+import torch
+
+from engine.config import save_config
+from engine.data.sampler import GlobalBatchSampler
+from engine.faults import maybe_fail
+from engine.sampling_phase import SampleStore
+from engine.trainer import FitResult, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class IterativeTrainer(Trainer):
+    """:class:`~engine.trainer.Trainer` whose unit is a sample → score → train iteration.
+
+    The step (``IterativeDPOStep``, ``SteerLM2Step``) provides ``target(prompt_index)`` (attributes
+    a prompt is conditioned on, or None), ``score_samples(trainer, rows, attributes, prompts,
+    rollouts, responses)`` (per-sample fields stored on disk), ``round_data(trainer, samples)``
+    (dataset, rows of the round's file, its file name, summary), ``begin_round(trainer)``,
+    ``sample_summary(samples)`` and ``evaluate(trainer, rows)``.
+    """
+
+    step: Any  # an IterativeDPOStep or SteerLM2Step (the hooks above)
+
+    def __init__(self, config: Any, step: Any, parallel: Any):
+        from engine.sampling_phase import SamplingPhase
+
+        super().__init__(config, step, parallel)
+        self.prompts: list[Any] = list(self.train_data)  # type: ignore[call-overload]  # PromptRows
+        self.held_out: list[Any] = list(self.valid_data)  # type: ignore[call-overload]
+        self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
+        self.new_chunks = 0  # chunks this process generated (the in-sample fault point counts them)
+
+    # ------------------------------------------------------------------ sampling
+    def iteration_prompts(self, iteration: int) -> list[int]:
+        """Indices of iteration ``iteration``'s prompts: window ``iteration`` of a seeded permutation (wrapping)."""
+        count = self.config.rollout.prompts_per_iteration
+        generator = torch.Generator().manual_seed(self.config.run.seed)
+        order = torch.randperm(len(self.prompts), generator=generator).tolist()
+        first = (iteration - 1) * count
+        return [order[(first + j) % len(order)] for j in range(count)]
+
+    def sample(self, iteration: int, store: SampleStore) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Every sample of the iteration (chunks on disk reused, the others generated and written)."""
+        indices = self.iteration_prompts(iteration)
+        size = self.config.iterative.chunk_prompts
+        chunks = [indices[i: i + size] for i in range(0, len(indices), size)]
+        per_prompt = self.config.rollout.samples_per_prompt
+        done = store.done_chunks(len(chunks))
+        samples: list[dict[str, Any]] = []
+        times = {"refit": 0.0, "generate_and_score": 0.0, "chunks_reused": 0.0, "chunks_generated": 0.0}
+        refitted = False
+        for number, chunk in enumerate(chunks):
+            stored = done.get(number)
+            if stored is not None and len(stored) == len(chunk) * per_prompt \
+                    and [s["prompt_index"] for s in stored[::per_prompt]] == chunk:
+                samples += stored
+                times["chunks_reused"] += 1
+                continue
+            if not refitted:
+                times["refit"] = self.phase.refit()
+                refitted = True
+            began = time.perf_counter()
+            samples += self._sample_chunk(iteration, number, chunk, store)
+            times["generate_and_score"] += time.perf_counter() - began
+            times["chunks_generated"] += 1
+        if times["chunks_reused"]:
+            logger.info("iteration %d: %d chunk(s) of samples reused from %s", iteration, times["chunks_reused"],
+                        store.dir)
+        store.write_jsonl("samples.jsonl", samples)
+        return samples, times
+
+    def _sample_chunk(self, iteration: int, number: int, indices: list[int], store: SampleStore) -> list[dict[str, Any]]:
+        per_prompt = self.config.rollout.samples_per_prompt
+        targets = [self.step.target(i) for i in indices]
+        rows = [self.prompts[i] for i in indices for _ in range(per_prompt)]
+        attributes = [t for t in targets for _ in range(per_prompt)]
+        prompts = [self.phase.render(r, a) for r, a in zip(rows, attributes, strict=True)]
+        # row j of chunk c: seed base(k) + c * chunk_prompts * n + j, the same whichever chunks are on disk
+        base = self.config.run.seed * 1_000_003 + iteration * 10_000_019
+        seed = base + number * self.config.iterative.chunk_prompts * per_prompt
+        rollouts, responses = self.phase.generate(prompts, seed)
+        fields = self.step.score_samples(self, rows, attributes, prompts, rollouts, responses)
+        samples = []
+        for j, (tokens, reason, response, extra) in enumerate(
+                zip(rollouts.tokens, rollouts.finish_reasons, responses, fields, strict=True)):
+            samples.append({"prompt_index": indices[j // per_prompt], "sample": j % per_prompt,
+                            "attributes": attributes[j], "tokens": list(tokens), "finish_reason": reason,
+                            "response": response, **extra})
+        store.write_chunk(number, samples)
+        self.new_chunks += 1
+        maybe_fail("in-sample", self.new_chunks)
+        return samples
+
+    # ------------------------------------------------------------------ training
+    def train_round(self, iteration: int, dataset: Any) -> dict[str, float]:
+        """``rollout.epochs`` passes over ``dataset`` from the current policy; mean metrics of its steps."""
+        data = self.config.data
+        if len(dataset) == 0:
+            logger.warning("iteration %d: nothing to train on (every prompt dropped); the policy is unchanged",
+                           iteration)
+            return {"optimizer_steps": 0.0}
+        self.train_data = dataset
+        self.sampler = GlobalBatchSampler(len(dataset), data.global_batch_size, data.micro_batch_size,
+                                          self.parallel.dp_rank, self.layout.data, self.config.run.seed + iteration)
+        steps = math.ceil(self.config.rollout.epochs * len(dataset) / data.global_batch_size)
+        self.model.set_training(True)
+        records = []
+        for number in range(1, steps + 1):
+            records.append(self.train_step(number))
+            logger.info("iteration %d step %d/%d: %s %.5f", iteration, number, steps, self.step.loss_name,
+                        records[-1][self.step.loss_name])
+        metrics = {name: sum(r[name] for r in records) / len(records) for name in records[0]}
+        metrics["optimizer_steps"] = float(steps)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def _evaluate(self, iteration: int) -> dict[str, float]:
+        if not (self.config.iterative.evaluate and self.held_out):
+            return {}
+        self.model.set_training(False)
+        values: dict[str, float] = self.step.evaluate(self, self.held_out)
+        self.metrics.write(iteration, values, prefix="validation")
+        logger.info("held-out after iteration %d: %s", iteration,
+                    ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items())))
+        return values
+
+    def run_iteration(self, iteration: int) -> dict[str, Any]:
+        """Sample, make the round's data, train, evaluate; returns the iteration's summary."""
+        store = SampleStore(self.run_dir, iteration, self.parallel.is_main)
+        self.model.set_training(False)
+        samples, times = self.sample(iteration, store)
+        dataset, rows, file_name, round_summary = self.step.round_data(self, samples)
+        store.write_jsonl(file_name, rows)
+        self.step.begin_round(self)
+        began = time.perf_counter()
+        trained = self.train_round(iteration, dataset)
+        times["train"] = time.perf_counter() - began
+        summary: dict[str, Any] = {"iteration": iteration, "samples": len(samples),
+                                   **self.step.sample_summary(samples), **round_summary, **trained,
+                                   **{f"time_{k}" if not k.startswith("chunks") else k: v for k, v in times.items()}}
+        self.metrics.write(iteration, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        summary["held_out"] = self._evaluate(iteration)
+        store.write_summary(summary)
+        return summary
+
+    def fit(self) -> FitResult:
+        cfg = self.config
+        if self.parallel.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        start = self.maybe_resume()
+        result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
+        try:
+            if start == 0:
+                self._evaluate(0)
+            for iteration in range(start + 1, cfg.iterative.iterations + 1):
+                summary = self.run_iteration(iteration)
+                loss: Optional[float] = summary.get(self.step.loss_name)
+                result.losses[iteration] = float("nan") if loss is None else loss
+                result.end_step = iteration
+                result.checkpoint = self.save_checkpoint(iteration)
+        finally:
+            self.phase.close()
+            self.metrics.close()
+        if self.parallel.is_main:
+            from engine.plots import write_curves
+
+            write_curves(self.run_dir, self.step.curve_metrics())
+        return result
