@@ -33,12 +33,15 @@ def test_examples_load_and_validate(path: Path) -> None:
 
     from engine.algorithms.dpo import DPOTrainConfig
     from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
     from engine.algorithms.ppo import PPOTrainConfig
     from engine.algorithms.reinforce import ReinforceTrainConfig
     from engine.algorithms.reward import RewardTrainConfig
+    from engine.algorithms.steerlm2 import SteerLM2TrainConfig
 
     sections = yaml.safe_load(path.read_text()) or {}
-    by_section = {"rm": RewardTrainConfig, "dpo": DPOTrainConfig, "ppo": PPOTrainConfig, "grpo": GRPOTrainConfig,
+    by_section = {"steerlm2": SteerLM2TrainConfig, "iterative": IterativeDPOTrainConfig, "rm": RewardTrainConfig,
+                  "dpo": DPOTrainConfig, "ppo": PPOTrainConfig, "grpo": GRPOTrainConfig,
                   "reinforce": ReinforceTrainConfig}
     cls = next((c for name, c in by_section.items() if name in sections), TrainConfig)
     # recipes that start from the user's SFT checkpoint (and PPO's from the user's reward model) say so in
