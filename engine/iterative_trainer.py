@@ -57,6 +57,7 @@ class IterativeTrainer(Trainer):
         self.prompts: list[Any] = list(self.train_data)  # type: ignore[call-overload]  # PromptRows
         self.held_out: list[Any] = list(self.valid_data)  # type: ignore[call-overload]
         self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
+        self.prompt_sampler = self.sampler  # what checkpoints record (a round's sampler changes every iteration)
         self.new_chunks = 0  # chunks this process generated (the in-sample fault point counts them)
 
     # ------------------------------------------------------------------ sampling
@@ -116,6 +117,7 @@ class IterativeTrainer(Trainer):
                             "attributes": attributes[j], "tokens": list(tokens), "finish_reason": reason,
                             "response": response, **extra})
         store.write_chunk(number, samples)
+        self.parallel.barrier()  # the chunk is on disk before any rank goes on (or is killed by in-sample)
         self.new_chunks += 1
         maybe_fail("in-sample", self.new_chunks)
         return samples
@@ -143,6 +145,9 @@ class IterativeTrainer(Trainer):
         return metrics
 
     # ------------------------------------------------------------------ the loop
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        return {**super()._checkpoint_extra(), "sampler": self.prompt_sampler.state_dict()}
+
     def _evaluate(self, iteration: int) -> dict[str, float]:
         if not (self.config.iterative.evaluate and self.held_out):
             return {}

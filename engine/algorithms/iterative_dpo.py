@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Optional
 from engine.algorithms.dpo import DPOConfig, DPOStep
 from engine.algorithms.iterative import IterativeTrainConfig, copy_weights, mean, optimizer_with_lr, recipe_rollout
 from engine.algorithms.online import PromptSampling, RolloutConfig
-from engine.config import ConfigError, OptimizerConfig
+from engine.config import ConfigError, DataConfig, OptimizerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,13 @@ class IterativeDPOTrainConfig(IterativeTrainConfig):
     """``keel train iterative-dpo``: the sampling sections, ``iterative`` and ``dpo`` (its loss settings)."""
 
     ALGORITHM: ClassVar[str] = "iterative-dpo"
+    OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")  # a pair's responses stay whole
+
 
     rollout: RolloutConfig = field(default_factory=lambda: recipe_rollout(epochs=3))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=1e-3))
     optimizer: OptimizerConfig = optimizer_with_lr(9e-8)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_length=512, overlong="cut_prompt"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

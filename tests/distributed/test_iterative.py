@@ -1,0 +1,130 @@
+"""Iterative DPO and SteerLM 2.0 end to end on gloo ranks, from the tiny examples shrunk further.
+
+* Iterative DPO trains at TP2 while generating at TP1 (two replicas); its pairs are the best and the
+  worst sample of each prompt (recomputed here from samples.jsonl), ties dropped and counted.
+* SIGKILL in the sampling phase of iteration 2 (after its first chunk is on disk), then the same
+  command: the run resumes from iteration 1's checkpoint, reuses the chunk on disk and ends with the
+  same pairs (and losses) as an uninterrupted run.
+* SteerLM 2.0 trains at PP2 while generating at TP1, with a tiny regression reward model; its
+  weights.jsonl equals the self-normalised importance weights recomputed here from samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tests.helpers import REPO, keel_train
+
+SHRINK = ["data.seq_length=96", "model.init=layout_invariant", "rollout.prompts_per_iteration=4",
+          "rollout.samples_per_prompt=3", "rollout.max_new_tokens=12", "rollout.eval_num_prompts=4",
+          "data.micro_batch_size=2", "data.global_batch_size=4", "optimizer.lr=3e-3", "iterative.chunk_prompts=2",
+          "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=auto"]
+DPO = ["--config", str(REPO / "examples" / "iterative_dpo_tiny.yaml"), *SHRINK, "rollout.epochs=1",
+       "reward_functions=[{name: tests.distributed.online_rewards:digit_share}]"]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _records(run: Path, split: str) -> list[dict]:
+    return [r for r in _jsonl(run / "metrics.jsonl") if r["split"] == split]
+
+
+def _check_pairs(iteration: Path) -> None:
+    """pairs.jsonl: per prompt the first highest-scored sample against the first lowest-scored; ties counted."""
+    groups: dict[int, list[dict]] = {}
+    for sample in _jsonl(iteration / "samples.jsonl"):
+        groups.setdefault(sample["prompt_index"], []).append(sample)
+    expected, ties = [], 0
+    for prompt in sorted(groups):
+        scores = [s["score"] for s in groups[prompt]]
+        if max(scores) == min(scores):
+            ties += 1
+            continue
+        expected.append((prompt, scores.index(max(scores)), scores.index(min(scores))))
+    pairs = _jsonl(iteration / "pairs.jsonl")
+    assert [(p["prompt_index"], p["chosen_sample"], p["rejected_sample"]) for p in pairs] == expected
+    summary = json.loads((iteration / "summary.json").read_text())
+    assert (summary["pairs"], summary["ties"]) == (len(expected), ties)
+    assert len(groups) == 4 and all(len(g) == 3 for g in groups.values())
+
+
+def test_iterative_dpo_at_tp2_and_killed_in_sampling_resumes_to_the_same_pairs(tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = [*DPO, "parallel.tensor=2", "rollout.generation_tensor=1"]
+    keel_train(2, [*args, f"run.output_dir={whole}"], algo="iterative-dpo")
+    for k in (1, 2):
+        _check_pairs(whole / "iterations" / f"iter_{k}")
+    train = _records(whole, "train")
+    assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["dpo_loss"]) for r in train)
+    assert sum(r["pairs"] for r in train) > 0 and all(r["optimizer_steps"] >= 1 or r["pairs"] == 0 for r in train)
+    assert [r["step"] for r in _records(whole, "validation")] == [0, 1, 2]  # greedy held-out, before and after each
+    assert (whole / "curves.png").stat().st_size > 0
+
+    # killed after the first chunk of iteration 2 (chunks 1-2 are iteration 1's), then the same command
+    proc = keel_train(2, [*args, f"run.output_dir={killed}"], env={"KEEL_FAULT": "in-sample:3:KILL"}, check=False,
+                      algo="iterative-dpo")
+    assert proc.returncode != 0
+    chunks = killed / "iterations" / "iter_2" / "chunks"
+    assert sorted(p.name for p in chunks.glob("*.jsonl")) == ["chunk_00000.jsonl"]
+    keel_train(2, [*args, f"run.output_dir={killed}"], algo="iterative-dpo")
+    for k in (1, 2):
+        name = f"iterations/iter_{k}/pairs.jsonl"
+        assert (killed / name).read_text() == (whole / name).read_text(), k
+    summary = json.loads((killed / "iterations" / "iter_2" / "summary.json").read_text())
+    assert (summary["chunks_reused"], summary["chunks_generated"]) == (1, 1)
+    resumed = {r["step"]: r["dpo_loss"] for r in _records(killed, "train")}
+    assert resumed[2] == train[1]["dpo_loss"]
+
+
+def _reward_model(tmp_path: Path) -> Path:
+    rm = ["rm.type=regression", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
+          "data.tokenizer=builtin-sp", "model.preset=tiny-llama", "data.micro_batch_size=2",
+          "data.global_batch_size=4", "logging.progress=false", "logging.tensorboard=false",
+          "checkpoint.resume=none", f"run.output_dir={tmp_path / 'rm'}"]
+    keel_train(1, rm, algo="rm")
+    return tmp_path / "rm" / "checkpoints"
+
+
+def _check_weights(iteration: Path, sigma: float) -> None:
+    samples = {(s["prompt_index"], s["sample"]): s for s in _jsonl(iteration / "samples.jsonl")}
+    weights = _jsonl(iteration / "weights.jsonl")
+    by_prompt: dict[int, list[dict]] = {}
+    for row in weights:
+        by_prompt.setdefault(row["prompt_index"], []).append(row)
+    for prompt, rows in by_prompt.items():
+        log_w = []
+        for row in rows:
+            sample = samples[(prompt, row["sample"])]
+            target = dict((name, float(value)) for name, value in (i.split(":") for i in sample["attributes"].split(",")))
+            likelihood = sum(-((aim - sample["predicted"][name]) ** 2) / (2 * sigma**2)
+                             - math.log(sigma * math.sqrt(2 * math.pi)) for name, aim in target.items())
+            log_w.append(likelihood + sample["prior_logp"] - sample["proposal_logp"])
+        top = max(log_w)
+        total = sum(math.exp(v - top) for v in log_w)
+        for row, value in zip(rows, log_w, strict=True):
+            assert abs(row["log_weight"] - value) <= 1e-6 * max(1.0, abs(value)), (row, value)
+            assert abs(row["weight"] - math.exp(value - top) / total) <= 1e-9
+        assert abs(sum(r["weight"] for r in rows) - 1.0) <= 1e-9
+
+
+def test_steerlm2_at_pp2_trains_on_the_self_normalised_weights(tmp_path: Path) -> None:
+    reward_model = _reward_model(tmp_path)
+    run = tmp_path / "steerlm2"
+    keel_train(2, ["--config", str(REPO / "examples" / "steerlm2_tiny.yaml"), *SHRINK, "parallel.pipeline=2",
+                   "rollout.epochs=1", "iterative.iterations=1", "steerlm2.attribute_sigma=1.5",
+                   f"reward_model={reward_model}", f"run.output_dir={run}"], algo="steerlm2")
+    iteration = run / "iterations" / "iter_1"
+    _check_weights(iteration, 1.5)
+    samples = _jsonl(iteration / "samples.jsonl")
+    targets = {s["prompt_index"] % 2: s["attributes"] for s in samples}
+    assert targets[0].endswith("verbosity:0") and targets[1].endswith("verbosity:4")  # prompt i gets targets[i % 2]
+    record = _records(run, "train")[0]
+    assert math.isfinite(record["steerlm2_loss"]) and record["optimizer_steps"] == 3  # ceil(12 samples / 4)
+    assert 1.0 <= record["effective_sample_size"] <= 3.0
+    held_out = _records(run, "validation")
+    assert [r["step"] for r in held_out] == [0, 1]
+    assert all(math.isfinite(r["attribute_gap"]) and "response_length_target1" in r for r in held_out)
