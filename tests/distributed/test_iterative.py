@@ -120,8 +120,8 @@ def test_steerlm2_at_pp2_trains_on_the_self_normalised_weights(tmp_path: Path) -
     iteration = run / "iterations" / "iter_1"
     _check_weights(iteration, 1.5)
     samples = _jsonl(iteration / "samples.jsonl")
-    targets = {s["prompt_index"] % 2: s["attributes"] for s in samples}
-    assert targets[0].endswith("verbosity:0") and targets[1].endswith("verbosity:4")  # prompt i gets targets[i % 2]
+    for sample in samples:  # prompt i is conditioned on targets[i % 2]
+        assert sample["attributes"].endswith("verbosity:4" if sample["prompt_index"] % 2 else "verbosity:0"), sample
     record = _records(run, "train")[0]
     assert math.isfinite(record["steerlm2_loss"]) and record["optimizer_steps"] == 3  # ceil(12 samples / 4)
     assert 1.0 <= record["effective_sample_size"] <= 3.0
