@@ -45,7 +45,7 @@ from engine.plots import write_curves  # noqa: E402
 from tools.dpo_learns import keel, train_sft, write_report  # noqa: E402
 from tools.rl_learns import dump, metric_rows, sft_rows  # noqa: E402
 
-SHARED = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=none", "reward_workers=0"]
+SHARED = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=none"]
 
 
 def per_iteration(run: Path, keys: tuple[str, ...], split: str) -> dict[str, list[list[float]]]:
@@ -56,13 +56,14 @@ def per_iteration(run: Path, keys: tuple[str, ...], split: str) -> dict[str, lis
 
 def iterative_dpo(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
-    dump(out / "sft.jsonl", sft_rows(args.sft_rows, args.seed, ["explained", "rambling"]))
+    dump(out / "sft.jsonl", sft_rows(args.sft_rows, args.seed, args.styles.split(",")))
     dump(out / "eval_prompts.jsonl", rollout_prompt_rows(args.eval_prompts, args.seed + 1, "eval"))
-    sft = train_sft(out, out / "sft.jsonl", args.sft_steps, args.nproc, ("data.seq_length=128",))
+    sft = Path(args.sft_checkpoint).resolve() if args.sft_checkpoint else \
+        train_sft(out, out / "sft.jsonl", args.sft_steps, args.nproc, ("data.seq_length=128",))
     sft_s = time.perf_counter() - began
     run = out / "iterative-dpo"
     shutil.rmtree(run, ignore_errors=True)
-    keel(["train", "iterative-dpo", "--config", str(REPO / "examples" / "iterative_dpo_tiny.yaml"), *SHARED,
+    keel(["train", "iterative-dpo", "--config", str(REPO / "examples" / "iterative_dpo_tiny.yaml"), *SHARED, "reward_workers=0",
           f"checkpoint.load={sft}", f"run.output_dir={run}", f"run.seed={args.seed}",
           f"rollout.eval_prompts={out / 'eval_prompts.jsonl'}", f"rollout.eval_num_prompts={args.eval_prompts}",
           f"rollout.prompts_per_iteration={args.prompts}", f"rollout.samples_per_prompt={args.samples}",
@@ -95,8 +96,9 @@ def steerlm2(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     dump(out / "prompts.jsonl", [{"prompt": r["prompt"]} for r in prompt_rows(2000, args.seed + 2, "train")])
     dump(out / "eval_prompts.jsonl", [{"prompt": r["prompt"]} for r in prompt_rows(args.eval_prompts, args.seed + 1,
                                                                                      "eval")])
-    sft = train_sft(out, out / "steerlm.jsonl", args.sft_steps, args.nproc, ("data.chat_template=nemotron",))
-    reward_model = train_reward_model(out, args)
+    sft = Path(args.sft_checkpoint).resolve() if args.sft_checkpoint else \
+        train_sft(out, out / "steerlm.jsonl", args.sft_steps, args.nproc, ("data.chat_template=nemotron",))
+    reward_model = Path(args.rm_checkpoint).resolve() if args.rm_checkpoint else train_reward_model(out, args)
     setup_s = time.perf_counter() - began
     run = out / "steerlm2"
     shutil.rmtree(run, ignore_errors=True)
@@ -105,7 +107,8 @@ def steerlm2(out: Path, args: argparse.Namespace) -> dict[str, Any]:
           f"rollout.prompts={out / 'prompts.jsonl'}", f"rollout.eval_prompts={out / 'eval_prompts.jsonl'}",
           f"rollout.eval_num_prompts={args.eval_prompts}", f"rollout.prompts_per_iteration={args.prompts}",
           f"rollout.samples_per_prompt={args.samples}", f"iterative.iterations={args.iterations}",
-          f"optimizer.lr={args.lr}", f"steerlm2.attribute_sigma={args.sigma}"])
+          f"optimizer.lr={args.lr}", f"steerlm2.attribute_sigma={args.sigma}",
+          *([f"steerlm2.prior_attributes={args.prior_attributes}"] if args.prior_attributes else [])])
     keys = ("attribute_gap", "attribute_gap_target0", "attribute_gap_target1", "response_length_target0",
             "response_length_target1", "predicted_verbosity_target0", "predicted_verbosity_target1")
     held_out = per_iteration(run, keys, "validation")
@@ -124,9 +127,11 @@ def steerlm2(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             "iterative_s": round(time.perf_counter() - began - setup_s, 1)}
 
 
-DEFAULTS = {  # per recipe: (sft rows, sft steps, prompts, samples, lr, bar)
-    "iterative-dpo": {"sft_rows": 20000, "sft_steps": 800, "prompts": 64, "samples": 4, "lr": 1e-4, "bar": 0.03},
-    "steerlm2": {"sft_rows": 6000, "sft_steps": 300, "prompts": 32, "samples": 4, "lr": 1e-4, "bar": 0.0},
+DEFAULTS = {  # per recipe
+    "iterative-dpo": {"sft_rows": 20000, "sft_steps": 800, "prompts": 128, "samples": 8, "lr": 3e-5, "bar": 0.03,
+                      "eval_prompts": 200},
+    "steerlm2": {"sft_rows": 6000, "sft_steps": 300, "prompts": 32, "samples": 4, "lr": 1e-4, "bar": 0.03,
+                 "eval_prompts": 100},
 }
 
 
@@ -138,15 +143,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the SFT and RM runs")
     parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--eval-prompts", type=int, default=100, help="unseen prompts judged greedily")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="unseen prompts judged greedily")
     parser.add_argument("--sft-rows", type=int, default=None)
     parser.add_argument("--sft-steps", type=int, default=None)
-    parser.add_argument("--rm-steps", type=int, default=200, help="steerlm2: regression RM steps of 16 rows")
+    parser.add_argument("--styles", default="explained,rambling,rambling",
+                        help="iterative-dpo: SFT answers' styles, one drawn per row (a name twice: twice as likely)")
+    parser.add_argument("--sft-checkpoint", default=None, help="start from this (SteerLM) SFT checkpoint (no SFT run)")
+    parser.add_argument("--rm-checkpoint", default=None, help="steerlm2: use this regression RM (no RM run)")
+    parser.add_argument("--rm-steps", type=int, default=600, help="steerlm2: regression RM steps of 16 rows")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per iteration")
     parser.add_argument("--samples", type=int, default=None, help="samples per prompt (the recipe's n)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--beta", type=float, default=0.1, help="iterative-dpo: DPO beta")
-    parser.add_argument("--sigma", type=float, default=1.0, help="steerlm2: attribute_sigma")
+    parser.add_argument("--prior-attributes", default=None, help="steerlm2: steerlm2.prior_attributes (e.g. target)")
+    parser.add_argument("--sigma", type=float, default=0.5, help="steerlm2: attribute_sigma")
     parser.add_argument("--bar", type=float, default=None,
                         help="iterative-dpo: rise of greedy correctness; steerlm2: fall of the attribute gap")
     args = parser.parse_args(argv)

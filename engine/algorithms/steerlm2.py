@@ -64,15 +64,17 @@ class SteerLM2Config:
                         "is conditioned on targets[i % len(targets)]; held-out prompts are evaluated at each.",
                         [DEFAULT_TARGET])
     attribute_sigma: float = doc("Width σ of the RM likelihood P(a*|x,y) = Π_k N(a*_k; μ_k(x,y), σ²).", 1.0)
-    prior_attributes: Optional[str] = doc("Attributes the prior P(y|x) (the frozen initial policy) is prompted "
-                                          "with; None = no attribute line (unconditioned).", None)
+    prior_attributes: Optional[str] = doc(
+        "What the prior P(y|x) (the frozen initial policy) is prompted with: None = no attribute line "
+        "(unconditioned), 'target' = the sample's own target a* (the default: a SteerLM policy never saw a prompt "
+        "without attributes), or an attribute string.", "target")
 
     def __post_init__(self) -> None:
         if not self.targets:
             raise ConfigError("steerlm2.targets is empty: give at least one 'helpfulness:4,...' string")
         for i, target in enumerate(self.targets):
             parse_target(target, f"steerlm2.targets[{i}]")
-        if self.prior_attributes:
+        if self.prior_attributes and self.prior_attributes != "target":
             parse_target(self.prior_attributes, "steerlm2.prior_attributes")
         if not self.attribute_sigma > 0:
             raise ConfigError(f"steerlm2.attribute_sigma={self.attribute_sigma} must be > 0")
@@ -191,6 +193,10 @@ class SteerLM2Step(PromptSampling, Step):
         logger.info("steerlm2: prior P(y|x) = %s prompted with %s", checkpoint or "the policy's initialisation",
                     self.settings.prior_attributes or "no attributes")
 
+    def _prior_attributes(self, target: str) -> Optional[str]:
+        prior = self.settings.prior_attributes
+        return target if prior == "target" else prior
+
     def _target_string(self, index: int) -> str:
         from engine.data.schemas import attribute_string
 
@@ -205,7 +211,8 @@ class SteerLM2Step(PromptSampling, Step):
         self.names, predicted = trainer.phase.reward_model_attributes(rows, responses)
         micro = trainer.config.data.micro_batch_size
         proposal = _sequence_sums(trainer.model, prompts, rollouts.tokens, micro)
-        prior_prompts = [trainer.phase.render(row, self.settings.prior_attributes) for row in rows]
+        prior_prompts = [trainer.phase.render(row, self._prior_attributes(target))
+                         for row, target in zip(rows, attributes, strict=True)]
         prior = _sequence_sums(self.prior, prior_prompts, rollouts.tokens, micro)
         return [{"predicted": dict(zip(self.names, p, strict=True)), "proposal_logp": q, "prior_logp": r}
                 for p, q, r in zip(predicted, proposal, prior, strict=True)]
