@@ -1,0 +1,54 @@
+"""The sample-and-train recipes learn on prompts never seen in training (``tools/iterative_learns.py``).
+
+Measured with the tool's defaults (seed 7; tools/bench/results/iterative_dpo_learns.json and
+steerlm2_learns.json; identical numbers on every rerun):
+
+* iterative DPO (tiny-llama, 800 SFT steps on concise and rambling right answers; 128 prompts × 8
+  samples per iteration scored by ``synthetic_check``): greedy correctness on 200 unseen prompts
+  0.25 → 0.29 → 0.305; the policy's sampled correctness 0.124 (iteration 1) → 0.346 (iteration 2);
+* SteerLM 2.0 (SteerLM SFT 300 steps, regression RM from scratch 600 steps, 32 prompts × 4 samples):
+  mean |target − RM-predicted| attribute gap of greedy answers to 100 unseen prompts at two targets
+  1.104 → 1.049 → 1.018; answer length at verbosity 0 / verbosity 4: 12.1 / 64.1 → 3.6 / 49.1 tokens.
+
+About 1.5-2 minutes each on 2 idle cores (several times that on a loaded machine). The bars leave
+about half of the measured change as margin.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO, _env
+
+
+def _run(tmp_path: Path, recipe: str) -> dict:
+    proc = subprocess.run([sys.executable, "tools/iterative_learns.py", "--recipe", recipe, "--out", str(tmp_path)],
+                          cwd=REPO, env=_env(), text=True, capture_output=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report: dict = json.loads((tmp_path / "report.json").read_text())
+    assert Path(report["png"]).is_file()
+    return report
+
+
+def test_iterative_dpo_raises_greedy_correctness_on_unseen_prompts(tmp_path: Path) -> None:
+    report = _run(tmp_path, "iterative-dpo")
+    greedy = [value for _, value in report["held_out_greedy_correct"]]
+    assert len(greedy) == 3  # before, after iteration 1, after iteration 2
+    assert greedy[2] >= greedy[0] + 0.03, report
+    sampled = [value for _, value in report["sampled"]["reward"]]
+    assert sampled[1] >= sampled[0] + 0.1, report  # the round-1 policy samples right answers more often
+    assert all(pairs > 0 for _, pairs in report["sampled"]["pairs"])
+
+
+def test_steerlm2_narrows_the_attribute_gap_and_follows_verbosity(tmp_path: Path) -> None:
+    report = _run(tmp_path, "steerlm2")
+    held_out = report["held_out_greedy"]
+    gap = [value for _, value in held_out["attribute_gap"]]
+    assert len(gap) == 3 and gap[2] <= gap[0] - 0.04, held_out
+    low = [value for _, value in held_out["response_length_target0"]]
+    high = [value for _, value in held_out["response_length_target1"]]
+    assert high[2] >= 4 * low[2], held_out  # the verbosity-4 target answers at length, the verbosity-0 one briefly
+    assert low[2] < low[0], held_out  # the verbosity-0 target's answers got shorter
