@@ -83,13 +83,22 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
     steps = sorted(losses)
     first = f"{losses[steps[0]]:.4f}" if steps else "n/a"
     last = f"{losses[steps[-1]]:.4f}" if steps else "n/a"
+    if getattr(trainer.step, "iterative", False):
+        iterations = config.iterative.iterations  # type: ignore[attr-defined]
+        source = config.rollout.prompts  # type: ignore[attr-defined]
+        progress = f"  iterations {result.start_step + 1}..{result.end_step} of {iterations}; " \
+                   f"mean {trainer.step.loss_name} per round {first} -> {last}; samples, pairs/weights and summaries " \
+                   f"in {os.path.join(os.path.abspath(config.run.output_dir), 'iterations')}"
+    else:
+        source = config.data.source
+        progress = f"  steps {result.start_step + 1}..{result.end_step} of {config.run.train_steps}" \
+                   f"{' (stopped by SIGTERM)' if result.preempted else ''}; {trainer.step.loss_name} {first} -> " \
+                   f"{last}; {result.tokens_per_second:,.0f} tokens/s"
     lines = [
         "",
         f"Keel {algo}: trained {preset.name} ({preset.parameter_count() / 1e6:.2f}M parameters) "
-        f"on {config.data.source} with layout {trainer.layout.describe()}",
-        f"  steps {result.start_step + 1}..{result.end_step} of {config.run.train_steps}"
-        f"{' (stopped by SIGTERM)' if result.preempted else ''}; {trainer.step.loss_name} {first} -> {last}; "
-        f"{result.tokens_per_second:,.0f} tokens/s",
+        f"on {source} with layout {trainer.layout.describe()}",
+        progress,
     ]
     if result.validation:
         step = max(result.validation)
