@@ -17,6 +17,9 @@ Each iteration ``k = 1 .. iterative.iterations``:
 4. greedy held-out evaluation (``iterative.evaluate``), ``summary.json``, one ``metrics.jsonl`` row per
    iteration (``step`` = the iteration; held-out rows also at iteration 0), and a checkpoint whose
    step number is the iteration, so a run killed after an iteration resumes at the next one.
+
+SIGTERM (pre-emption) stops the run cleanly between two chunks of samples (they are on disk; the
+last checkpoint is the iteration's start) or after an iteration's checkpoint; the same command resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from typing import Any, Optional
 
@@ -36,6 +40,10 @@ from engine.sampling_phase import SampleStore
 from engine.trainer import FitResult, Trainer
 
 logger = logging.getLogger(__name__)
+
+
+class _Stopped(Exception):
+    """SIGTERM between two chunks of samples: what is sampled is on disk, the last checkpoint is the start."""
 
 
 class IterativeTrainer(Trainer):
@@ -93,6 +101,8 @@ class IterativeTrainer(Trainer):
             samples += self._sample_chunk(iteration, number, chunk, store)
             times["generate_and_score"] += time.perf_counter() - began
             times["chunks_generated"] += 1
+            if number + 1 < len(chunks) and self._stop_agreed():
+                raise _Stopped(f"iteration {iteration}: {number + 1} of {len(chunks)} chunks sampled")
         if times["chunks_reused"]:
             logger.info("iteration %d: %d chunk(s) of samples reused from %s", iteration, times["chunks_reused"],
                         store.dir)
@@ -184,6 +194,7 @@ class IterativeTrainer(Trainer):
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         start = self.maybe_resume()
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
+        previous = self._install_sigterm()
         try:
             if start == 0:
                 self._evaluate(0)
@@ -193,9 +204,16 @@ class IterativeTrainer(Trainer):
                 result.losses[iteration] = float("nan") if loss is None else loss
                 result.end_step = iteration
                 result.checkpoint = self.save_checkpoint(iteration)
+                if iteration < cfg.iterative.iterations and self._stop_agreed():
+                    raise _Stopped(f"after iteration {iteration} (checkpointed)")
+        except _Stopped as stopped:
+            result.preempted = True
+            logger.warning("stopped on SIGTERM %s; the same command resumes", stopped)
         finally:
             self.phase.close()
             self.metrics.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if self.parallel.is_main:
             from engine.plots import write_curves
 

@@ -4,7 +4,8 @@
   worst sample of each prompt (recomputed here from samples.jsonl), ties dropped and counted.
 * SIGKILL in the sampling phase of iteration 2 (after its first chunk is on disk), then the same
   command: the run resumes from iteration 1's checkpoint, reuses the chunk on disk and ends with the
-  same pairs (and losses) as an uninterrupted run.
+  same pairs (and losses) as an uninterrupted run; SIGTERM between two chunks stops the run cleanly
+  and the same command again ends with the same pairs.
 * SteerLM 2.0 trains at PP2 while generating at TP1, with a tiny regression reward model; its
   weights.jsonl equals the self-normalised importance weights recomputed here from samples.jsonl.
 """
@@ -78,6 +79,15 @@ def test_iterative_dpo_at_tp2_and_killed_in_sampling_resumes_to_the_same_pairs(t
     assert (summary["chunks_reused"], summary["chunks_generated"]) == (1, 1)
     resumed = {r["step"]: r["dpo_loss"] for r in _records(killed, "train")}
     assert resumed[2] == train[1]["dpo_loss"]
+
+    # SIGTERM (pre-emption) after the first chunk of iteration 1: a clean stop, then the same pairs
+    stopped = tmp_path / "stopped"
+    proc = keel_train(2, [*args, f"run.output_dir={stopped}"], env={"KEEL_FAULT": "in-sample:1:TERM"},
+                      algo="iterative-dpo")
+    assert "stopped on SIGTERM" in proc.stderr and not (stopped / "iterations" / "iter_1" / "pairs.jsonl").exists()
+    keel_train(2, [*args, f"run.output_dir={stopped}"], algo="iterative-dpo")
+    name = "iterations/iter_2/pairs.jsonl"
+    assert (stopped / name).read_text() == (whole / name).read_text()
 
 
 def _reward_model(tmp_path: Path) -> Path:
