@@ -7,7 +7,8 @@
   same pairs (and losses) as an uninterrupted run; SIGTERM between two chunks stops the run cleanly
   and the same command again ends with the same pairs.
 * SteerLM 2.0 trains at PP2 while generating at TP1, with a tiny regression reward model; its
-  weights.jsonl equals the self-normalised importance weights recomputed here from samples.jsonl.
+  weights.jsonl equals the self-normalised importance weights recomputed here from samples.jsonl;
+  iterative DPO scores with that reward model's goodness alone.
 """
 
 from __future__ import annotations
@@ -138,3 +139,12 @@ def test_steerlm2_at_pp2_trains_on_the_self_normalised_weights(tmp_path: Path) -
     held_out = _records(run, "validation")
     assert [r["step"] for r in held_out] == [0, 1]
     assert all(math.isfinite(r["attribute_gap"]) and "response_length_target1" in r for r in held_out)
+
+    # the iterative DPO recipe's scorer: the reward model's goodness (no reward function)
+    scored = tmp_path / "iterative-dpo-rm"
+    keel_train(1, [*DPO, "reward_functions=[]", f"reward_model={reward_model}", "iterative.iterations=1",
+                   f"run.output_dir={scored}"], algo="iterative-dpo")
+    iteration = scored / "iterations" / "iter_1"
+    samples = _jsonl(iteration / "samples.jsonl")
+    assert all(set(s["components"]) == {"rm"} and s["score"] == s["components"]["rm"] for s in samples)
+    _check_pairs(iteration)
