@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -129,20 +130,24 @@ class Side:
         self.warmup_times: list[float] = []
         self.times: list[float] = []
         self.cpu_times: list[float] = []
+        self.page_faults: list[int] = []
         self.losses: list[float] = []
 
     def run(self, timed: bool) -> float:
         assert self.step is not None
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         wall, cpu = time.perf_counter(), time.process_time()
         loss = self.step(self.next_step)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         self.next_step += 1
         self.losses.append(loss)
         (self.times if timed else self.warmup_times).append(wall)
         if timed:
             self.cpu_times.append(cpu)
-        logger.info("%s step %d%s: %.3f s (cpu %.2f s), loss %.4f", self.name, self.next_step - 1,
-                    "" if timed else " (warm-up)", wall, cpu, loss)
+            self.page_faults.append(faults)
+        logger.info("%s step %d%s: %.3f s (cpu %.2f s, %d page faults), loss %.4f", self.name, self.next_step - 1,
+                    "" if timed else " (warm-up)", wall, cpu, faults, loss)
         return wall
 
     def build_and_measure(self, build: Builder, args: argparse.Namespace) -> None:
@@ -182,6 +187,7 @@ class Side:
                             "min": round(min(self.times), 4), "max": round(max(self.times), 4)},
             "step_times_s": [round(t, 4) for t in self.times],
             "step_cpu_times_s": [round(t, 4) for t in self.cpu_times],
+            "step_minor_page_faults": self.page_faults,
             "cpu_utilisation": round(sum(self.cpu_times) / total / threads, 3),
             "tokens_per_cpu_s": round(tokens_per_step * len(self.times) / sum(self.cpu_times), 2),
             "warmup_step_times_s": [round(t, 4) for t in self.warmup_times],
@@ -195,12 +201,13 @@ class Side:
 def _profile(side: Side, out_dir: Path) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         side.run(timed=False)
         side.run(timed=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{side.name}_ops.txt"
-    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=80))
+    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=80) + "\n" +
+                    prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=60))
     prof.export_chrome_trace(str(out_dir / f"{side.name}_trace.json"))
     return str(path)
 
