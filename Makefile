@@ -28,4 +28,4 @@ lint: install
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 test: lint
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra --durations=20

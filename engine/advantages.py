@@ -93,6 +93,13 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
     return whitened * mask
 
 
+def sequence_kl(logps: list[list[float]], ref_logps: list[list[float]]) -> torch.Tensor:
+    """``KL_i = Σ_t (log π_old(t) - log π_ref(t))`` per rollout: the sequence KL that REINFORCE and
+    GRPO's ``kl=reward`` subtract from the reward (times β)."""
+    return torch.tensor([sum(a - b for a, b in zip(lp, rp, strict=True)) for lp, rp in zip(logps, ref_logps, strict=True)],
+                        dtype=torch.float32)
+
+
 def _groups(scores: torch.Tensor, group_size: int, minimum: int) -> torch.Tensor:
     """``scores`` as ``[num_groups, group_size]``, with a message when it does not divide."""
     if group_size < minimum:

@@ -193,6 +193,7 @@ class IterativeTrainer(Trainer):
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         start = self.maybe_resume()
+        self.metrics.keep_until(start)  # iterations after the checkpoint are logged again
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
         previous = self._install_sigterm()
         try:

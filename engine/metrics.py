@@ -29,6 +29,31 @@ class MetricsWriter:
             except ImportError as exc:  # pragma: no cover - tensorboard is a core dependency
                 logger.warning("TensorBoard disabled: %s", exc)
 
+    def keep_until(self, step: int) -> None:
+        """Drop the records of steps after ``step`` from ``metrics.jsonl``, atomically.
+
+        Called once the run knows where it starts: a fresh run (``step`` 0) in a reused
+        directory starts an empty file instead of appending to the old run's curves; a run
+        resumed from step ``k`` drops what the interrupted run logged after its checkpoint,
+        which the resumed run logs again.
+        """
+        if not self.enabled or self._file is None:
+            return
+        self._file.close()
+        with open(self.path) as fh:
+            lines = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+        dropped = _count_lines(self.path) - len(lines)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        if dropped:
+            logger.info("metrics.jsonl: dropped %d records after step %d (%s)", dropped, step,
+                        "a fresh run" if step == 0 else "logged after the checkpoint resumed from")
+
     def write(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
@@ -48,6 +73,11 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _count_lines(path: str) -> int:
+    with open(path) as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def read_metrics(run_dir: str, split: str = "train") -> list[dict[str, Any]]:

@@ -230,6 +230,7 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         start = self.maybe_resume()
+        self.metrics.keep_until(start)
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
         previous = self._install_sigterm()
         if cfg.run.eval_at_start and start == 0:

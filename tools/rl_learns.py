@@ -22,7 +22,9 @@
 
 Measured with the defaults (tools/bench/results/rl_learns.json, 2 cores, about 4 minutes in all):
 sampled correctness 0.209 -> 0.409 (GRPO) and 0.421 (RLOO), about 60 s of RL each; with
-``--seed 11`` 0.234 -> 0.485 and 0.489.
+``--seed 11`` 0.234 -> 0.485 and 0.489. PPO (``--algorithms ppo``, critic ``ppo.critic=init``: a
+value head on the SFT trunk) from the same SFT checkpoint: 0.209 -> 0.409 in 339 s on shared cores
+(tools/bench/results/rl_learns_ppo.json).
 
 What RL learns here (measured, see the report's ``cut`` and ``finished_correct``): a rambling
 answer does not finish within the 48-token budget, so it never reaches its final answer and
@@ -59,7 +61,8 @@ from engine.data.synthetic import (  # noqa: E402
 )
 from tools.dpo_learns import keel, train_sft, write_report  # noqa: E402
 
-ALGORITHMS = ("grpo", "reinforce")
+ALGORITHMS = ("grpo", "reinforce", "ppo")
+EXTRA = {"ppo": ["ppo.critic=init"]}  # the critic: a value head on the SFT trunk (no reward model here)
 SHARED = ["model.preset=tiny-llama", "data.tokenizer=builtin-sp", "logging.progress=false",
           "logging.tensorboard=false", "checkpoint.resume=none", "checkpoint.save_interval=0"]
 
@@ -124,7 +127,7 @@ def rl_overrides(algorithm: str, args: argparse.Namespace) -> list[str]:
             f"data.seq_length={args.max_new_tokens + 32}", f"data.micro_batch_size={min(buffer, 32)}",
             f"data.global_batch_size={buffer}", f"optimizer.lr={args.lr}", "scheduler.type=constant",
             "scheduler.warmup_steps=0", "reward_workers=0", f"{algorithm}.kl_coef={args.kl_coef}",
-            f"run.seed={args.seed}"]
+            f"run.seed={args.seed}", *EXTRA.get(algorithm, [])]
 
 
 def metric_rows(run: Path, split: str) -> list[dict[str, Any]]:
@@ -172,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/rl-learns")
     parser.add_argument("--report", default=None, help="also write the JSON report here")
-    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated: grpo, reinforce")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated: grpo, reinforce, ppo")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--styles", default="explained,rambling",
                         help=f"SFT answers' styles, one drawn per row (comma-separated from {', '.join(STYLES)})")

@@ -93,14 +93,14 @@ class GRPOStep(OnlineStep):
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
-        from engine.advantages import group_advantages, overlong_penalty
+        from engine.advantages import group_advantages, overlong_penalty, sequence_kl
 
         rewards = scores.clone().float()
         if self.grpo.overlong == "penalty":
             lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
             rewards = rewards + overlong_penalty(lengths, self.config.rollout.max_new_tokens, self.grpo.overlong_cache)
         if self.grpo.kl == "reward" and self.uses_reference:
-            kl = torch.tensor([sum(a - b for a, b in zip(lp, rp, strict=True)) for lp, rp in zip(logps, ref_logps, strict=True)])
+            kl = sequence_kl(logps, ref_logps)
             rewards = rewards - self.grpo.kl_coef * kl
         advantage = group_advantages(rewards, self.config.rollout.samples_per_prompt, self.grpo.normalize_std)
         cut = [r == "length" for r in rollouts.finish_reasons]

@@ -65,11 +65,11 @@ class ReinforceStep(GRPOStep):
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
-        from engine.advantages import rloo_advantages
+        from engine.advantages import rloo_advantages, sequence_kl
 
         rewards = scores.clone().float()
         if self.uses_reference:
-            kl = torch.tensor([sum(a - b for a, b in zip(lp, rp, strict=True)) for lp, rp in zip(logps, ref_logps, strict=True)])
+            kl = sequence_kl(logps, ref_logps)
             rewards = rewards - self.grpo.kl_coef * kl
         advantage = rloo_advantages(rewards, self.config.rollout.samples_per_prompt)
         return {"advantages": [[float(advantage[i])] * len(tokens) for i, tokens in enumerate(rollouts.tokens)]}

@@ -34,7 +34,7 @@ ONE_LINE = "lost another rank during training ("
 
 
 def _logged_losses(run: Path) -> list[tuple[int, float]]:
-    """Every (step, loss) record of metrics.jsonl, repeats included (a restarted attempt re-logs steps)."""
+    """Every (step, loss) record of metrics.jsonl (a resumed attempt first drops records after its checkpoint)."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [(r["step"], r["lm_loss"]) for r in map(json.loads, lines) if r["split"] == "train"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tests.helpers import REPO, _env
 
-ARGS = ["--iterations", "40", "--eval-interval", "20", "--eval-prompts", "100", "--samples", "4", "--seed", "7"]
+ARGS = ["--algorithms", "grpo,reinforce", "--iterations", "40", "--eval-interval", "20", "--eval-prompts", "100", "--samples", "4", "--seed", "7"]
 
 
 def test_grpo_and_reinforce_raise_sampled_correctness_on_unseen_prompts(tmp_path: Path) -> None:

@@ -323,3 +323,14 @@ def test_overlong_filter_drops_truncated_sequences() -> None:
     lengths = torch.tensor([5, 20, 20, 12])
     stopped = torch.tensor([True, True, False, False])
     assert overlong_filter(lengths, 20, stopped).tolist() == [True, True, False, True]
+
+
+def test_sequence_kl_sums_each_rollouts_log_ratio() -> None:
+    from engine.advantages import sequence_kl
+
+    logps = [[-0.5, -1.0, -2.0], [-0.25]]
+    ref = [[-0.75, -1.5, -1.0], [-1.25]]
+    # by hand: (0.25 + 0.5 - 1.0), (1.0)
+    assert sequence_kl(logps, ref).tolist() == [-0.25, 1.0]
+    with pytest.raises(ValueError):
+        sequence_kl([[-1.0, -2.0]], [[-1.0]])  # a reference row of another length

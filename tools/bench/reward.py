@@ -24,6 +24,11 @@ with a linear ``hidden -> 5`` regression head (the five HelpSteer attributes).
      index here, checked) and computes ``MSELoss``; then ``clip_grad_norm_(1.0)`` and
      ``torch.optim.AdamW``.
 
+   HF runs as two sides, measured in the same run: ``hf_default`` as above (torch's default
+   per-tensor AdamW loop, the padding mask), and ``hf_best``: ``AdamW(fused=True)`` (the
+   kernel Keel runs) and no attention mask, which the right padding after the pooled end
+   token does not need under causal attention (so SDPA keeps its unmasked path).
+
 2. Training on data (real tokens/s). Rows of the built-in synthetic HelpSteer data set
    (variable length; byte tokenizer, ``plain`` template, ``--seq-len``), ``--data-global-batch``
    rows per step in micro-batches of ``--data-micro-batch``; each timed step takes the next
@@ -33,10 +38,12 @@ with a linear ``hidden -> 5`` regression head (the five HelpSteer attributes).
    * Keel: a second ``Trainer`` on that data, its own data path: ``data.group_by_length``
      (on by default) orders the step's rows by length into micro-batches and cuts each to
      its longest row; loss = MSE over all labels of the step.
-   * HF: the micro-batches in the sampler's order, each padded to its longest row (what
-     HF's padding collators do; HF ``Trainer``'s ``group_by_length`` is off by default),
-     ``loss / micro-batches`` backward per micro-batch (equal sizes: the step's mean
-     MSE), then clipping and AdamW.
+   * ``hf_default``: the micro-batches in the sampler's order, each padded to its longest
+     row with a mask (what HF's padding collators do; HF ``Trainer``'s ``group_by_length``
+     is off by default), ``loss / micro-batches`` backward per micro-batch (equal sizes:
+     the step's mean MSE), then clipping and AdamW.
+   * ``hf_best``: the step's rows sorted by length before they are cut into micro-batches
+     (``group_by_length``), no mask, fused AdamW.
 
 3. Scoring ((prompt, response) pairs/s). ``--pairs`` random (prompt, response) text
    pairs, encoded by Keel's byte tokenizer (``plain`` template) to ``--seq-len``.
@@ -48,7 +55,8 @@ with a linear ``hidden -> 5`` regression head (the five HelpSteer attributes).
      and end indices), stacked in the given order into micro-batches of the same size and
      padded to each micro-batch's longest row (what HF's padding collators do), forward
      under ``torch.no_grad()`` in eval mode with ``input_ids`` + ``attention_mask``, logits
-     pooled by HF at the rightmost non-pad token. Encoding is timed on both sides.
+     pooled by HF at the rightmost non-pad token (``hf_default``); ``hf_best`` sorts the
+     rows by length first and passes no mask. Encoding is timed on every side.
 
 Timing: HF is built first, before Keel's CPU layer patches ``torch.cuda`` process-wide.
 Each side runs ``--warmup`` untimed training steps, then ``--steps`` timed training steps
@@ -72,6 +80,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +166,22 @@ def data_step_groups(args: argparse.Namespace, step: int, rows: int) -> list[lis
     return [ids[i: i + args.data_micro_batch] for i in range(0, len(ids), args.data_micro_batch)]
 
 
-def hf_data_train_step(model: Any, optimizer: Any, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+HF_SIDES = ("hf_default", "hf_best")
+NAMES = [*HF_SIDES, "keel"]
+
+
+def padding_mask(end_index: torch.Tensor, length: int) -> torch.Tensor:
+    return (torch.arange(length).unsqueeze(0) <= end_index.unsqueeze(1)).long()
+
+
+def hf_data_train_step(model: Any, optimizer: Any, micro_batches: list[dict[str, torch.Tensor]], mask: bool) -> float:
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for batch in micro_batches:
         length = int(batch["end_index"].max()) + 1  # padded to the longest row of the micro-batch
         tokens = batch["tokens"][:, :length]
-        mask = (torch.arange(length).unsqueeze(0) <= batch["end_index"].unsqueeze(1)).long()
-        out = model(input_ids=tokens, attention_mask=mask, labels=batch["attributes"])
+        attention = padding_mask(batch["end_index"], length) if mask else None
+        out = model(input_ids=tokens, attention_mask=attention, labels=batch["attributes"])
         (out.loss / len(micro_batches)).backward()
         total += float(out.loss.detach()) / len(micro_batches)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,7 +189,7 @@ def hf_data_train_step(model: Any, optimizer: Any, micro_batches: list[dict[str,
     return total
 
 
-def build_hf(args: argparse.Namespace, preset: Any, info: dict[str, Any]) -> tuple[Any, Any]:
+def build_hf(args: argparse.Namespace, preset: Any, info: dict[str, Any], fused: bool) -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
@@ -187,7 +204,9 @@ def build_hf(args: argparse.Namespace, preset: Any, info: dict[str, Any]) -> tup
     )
     torch.manual_seed(args.seed)
     model = LlamaForSequenceClassification(config).float().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                  fused=fused or None)
+    info["adamw_fused"] = fused
     info["parameters"] = sum(p.numel() for p in model.parameters())
     info["attn_implementation"] = model.config._attn_implementation
     info["model_class"] = type(model).__name__
@@ -200,10 +219,10 @@ def hf_pool_index(input_ids: torch.Tensor) -> torch.Tensor:
     return (torch.arange(input_ids.shape[-1]) * non_pad).argmax(-1)
 
 
-def hf_train_step(model: Any, optimizer: Any, batch: dict[str, torch.Tensor]) -> float:
+def hf_train_step(model: Any, optimizer: Any, batch: dict[str, torch.Tensor], mask: bool) -> float:
     optimizer.zero_grad(set_to_none=True)
-    mask = (torch.arange(batch["tokens"].shape[1]).unsqueeze(0) <= batch["end_index"].unsqueeze(1)).long()
-    out = model(input_ids=batch["tokens"], attention_mask=mask, labels=batch["attributes"])
+    attention = padding_mask(batch["end_index"], batch["tokens"].shape[1]) if mask else None
+    out = model(input_ids=batch["tokens"], attention_mask=attention, labels=batch["attributes"])
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -212,21 +231,28 @@ def hf_train_step(model: Any, optimizer: Any, batch: dict[str, torch.Tensor]) ->
 
 @torch.no_grad()
 def hf_score(model: Any, encode: Callable[[Any, str], dict[str, torch.Tensor]], rows: list[tuple[str, str]],
-             micro_batch: int) -> torch.Tensor:
+             micro_batch: int, best: bool) -> torch.Tensor:
+    """HF default: the given order, each micro-batch padded to its longest row with an attention mask.
+    HF best: rows sorted by length (little padding), no mask (right padding after the pooled token
+    cannot reach it through causal attention), outputs put back in the given order."""
     items = [encode(prompt, response) for prompt, response in rows]
+    order = sorted(range(len(items)), key=lambda i: int(items[i]["end_index"])) if best else list(range(len(items)))
     outputs = []
-    for i in range(0, len(items), micro_batch):
-        chunk = items[i: i + micro_batch]
+    for i in range(0, len(order), micro_batch):
+        chunk = [items[j] for j in order[i: i + micro_batch]]
         end = torch.stack([item["end_index"] for item in chunk])
-        # Padded to the longest row of the micro-batch, as HF's padding collators do.
         tokens = torch.stack([item["tokens"] for item in chunk])[:, : int(end.max()) + 1]
-        mask = (torch.arange(tokens.shape[1]).unsqueeze(0) <= end.unsqueeze(1)).long()
-        outputs.append(model(input_ids=tokens, attention_mask=mask).logits.float())
-    return torch.cat(outputs)
+        attention = None if best else padding_mask(end, tokens.shape[1])
+        outputs.append(model(input_ids=tokens, attention_mask=attention).logits.float())
+    result = torch.empty_like(torch.cat(outputs))
+    result[torch.tensor(order)] = torch.cat(outputs)
+    return result
 
 
-def ratio(table: dict[str, Any], key: str) -> float:
-    return round(table["keel"][key] / table["hf"][key], 3)
+def ratios(table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Keel over each HF side: ``{"keel_over_hf_default": {key: ratio}, "keel_over_hf_best": ...}``."""
+    return {f"keel_over_{peer}": {key: round(table["keel"][key] / table[peer][key], 3) for key in keys}
+            for peer in HF_SIDES}
 
 
 def keel_parameter_info(trainer: Any) -> dict[str, Any]:
@@ -239,19 +265,24 @@ def keel_parameter_info(trainer: Any) -> dict[str, Any]:
     }
 
 
-def bench_fixed_shape(args: argparse.Namespace, names: list[str], trainer: Any, loss_name: str, hf_model: Any,
-                      hf_opt: Any, batch: dict[str, torch.Tensor], threads: int) -> dict[str, Any]:
-    """Section 1: the same fixed batch on both sides; the ``training`` part of the report."""
+def bench_fixed_shape(args: argparse.Namespace, names: list[str], trainer: Any, loss_name: str,
+                      hf: dict[str, tuple[Any, Any]], batch: dict[str, torch.Tensor], threads: int) -> dict[str, Any]:
+    """Section 1: the same fixed batch on every side; the ``training`` part of the report.
+
+    ``hf_default`` passes the attention mask a padding collator makes; ``hf_best`` none (the pooled
+    end token never sees the right padding through causal attention), like Keel."""
     trainer._next_micro_batches = lambda sampler, dataset: [batch]
-    timers = {"hf": Timer(), "keel": Timer()}
-    losses: dict[str, list[float]] = {"hf": [], "keel": []}
+    timers = {name: Timer() for name in names}
+    losses: dict[str, list[float]] = {name: [] for name in names}
     counter = {"n": 0}
 
     def keel_train() -> float:
         counter["n"] += 1
         return float(trainer.train_step(counter["n"])[loss_name])
 
-    train_fns: dict[str, Callable[[], float]] = {"hf": lambda: hf_train_step(hf_model, hf_opt, batch), "keel": keel_train}
+    train_fns: dict[str, Callable[[], float]] = {
+        name: partial(hf_train_step, *hf[name], batch, name == "hf_default") for name in HF_SIDES}
+    train_fns["keel"] = keel_train
 
     def run_train(name: str, timed: bool = True) -> None:
         loss = timers[name].run(train_fns[name], timed)
@@ -274,15 +305,21 @@ def bench_fixed_shape(args: argparse.Namespace, names: list[str], trainer: Any, 
         "optimizer": {"type": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
                       "clip_grad": 1.0},
         "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "hf": training["hf"], "keel": training["keel"],
-        "ratio_keel_over_hf_tokens_per_s": ratio(training, "tokens_per_s"),
-        "ratio_keel_over_hf_tokens_per_s_best": ratio(training, "tokens_per_s_best"),
-        "ratio_keel_over_hf_tokens_per_cpu_s": ratio(training, "tokens_per_cpu_s"),
+        **training,
+        **ratios(training, ("tokens_per_s", "tokens_per_s_best", "tokens_per_cpu_s")),
     }
 
 
-def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run_dir: str, hf_model: Any,
-                  hf_opt: Any) -> dict[str, Any]:
+def hf_best_groups(groups: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    """HF at its best on data: the step's rows sorted by length, then cut into micro-batches of the same size
+    (what HF Trainer's ``group_by_length`` does within a mega-batch)."""
+    rows = sorted((i for g in groups for i in g), key=lambda i: lengths[i])
+    size = len(groups[0])
+    return [rows[i: i + size] for i in range(0, len(rows), size)]
+
+
+def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run_dir: str,
+                  hf: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
     """Section 2: a second Keel trainer with its own data path; the ``training_on_data`` part."""
     from engine.algorithms.reward import RewardStep, RewardTrainConfig
     from engine.config import load_config
@@ -293,11 +330,12 @@ def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run
     trainer = Trainer(config, RewardStep(config.rm), parallel)
     dataset = trainer.train_data
     real_tokens: list[int] = []
-    positions: dict[str, list[int]] = {"hf": [], "keel": []}
+    positions: dict[str, list[int]] = {name: [] for name in names}
+    lengths = [dataset.length(i) for i in range(len(dataset))]
     counter = {"n": 0}
 
     def train(name: str) -> float:
-        groups = data_step_groups(args, counter["n"] // 2, len(dataset))
+        groups = data_step_groups(args, counter["n"] // len(names), len(dataset))
         counter["n"] += 1
         if name == "keel":
             trainer.sampler.next_step = lambda: [list(g) for g in groups]
@@ -308,13 +346,16 @@ def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run
                 return float(trainer.train_step(counter["n"])[trainer.step.loss_name])
             finally:
                 del trainer._next_micro_batches
+        if name == "hf_best":
+            groups = hf_best_groups(groups, lengths)
         micro = [dataset.collate(g) for g in groups]
-        real_tokens.append(sum(int(b["end_index"].sum()) + len(g) for b, g in zip(micro, groups, strict=True)))
-        positions["hf"].append(sum(len(g) * (int(b["end_index"].max()) + 1) for b, g in zip(micro, groups, strict=True)))
-        return hf_data_train_step(hf_model, hf_opt, micro)
+        if name == "hf_default":
+            real_tokens.append(sum(int(b["end_index"].sum()) + len(g) for b, g in zip(micro, groups, strict=True)))
+        positions[name].append(sum(len(g) * (int(b["end_index"].max()) + 1) for b, g in zip(micro, groups, strict=True)))
+        return hf_data_train_step(*hf[name], micro, mask=name == "hf_default")
 
-    timers = {"hf": Timer(), "keel": Timer()}
-    losses: dict[str, list[float]] = {"hf": [], "keel": []}
+    timers = {name: Timer() for name in names}
+    losses: dict[str, list[float]] = {name: [] for name in names}
 
     def run(name: str, timed: bool = True) -> None:
         loss = timers[name].run(lambda: train(name), timed)
@@ -322,7 +363,7 @@ def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run
         logger.info("train on data %s%s: %.3f s, loss %.4f", name, "" if timed else " (warm-up)",
                     (timers[name].times if timed else timers[name].warmup_times)[-1], loss)
 
-    # Warm-up and timed calls come in (hf, keel) couples on the same rows.
+    # Warm-up and timed calls come in (hf_default, hf_best, keel) triples on the same rows.
     for _ in range(args.warmup):
         for name in names:
             run(name, timed=False)
@@ -347,33 +388,37 @@ def on_data_section(args: argparse.Namespace, names: list[str], timers: dict[str
                 f"seq_length {args.seq_len}, over-long rows dropped",
         "global_batch_rows": args.data_global_batch, "micro_batch_rows": args.data_micro_batch,
         "real_tokens_per_step": timed_tokens,
-        "keel": sides["keel"], "hf": sides["hf"],
-        "ratio_keel_over_hf_real_tokens_per_s": ratio(sides, "real_tokens_per_s"),
-        "ratio_keel_over_hf_real_tokens_per_cpu_s": ratio(sides, "real_tokens_per_cpu_s"),
+        **sides,
+        **ratios(sides, ("real_tokens_per_s", "real_tokens_per_cpu_s")),
         "note": "Keel groups the step's rows by length into micro-batches and cuts padding "
-                "(data.group_by_length, default); HF pads each micro-batch, in sampler order, to its longest row",
+                "(data.group_by_length, default). hf_default pads each micro-batch, in sampler order, to its longest "
+                "row and passes the attention mask; hf_best sorts the step's rows by length first (group_by_length) "
+                "and passes no mask (right padding only follows the pooled token)",
     }
 
 
-def bench_scoring(args: argparse.Namespace, names: list[str], trainer: Any, parallel: Any, hf_model: Any,
-                  checks: dict[str, Any], threads: int) -> dict[str, Any]:
+def bench_scoring(args: argparse.Namespace, names: list[str], trainer: Any, parallel: Any,
+                  hf: dict[str, tuple[Any, Any]], checks: dict[str, Any], threads: int) -> dict[str, Any]:
     """Section 3: scoring the same rows; the ``scoring`` part of the report."""
     from engine.eval.scoring import RewardScorer
 
     rows = scoring_rows(args)
     scorer = RewardScorer(trainer.model.chunks, trainer.step, trainer.tokenizer, parallel, args.seq_len,
                           args.score_micro_batch, trainer.config.data.chat_template)
-    hf_model.eval()
+    for model, _ in hf.values():
+        model.eval()
     encoded = [scorer._encode(p, r) for p, r in rows]
     ends = torch.stack([e["end_index"] for e in encoded])
     checks["hf_pool_index_equals_end_index_score"] = bool(
         (hf_pool_index(torch.stack([e["tokens"] for e in encoded])) == ends).all())
     checks["score_tokens_min_max_len"] = [int(ends.min()) + 1, int(ends.max()) + 1]
     score_fns: dict[str, Callable[[], torch.Tensor]] = {
-        "hf": lambda: hf_score(hf_model, scorer._encode, rows, args.score_micro_batch),
-        "keel": lambda: scorer.score(rows),
-    }
-    timers = {"hf": Timer(), "keel": Timer()}
+        name: partial(hf_score, hf[name][0], scorer._encode, rows, args.score_micro_batch, name == "hf_best")
+        for name in HF_SIDES}
+    score_fns["keel"] = lambda: scorer.score(rows)
+    checks["hf_best_scores_equal_hf_default_max_abs_diff"] = float(
+        (score_fns["hf_best"]() - hf_score(hf["hf_best"][0], scorer._encode, rows, args.score_micro_batch, False)).abs().max())
+    timers = {name: Timer() for name in names}
     shapes: dict[str, list[int]] = {}
 
     def run_score(name: str, timed: bool = True) -> None:
@@ -394,10 +439,10 @@ def bench_scoring(args: argparse.Namespace, names: list[str], trainer: Any, para
         "tokenizer": type(trainer.tokenizer).__name__, "template": "plain",
         "unit": "pairs = (prompt, response) rows scored, one reward vector [5] each",
         "warmup_calls": 1, "timed_calls": args.score_repeats,
-        "hf": scoring["hf"], "keel": scoring["keel"],
-        "ratio_keel_over_hf_pairs_per_s": ratio(scoring, "pairs_per_s"),
-        "ratio_keel_over_hf_pairs_per_s_best": ratio(scoring, "pairs_per_s_best"),
-        "ratio_keel_over_hf_pairs_per_cpu_s": ratio(scoring, "pairs_per_cpu_s"),
+        **scoring,
+        **ratios(scoring, ("pairs_per_s", "pairs_per_s_best", "pairs_per_cpu_s")),
+        "note": "hf_default scores in the given order with an attention mask; hf_best sorts the rows by length "
+                "and passes no mask (checks: hf_best_scores_equal_hf_default_max_abs_diff)",
     }
 
 
@@ -421,7 +466,7 @@ def assemble_report(args: argparse.Namespace, preset: Any, threads: int, hf_info
         "dtype": "float32", "device": "cpu", "layout": "TP1 PP1 DP1 (1 process, gloo)",
         "shape": shape_info(args, preset),
         "parameters": {
-            "hf": hf_info["parameters"], "keel": keel_info["parameters"],
+            "hf": hf_info["hf_default"]["parameters"], "keel": keel_info["parameters"],
             "keel_reward_head": keel_info["reward_head_parameters"],
             "keel_unused_lm_output_layer": keel_info["unused_lm_output_layer_parameters"],
             "keel_trainable": keel_info["trainable_parameters"],
@@ -461,15 +506,15 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = resolve_preset(ModelConfig(preset=args.preset))
     batch = training_batch(args, preset.vocab_size)
-    names = ["hf", "keel"]
-    hf_info: dict[str, Any] = {}
+    names = NAMES
+    hf_info: dict[str, Any] = {name: {} for name in HF_SIDES}
     checks: dict[str, Any] = {"hf_pool_index_equals_end_index_train":
                               bool((hf_pool_index(batch["tokens"]) == batch["end_index"]).all())}
     load_before = os.getloadavg()
     began = time.perf_counter()
 
     # HF first: before Keel's CPU layer patches torch.cuda process-wide.
-    hf_model, hf_opt = build_hf(args, preset, hf_info)
+    hf = {name: build_hf(args, preset, hf_info[name], fused=name == "hf_best") for name in HF_SIDES}
 
     import megatron.core.pipeline_parallel  # noqa: F401
 
@@ -486,9 +531,9 @@ def main(argv: list[str] | None = None) -> int:
             step = RewardStep(config.rm)
             trainer = Trainer(config, step, parallel)
             keel_info = keel_parameter_info(trainer)
-            training = bench_fixed_shape(args, names, trainer, step.loss_name, hf_model, hf_opt, batch, threads)
-            on_data = bench_on_data(args, names, parallel, run_dir, hf_model, hf_opt)
-            scoring = bench_scoring(args, names, trainer, parallel, hf_model, checks, threads)
+            training = bench_fixed_shape(args, names, trainer, step.loss_name, hf, batch, threads)
+            on_data = bench_on_data(args, names, parallel, run_dir, hf)
+            scoring = bench_scoring(args, names, trainer, parallel, hf, checks, threads)
         cpu.deactivate()
 
     wall = time.perf_counter() - began
@@ -498,13 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     report = assemble_report(args, preset, threads, hf_info, keel_info, training, on_data, scoring, checks,
                              load_before, load_after, wall)
     write_report(args.out, report)
-    logger.info("training tokens/s: hf %.1f, keel %.1f (keel/hf %.3f); on data, real tokens/s: hf %.1f, keel %.1f "
-                "(keel/hf %.3f); scoring pairs/s: hf %.2f, keel %.2f (keel/hf %.3f) -> %s",
-                training["hf"]["tokens_per_s"], training["keel"]["tokens_per_s"],
-                training["ratio_keel_over_hf_tokens_per_s"], on_data["hf"]["real_tokens_per_s"],
-                on_data["keel"]["real_tokens_per_s"], on_data["ratio_keel_over_hf_real_tokens_per_s"],
-                scoring["hf"]["pairs_per_s"], scoring["keel"]["pairs_per_s"], scoring["ratio_keel_over_hf_pairs_per_s"],
-                args.out)
+    for peer in HF_SIDES:
+        logger.info("keel over %s: training tokens/s %.3f, on data real tokens/s %.3f, scoring pairs/s %.3f", peer,
+                    training[f"keel_over_{peer}"]["tokens_per_s"], on_data[f"keel_over_{peer}"]["real_tokens_per_s"],
+                    scoring[f"keel_over_{peer}"]["pairs_per_s"])
+    logger.info("-> %s", args.out)
     return 0
 
 
