@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any, Optional
 
 import torch
 
-from engine.config import save_config
 from engine.data.sampler import GlobalBatchSampler
 from engine.faults import maybe_fail
 from engine.sampling_phase import SampleStore
@@ -189,13 +187,10 @@ class IterativeTrainer(Trainer):
 
     def fit(self) -> FitResult:
         cfg = self.config
-        if self.parallel.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        start = self.maybe_resume()
-        self.metrics.keep_until(start)  # iterations after the checkpoint are logged again
+        start = self._begin()  # iterations after the checkpoint are logged again
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
         previous = self._install_sigterm()
+        progress = self._progress(start, cfg.iterative.iterations, "iteration")
         try:
             if start == 0:
                 self._evaluate(0)
@@ -205,12 +200,17 @@ class IterativeTrainer(Trainer):
                 result.losses[iteration] = float("nan") if loss is None else loss
                 result.end_step = iteration
                 result.checkpoint = self.save_checkpoint(iteration)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss="n/a" if loss is None else f"{loss:.4f}")
                 if iteration < cfg.iterative.iterations and self._stop_agreed():
                     raise _Stopped(f"after iteration {iteration} (checkpointed)")
         except _Stopped as stopped:
             result.preempted = True
             logger.warning("stopped on SIGTERM %s; the same command resumes", stopped)
         finally:
+            if progress is not None:
+                progress.close()
             self.phase.close()
             self.metrics.close()
             if previous is not None:

@@ -224,13 +224,18 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         return any_rank(self._stop_requested)
 
-    def fit(self) -> FitResult:
-        cfg = self.config
+    def _begin(self) -> int:
+        """Write the resolved config, resume, trim ``metrics.jsonl`` to the start; returns the start step."""
         if self.parallel.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
         start = self.maybe_resume()
-        self.metrics.keep_until(start)
+        self.metrics.keep_until(start)  # steps after the checkpoint are logged again
+        return start
+
+    def fit(self) -> FitResult:
+        cfg = self.config
+        start = self._begin()
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
         previous = self._install_sigterm()
         if cfg.run.eval_at_start and start == 0:
@@ -296,10 +301,10 @@ class Trainer:
             return True
         return False
 
-    def _progress(self, start: int) -> Any:
+    def _progress(self, start: int, total: Optional[int] = None, unit: str = "step") -> Any:
         if not (self.parallel.is_main and self.config.logging.progress):
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.config.run.train_steps, initial=start, desc=f"{self.step.name}", unit="step",
+        return tqdm(total=total or self.config.run.train_steps, initial=start, desc=f"{self.step.name}", unit=unit,
                     dynamic_ncols=True)
