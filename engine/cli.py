@@ -209,6 +209,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(failures.exit_on_failure(exc))
     except DataError as exc:  # raised alike on every rank (each reads and checks the same rows)
         print(f"keel: data error: {exc}", file=sys.stderr, flush=True)
+        _wait_for_the_other_ranks()
         return 1
     except Exception as exc:
         from engine.checkpoint.dist import CheckpointError
@@ -218,3 +219,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"keel: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         raise
+
+
+def _wait_for_the_other_ranks(timeout_s: float = 30.0) -> None:
+    """Let every rank say its own one-line error before any exits: torchrun stops the others as soon
+    as one worker exits non-zero, which could cut off a rank still on its way to the same error.
+    A rank that never arrives (it failed elsewhere) holds the others back ``timeout_s`` at most."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError:
+        pass  # a rank did not come: its own error, or none, stands
