@@ -439,15 +439,19 @@ def save_config(config: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
-    """Yield (dotted name, type name, default, doc) for every leaf field of ``cls``."""
+def iter_fields(cls: type, prefix: str = "", instance: Any = None) -> Iterator[tuple[str, str, Any, str]]:
+    """Yield (dotted name, type name, default, doc) for every leaf field of ``cls``.
+
+    Defaults are those of a default-constructed ``cls``, so a section whose owner sets its own
+    defaults (``steerlm2``'s ``iterative.iterations=2``) is listed with those, not the section's own.
+    """
     hints = get_type_hints(cls)
-    instance = cls()
+    instance = cls() if instance is None else instance
     for f in fields(cls):
         tp = hints[f.name]
         value = getattr(instance, f.name)
         if is_dataclass(tp):
-            yield from iter_fields(cast(type, tp), f"{prefix}{f.name}.")
+            yield from iter_fields(cast(type, tp), f"{prefix}{f.name}.", value)
             continue
         optional, inner = _is_optional(tp)
         tname = getattr(inner, "__name__", str(inner)) + (" | None" if optional else "")

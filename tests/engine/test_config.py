@@ -76,3 +76,15 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
     save_config(config, str(tmp_path / "config.yaml"))
     again = load_config(TrainConfig, str(tmp_path / "config.yaml"))
     assert again == config
+
+
+def test_describe_lists_the_defaults_an_owner_sets_for_its_sections() -> None:
+    from engine.algorithms.iterative_dpo import CONFIG as IterativeDPO
+    from engine.algorithms.steerlm2 import CONFIG as SteerLM2
+
+    def default(cls: type, name: str) -> str:
+        text = describe(cls)
+        return text.split(f"  {name} (")[1].split(")")[0]
+
+    assert default(SteerLM2, "iterative.iterations") == "int, default 2"  # the recipe's 2, not the section's 3
+    assert default(IterativeDPO, "iterative.iterations") == "int, default 3"
