@@ -39,10 +39,13 @@ class MetricsWriter:
         """
         if not self.enabled or self._file is None:
             return
-        self._file.close()
         with open(self.path) as fh:
-            lines = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
-        dropped = _count_lines(self.path) - len(lines)
+            records = [line for line in fh if line.strip()]
+        lines = [line for line in records if json.loads(line).get("step", 0) <= step]
+        dropped = len(records) - len(lines)
+        if not dropped:
+            return
+        self._file.close()
         tmp = self.path + ".tmp"
         with open(tmp, "w") as fh:
             fh.writelines(lines)
@@ -50,9 +53,8 @@ class MetricsWriter:
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
         self._file = open(self.path, "a")
-        if dropped:
-            logger.info("metrics.jsonl: dropped %d records after step %d (%s)", dropped, step,
-                        "a fresh run" if step == 0 else "logged after the checkpoint resumed from")
+        logger.info("metrics.jsonl: dropped %d records after step %d (%s)", dropped, step,
+                    "a fresh run" if step == 0 else "logged after the checkpoint resumed from")
 
     def write(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
@@ -73,11 +75,6 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def _count_lines(path: str) -> int:
-    with open(path) as fh:
-        return sum(1 for line in fh if line.strip())
 
 
 def read_metrics(run_dir: str, split: str = "train") -> list[dict[str, Any]]:

@@ -228,13 +228,8 @@ class OnlineTrainer(Trainer):
         """Greedy answers to the held-out prompts, scored by the reward functions."""
         if not self.valid_data:
             return {}
-        self.phase.refit()
         rows: list[Any] = self.valid_data  # type: ignore[assignment]  # a list of PromptRow
-        rollouts, responses = self.phase.generate([self.phase.render(r) for r in rows], 0, greedy=True)
-        scores, components, _ = self._score(rows, responses, rollouts.lengths)
-        values = {"reward": float(scores.mean()), "response_length": sum(rollouts.lengths) / len(rows)}
-        values.update({f"reward_{name}": sum(c) / len(c) for name, c in components.items()})
-        return values
+        return self.phase.evaluate_greedy(rows)
 
     def _log_validation(self, step_number: int, result: FitResult) -> Optional[float]:
         valid = self.evaluate()

@@ -110,14 +110,28 @@ class SamplingPhase:
         totals, components, keep = broadcast_from_first(result)
         return torch.tensor(totals, dtype=torch.float32), components, list(keep)
 
+    def evaluate_greedy(self, rows: list[Any]) -> dict[str, float]:
+        """Refit, then greedy answers to the held-out ``rows`` scored like the samples: mean reward, mean
+        response length and each reward component's mean."""
+        self.refit()
+        rollouts, responses = self.generate([self.render(r) for r in rows], 0, greedy=True)
+        scores, components, _ = self.score(rows, responses, rollouts.lengths)
+        values = {"reward": float(scores.mean()), "response_length": sum(rollouts.lengths) / len(rows)}
+        values.update({f"reward_{name}": sum(column) / len(column) for name, column in components.items()})
+        return values
+
+    def _reward_model_outputs(self, rows: list[Any], responses: list[str]) -> torch.Tensor:
+        """The reward model's outputs ``[rows, outputs]`` for each (row's prompt, response) (NaN where it does not fit)."""
+        assert self.reward_model is not None
+        return self.reward_model.score([(r.prompt, response) for r, response in zip(rows, responses, strict=True)])
+
     def reward_model_scores(self, rows: list[Any], responses: list[str]) -> Optional[list[float]]:
         """Normalised reward-model goodness (NaN where the response does not fit), or None without a model."""
         if self.reward_model is None:
             return None
         from engine.eval.scoring import GOODNESS_WEIGHTS
 
-        rewards = self.reward_model.score([(r.prompt, response) for r, response in zip(rows, responses, strict=True)])
-        scores = self.reward_model.scalar(rewards, GOODNESS_WEIGHTS)
+        scores = self.reward_model.scalar(self._reward_model_outputs(rows, responses), GOODNESS_WEIGHTS)
         config = self.config
         return ((scores - config.reward_model_mean) / config.reward_model_std).tolist()
 
@@ -126,8 +140,7 @@ class SamplingPhase:
         response does not fit) on every rank."""
         if self.reward_model is None or self.reward_model.step.rm.type != "regression":
             raise RuntimeError("predicted attributes need a regression reward model (reward_model=<checkpoint>)")
-        rewards = self.reward_model.score([(r.prompt, response) for r, response in zip(rows, responses, strict=True)])
-        return list(self.reward_model.step.rm.attributes), rewards.tolist()
+        return list(self.reward_model.step.rm.attributes), self._reward_model_outputs(rows, responses).tolist()
 
     def close(self) -> None:
         if self.rewards is not None:

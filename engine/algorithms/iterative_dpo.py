@@ -132,12 +132,7 @@ class IterativeDPOStep(PromptSampling, DPOStep):
 
     def evaluate(self, trainer: Any, rows: list[Any]) -> dict[str, float]:
         """Greedy answers to the held-out prompts, scored like the samples."""
-        phase = trainer.phase
-        phase.refit()
-        rollouts, responses = phase.generate([phase.render(r) for r in rows], 0, greedy=True)
-        scores, components, _ = phase.score(rows, responses, rollouts.lengths)
-        values = {"reward": float(scores.mean()), "response_length": mean([float(n) for n in rollouts.lengths])}
-        values.update({f"reward_{name}": mean(column) for name, column in components.items()})
+        values: dict[str, float] = trainer.phase.evaluate_greedy(rows)
         return values
 
     def curve_metrics(self) -> tuple[str, ...]:
