@@ -129,3 +129,13 @@ def tiny_model_single_process(preset: str = "tiny-llama", seed: int = 1234, **mo
 
     chunks, _, _ = build_model(config, _Parallel(), wrap_ddp=False)
     return chunks[0]
+
+
+def tiny_reward_model(tmp_path: Path) -> Path:
+    """A two-step tiny-llama regression reward model (builtin-sp tokenizer) under ``tmp_path/rm``: its checkpoints dir."""
+    rm = ["rm.type=regression", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
+          "data.tokenizer=builtin-sp", "model.preset=tiny-llama", "data.micro_batch_size=2",
+          "data.global_batch_size=4", "logging.progress=false", "logging.tensorboard=false",
+          "checkpoint.resume=none", f"run.output_dir={tmp_path / 'rm'}"]
+    keel_train(1, rm, algo="rm")
+    return tmp_path / "rm" / "checkpoints"

@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from tests.helpers import REPO, keel_train
+from tests.helpers import REPO, keel_train, tiny_reward_model
 
 SHRINK = ["data.seq_length=96", "model.init=layout_invariant", "rollout.prompts_per_iteration=4",
           "rollout.samples_per_prompt=3", "rollout.max_new_tokens=12", "rollout.eval_num_prompts=4",
@@ -91,15 +91,6 @@ def test_iterative_dpo_at_tp2_and_killed_in_sampling_resumes_to_the_same_pairs(t
     assert (stopped / name).read_text() == (whole / name).read_text()
 
 
-def _reward_model(tmp_path: Path) -> Path:
-    rm = ["rm.type=regression", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
-          "data.tokenizer=builtin-sp", "model.preset=tiny-llama", "data.micro_batch_size=2",
-          "data.global_batch_size=4", "logging.progress=false", "logging.tensorboard=false",
-          "checkpoint.resume=none", f"run.output_dir={tmp_path / 'rm'}"]
-    keel_train(1, rm, algo="rm")
-    return tmp_path / "rm" / "checkpoints"
-
-
 def _check_weights(iteration: Path, sigma: float) -> None:
     samples = {(s["prompt_index"], s["sample"]): s for s in _jsonl(iteration / "samples.jsonl")}
     weights = _jsonl(iteration / "weights.jsonl")
@@ -123,7 +114,7 @@ def _check_weights(iteration: Path, sigma: float) -> None:
 
 
 def test_steerlm2_at_pp2_trains_on_the_self_normalised_weights(tmp_path: Path) -> None:
-    reward_model = _reward_model(tmp_path)
+    reward_model = tiny_reward_model(tmp_path)
     run = tmp_path / "steerlm2"
     keel_train(2, ["--config", str(REPO / "examples" / "steerlm2_tiny.yaml"), *SHRINK, "parallel.pipeline=2",
                    "rollout.epochs=1", "iterative.iterations=1", "steerlm2.attribute_sigma=1.5",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.helpers import keel_train
+from tests.helpers import keel_train, tiny_reward_model
 
 BASE = ["model.preset=tiny-llama", "data.tokenizer=builtin-sp", "data.seq_length=96", "model.init=layout_invariant",
         "reference=init", "rollout.prompts_per_iteration=4", "rollout.samples_per_prompt=4",
@@ -74,17 +74,8 @@ def test_reinforce_goes_on_through_misbehaving_reward_functions(tmp_path: Path) 
     assert all(r["kl"] == r["kl"] for r in records)
 
 
-def _reward_model(tmp_path: Path) -> Path:
-    rm = ["rm.type=regression", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
-          "data.tokenizer=builtin-sp", "model.preset=tiny-llama", "data.micro_batch_size=2",
-          "data.global_batch_size=4", "logging.progress=false", "logging.tensorboard=false",
-          "checkpoint.resume=none", f"run.output_dir={tmp_path / 'rm'}"]
-    keel_train(1, rm, algo="rm")
-    return tmp_path / "rm" / "checkpoints"
-
-
 def test_grpo_scores_with_a_reward_model_and_ppo_trains_a_critic_from_it(tmp_path: Path) -> None:
-    reward_model = _reward_model(tmp_path)
+    reward_model = tiny_reward_model(tmp_path)
     run = tmp_path / "grpo"
     keel_train(2, [*BASE, "parallel.tensor=2", "reward_functions=[]", f"reward_model={reward_model}",
                    "reward_model_mean=1.0", "reward_model_std=2.0", "run.train_steps=1", f"run.output_dir={run}"],
