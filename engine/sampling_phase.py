@@ -50,7 +50,7 @@ class SamplingPhase:
         self.stop_ids = tuple(stop_token_ids(tokenizer, self.template))
         generation = GenerationParallelState.initialize(rollout.generation_tensor)
         self.backend = NativeBackend(config, generation, rollout.max_batch_size)
-        self.resharder = Resharder(policy.chunks, self.backend, rollout.bucket_mib * 2**20)
+        self.resharder = Resharder(policy.chunks, self.backend, rollout.bucket_mib * 2**20, rollout.refit_transport)
         self.rewards = step.reward_runner(config) if parallel.is_main else None
         self.reward_model = step.reward_model(config)
 

@@ -61,6 +61,10 @@ class RolloutConfig:
     top_k: int = doc("Top-k sampling of the rollouts (0 = off).", 0)
     max_batch_size: int = doc("Rows decoded together per generation replica.", 64)
     bucket_mib: int = doc("Resharding bucket size (MiB): bounds the extra memory of a refit.", 64)
+    refit_transport: str = doc("How a refit moves the weights: collective (point-to-point sends, any hosts), "
+                               "shared (one copy of the generation weights per host and generation TP rank in "
+                               "/dev/shm, written once per refit; ranks on one host, weights in host memory) or "
+                               "auto (shared where it applies).", "auto")
     epochs: int = doc("Passes over each iteration's rollouts.", 1)
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class RolloutConfig:
                      "max_new_tokens", "max_batch_size", "bucket_mib", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.refit_transport not in ("auto", "collective", "shared"):
+            raise ConfigError(f"rollout.refit_transport={self.refit_transport!r}: expected auto, collective or shared")
         self.sampling(0)  # temperature/top-p/top-k checked now, not at the first iteration
 
     @property

@@ -132,6 +132,17 @@ class NativeBackend:
         """The model's parameters by name, for a resharder that writes them directly (no staging copy)."""
         return {name: param.data for name, param in self.params.items()}
 
+    def bind_weights(self, views: dict[str, torch.Tensor]) -> None:
+        """Rebind every parameter to the tensor of the same name and shape (host-shared weights,
+        :mod:`engine.generation.host_shared`); what the parameters held is dropped."""
+        if set(views) != set(self.params):
+            raise KeyError(f"bind_weights: names differ from the model's ({sorted(set(views) ^ set(self.params))[:5]})")
+        for name, param in self.params.items():
+            if views[name].shape != param.shape or views[name].dtype != param.dtype:
+                raise ValueError(f"bind_weights: {name} is {tuple(views[name].shape)} {views[name].dtype}, "
+                                 f"the parameter {tuple(param.shape)} {param.dtype}")
+            param.data = views[name]
+
     def missing_weights(self) -> list[str]:
         return sorted(set(self.params) - self.loaded)
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 
-def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any]:
+def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any, int]:
     from engine.config import PrecisionConfig
     from engine.models.builder import build_gpt_chunks, transformer_config
     from engine.models.presets import PRESETS
@@ -39,24 +39,24 @@ def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any]:
         gen_config = transformer_config(preset, generation.layout, PrecisionConfig(), use_te=False)
         gen_config.perform_initialization = False
         model = build_gpt_chunks(preset, gen_config, False, None, process_groups=generation.process_groups())[0]
-    return train, model
+    return train, model, generation.tp_rank
 
 
 def cmd_reshard_plan(args: argparse.Namespace) -> int:
-    from engine.generation.reshard import build_plan, generation_shards, local_shards
+    from engine.generation.reshard import generation_shards, local_shards, make_plan
 
     world = args.train_tensor * args.train_pipeline * args.data
     if "RANK" not in os.environ and world > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                    "-m", "engine", *sys.argv[1:]]
         return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    train, model = _meta_models(args)
+    train, model, tp_rank = _meta_models(args)
     rank = dist.get_rank()
-    shards = (local_shards(train, rank)[0], generation_shards(model, rank))
+    shards = (local_shards(train, rank)[0], generation_shards(model, rank), tp_rank)
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, shards)
-    plan = build_plan([s for t, _ in gathered for s in t], [s for _, g in gathered for s in g],
-                      args.bucket_mib * 2**20, 4)
+    plan = make_plan([s for t, _, _ in gathered for s in t], [s for _, g, _ in gathered for s in g],
+                     [t for _, _, t in gathered], args.bucket_mib * 2**20, 4, args.transport == "shared")
     if rank == 0:
         print(f"{args.model}: training TP{args.train_tensor}×PP{args.train_pipeline}×DP{args.data} -> "
               f"generation TP{args.generation_tensor} ({world // args.generation_tensor} replicas)")
@@ -77,5 +77,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--data", type=int, default=1, help="training data-parallel size")
     parser.add_argument("--generation-tensor", type=int, default=1)
     parser.add_argument("--bucket-mib", type=int, default=64, help="bucket size of the execution (MiB)")
+    parser.add_argument("--transport", choices=("collective", "shared"), default="collective",
+                        help="refit transport to plan for: point-to-point sends, or host-shared copies written once")
     parser.add_argument("--limit", type=int, default=40, help="pieces to list (the summary counts all)")
     parser.set_defaults(func=cmd_reshard_plan)

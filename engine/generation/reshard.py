@@ -20,12 +20,18 @@ backend that exposes its weights is written in place, so only slices that are no
 contiguous (column ranges of row-parallel weights) need a buffer. Peak extra memory is
 the buffers of one bucket; it is measured and reported.
 
-**Transport** is :func:`exchange_pieces`: point-to-point sends and receives over the
-world group (gloo on CPU, NCCL on GPU), one tag per piece of a bucket.
+**Transport** (``transport``): ``collective`` is :func:`exchange_pieces`, point-to-point
+sends and receives over the world group (gloo on CPU, NCCL on GPU), one tag per piece of a
+bucket. ``shared``, for ranks on one host with weights in host memory, keeps one copy of the
+generation weights per generation TP rank in shared memory
+(:mod:`engine.generation.host_shared`): the plan then targets those copies instead of
+ranks, each piece is written once, in-process, by a rank that holds it, and nothing is sent.
+``auto`` (the default) takes ``shared`` where it applies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -66,6 +72,7 @@ class Piece:
     dst_slices: tuple[tuple[int, int], ...]  # per dim of the destination parameter
     numel: int
     region: Box = ((), ())  # the piece in the global tensor's coordinates
+    group: int = -1  # shared transport: the generation TP rank whose host-shared copy ``param`` is in
 
 
 @dataclass
@@ -92,7 +99,8 @@ class ReshardPlan:
         for piece in pieces[:limit]:
             region = ",".join(f"{o}:{o + n}" for o, n in zip(*piece.region, strict=True))
             dst = ",".join(f"{a}:{b}" for a, b in piece.dst_slices)
-            lines.append(f"  {piece.key}[{region}]  rank {piece.src} -> rank {piece.dst}  {piece.param}[{dst}]")
+            where = f"shared copy of TP rank {piece.group}" if piece.group >= 0 else f"rank {piece.dst}"
+            lines.append(f"  {piece.key}[{region}]  rank {piece.src} -> {where}  {piece.param}[{dst}]")
         if len(pieces) > limit:
             lines.append(f"  ... {len(pieces) - limit} more")
         return "\n".join(lines)
@@ -208,41 +216,85 @@ def exchange_pieces(sends: list[tuple[torch.Tensor, int, int]], receives: list[t
             request.wait()
 
 
+def shared_targets(gen: list[Shard], groups: list[int]) -> list[Shard]:
+    """Shared transport: the generation shards of one rank per generation TP rank ``t`` (``groups[rank]``),
+    relabelled as the virtual rank ``-1 - t`` so that no training rank is "the destination itself"."""
+    first = {group: groups.index(group) for group in set(groups)}
+    return [dataclasses.replace(s, rank=-1 - groups[s.rank]) for s in gen if first[groups[s.rank]] == s.rank]
+
+
+def writer_plan(plan: ReshardPlan) -> ReshardPlan:
+    """Shared transport: every piece aimed at a virtual rank is written in-process by its source rank."""
+    plan.buckets = [[dataclasses.replace(p, dst=p.src, group=-1 - p.dst) for p in bucket] for bucket in plan.buckets]
+    return plan
+
+
+def make_plan(train: list[Shard], gen: list[Shard], groups: list[int], bucket_bytes: int, element_size: int,
+              shared: bool) -> ReshardPlan:
+    """The plan over every rank's shards; ``groups[rank]`` is a rank's generation TP rank (used when ``shared``)."""
+    start = time.perf_counter()
+    plan = build_plan(train, shared_targets(gen, groups) if shared else gen, bucket_bytes, element_size)
+    if shared:
+        plan = writer_plan(plan)
+    plan.stats["plan_seconds"] = time.perf_counter() - start
+    return plan
+
+
 class Resharder:
     """Moves a training model's weights into a generation backend, every iteration, by a plan made once.
 
     Collective: every rank of the world constructs it and calls :meth:`reshard` together.
+    ``transport`` is ``auto``, ``collective`` or ``shared`` (see the module docstring).
     """
 
-    def __init__(self, train_chunks: list[Any], backend: Any, bucket_bytes: int = 64 * 2**20):
+    def __init__(self, train_chunks: list[Any], backend: Any, bucket_bytes: int = 64 * 2**20,
+                 transport: str = "auto"):
+        from engine.generation.host_shared import open_host_shared
+
         rank = dist.get_rank() if dist.is_initialized() else 0
         train, self.train_tensors = local_shards(train_chunks, rank)
-        gen = generation_shards(backend.model, rank)
+        gen = generation_shards(backend.model, rank)  # before the weights may be rebound to shared views
+        self.shared = open_host_shared(backend, transport)
+        groups = [self.shared.tp_rank if self.shared else 0]
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world > 1:
             gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (train, gen))
-            train = [s for part, _ in gathered for s in part]
-            gen = [s for _, part in gathered for s in part]
+            dist.all_gather_object(gathered, (train, gen, groups[0]))
+            train = [s for part, _, _ in gathered for s in part]
+            gen = [s for _, part, _ in gathered for s in part]
+            groups = [group for _, _, group in gathered]
         element_size = self.train_tensors[0].element_size() if self.train_tensors else 4
-        start = time.perf_counter()
-        self.plan = build_plan(train, gen, bucket_bytes, element_size)
-        self.plan.stats["plan_seconds"] = time.perf_counter() - start
+        self.plan = make_plan(train, gen, groups, bucket_bytes, element_size, self.shared is not None)
+        self.transport = "shared" if self.shared else "collective"
         self.backend = backend
         self.rank = rank
-        logger.info("%s", self.plan.describe(limit=0).splitlines()[0])
+        logger.info("%s (transport: %s)", self.plan.describe(limit=0).splitlines()[0], self.transport)
 
     @torch.no_grad()
     def reshard(self) -> dict[str, float]:
         """Execute the plan; returns seconds, bytes sent/received/copied, peak extra bytes and GB/s."""
         start = time.perf_counter()
         totals = {"sent_bytes": 0.0, "received_bytes": 0.0, "copied_bytes": 0.0, "peak_extra_bytes": 0.0}
-        for bucket in self.plan.buckets:
+        if self.shared:
+            self._run_shared(totals)
+        for bucket in self.plan.buckets if not self.shared else []:
             extra = self._run_bucket(bucket, totals)
             totals["peak_extra_bytes"] = max(totals["peak_extra_bytes"], float(extra))
         seconds = time.perf_counter() - start
         moved = totals["received_bytes"] + totals["copied_bytes"]
         return {**totals, "seconds": seconds, "gb_per_second": moved / max(seconds, 1e-9) / 1e9}
+
+    def _run_shared(self, totals: dict[str, float]) -> None:
+        """Shared transport: a barrier (no replica still reads the old weights), this rank's writes, a barrier."""
+        assert self.shared is not None
+        dist.barrier()
+        for piece in self.plan.pieces():
+            if piece.src == self.rank:
+                source = _view(self.train_tensors[piece.src_index], piece.src_slices)
+                _view(self.shared.views[piece.group][piece.param], piece.dst_slices).copy_(source)
+                totals["copied_bytes"] += source.numel() * source.element_size()
+        dist.barrier()
+        self.backend.update_weights(self.backend.weights_in_place().items())
 
     def _run_bucket(self, bucket: list[Piece], totals: dict[str, float]) -> int:
         """One bucket: sends, receives and in-process copies; returns the extra bytes it allocated.

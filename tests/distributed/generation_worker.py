@@ -80,6 +80,13 @@ def check_generation(backend: NativeBackend, trainer: Trainer, prompts: list[lis
     return result
 
 
+def gather_sum(stats: dict[str, float]) -> float:
+    """Bytes written into generation weights by all ranks in one refit."""
+    total = torch.tensor([stats["copied_bytes"] + stats["received_bytes"]], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item())
+
+
 def run_case(case: dict[str, Any], payload: dict[str, Any], env: Any, tmp: str) -> dict[str, Any]:
     overrides = [*BASE, f"model.preset={case['preset']}", f"parallel.tensor={case['tensor']}",
                  f"parallel.pipeline={case['pipeline']}", f"run.output_dir={tmp}/{case['name']}"]
@@ -92,8 +99,9 @@ def run_case(case: dict[str, Any], payload: dict[str, Any], env: Any, tmp: str) 
     results: dict[str, Any] = {}
     for size in case["generation"]:
         backend = NativeBackend(config, GenerationParallelState.initialize(size), max_batch_size=4)
-        resharder = Resharder(trainer.model.chunks, backend, bucket_bytes=2**15)
-        record: dict[str, Any] = {"reshard": resharder.reshard(), "buckets": len(resharder.plan.buckets)}
+        resharder = Resharder(trainer.model.chunks, backend, bucket_bytes=2**15, transport=case["transport"])
+        record: dict[str, Any] = {"reshard": resharder.reshard(), "buckets": len(resharder.plan.buckets),
+                                  "transport": resharder.transport, "copied_bytes": gather_sum(resharder.reshard())}
         trainer.model.set_training(False)
         record["logits"] = [float((generation_logits(backend, tokens) - training_logits(trainer, parallel, tokens)).abs().max())]
         record.update(check_generation(backend, trainer, payload["prompts"], payload["max_new_tokens"]))

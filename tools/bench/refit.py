@@ -4,11 +4,13 @@ Four gloo ranks on CPU, fp32, launched by this script with ``torch.distributed.r
 --nproc-per-node 4`` (``--nproc``). The training model (default ``bench-125m``: 124.7M parameters,
 ``model.init=layout_invariant``) is a trained ``ModelRunner`` (DDP + optimizer) at TP2 x PP2.
 For each generation tensor-parallel size ``G`` (default 1 and 2; ``4/G`` replicas of ``G``
-consecutive ranks, ``GenerationParallelState.initialize(G)``) and each bucket size (the
-``Resharder`` default, 64 MiB, and ``--small-bucket-mib``):
+consecutive ranks, ``GenerationParallelState.initialize(G)``) and each refit case: the point-to-point
+``collective`` transport at two bucket sizes (the ``Resharder`` default, 64 MiB, and
+``--small-bucket-mib``), and the host-``shared`` transport (one copy of the generation weights per
+generation TP rank in ``/dev/shm``, written once per refit; see ``engine/generation/host_shared.py``):
 
 * **refit**: a fresh ``NativeBackend`` (its weights allocated but never written), then
-  ``Resharder(training chunks, backend, bucket_bytes).reshard()``: once cold (the backend's
+  ``Resharder(training chunks, backend, bucket_bytes, transport).reshard()``: once cold (the backend's
   pages are first written here), ``--repeats`` times warm (timed), and once more warm with RSS
   sampling. A refit's time is the wall time from a barrier before ``reshard()`` to a barrier
   after it, the slowest rank's. Reported per run: ``landed_bytes`` (bytes written into
@@ -81,8 +83,9 @@ METHOD = (
     "refit minus RSS before it (after gc + malloc_trim); ru_maxrss growth. checkpoint: ModelRunner.save (weights "
     "only) at the training layout, then per generation TP megatron's groups re-initialised at TP G PP1 and "
     "ModelRunner.frozen(...).load(path) timed barrier to barrier (the just-written files are mostly in the page "
-    "cache: a floor for a real round trip through storage). speedup = (save + load) / median warm refit, default "
-    "bucket"
+    "cache: a floor for a real round trip through storage). speedup = (save + load) / median warm refit, per transport: "
+    "collective (point-to-point, default bucket; every replica lands its own copy) and shared (one host-shared copy "
+    "per generation TP rank, each element written once; generation_weight_bytes_on_host compares the memory)"
 )
 QUICK_MODEL = ["num_layers=4", "hidden_size=384", "ffn_hidden_size=1024", "vocab_size=8192"]
 
@@ -150,6 +153,12 @@ def checksums(model: Any) -> dict[str, tuple[float, float]]:
     return {name: (float(p.double().sum()), float(p.double().abs().sum())) for name, p in model.named_parameters()}
 
 
+def dist_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
 def timed_reshard(resharder: Any, sample_rss: bool, interval_s: float) -> dict[str, float]:
     """One refit, barrier to barrier, with this rank's stats and memory growth."""
     import torch.distributed as dist
@@ -169,14 +178,15 @@ def timed_reshard(resharder: Any, sample_rss: bool, interval_s: float) -> dict[s
     return record
 
 
-def refit_case(args: argparse.Namespace, config: Any, runner: Any, state: Any, bucket: int) -> dict[str, Any]:
+def refit_case(args: argparse.Namespace, config: Any, runner: Any, state: Any, bucket: int,
+               transport: str) -> dict[str, Any]:
     """A fresh backend, then cold, warm (timed) and warm RSS-sampled refits; this rank's records."""
     from engine.generation.native import NativeBackend
     from engine.generation.reshard import Resharder
 
     trim_memory()
     backend = NativeBackend(config, state, max_batch_size=8)
-    resharder = Resharder(runner.chunks, backend, bucket_bytes=bucket)
+    resharder = Resharder(runner.chunks, backend, bucket_bytes=bucket, transport=transport)
     interval = args.rss_interval_ms / 1000.0
     record: dict[str, Any] = {"cold": timed_reshard(resharder, True, interval)}
     record["warm"] = [timed_reshard(resharder, False, interval) for _ in range(args.repeats)]
@@ -184,6 +194,10 @@ def refit_case(args: argparse.Namespace, config: Any, runner: Any, state: Any, b
     record["plan"] = {"buckets": len(resharder.plan.buckets), "pieces": sum(1 for _ in resharder.plan.pieces()),
                       "plan_seconds": resharder.plan.stats["plan_seconds"]}
     record["backend_weight_bytes"] = sum(p.numel() * p.element_size() for p in backend.model.parameters())
+    shared = resharder.shared
+    record["host_weight_bytes"] = (shared.nbytes * len(shared.views) if shared
+                                   else record["backend_weight_bytes"] * dist_world())
+    record["transport"] = resharder.transport
     record["checksums"] = checksums(backend.model)
     del resharder, backend
     trim_memory()
@@ -244,15 +258,18 @@ def worker(args: argparse.Namespace) -> int:
         parallel = ParallelState.initialize(ParallelLayout.from_config(config.parallel, env.world_size), env,
                                             seed=args.seed)
         runner = ModelRunner.trained(config, parallel, (GPTModel, {}))
-        buckets = {"default": default_bucket_bytes(), "small": int(args.small_bucket_mib * 2**20)}
+        cases = {"default_bucket": ("collective", default_bucket_bytes()),
+                 "small_bucket": ("collective", int(args.small_bucket_mib * 2**20)),
+                 "shared": ("shared", default_bucket_bytes())}
         refit: dict[str, Any] = {}
         refitted: dict[int, dict[str, Any]] = {}
         for size in args.generation_sizes:
             state = GenerationParallelState.initialize(size)
-            for name, bucket in buckets.items():
-                record = refit_case(args, config, runner, state, bucket)
-                refitted.setdefault(size, record["checksums"])
-                refit[f"tp{size}_{name}_bucket"] = summarise_refit(gather(record), bucket, runner.preset)
+            for name, (transport, bucket) in cases.items():
+                record = refit_case(args, config, runner, state, bucket, transport)
+                same = refitted.setdefault(size, record["checksums"]) == record["checksums"]
+                refit[f"tp{size}_{name}"] = summarise_refit(gather(record), bucket, runner.preset)
+                refit[f"tp{size}_{name}"]["equals_first_case"] = all(gather(same))
         checkpoint = measure_checkpoint(args, runner, config, env, str(args.checkpoint_dir), refitted)
         if env.rank == 0:
             args.result_file.write_text(json.dumps({"refit": refit, "checkpoint": checkpoint,
@@ -284,7 +301,9 @@ def summarise_refit(records: list[dict[str, Any]], bucket: int, preset: Any) -> 
     every = [run for r in records for run in (r["cold"], *r["warm"], r["warm_sampled"])]
     return {
         "bucket_bytes": bucket, "plan": records[0]["plan"],
+        "transport": records[0]["transport"],
         "backend_weight_bytes_per_rank": records[0]["backend_weight_bytes"],
+        "generation_weight_bytes_on_host": records[0]["host_weight_bytes"],
         "median_warm": median, "warm": warm, "cold": run_summary([r["cold"] for r in records], model_bytes),
         "warm_seconds_median": statistics.median(w["seconds"] for w in warm),
         "peak_extra_bytes_max_rank": int(max(run["peak_extra_bytes"] for run in every)),
@@ -300,12 +319,14 @@ def speedups(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]
     checkpoint = result["checkpoint"]
     out = {}
     for size in args.generation_sizes:
-        refit = result["refit"][f"tp{size}_default_bucket"]["warm_seconds_median"]
         round_trip = checkpoint["save_seconds"] + checkpoint[f"tp{size}"]["load_seconds"]
-        out[f"tp{size}"] = {"refit_seconds": round(refit, 4), "checkpoint_save_plus_load_seconds": round(round_trip, 3),
-                            "speedup_over_checkpoint": round(round_trip / refit, 2),
-                            "speedup_over_load_alone": round(checkpoint[f"tp{size}"]["load_seconds"] / refit, 2),
-                            "meets_target": round_trip / refit >= TARGET_SPEEDUP}
+        for transport, case in (("collective", "default_bucket"), ("shared", "shared")):
+            refit = result["refit"][f"tp{size}_{case}"]["warm_seconds_median"]
+            out[f"tp{size}_{transport}"] = {
+                "refit_seconds": round(refit, 4), "checkpoint_save_plus_load_seconds": round(round_trip, 3),
+                "speedup_over_checkpoint": round(round_trip / refit, 2),
+                "speedup_over_load_alone": round(checkpoint[f"tp{size}"]["load_seconds"] / refit, 2),
+                "meets_target": round_trip / refit >= TARGET_SPEEDUP}
     return out
 
 
@@ -349,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine_busy": machine_busy(load_before),
     }
     write_report(args.out, report)
-    for size, s in report["speedup"].items():
-        refit = result["refit"][f"{size}_default_bucket"]
-        small = result["refit"][f"{size}_small_bucket"]
-        print(f"generation {size}: refit {s['refit_seconds']:.3f} s ({refit['median_warm']['refit_gb_per_second']:.2f} "
-              f"GB/s landed, peak extra {refit['peak_extra_bytes_max_rank'] / 2**20:.0f} MiB, small bucket "
-              f"{small['warm_seconds_median']:.3f} s / peak extra {small['peak_extra_bytes_max_rank'] / 2**20:.0f} MiB)"
-              f"; checkpoint save+load {s['checkpoint_save_plus_load_seconds']:.2f} s -> {s['speedup_over_checkpoint']}x "
+    for name, s in report["speedup"].items():
+        size, transport = name.split("_")
+        refit = result["refit"][f"{size}_{'shared' if transport == 'shared' else 'default_bucket'}"]
+        print(f"generation {size} {transport}: refit {s['refit_seconds']:.3f} s "
+              f"({refit['median_warm']['refit_gb_per_second']:.2f} GB/s landed, peak extra "
+              f"{refit['peak_extra_bytes_max_rank'] / 2**20:.0f} MiB, generation weights on the host "
+              f"{refit['generation_weight_bytes_on_host'] / 2**20:.0f} MiB); checkpoint save+load "
+              f"{s['checkpoint_save_plus_load_seconds']:.2f} s -> {s['speedup_over_checkpoint']}x "
               f"(target {TARGET_SPEEDUP:g}x); equal weights: {result['checkpoint'][size]['refit_equals_checkpoint_load']}")
     print(f"machine busy: {report['machine_busy']} -> {args.out}")
     return 0

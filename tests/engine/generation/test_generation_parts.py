@@ -109,3 +109,44 @@ def test_generation_tp_that_does_not_split_the_heads_is_refused() -> None:
         GenerationLayout.for_world(2, 2).check_model(PRESETS["smollm2-135m"])
     with pytest.raises(LayoutError, match="size 3 does not divide the world size 4; pick one of 1, 2, 4"):
         GenerationLayout.for_world(3, 4)
+
+
+def test_shared_plan_writes_every_element_of_each_tp_copy_once_from_its_holder() -> None:
+    from engine.generation.reshard import make_plan
+
+    # training: TP2 over rows of a [4, 3] tensor, two data-parallel replicas (ranks 0,1 and 2,3)
+    train = [_shard("w", r, ((r % 2) * 2, 0), (2, 3)) for r in range(4)]
+    # generation TP2 (replicas {0, 1} and {2, 3}): TP rank t wants rows 2t..2t+1
+    gen = [_shard("w", r, ((r % 2) * 2, 0), (2, 3), param="w") for r in range(4)]
+    plan = make_plan(train, gen, [0, 1, 0, 1], bucket_bytes=2**20, element_size=4, shared=True)
+    pieces = list(plan.pieces())
+    assert sorted(p.group for p in pieces) == [0, 1]  # one write per shared copy, not one per replica
+    assert all(p.src == p.dst for p in pieces)  # written in-process by a rank that holds the rows
+    for piece in pieces:
+        assert piece.region[0][0] == piece.group * 2 and piece.src % 2 == piece.group
+    assert len({p.src for p in pieces}) == 2  # the two copies are written by different ranks
+    assert "shared copy of TP rank" in plan.describe()
+
+
+def test_refit_transport_choices_are_checked() -> None:
+    from engine.algorithms.online import RolloutConfig
+    from engine.generation.host_shared import local_obstacle, open_host_shared
+
+    with pytest.raises(ConfigError, match="expected one of auto, collective, shared"):
+        open_host_shared(object(), "shm")
+    with pytest.raises(ConfigError, match="needs more than one rank"):
+        open_host_shared(object(), "shared")
+    assert open_host_shared(object(), "auto") is None  # one process refits in place
+    with pytest.raises(ConfigError, match="rollout.refit_transport='fast'"):
+        RolloutConfig(refit_transport="fast")
+
+    class Mixed:
+        name = "fake"
+
+        def bind_weights(self, views: dict[str, torch.Tensor]) -> None: ...
+
+        def weights_in_place(self) -> dict[str, torch.Tensor]:
+            return {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.bfloat16)}
+
+    assert "does not expose its weights" in local_obstacle(object())
+    assert local_obstacle(Mixed()) == "the generation weights mix dtypes"
