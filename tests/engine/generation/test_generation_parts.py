@@ -4,6 +4,7 @@ resharding planner on hand-made shard descriptions, and ``keel reshard-plan``.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,17 @@ def test_refit_transport_choices_are_checked() -> None:
 
     assert "does not expose its weights" in local_obstacle(object())
     assert local_obstacle(Mixed()) == "the generation weights mix dtypes"
+
+
+def test_shared_copies_that_do_not_fit_give_a_message_and_leave_no_file(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from engine.generation.host_shared import HostSharedWeights
+
+    made = tmp_path / "keel-refit-x-tp0"
+    missing = tmp_path / "absent" / "keel-refit-x-tp1"
+    message = HostSharedWeights._create(SimpleNamespace(nbytes=4096), [str(made), str(missing)])  # type: ignore[arg-type]
+    assert "cannot reserve 2 x 0 MiB" in message and "--ipc=host" in message and "collective" in message
+    assert not made.exists()
+    assert HostSharedWeights._create(SimpleNamespace(nbytes=4096), [str(made)]) == ""  # type: ignore[arg-type]
+    assert made.stat().st_size == 4096
