@@ -18,6 +18,10 @@ Rules:
   so an explicit ``device='cuda'`` becomes the CPU; other arguments pass through.
 * Nothing here changes numerics: it only redirects device placement and turns
   synchronisation into no-ops (CPU ops are synchronous).
+* Activation also keeps freed host memory in the process
+  (:func:`engine.parallel.host_memory.retain_freed_memory`), so each training step reuses
+  the previous step's buffers instead of faulting fresh pages in. :func:`deactivate` leaves
+  that setting in place: glibc's dynamic thresholds cannot be restored.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from engine.parallel.host_memory import retain_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +206,7 @@ def activate() -> bool:
     _patch(torch.Tensor, "type", _tensor_type)
     _patch(torch.nn.Module, "cuda", _module_cuda)
     _patch(torch.Tensor, "pin_memory", _pin_memory)
+    retain_freed_memory()
     _active = True
     logger.debug("CPU compatibility layer active: %d attributes patched", len(PATCHED))
     return True
