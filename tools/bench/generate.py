@@ -20,7 +20,8 @@ The same weights on both sides:
    EOS disabled, ``model.generate(input_ids, attention_mask, do_sample=False, max_new_tokens=N)``
    under ``torch.inference_mode()``, with its default dynamic cache and with
    ``cache_implementation="static"``. On CPU transformers does not auto-compile the static-cache
-   forward (it does so only on cuda/xpu/neuron/tpu), so both run eagerly. "HF best" is the faster
+   forward (it does so only on cuda/xpu/neuron/tpu), so both run eagerly. HF's process keeps freed
+   host memory as Keel's CPU layer does (``engine/parallel/host_memory.py``). "HF best" is the faster
    of the two. The two HF modes alternate (A B, B A, ...) so drift hits both alike.
 
 Each side: ``--warmup`` untimed calls, then ``--runs`` timed calls; a call's rate is
@@ -173,6 +174,9 @@ def run_keel(args: argparse.Namespace) -> dict[str, Any]:
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
+    from engine.parallel.host_memory import retain_freed_memory
+
+    retained = retain_freed_memory()  # the allocator settings Keel's CPU layer gives its own side
     model = LlamaForCausalLM.from_pretrained(str(args.weights_dir), dtype=torch.float32,
                                              attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None  # no stop token: every row generates max_new_tokens, as on Keel's side
@@ -194,7 +198,8 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
             call(mode, timed=False)
     interleave(list(HF_MODES), args.runs, call)
     result: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
-                              "attn_implementation": model.config._attn_implementation}
+                              "attn_implementation": model.config._attn_implementation,
+                              "host_memory_retained": retained}
     for mode in HF_MODES:
         if outputs[mode].shape[1] != args.prompt_len + args.new_tokens:
             raise RuntimeError(f"HF ({mode} cache) returned {outputs[mode].shape[1]} positions per row, expected "

@@ -59,6 +59,9 @@ with a linear ``hidden -> 5`` regression head (the five HelpSteer attributes).
      rows by length first and passes no mask. Encoding is timed on every side.
 
 Timing: HF is built first, before Keel's CPU layer patches ``torch.cuda`` process-wide.
+Freed host memory is kept in the process for all sides from the start
+(``engine/parallel/host_memory.py``, the setting Keel's CPU layer applies), so no side gains
+or loses from glibc returning and re-faulting its buffers.
 Each side runs ``--warmup`` untimed training steps, then ``--steps`` timed training steps
 of each side alternately (A B, B A, A B, ...), so other load and drift hit both alike;
 then each side's scoring is warmed up once and ``--score-repeats`` timed scoring calls
@@ -488,7 +491,9 @@ TIMING_METHOD = (
     "then timed training steps alternate A B, B A, ... (wall clock per whole step: zero-grad, forward, "
     "loss, backward, clip, AdamW); then one warm-up scoring call per side and timed scoring calls "
     "alternating the same way (encoding + forward of all pairs). rate = units x calls / sum of times; "
-    "cpu_utilisation = process CPU time / wall / threads (well below 1 = the machine was busy)"
+    "cpu_utilisation = process CPU time / wall / threads (well below 1 = the machine was busy). Freed host "
+    "memory is kept in the process for every side from the start (engine/parallel/host_memory.py, what Keel's "
+    "CPU layer sets), so glibc's trimming helps or hurts no side"
 )
 
 
@@ -513,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     began = time.perf_counter()
 
+    # One process, so one allocator for every side: the settings Keel's CPU layer would apply anyway, from the start.
+    from engine.parallel.host_memory import retain_freed_memory
+
+    checks["host_memory_retained_all_sides"] = retain_freed_memory()
     # HF first: before Keel's CPU layer patches torch.cuda process-wide.
     hf = {name: build_hf(args, preset, hf_info[name], fused=name == "hf_best") for name in HF_SIDES}
 

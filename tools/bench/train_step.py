@@ -17,16 +17,24 @@ global-norm gradient clipping at 1.0, under the same number of torch threads.
   ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW``, as two sides measured in the same run:
 
   * ``hf_default``: ``AdamW`` as constructed by default (on CPU torch's per-tensor loop);
-  * ``hf_best``: ``AdamW(fused=True)``, the kernel Keel's optimizer runs. The batch has no
+  * ``hf_best``: ``AdamW(fused=True)``, the kernel Keel's optimizer runs, and freed host
+    memory kept in the process as Keel's CPU layer keeps it
+    (``engine/parallel/host_memory.py``; ``hf_default`` has glibc's defaults). The batch has no
     padding, so no side gets an attention mask, and length grouping has nothing to group.
     The bar (Keel >= 1.0x) is against ``hf_best``.
 
-Timing (``--mode interleaved``, the default): the sides are built in ``--order`` (HF
-first, before Keel's CPU layer patches ``torch.cuda``/tensor factories process-wide),
-each runs ``--warmup`` untimed steps plus one memory step, then ``--steps`` timed steps
-of each run alternately (A B, B A, A B, ...), so other load on the machine and drift
-hit both alike. ``--mode sequential`` times each side alone, HF finished before Keel
-exists. A step is timed whole with ``time.perf_counter``: zero-grad, forward, loss,
+Timing (``--mode processes``, the default): each side runs alone in a fresh Python
+process, ``--rounds`` processes per side in A B C, C B A, ... order, so drift and other
+load hit all sides alike; each process builds its side, runs ``--warmup`` untimed steps
+plus one memory step, then ``--steps`` timed steps, and the step times of all its
+processes are pooled. A user trains one model per process: when two sides share one
+process they also share glibc's heap, and what one frees the other reuses, so each
+side's page faults and step time depend on the other side (measured: in one process
+with ``hf_best`` built first, Keel's steps took 20k-60k minor page faults and HF's none;
+each alone, HF's took 70k-80k). ``--mode interleaved`` builds all sides in one process
+(in ``--order``, HF first, before Keel's CPU layer patches ``torch.cuda``/tensor
+factories process-wide) and alternates their timed steps (A B, B A, ...);
+``--mode sequential`` runs them one after the other in one process. A step is timed whole with ``time.perf_counter``: zero-grad, forward, loss,
 backward, clip, optimizer update. tokens/s = tokens per step x timed steps / sum of
 step times; process CPU time per step is recorded too (``cpu_utilisation`` well below
 1, or ``machine_busy``: load average above the CPU count, means other processes shared
@@ -75,6 +83,7 @@ from tools.bench.common import (  # noqa: E402
     machine_info,
     rss_bytes,
     ru_maxrss_bytes,
+    run_child,
     trim_memory,
     versions,
     write_report,
@@ -100,8 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--order", default="hf_default,hf_best,keel",
                         help="sides, comma-separated, in build (and memory-measure) order, from hf_default, hf_best "
                              "and keel; HF first keeps it clear of Keel's CPU patches")
-    parser.add_argument("--mode", default="interleaved", choices=["interleaved", "sequential"],
-                        help="interleaved: time the steps of both alternately; sequential: one side after the other")
+    parser.add_argument("--mode", default="processes", choices=["processes", "interleaved", "sequential"],
+                        help="processes: each side in its own fresh process, --rounds times, in A B C, C B A order; "
+                             "interleaved: all sides in one process, steps alternated; sequential: one process, one "
+                             "side after the other")
+    parser.add_argument("--rounds", type=int, default=2, help="--mode processes: processes per side")
     parser.add_argument("--rss-interval-ms", type=float, default=2.0)
     parser.add_argument("--profile", type=Path, default=None,
                         help="also run torch.profiler over 2 extra steps per side and write op tables here")
@@ -172,6 +184,17 @@ class Side:
             "ru_maxrss_mib": round(ru_maxrss_bytes() / MIB, 1),
         }
 
+    def absorb(self, child: dict[str, Any], process: dict[str, Any]) -> None:
+        """Add one child process's report of this side (``--mode processes``); memory is the first process's."""
+        self.times += child["step_times_s"]
+        self.cpu_times += child["step_cpu_times_s"]
+        self.page_faults += child["step_minor_page_faults"]
+        self.warmup_times += child["warmup_step_times_s"]
+        if not self.memory:
+            self.memory, self.build_s, self.losses = child["memory"], child["build_s"], child["losses"]
+            self.info.update({k: v for k, v in child.items() if k not in _MEASURED})
+        self.info.setdefault("processes", []).append({"tokens_per_s": child["tokens_per_s"], **process})
+
     def release(self) -> None:
         self.step = self.keep = None
         trim_memory()
@@ -225,6 +248,45 @@ def run_sequential(makers: dict[str, Callable[[], Any]], sides: dict[str, Side],
             side.release()
 
 
+# Report keys a child process writes per side that are measurements, not side information.
+_MEASURED = {"tokens_per_s", "tokens_per_s_median_step", "tokens_per_s_best_step", "step_time_s", "step_times_s",
+             "step_cpu_times_s", "step_minor_page_faults", "cpu_utilisation", "tokens_per_cpu_s",
+             "warmup_step_times_s", "build_s", "memory", "losses"}
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--preset", args.preset, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+            "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed),
+            "--rss-interval-ms", str(args.rss_interval_ms), "--mode", "sequential"]
+    for override in args.model_override:
+        argv += ["--model-override", override]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
+def run_processes(sides: dict[str, Side], args: argparse.Namespace) -> None:
+    """Each side alone in a fresh Python process, ``--rounds`` processes per side in A B C, C B A ... order.
+
+    A user trains one model per process. Sharing one process, the sides also share glibc's heap: what one side
+    frees, the other reuses, so each side's page faults, and with them its step time, depend on the other side.
+    """
+    names = list(sides)
+    with tempfile.TemporaryDirectory(prefix="keel-bench-sides-") as tmp:
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                out = Path(tmp) / f"{name}_{r}.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), *_child_argv(args), "--order", name,
+                       "--out", str(out)]
+                if args.profile is not None and r == 0:
+                    cmd += ["--profile", str(args.profile)]
+                result = run_child(cmd, f"{name} (round {r + 1})", REPO, result_file=out)
+                sides[name].absorb(result[name], {"round": r + 1, "peak_rss_mib": result["peak_rss_mib"],
+                                                  "wall_s": result["wall_s"], "load_before": result["load_before"],
+                                                  "load_after": result["load_after"]})
+                logger.info("%s round %d: %.1f tokens/s", name, r + 1, result[name]["tokens_per_s"])
+
+
 def run_interleaved(makers: dict[str, Callable[[], Any]], sides: dict[str, Side], args: argparse.Namespace) -> None:
     """Build and measure memory side by side in order, then time the steps alternately (AB BA AB ...).
 
@@ -272,7 +334,7 @@ def keel_side(args: argparse.Namespace, batch: torch.Tensor, info: dict[str, Any
 
     from engine.algorithms.sft import SFTStep
     from engine.config import TrainConfig, load_config
-    from engine.parallel import cpu
+    from engine.parallel import cpu, host_memory
     from engine.trainer import Trainer
     from tests.helpers import single_process_parallel
 
@@ -287,6 +349,7 @@ def keel_side(args: argparse.Namespace, batch: torch.Tensor, info: dict[str, Any
                 trainer = Trainer(config, SFTStep(), parallel)
                 trainer._next_micro_batches = lambda sampler, dataset: [micro]  # type: ignore[method-assign]
                 info["parameters"] = sum(p.numel() for c in trainer.model.chunks for p in c.parameters())
+                info["host_memory_retained"] = host_memory._applied
                 info["config_overrides"] = keel_overrides(args, "<tmp>")
 
                 def step(n: int) -> float:
@@ -304,11 +367,16 @@ HF_SIDES = {"hf_default": False, "hf_best": True}  # side -> AdamW(fused=...)
 @contextmanager
 def hf_side(args: argparse.Namespace, preset: Any, batch: torch.Tensor, info: dict[str, Any], fused: bool) -> Iterator[
         Callable[[], tuple[Callable[[int], float], Any]]]:
-    """HF at its default (torch's per-tensor AdamW loop) or at its best (``AdamW(fused=True)``, Keel's kernel).
+    """HF at its default (torch's per-tensor AdamW loop, glibc's default allocator settings) or at its best
+    (``AdamW(fused=True)``, Keel's kernel, and freed host memory retained as Keel's CPU layer does).
 
     The batch has no padding, so neither side passes an attention mask.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.parallel.host_memory import retain_freed_memory
+
+    info["host_memory_retained"] = retain_freed_memory() if fused else False
 
     sdpa: dict[str, Any] = {"attn_implementation": "sdpa"}
     config = LlamaConfig(
@@ -359,8 +427,10 @@ def _methods(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "timing_method": (
             "wall clock (time.perf_counter) of whole steps after the warm-up; tokens_per_s = tokens per step x "
-            "timed steps / sum of step times. interleaved: both models built, then timed steps alternate "
-            "AB BA AB ... so load from other processes and drift hit both alike; sequential: each side alone. "
+            "timed steps / sum of step times. processes: each side alone in a fresh process, --rounds processes "
+            "per side in A B C, C B A order, step times pooled (per-process rates under 'processes'); "
+            "interleaved: all sides in one process (sharing its heap), timed steps alternate AB BA AB ...; "
+            "sequential: one process, each side after the other. "
             "cpu_utilisation = process CPU time / wall / threads (well below 1 means the machine was busy)"
         ),
         "memory_method": (
@@ -369,15 +439,17 @@ def _methods(args: argparse.Namespace) -> dict[str, Any]:
             f"every {args.rss_interval_ms} ms; "
             "peak_rss_delta = sampled max - baseline, steady_rss_delta = RSS after that step - baseline; "
             "ru_maxrss = getrusage high-water mark of the whole process after that step (monotonic, so for the "
-            "second side an upper bound only). RSS includes glibc's cached free memory, as a user would see it"
+            "second side of one process an upper bound only). RSS includes glibc's cached free memory, as a user would see it"
         ),
     }
 
 
 def _results(results: dict[str, Any]) -> dict[str, Any]:
     """Keel over each HF side present (``keel_over_hf_best`` is the one with a bar: >= 1.0)."""
-    keel = results["keel"]
     out: dict[str, Any] = dict(results)
+    if "keel" not in results:
+        return out
+    keel = results["keel"]
     for name in (n for n in HF_SIDES if n in results):
         hf = results[name]
         out[f"keel_over_{name}"] = {
@@ -395,7 +467,7 @@ def _write(args: argparse.Namespace, report: dict[str, Any], results: dict[str, 
     if len(set(counts.values()) | {report["shape"]["parameter_count"]}) != 1:
         logger.warning("parameter counts differ: preset %d, %s", report["shape"]["parameter_count"], counts)
     write_report(args.out, report)
-    for name in (n for n in HF_SIDES if n in results):
+    for name in (n for n in HF_SIDES if n in results and "keel" in results):
         logger.info("tokens/s: %s %.1f, keel %.1f (keel/%s %.3f); peak RSS delta MiB: %s %.0f, keel %.0f", name,
                     results[name]["tokens_per_s"], results["keel"]["tokens_per_s"], name,
                     report[f"keel_over_{name}"]["tokens_per_s"], name, results[name]["memory"]["peak_rss_delta_mib"],
@@ -430,7 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                         else partial(hf_side, args, preset, batch, sides[name].info, HF_SIDES[name]))
     load_before = os.getloadavg()
     began = time.perf_counter()
-    (run_interleaved if args.mode == "interleaved" else run_sequential)(makers, sides, args)
+    if args.mode == "processes":
+        run_processes(sides, args)
+    else:
+        (run_interleaved if args.mode == "interleaved" else run_sequential)(makers, sides, args)
     wall = time.perf_counter() - began
     load_after = os.getloadavg()
     if torch.get_num_threads() != threads:
@@ -449,12 +524,17 @@ def main(argv: list[str] | None = None) -> int:
         "batch": {"micro_batch_size": args.batch, "seq_length": args.seq_len, "tokens_per_step": tokens_per_step,
                   "data": "uniform random token ids, identical for both; labels = next token, loss on all"},
         "optimizer": {"type": "AdamW (keel: megatron's optimizer over torch's fused AdamW; hf_default: torch's "
-                              "default per-tensor loop; hf_best: fused=True)", "lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
+                              "default per-tensor loop; hf_best: fused=True)",
+ "lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
                       "clip_grad": 1.0},
+        "host_memory": "keel and hf_best keep freed host memory in the process (glibc mmap threshold 1 GiB, trim "
+                       "threshold 2 GiB: engine/parallel/host_memory.py), hf_default runs with glibc's defaults; "
+                       "each side's host_memory_retained says what it ran with",
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "order": args.order,
         "mode": args.mode,
+        "rounds": args.rounds if args.mode == "processes" else None,
         **_methods(args),
         "load_average_1m": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
         "machine_busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1) + 0.5,
