@@ -8,7 +8,8 @@
   memory (torch keeps no CPU allocator statistics);
 * :class:`Timer` / :func:`interleave`: wall and CPU times of timed calls, sides alternated A B, B A, ...;
 * :func:`run_child`: one measurement in a fresh Python process, its ``RESULT {json}`` line,
-  peak RSS and the load around it;
+  peak RSS and the load around it; :func:`side_processes`: one process per side and round,
+  in A B C, C B A ... order;
 * :func:`write_report`: the JSON report, written to a temporary file and renamed, so an
   interrupted run never leaves a half-written result behind.
 """
@@ -34,6 +35,8 @@ import torch
 
 MIB = 2**20
 RESULT_PREFIX = "RESULT "
+#: What :func:`run_child` adds to a child's report: the process's peak RSS, wall time and the load around it.
+PROCESS_KEYS = ("peak_rss_mib", "wall_s", "load_before", "load_after")
 
 
 def machine_info() -> dict[str, Any]:
@@ -212,3 +215,22 @@ def run_child(cmd: list[str], label: str, cwd: Path, env: Optional[dict[str, str
     result.update(peak_rss_mib=round(usage.ru_maxrss / 1024, 1), wall_s=round(time.perf_counter() - began, 1),
                   load_before=load_before, load_after=load_average())
     return result
+
+
+def side_processes(sides: list[str], rounds: int, command: Callable[[str, Path], list[str]], cwd: Path,
+                   log: Optional[Callable[[str, int, dict[str, Any]], None]] = None) -> list[tuple[str, int, dict[str, Any]]]:
+    """Each side alone in a fresh process, ``rounds`` times, in A B C, C B A, ... order.
+
+    ``command(side, out)`` is the child's command line; the child writes its JSON report to ``out``.
+    Returns ``(side, round, report)`` in run order, each report with :func:`run_child`'s additions.
+    """
+    done: list[tuple[str, int, dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory(prefix="keel-bench-sides-") as tmp:
+        for r in range(rounds):
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                out = Path(tmp) / f"{side}_{r}.json"
+                report = run_child(command(side, out), f"{side} (round {r + 1})", cwd, result_file=out)
+                done.append((side, r + 1, report))
+                if log is not None:
+                    log(side, r + 1, report)
+    return done

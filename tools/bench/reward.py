@@ -1,6 +1,7 @@
 """Benchmark Keel's reward model (training and scoring) against Hugging Face ``LlamaForSequenceClassification``.
 
-One process, CPU, fp32, TP1, the same number of torch threads for both sides. Both sides
+CPU, fp32, TP1, the same number of torch threads for every side; by default each side runs alone
+in its own process (``--mode processes``, see ``tools/bench/reward_processes.py``). Both sides
 are a Llama of identical shape (default: the ``bench-34m`` preset: 8 layers, hidden 512,
 8 heads, 4 KV heads, FFN 1536, vocab 8192, untied, RMSNorm eps 1e-5, rope theta 10000)
 with a linear ``hidden -> 5`` regression head (the five HelpSteer attributes).
@@ -58,7 +59,8 @@ with a linear ``hidden -> 5`` regression head (the five HelpSteer attributes).
      pooled by HF at the rightmost non-pad token (``hf_default``); ``hf_best`` sorts the
      rows by length first and passes no mask. Encoding is timed on every side.
 
-Timing: HF is built first, before Keel's CPU layer patches ``torch.cuda`` process-wide.
+Timing, within one process (``--mode one-process``, what each child of ``--mode processes`` runs
+for its one side): HF is built first, before Keel's CPU layer patches ``torch.cuda`` process-wide.
 Freed host memory is kept in the process for all sides from the start
 (``engine/parallel/host_memory.py``, the setting Keel's CPU layer applies), so no side gains
 or loses from glibc returning and re-faulting its buffers.
@@ -98,6 +100,8 @@ logger = logging.getLogger("bench.reward")
 DEFAULT_OUT = REPO / "tools/bench/results/reward.json"
 NUM_LABELS = 5
 PAD_ID = 0
+HF_SIDES = ("hf_default", "hf_best")
+NAMES = [*HF_SIDES, "keel"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +120,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     parser.add_argument("--seed", type=int, default=1234)
-    return parser.parse_args(argv)
+    parser.add_argument("--mode", default="processes", choices=["processes", "one-process"],
+                        help="processes: each side in its own fresh process, --rounds times, A B C, C B A order; "
+                             "one-process: the sides of --sides in this process, their calls alternated")
+    parser.add_argument("--rounds", type=int, default=2, help="--mode processes: processes per side")
+    parser.add_argument("--sides", default=",".join(NAMES), help="sides to run, from " + ", ".join(NAMES))
+    args = parser.parse_args(argv)
+    args.sides = args.sides.split(",")
+    unknown = sorted(set(args.sides) - set(NAMES))
+    if unknown:
+        parser.error(f"--sides: unknown {unknown} (use {', '.join(NAMES)})")
+    args.sides = [name for name in NAMES if name in args.sides]
+    return args
 
 
 # ---------------------------------------------------------------------------- data
@@ -167,10 +182,6 @@ def data_step_groups(args: argparse.Namespace, step: int, rows: int) -> list[lis
     start = (step * args.data_global_batch) % (rows - args.data_global_batch + 1)
     ids = list(range(start, start + args.data_global_batch))
     return [ids[i: i + args.data_micro_batch] for i in range(0, len(ids), args.data_micro_batch)]
-
-
-HF_SIDES = ("hf_default", "hf_best")
-NAMES = [*HF_SIDES, "keel"]
 
 
 def padding_mask(end_index: torch.Tensor, length: int) -> torch.Tensor:
@@ -253,7 +264,10 @@ def hf_score(model: Any, encode: Callable[[Any, str], dict[str, torch.Tensor]], 
 
 
 def ratios(table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Keel over each HF side: ``{"keel_over_hf_default": {key: ratio}, "keel_over_hf_best": ...}``."""
+    """Keel over each HF side: ``{"keel_over_hf_default": {key: ratio}, "keel_over_hf_best": ...}``
+    (nothing unless every side is in ``table``)."""
+    if any(name not in table for name in NAMES):
+        return {}
     return {f"keel_over_{peer}": {key: round(table["keel"][key] / table[peer][key], 3) for key in keys}
             for peer in HF_SIDES}
 
@@ -284,7 +298,7 @@ def bench_fixed_shape(args: argparse.Namespace, names: list[str], trainer: Any, 
         return float(trainer.train_step(counter["n"])[loss_name])
 
     train_fns: dict[str, Callable[[], float]] = {
-        name: partial(hf_train_step, *hf[name], batch, name == "hf_default") for name in HF_SIDES}
+        name: partial(hf_train_step, *hf[name], batch, name == "hf_default") for name in hf}
     train_fns["keel"] = keel_train
 
     def run_train(name: str, timed: bool = True) -> None:
@@ -340,6 +354,8 @@ def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run
     def train(name: str) -> float:
         groups = data_step_groups(args, counter["n"] // len(names), len(dataset))
         counter["n"] += 1
+        if name == names[0]:  # the step's real tokens: the same rows for every side
+            real_tokens.append(sum(int(dataset.collate(g)["end_index"].sum()) + len(g) for g in groups))
         if name == "keel":
             trainer.sampler.next_step = lambda: [list(g) for g in groups]
             built = trainer._next_micro_batches(trainer.sampler, dataset)
@@ -352,8 +368,6 @@ def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run
         if name == "hf_best":
             groups = hf_best_groups(groups, lengths)
         micro = [dataset.collate(g) for g in groups]
-        if name == "hf_default":
-            real_tokens.append(sum(int(b["end_index"].sum()) + len(g) for b, g in zip(micro, groups, strict=True)))
         positions[name].append(sum(len(g) * (int(b["end_index"].max()) + 1) for b, g in zip(micro, groups, strict=True)))
         return hf_data_train_step(*hf[name], micro, mask=name == "hf_default")
 
@@ -383,6 +397,7 @@ def on_data_section(args: argparse.Namespace, names: list[str], timers: dict[str
         "real_tokens_per_cpu_s": round(sum(timed_tokens) / sum(timers[name].cpu_times), 2),
         "positions_computed_per_step": positions[name],
         "times_s": [round(t, 4) for t in timers[name].times],
+        "cpu_times_s": [round(t, 4) for t in timers[name].cpu_times],
         "warmup_times_s": [round(t, 4) for t in timers[name].warmup_times],
         "losses": losses[name],
     } for name in names}
@@ -417,10 +432,11 @@ def bench_scoring(args: argparse.Namespace, names: list[str], trainer: Any, para
     checks["score_tokens_min_max_len"] = [int(ends.min()) + 1, int(ends.max()) + 1]
     score_fns: dict[str, Callable[[], torch.Tensor]] = {
         name: partial(hf_score, hf[name][0], scorer._encode, rows, args.score_micro_batch, name == "hf_best")
-        for name in HF_SIDES}
+        for name in hf}
     score_fns["keel"] = lambda: scorer.score(rows)
-    checks["hf_best_scores_equal_hf_default_max_abs_diff"] = float(
-        (score_fns["hf_best"]() - hf_score(hf["hf_best"][0], scorer._encode, rows, args.score_micro_batch, False)).abs().max())
+    if "hf_best" in hf:  # sorted without a mask == given order with one, on the same model
+        checks["hf_best_scores_equal_hf_default_max_abs_diff"] = float((score_fns["hf_best"]() - hf_score(
+            hf["hf_best"][0], scorer._encode, rows, args.score_micro_batch, False)).abs().max())
     timers = {name: Timer() for name in names}
     shapes: dict[str, list[int]] = {}
 
@@ -469,7 +485,7 @@ def assemble_report(args: argparse.Namespace, preset: Any, threads: int, hf_info
         "dtype": "float32", "device": "cpu", "layout": "TP1 PP1 DP1 (1 process, gloo)",
         "shape": shape_info(args, preset),
         "parameters": {
-            "hf": hf_info["hf_default"]["parameters"], "keel": keel_info["parameters"],
+            "hf": next((info["parameters"] for info in hf_info.values()), None), "keel": keel_info["parameters"],
             "keel_reward_head": keel_info["reward_head_parameters"],
             "keel_unused_lm_output_layer": keel_info["unused_lm_output_layer_parameters"],
             "keel_trainable": keel_info["trainable_parameters"],
@@ -502,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("engine", "megatron", "torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
+    if args.mode == "processes":
+        from tools.bench.reward_processes import main_processes
+
+        return main_processes(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -511,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = resolve_preset(ModelConfig(preset=args.preset))
     batch = training_batch(args, preset.vocab_size)
-    names = NAMES
-    hf_info: dict[str, Any] = {name: {} for name in HF_SIDES}
+    names = args.sides
+    hf_info: dict[str, Any] = {name: {} for name in HF_SIDES if name in names}
     checks: dict[str, Any] = {"hf_pool_index_equals_end_index_train":
                               bool((hf_pool_index(batch["tokens"]) == batch["end_index"]).all())}
     load_before = os.getloadavg()
@@ -523,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
 
     checks["host_memory_retained_all_sides"] = retain_freed_memory()
     # HF first: before Keel's CPU layer patches torch.cuda process-wide.
-    hf = {name: build_hf(args, preset, hf_info[name], fused=name == "hf_best") for name in HF_SIDES}
+    hf = {name: build_hf(args, preset, hf_info[name], fused=name == "hf_best") for name in hf_info}
 
     import megatron.core.pipeline_parallel  # noqa: F401
 
@@ -551,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"torch threads changed from {threads} to {torch.get_num_threads()} during the run")
     report = assemble_report(args, preset, threads, hf_info, keel_info, training, on_data, scoring, checks,
                              load_before, load_after, wall)
+    report.update(mode="one-process", sides=names)
     write_report(args.out, report)
-    for peer in HF_SIDES:
+    for peer in (HF_SIDES if names == NAMES else ()):
         logger.info("keel over %s: training tokens/s %.3f, on data real tokens/s %.3f, scoring pairs/s %.3f", peer,
                     training[f"keel_over_{peer}"]["tokens_per_s"], on_data[f"keel_over_{peer}"]["real_tokens_per_s"],
                     scoring[f"keel_over_{peer}"]["pairs_per_s"])

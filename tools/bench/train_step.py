@@ -79,11 +79,12 @@ sys.path.insert(0, str(REPO))
 
 from tools.bench.common import (  # noqa: E402
     MIB,
+    PROCESS_KEYS,
     RssSampler,
     machine_info,
     rss_bytes,
     ru_maxrss_bytes,
-    run_child,
+    side_processes,
     trim_memory,
     versions,
     write_report,
@@ -271,20 +272,17 @@ def run_processes(sides: dict[str, Side], args: argparse.Namespace) -> None:
     A user trains one model per process. Sharing one process, the sides also share glibc's heap: what one side
     frees, the other reuses, so each side's page faults, and with them its step time, depend on the other side.
     """
-    names = list(sides)
-    with tempfile.TemporaryDirectory(prefix="keel-bench-sides-") as tmp:
-        for r in range(args.rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                out = Path(tmp) / f"{name}_{r}.json"
-                cmd = [sys.executable, str(Path(__file__).resolve()), *_child_argv(args), "--order", name,
-                       "--out", str(out)]
-                if args.profile is not None and r == 0:
-                    cmd += ["--profile", str(args.profile)]
-                result = run_child(cmd, f"{name} (round {r + 1})", REPO, result_file=out)
-                sides[name].absorb(result[name], {"round": r + 1, "peak_rss_mib": result["peak_rss_mib"],
-                                                  "wall_s": result["wall_s"], "load_before": result["load_before"],
-                                                  "load_after": result["load_after"]})
-                logger.info("%s round %d: %.1f tokens/s", name, r + 1, result[name]["tokens_per_s"])
+    def command(name: str, out: Path) -> list[str]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *_child_argv(args), "--order", name, "--out", str(out)]
+        if args.profile is not None and not sides[name].times:
+            cmd += ["--profile", str(args.profile)]
+        return cmd
+
+    def absorb(name: str, r: int, result: dict[str, Any]) -> None:
+        sides[name].absorb(result[name], {"round": r, **{k: result[k] for k in PROCESS_KEYS}})
+        logger.info("%s round %d: %.1f tokens/s", name, r, result[name]["tokens_per_s"])
+
+    side_processes(list(sides), args.rounds, command, REPO, absorb)
 
 
 def run_interleaved(makers: dict[str, Callable[[], Any]], sides: dict[str, Side], args: argparse.Namespace) -> None:
