@@ -25,6 +25,7 @@ from engine.data.chat import prompt_messages, render_prompt, stop_token_ids
 from engine.data.loaders import parsed_records
 from engine.data.schemas import ATTRIBUTES
 from engine.generation.base import SamplingParams
+from engine.runtime import shutdown
 
 STEERLM_DEFAULTS = {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 2, "verbosity": 2}
 
@@ -188,6 +189,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if writer:
         os.replace(partial, args.output)
         print(f"wrote {len(rows)} completions to {args.output}", flush=True)
+    backend.release()
+    # Every rank leaves together and tears its process groups down: a rank that exits while gloo's
+    # threads still run can abort at interpreter exit ("terminate called without an active exception").
+    shutdown()
     return 0
 
 
