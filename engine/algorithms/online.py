@@ -37,6 +37,7 @@ from engine.algorithms.base import Batch, Step
 from engine.algorithms.logprobs import lm_forward, per_token_logprobs, sequence_batches
 from engine.config import ConfigError, TrainConfig, doc
 from engine.generation.base import Rollouts, SamplingParams
+from engine.generation.host_shared import TRANSPORTS
 from engine.rewards import RewardFunctionConfig, parse_reward_configs
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,8 @@ class RolloutConfig:
                      "max_new_tokens", "max_batch_size", "bucket_mib", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)} must be >= 1")
-        if self.refit_transport not in ("auto", "collective", "shared"):
-            raise ConfigError(f"rollout.refit_transport={self.refit_transport!r}: expected auto, collective or shared")
+        if self.refit_transport not in TRANSPORTS:
+            raise ConfigError(f"rollout.refit_transport={self.refit_transport!r}: expected one of {', '.join(TRANSPORTS)}")
         self.sampling(0)  # temperature/top-p/top-k checked now, not at the first iteration
 
     @property

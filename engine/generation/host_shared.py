@@ -22,6 +22,7 @@ bus error mid-refit.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import uuid
@@ -82,7 +83,7 @@ class HostSharedWeights:
         if dist.get_rank() == 0:
             for path in paths:
                 os.unlink(path)
-        self.views = [{name: flat[start: start + _numel(shape)].view(shape) for name, shape, start in self.layout}
+        self.views = [{name: flat[start: start + math.prod(shape)].view(shape) for name, shape, start in self.layout}
                       for flat in flats]
         backend.bind_weights(self.views[tp_rank])
         self.tp_rank = tp_rank
@@ -104,13 +105,6 @@ class HostSharedWeights:
                         f"host-shared generation weights ({exc.strerror}); give {SHM_DIR} more room "
                         "(Docker: --ipc=host or --shm-size) or set the refit transport to collective")
         return ""
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def open_host_shared(backend: Any, transport: str) -> Optional[HostSharedWeights]:

@@ -277,9 +277,10 @@ class Resharder:
         totals = {"sent_bytes": 0.0, "received_bytes": 0.0, "copied_bytes": 0.0, "peak_extra_bytes": 0.0}
         if self.shared:
             self._run_shared(totals)
-        for bucket in self.plan.buckets if not self.shared else []:
-            extra = self._run_bucket(bucket, totals)
-            totals["peak_extra_bytes"] = max(totals["peak_extra_bytes"], float(extra))
+        else:
+            for bucket in self.plan.buckets:
+                extra = self._run_bucket(bucket, totals)
+                totals["peak_extra_bytes"] = max(totals["peak_extra_bytes"], float(extra))
         seconds = time.perf_counter() - start
         moved = totals["received_bytes"] + totals["copied_bytes"]
         return {**totals, "seconds": seconds, "gb_per_second": moved / max(seconds, 1e-9) / 1e9}

@@ -354,8 +354,8 @@ def bench_on_data(args: argparse.Namespace, names: list[str], parallel: Any, run
     def train(name: str) -> float:
         groups = data_step_groups(args, counter["n"] // len(names), len(dataset))
         counter["n"] += 1
-        if name == names[0]:  # the step's real tokens: the same rows for every side
-            real_tokens.append(sum(int(dataset.collate(g)["end_index"].sum()) + len(g) for g in groups))
+        if name == names[0]:  # the step's real tokens (a row's length is its end index + 1): the same for every side
+            real_tokens.append(sum(lengths[i] for g in groups for i in g))
         if name == "keel":
             trainer.sampler.next_step = lambda: [list(g) for g in groups]
             built = trainer._next_micro_batches(trainer.sampler, dataset)
