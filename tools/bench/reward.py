@@ -522,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench.reward_processes import main_processes
 
         return main_processes(args)
+    return run_one_process(args)
+
+
+def run_one_process(args: argparse.Namespace) -> int:
+    """The sides of ``--sides`` in this process, their calls alternated; writes ``--out``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()

@@ -473,6 +473,20 @@ def _write(args: argparse.Namespace, report: dict[str, Any], results: dict[str, 
     logger.info("-> %s", args.out)
 
 
+def run_sides(sides: dict[str, Side], args: argparse.Namespace, preset: Any, batch: torch.Tensor) -> None:
+    """Time every side the way ``--mode`` says; fills the :class:`Side` objects."""
+    makers: dict[str, Callable[[], Any]] = {}
+    for name, side in sides.items():
+        if name not in ("keel", *HF_SIDES):
+            raise SystemExit(f"--order: unknown side {name!r} (use keel, {', '.join(HF_SIDES)})")
+        makers[name] = (partial(keel_side, args, batch, side.info) if name == "keel"
+                        else partial(hf_side, args, preset, batch, side.info, HF_SIDES[name]))
+    if args.mode == "processes":
+        run_processes(sides, args)
+    else:
+        (run_interleaved if args.mode == "interleaved" else run_sequential)(makers, sides, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("engine", "megatron", "torch.distributed"):
@@ -490,20 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = torch.randint(0, preset.vocab_size, (args.batch, args.seq_len + 1), generator=generator)
     tokens_per_step = args.batch * args.seq_len
 
-    makers: dict[str, Callable[[], Any]] = {}
-    sides: dict[str, Side] = {}
-    for name in args.order.split(","):
-        sides[name] = Side(name, {})
-        if name not in ("keel", *HF_SIDES):
-            raise SystemExit(f"--order: unknown side {name!r} (use keel, {', '.join(HF_SIDES)})")
-        makers[name] = (partial(keel_side, args, batch, sides[name].info) if name == "keel"
-                        else partial(hf_side, args, preset, batch, sides[name].info, HF_SIDES[name]))
+    sides = {name: Side(name, {}) for name in args.order.split(",")}
     load_before = os.getloadavg()
     began = time.perf_counter()
-    if args.mode == "processes":
-        run_processes(sides, args)
-    else:
-        (run_interleaved if args.mode == "interleaved" else run_sequential)(makers, sides, args)
+    run_sides(sides, args, preset, batch)
     wall = time.perf_counter() - began
     load_after = os.getloadavg()
     if torch.get_num_threads() != threads:
