@@ -1,4 +1,5 @@
-"""The native generation backend: the megatron model with megatron's static KV cache.
+"""The native generation backend: the megatron model with a KV cache (Keel's lean decoder for the
+local layer spec, ``decoder.py``; megatron's modules with its static cache otherwise).
 
 Why megatron's cache and Keel's own loop, rather than megatron-core's inference stack
 (``megatron.core.inference``: engines, text-generation controllers, model wrappers):
@@ -197,6 +198,7 @@ class NativeBackend:
         if self.decoder is not None:
             self.decoder.allocate(rows, length)
             self.stats["kv_cache_bytes"] = float(self.decoder.cache_bytes())
+            self.stats["packed_weight_bytes"] = float(self.decoder.packed_bytes())
             return self.decoder.forward
         from megatron.core.inference.contexts import StaticInferenceContext
 

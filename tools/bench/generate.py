@@ -14,7 +14,9 @@ The same weights on both sides:
    ``GenerationParallelState.initialize(1)``; ``NativeBackend(config, state, max_batch_size=batch)``
    gets its weights from ``Resharder(training chunks, backend).reshard()``; the training model is
    then dropped. Timed: ``backend.generate(prompts, SamplingParams(max_new_tokens=N))`` (greedy;
-   it also computes each token's log-probability, which rollouts need).
+   it also computes each token's log-probability, which rollouts need). Each call reorders the
+   weights into oneDNN's layout once (``packed_weight_bytes``; ``engine/generation/decoder.py``),
+   inside the timed call.
 2. **HF** (a second child process, after the first has exited, so Keel's CPU layer never patches
    torch under HF): ``LlamaForCausalLM.from_pretrained(that directory, attn_implementation="sdpa")``,
    EOS disabled, ``model.generate(input_ids, attention_mask, do_sample=False, max_new_tokens=N)``
@@ -168,7 +170,8 @@ def run_keel(args: argparse.Namespace) -> dict[str, Any]:
         if any(n != args.new_tokens for n in rollouts.lengths):
             raise RuntimeError(f"Keel generated {rollouts.lengths} tokens per row, expected {args.new_tokens}")
         return {**timer.summary(args.batch * args.new_tokens, "new_tokens", torch.get_num_threads()),
-                "tokens": rollouts.tokens, "kv_cache_bytes": backend.stats.get("kv_cache_bytes"), **info}
+                "tokens": rollouts.tokens, "kv_cache_bytes": backend.stats.get("kv_cache_bytes"),
+                "packed_weight_bytes": backend.stats.get("packed_weight_bytes"), **info}
 
 
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:
