@@ -16,8 +16,11 @@ Rules:
   megatron's gradient clipping asserts on them.
 * Tensor factories (``torch.tensor``, ``torch.zeros``, ... see ``_FACTORIES``) are wrapped
   so an explicit ``device='cuda'`` becomes the CPU; other arguments pass through.
-* Nothing here changes numerics: it only redirects device placement and turns
-  synchronisation into no-ops (CPU ops are synchronous).
+* Nothing here changes the maths: it redirects device placement and turns synchronisation
+  into no-ops (CPU ops are synchronous). One kernel changes: megatron's linear layers
+  multiply through oneDNN instead of torch's default GEMM
+  (:mod:`engine.parallel.cpu_linear`: the same products, summed in another order, faster on
+  CPU; ``KEEL_CPU_LINEAR=torch`` keeps torch's).
 * Activation also keeps freed host memory in the process
   (:func:`engine.parallel.host_memory.retain_freed_memory`), so each training step reuses
   the previous step's buffers instead of faulting fresh pages in. :func:`deactivate` leaves
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 
+from engine.parallel import cpu_linear
 from engine.parallel.host_memory import retain_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -207,6 +211,7 @@ def activate() -> bool:
     _patch(torch.nn.Module, "cuda", _module_cuda)
     _patch(torch.Tensor, "pin_memory", _pin_memory)
     retain_freed_memory()
+    cpu_linear.install()
     _active = True
     logger.debug("CPU compatibility layer active: %d attributes patched", len(PATCHED))
     return True
@@ -219,6 +224,7 @@ def deactivate() -> None:
         setattr(owner, name, _ORIGINALS[(id(owner), name)])
     PATCHED.clear()
     _ORIGINALS.clear()
+    cpu_linear.uninstall()
     _active = False
 
 
