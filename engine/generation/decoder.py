@@ -12,11 +12,11 @@ grouped per KV head, ``[gate; up]`` per TP rank, a vocabulary-parallel embedding
 layer. It covers the local layer spec without biases or QK norm; anything else (the TE spec
 on GPU) decodes through megatron's own modules and static cache instead (see ``native.py``).
 
-On CPU the weight products go through oneDNN with weights reordered once per batch into its
-blocked layout (:func:`pack_weight`). torch's default CPU GEMM repacks the weight matrix on every
-call, which at a decoding step's few rows costs more than the arithmetic: measured on bench-34m's
-shapes, batch 8, 2 cores, 15.7 → 6.5 ms per step for the 33 products. The packed copies double the
-weight memory while a batch decodes and are dropped by :meth:`CachedDecoder.release`; they are
+On CPU the products with weights of at least :data:`MIN_PACKED_ELEMENTS` go through oneDNN,
+with the weights reordered once per batch into its blocked layout (:func:`pack_weight`). torch's
+default CPU GEMM repacks the weight matrix on every call, which at a decoding step's few rows
+costs more than the arithmetic: measured on bench-34m's shapes, batch 8, 2 cores, 15.7 → 6.5 ms
+per step for the 33 products. The packed copies double the weight memory while a batch decodes and are dropped by :meth:`CachedDecoder.release`; they are
 rebuilt from the live parameters for every batch, so weights written in place (refit, host-shared
 transport) are always the ones used. Rounding differs from the trainer's GEMM by the usual few
 ulps of a different summation order (the rollout/trainer log-prob check bounds it).
@@ -30,11 +30,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+#: Smaller weights stay with torch's GEMM: for them a oneDNN call costs more than the product
+#: (batch 8, 2 cores: 512×64 takes 12 µs plain and 19 µs packed; 1024×256, 82 and 39 µs).
+MIN_PACKED_ELEMENTS = 1 << 16
+
 
 def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """``weight [out, in]`` reordered for oneDNN's linear (CPU), or None where that is unavailable."""
+    """``weight [out, in]`` reordered for oneDNN's linear (CPU), or None where that is unavailable or not worth it."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available() \
-            or weight.dtype not in (torch.float32, torch.bfloat16):
+            or weight.dtype not in (torch.float32, torch.bfloat16) or weight.numel() < MIN_PACKED_ELEMENTS:
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
@@ -103,14 +107,12 @@ class CachedDecoder:
             return
         for weight in self._weights():
             packed = pack_weight(weight)
-            if packed is None:
-                self._packed = {}
-                return
-            self._packed[id(weight)] = packed
+            if packed is not None:
+                self._packed[id(weight)] = packed
 
     def packed_bytes(self) -> int:
-        """Bytes of the packed weight copies held now (0 when the products use the parameters directly)."""
-        return sum(w.numel() * w.element_size() for w in self._weights()) if self._packed else 0
+        """Bytes of the packed weight copies held now (0 when every product uses the parameters directly)."""
+        return sum(w.numel() * w.element_size() for w in self._weights() if id(w) in self._packed)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         packed = self._packed.get(id(weight))

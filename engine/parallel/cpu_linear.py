@@ -3,18 +3,20 @@
 torch's default CPU GEMM packs the weight matrix into its own blocked layout inside every
 call. Measured on a 2-core AMD EPYC for the shapes of a training step (2048 tokens, fp32),
 oneDNN's inner product, given the same plain tensors, is faster for the forward product
-``X Wᵀ`` (fc1 512→3072: 56.7 → 32.2 ms; a 512→8192 output layer: 162.6 → 113.7 ms) and the
-input gradient ``dY W`` (117.9 → 91.5 ms for the output layer), and slower for the weight
-gradient ``dYᵀ X``, which therefore stays on torch's GEMM.
+``X Wᵀ`` of large enough matrices (fc1 512→3072: 56.7 → 32.2 ms; a 512→8192 output layer:
+162.6 → 113.7 ms).
 
 :func:`install` replaces the two functions megatron's ``ColumnParallelLinear`` and
 ``RowParallelLinear`` call per forward (``linear_with_grad_accumulation_and_async_allreduce``
 and ``linear_with_frozen_weight``, looked up at call time) with versions that route the common
 CPU case to :class:`OneDnnLinear`: fp32 tensors on the CPU, no sequence parallelism, no deferred
-embedding weight gradient, no gradient-accumulation fusion. Every other call goes to megatron's
-own function unchanged. The maths is megatron's: the same products, the same tensor-parallel
-all-reduce of the input gradient; only the kernel and so the order of summation within a
-product change (a few ulps). GPU runs never install it (the CPU layer is off under CUDA), and
+embedding weight gradient, no gradient-accumulation fusion, and a product large enough to gain
+(:func:`worth_it`; for small matrices a oneDNN call costs more than torch's). Every other call
+goes to megatron's own function unchanged. Only the forward product changes kernel: the two
+backward products stay on torch's GEMM, as in megatron (oneDNN needs ``Wᵀ`` laid out again for
+``dY W``, and measured, that gains for some shapes and loses for others). The maths is
+megatron's; only the kernel of the forward product, and so its order of summation, changes
+(a few ulps). GPU runs never install it (the CPU layer is off under CUDA), and
 ``KEEL_CPU_LINEAR=torch`` keeps torch's GEMM on CPU.
 """
 
@@ -52,8 +54,9 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class OneDnnLinear(torch.autograd.Function):
-    """``Y = X Wᵀ (+ b)`` with megatron's backward: ``dX = dY W`` (all-reduced over the TP group when
-    asked), ``dW = dYᵀ X`` (torch's GEMM), ``db = Σ dY``. ``weight_grad=False`` is the frozen weight's case."""
+    """``Y = X Wᵀ (+ b)`` through oneDNN, with megatron's backward on torch's GEMM: ``dX = dY W``
+    (all-reduced over the TP group when asked), ``dW = dYᵀ X``, ``db = Σ dY``. ``weight_grad=False``
+    is the frozen weight's case."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -67,7 +70,7 @@ class OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         x, weight = ctx.saved_tensors
-        grad_input = onednn_linear(grad_output, weight.t().contiguous())
+        grad_input = grad_output.matmul(weight)
         handle = dist.all_reduce(grad_input, group=ctx.tp_group, async_op=True) if ctx.allreduce_dgrad else None
         grad_weight = grad_bias = None
         if ctx.weight_grad:
@@ -79,10 +82,18 @@ class OneDnnLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None
 
 
+def worth_it(rows: int, weight_elements: int) -> bool:
+    """Whether oneDNN beats torch's GEMM for ``rows`` input rows: measured, large weights always do, medium
+    ones from 128 rows on, small ones never (a oneDNN call costs ~20 µs more: 16 rows × 512×128 take 25 µs
+    with torch's GEMM and 43 µs with oneDNN; 2048 rows × 3072×512, 56.7 and 32.2 ms)."""
+    return weight_elements >= 1 << 18 or (weight_elements >= 1 << 16 and rows >= 128)
+
+
 def _eligible(x: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool, fusion: bool = False,
               buffer: Any = None) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not sequence_parallel and not fusion and buffer is None)
+            and not sequence_parallel and not fusion and buffer is None
+            and worth_it(x.numel() // max(x.shape[-1], 1), weight.numel()))
 
 
 def _tp_group(kwargs: dict[str, Any]) -> Any:

@@ -1,12 +1,13 @@
 """megatron's linear layers through oneDNN on CPU (``engine/parallel/cpu_linear.py``): the products and
-gradients of plain autograd in float64, the fall-back to megatron's own functions outside the common case,
-and ``KEEL_CPU_LINEAR=torch``."""
+gradients of plain autograd in float64, the fall-back to megatron's own functions outside the common case
+and for matrices too small to gain, and ``KEEL_CPU_LINEAR=torch``."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch b
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor) -> tuple[
-        torch.Tensor, ...]:
+        Any, ...]:
     x, weight = x.double().requires_grad_(), weight.double().requires_grad_()
     b = bias.double().requires_grad_() if bias is not None else None
     out = torch.nn.functional.linear(x, weight, b)
@@ -39,9 +40,11 @@ def test_products_and_gradients_equal_float64_autograd(with_bias: bool) -> None:
     ref_out, ref_x, ref_w, ref_b = _reference(x, weight, bias, grad)
     assert out.shape == (5, 3, 80) and out._base is None  # not a view: megatron's losses modify logits in place
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    assert xs.grad is not None and ws.grad is not None
     torch.testing.assert_close(xs.grad.double(), ref_x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ws.grad.double(), ref_w, rtol=1e-5, atol=1e-4)
     if bs is not None:
+        assert bs.grad is not None
         torch.testing.assert_close(bs.grad.double(), ref_b, rtol=1e-5, atol=1e-4)
 
 
@@ -61,9 +64,12 @@ def test_install_routes_megatron_and_falls_back_outside_the_common_case() -> Non
     try:
         assert cpu_linear.install()
         assert layers.linear_with_grad_accumulation_and_async_allreduce is not original
-        cpu_linear._ORIGINALS["linear_with_grad_accumulation_and_async_allreduce"] = \
-            lambda *a, **k: calls.append("megatron") or torch.zeros(1)
-        x, weight = torch.randn(2, 3, 8), torch.randn(4, 8, requires_grad=True)
+        def megatron(*args: Any, **kwargs: Any) -> torch.Tensor:
+            calls.append("megatron")
+            return torch.zeros(1)
+
+        cpu_linear._ORIGINALS["linear_with_grad_accumulation_and_async_allreduce"] = megatron
+        x, weight = torch.randn(2, 3, 256), torch.randn(1024, 256, requires_grad=True)
         common = dict(bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False, grad_output_buffer=None,
                       wgrad_deferral_limit=None, tp_group=None)
         out = layers.linear_with_grad_accumulation_and_async_allreduce(x, weight, sequence_parallel=False, **common)
@@ -71,7 +77,9 @@ def test_install_routes_megatron_and_falls_back_outside_the_common_case() -> Non
         layers.linear_with_grad_accumulation_and_async_allreduce(x, weight, sequence_parallel=True, **common)
         layers.linear_with_grad_accumulation_and_async_allreduce(x.double(), weight.double(), sequence_parallel=False,
                                                                  **common)
-        assert calls == ["megatron", "megatron"]
+        small = torch.randn(64, 256, requires_grad=True)  # too small to gain: torch's GEMM
+        layers.linear_with_grad_accumulation_and_async_allreduce(x, small, sequence_parallel=False, **common)
+        assert calls == ["megatron", "megatron", "megatron"]
     finally:
         cpu_linear._ORIGINALS["linear_with_grad_accumulation_and_async_allreduce"] = original
         cpu_linear.uninstall()

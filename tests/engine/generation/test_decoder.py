@@ -19,14 +19,17 @@ PARAMS = SamplingParams(max_new_tokens=6)
 
 @pytest.fixture(scope="module")
 def backends() -> Iterator[dict[str, Any]]:
-    """Three TP1 native backends of tiny-llama sharing one set of random weights: packed, plain, megatron."""
+    """Three TP1 native backends of a widened tiny-llama sharing one set of random weights: packed, plain,
+    megatron."""
     from engine.config import TrainConfig, load_config
     from engine.generation.native import NativeBackend
     from engine.parallel.generation_layout import GenerationParallelState
     from tests.helpers import single_process_parallel
 
     with single_process_parallel():
-        config = load_config(TrainConfig, None, ["model.preset=tiny-llama", "precision.dtype=fp32"])
+        # every weight at least MIN_PACKED_ELEMENTS, so that every product is a packed one
+        config = load_config(TrainConfig, None, ["model.preset=tiny-llama", "model.hidden_size=256",
+                                                 "model.ffn_hidden_size=1024", "precision.dtype=fp32"])
         generator = torch.Generator().manual_seed(7)
         built: dict[str, Any] = {}
         for name, decoder in (("packed", "cached"), ("plain", "cached"), ("megatron", "megatron")):
@@ -44,7 +47,7 @@ def backends() -> Iterator[dict[str, Any]]:
 
 def test_packing_is_used_on_this_cpu_and_released(backends: dict[str, Any]) -> None:
     packed = backends["packed"]
-    if pack_weight(torch.zeros(4, 4)) is None:
+    if pack_weight(torch.zeros(256, 256)) is None:
         pytest.skip("this torch build has no oneDNN linear")
     packed.generate(PROMPTS, PARAMS)
     weights = sum(p.numel() * p.element_size() for n, p in packed.params.items() if n.endswith("weight") and "norm" not in n)
@@ -53,6 +56,11 @@ def test_packing_is_used_on_this_cpu_and_released(backends: dict[str, Any]) -> N
     assert backends["plain"].stats["packed_weight_bytes"] == 0
     packed.release()
     assert packed.decoder.packed_bytes() == 0 and packed.decoder.cache == []
+
+
+def test_small_weights_are_not_packed() -> None:
+    assert pack_weight(torch.zeros(64, 512)) is None
+    assert pack_weight(torch.zeros(256, 256)) is not None or not torch.backends.mkldnn.is_available()
 
 
 def test_packed_plain_and_megatron_decoding_agree(backends: dict[str, Any]) -> None:
