@@ -16,9 +16,10 @@ On CPU the products with weights of at least :data:`MIN_PACKED_ELEMENTS` go thro
 with the weights reordered once per batch into its blocked layout (:func:`pack_weight`). torch's
 default CPU GEMM repacks the weight matrix on every call, which at a decoding step's few rows
 costs more than the arithmetic: measured on bench-34m's shapes, batch 8, 2 cores, 15.7 → 6.5 ms
-per step for the 33 products. The packed copies double the weight memory while a batch decodes and are dropped by :meth:`CachedDecoder.release`; they are
-rebuilt from the live parameters for every batch, so weights written in place (refit, host-shared
-transport) are always the ones used. Rounding differs from the trainer's GEMM by the usual few
+per step for the 33 products. The packed copies double the weight memory while a batch decodes
+and are dropped by :meth:`CachedDecoder.release`; they are rebuilt from the live parameters
+for every batch, so weights written in place (refit, host-shared transport) are always the ones
+used. Rounding differs from the trainer's GEMM by the usual few
 ulps of a different summation order (the rollout/trainer log-prob check bounds it).
 """
 
@@ -29,6 +30,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from engine.parallel.cpu_linear import onednn_linear
 
 #: Smaller weights stay with torch's GEMM: for them a oneDNN call costs more than the product
 #: (batch 8, 2 cores: 512×64 takes 12 µs plain and 19 µs packed; 1024×256, 82 and 39 µs).
@@ -116,9 +119,7 @@ class CachedDecoder:
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         packed = self._packed.get(id(weight))
-        if packed is None:
-            return F.linear(x, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return F.linear(x, weight) if packed is None else onednn_linear(x, packed)
 
     def _output_weight(self) -> torch.Tensor:
         if self.model.share_embeddings_and_output_weights:

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 ENV = "KEEL_CPU_LINEAR"
 _ORIGINALS: dict[str, Callable[..., Any]] = {}
+_group_if_none: Callable[[Any], Any] = lambda group: group  # megatron's, set by install()
 
 
 def available() -> bool:
@@ -98,7 +99,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool, fu
 
 def _tp_group(kwargs: dict[str, Any]) -> Any:
     """The call's TP group, or megatron's global one where it passes none (as megatron's functions do)."""
-    return _ORIGINALS["group_if_none"](kwargs.get("tp_group"))
+    return _group_if_none(kwargs.get("tp_group"))
 
 
 def _trainable(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -122,6 +123,7 @@ def _frozen(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def install() -> bool:
     """Route megatron's CPU linear products through oneDNN (see the module docstring). True when installed."""
+    global _group_if_none
     if _ORIGINALS:
         return True
     if os.environ.get(ENV, "onednn") == "torch" or not available():
@@ -130,7 +132,7 @@ def install() -> bool:
     from megatron.core.tensor_parallel import layers
     from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
-    _ORIGINALS["group_if_none"] = get_tensor_model_parallel_group_if_none
+    _group_if_none = get_tensor_model_parallel_group_if_none
     for name, replacement in (("linear_with_grad_accumulation_and_async_allreduce", _trainable),
                               ("linear_with_frozen_weight", _frozen)):
         _ORIGINALS[name] = getattr(layers, name)
@@ -147,6 +149,5 @@ def uninstall() -> None:
     from megatron.core.tensor_parallel import layers
 
     for name, original in _ORIGINALS.items():
-        if name != "group_if_none":
-            setattr(layers, name, original)
+        setattr(layers, name, original)
     _ORIGINALS.clear()
