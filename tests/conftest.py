@@ -28,3 +28,17 @@ def write_jsonl(tmp_path: Path) -> Callable[..., str]:
         return str(path)
 
     return write
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``make test`` runs two pytest-xdist workers (``-n 2 --dist loadgroup``): the learning tests
+    (``@pytest.mark.learning``, single-threaded recipes of minutes each) form one work unit that goes
+    first, so one worker spends the run on them while the other takes the remaining modules.
+    Each learning run is deterministic in its own process, so sharing the machine changes its
+    time, not its numbers."""
+    learning = [item for item in items if item.get_closest_marker("learning")]
+    if not learning or not hasattr(config, "workerinput"):
+        return
+    for item in learning:
+        item.add_marker(pytest.mark.xdist_group("learning"))
+    items[:] = learning + [item for item in items if not item.get_closest_marker("learning")]

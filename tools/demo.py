@@ -36,7 +36,7 @@ FULL = {"sft": 60, "rm": 300, "dpo": 60, "grpo": 40}
 
 
 def _keel(nproc: int, args: list[str]) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else \
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else \
         [sys.executable]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
     proc = subprocess.run([*launcher, "-m", "engine", *args], cwd=REPO, env=env, text=True, capture_output=True)

@@ -37,7 +37,7 @@ COMMON = ["model.preset=tiny-llama", "data.tokenizer=builtin-sp", "data.seq_leng
 
 
 def keel(args: list[str], nproc: int = 1) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else \
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else \
         [sys.executable]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
     proc = subprocess.run([*launcher, "-m", "engine", *args], cwd=REPO, env=env, text=True, capture_output=True)

@@ -47,7 +47,7 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
 
     world = args.train_tensor * args.train_pipeline * args.data
     if "RANK" not in os.environ and world > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
                    "-m", "engine", *sys.argv[1:]]
         return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
     train, model, tp_rank = _meta_models(args)

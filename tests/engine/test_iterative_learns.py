@@ -25,7 +25,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, _env
+
+pytestmark = pytest.mark.learning  # run in a lane of their own under xdist (tests/conftest.py)
 
 
 def _run(tmp_path: Path, recipe: str) -> dict:

@@ -20,7 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, _env
+
+pytestmark = pytest.mark.learning  # run in a lane of their own under xdist (tests/conftest.py)
 
 ARGS = ["--algorithms", "grpo,reinforce", "--iterations", "40", "--eval-interval", "20", "--eval-prompts", "100", "--samples", "4", "--seed", "7"]
 
