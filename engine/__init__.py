@@ -5,3 +5,7 @@ Importing ``engine`` is cheap: torch, megatron-core and every optional GPU packa
 """
 
 __version__ = "0.1.0"
+
+from engine import eager_imports as _eager_imports
+
+_eager_imports.install()  # megatron's import-time torch.compile calls are skipped without CUDA
