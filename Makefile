@@ -28,4 +28,4 @@ lint: install
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 test: lint
-	$(VENV)/bin/pytest -q -ra --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder
+	$(VENV)/bin/pytest -q -ra --durations=25 -n 2 --dist loadscope --no-loadscope-reorder

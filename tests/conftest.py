@@ -30,15 +30,15 @@ def write_jsonl(tmp_path: Path) -> Callable[..., str]:
     return write
 
 
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``make test`` runs two pytest-xdist workers (``-n 2 --dist loadgroup``): the learning tests
-    (``@pytest.mark.learning``, single-threaded recipes of minutes each) form one work unit that goes
-    first, so one worker spends the run on them while the other takes the remaining modules.
-    Each learning run is deterministic in its own process, so sharing the machine changes its
-    time, not its numbers."""
-    learning = [item for item in items if item.get_closest_marker("learning")]
-    if not learning or not hasattr(config, "workerinput"):
-        return
-    for item in learning:
-        item.add_marker(pytest.mark.xdist_group("learning"))
-    items[:] = learning + [item for item in items if not item.get_closest_marker("learning")]
+    """Order for ``make test``'s two pytest-xdist workers (``-n 2 --dist loadscope``).
+
+    A module is one unit of work, so its module-scoped launches run once. The modules of
+    learning tests (``@pytest.mark.learning``: single-threaded recipes of minutes each) go
+    first, so the workers start on the longest work and fill the end with short modules. A
+    learning run is deterministic in its own process: sharing the machine changes its time,
+    not its numbers.
+    """
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("learning") is None)  # stable

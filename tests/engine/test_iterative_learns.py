@@ -29,7 +29,7 @@ import pytest
 
 from tests.helpers import REPO, _env
 
-pytestmark = pytest.mark.learning  # run in a lane of their own under xdist (tests/conftest.py)
+pytestmark = pytest.mark.learning  # handed out first under xdist (tests/conftest.py)
 
 
 def _run(tmp_path: Path, recipe: str) -> dict:

@@ -24,7 +24,7 @@ import pytest
 
 from tests.helpers import REPO, _env
 
-pytestmark = pytest.mark.learning  # run in a lane of their own under xdist (tests/conftest.py)
+pytestmark = pytest.mark.learning  # handed out first under xdist (tests/conftest.py)
 
 ARGS = ["--algorithms", "grpo,reinforce", "--iterations", "40", "--eval-interval", "20", "--eval-prompts", "100", "--samples", "4", "--seed", "7"]
 

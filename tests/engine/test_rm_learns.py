@@ -21,7 +21,7 @@ import pytest
 
 from tests.helpers import REPO, _env
 
-pytestmark = pytest.mark.learning  # run in a lane of their own under xdist (tests/conftest.py)
+pytestmark = pytest.mark.learning  # handed out first under xdist (tests/conftest.py)
 
 # The target is 0.90. Measured on this recipe: 0.83 (600 unseen pairs; 0.80 with a data
 # variant that had two thirds misreadings). The bar sits below that with margin (README,
