@@ -1,12 +1,17 @@
 """megatron-core's import-time ``torch.compile`` calls, skipped on machines without CUDA.
 
-megatron-core wraps its fusion kernels (bias-GeLU, bias-SwiGLU, bias-dropout-add, ...) in
-``torch.compile`` while its modules are imported (``megatron.core.jit.jit_fuser``). The first
-of those calls imports torch's dynamo and inductor stack: about 2 s of the 6 s that a one-step
-``keel train sft`` takes on CPU, paid again by every rank of every launch. Keel builds the
-local spec without those fusions when there is no GPU (``engine/models/builder.py``), and a
-function left uncompiled computes the same values eagerly, so on such a machine the wrappers
-only cost start-up time.
+megatron-core wraps its fusion kernels (bias-GeLU, bias-SwiGLU, bias-dropout-add, squared
+ReLU, ...) in ``torch.compile`` while its modules are imported (``megatron.core.jit.jit_fuser``).
+On a machine without CUDA that costs twice:
+
+* the first wrapper imports torch's dynamo and inductor stack: about 2 s of the 6 s that a
+  one-step ``keel train sft`` takes on CPU, paid again by every rank of every launch;
+* a wrapped function that does run there is compiled by inductor into C++ on its first call,
+  which needs a C++ compiler and takes seconds. Keel's local spec leaves the bias fusions off
+  without a GPU (``engine/models/builder.py``), but Nemotron's squared-ReLU activation is
+  such a function.
+
+An uncompiled function computes the same values eagerly, so there the wrappers buy nothing.
 
 :func:`install` (run by ``import engine``) puts a finder in front of ``sys.meta_path``. While a
 ``megatron`` module executes on a machine without CUDA, ``torch.compile`` returns what it was
