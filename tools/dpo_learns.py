@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--dpo-steps", type=int, default=600)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--dpo-lr", type=float, default=1e-3)
+    parser.add_argument("--dpo-lr", type=float, default=3e-4)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=31)
     args = parser.parse_args()
