@@ -30,7 +30,6 @@ def write_jsonl(tmp_path: Path) -> Callable[..., str]:
     return write
 
 
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order for ``make test``'s two pytest-xdist workers (``-n 2 --dist loadscope``).
 

@@ -13,8 +13,7 @@ from engine import eager_imports
 from tests.helpers import REPO, _env
 
 PROBE = """
-import json, sys, time
-began = time.perf_counter()
+import json, sys
 import engine, torch
 real_compile = torch.compile
 import megatron.core
