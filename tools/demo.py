@@ -20,8 +20,6 @@ Each stage is a real ``keel train`` run under torchrun (``--nproc`` ranks, data 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,25 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.metrics import read_metrics  # noqa: E402
+from tools.launch import keel  # noqa: E402
 
 QUICK = {"sft": 6, "rm": 6, "dpo": 6, "grpo": 2}
 FULL = {"sft": 60, "rm": 300, "dpo": 60, "grpo": 40}
 
 
-def _keel(nproc: int, args: list[str]) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else \
-        [sys.executable]
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([*launcher, "-m", "engine", *args], cwd=REPO, env=env, text=True, capture_output=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
-        raise SystemExit(f"demo: `keel {' '.join(args[:2])}` failed with exit code {proc.returncode}")
-
-
 def _stage(nproc: int, algo: str, run: Path, overrides: list[str], config: str = "") -> float:
     began = time.perf_counter()
-    _keel(nproc, ["train", algo, *(["--config", config] if config else []), f"run.output_dir={run}",
-                  "checkpoint.resume=none", "logging.progress=false", *overrides])
+    keel(["train", algo, *(["--config", config] if config else []), f"run.output_dir={run}",
+          "checkpoint.resume=none", "logging.progress=false", *overrides], nproc)
     return time.perf_counter() - began
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,19 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.data.synthetic import WRONG_KINDS  # noqa: E402
+from tools.launch import keel  # noqa: E402
 from tools.rm_synthetic_eval import controlled_pairs  # noqa: E402
 
 COMMON = ["model.preset=tiny-llama", "data.tokenizer=builtin-sp", "data.seq_length=224", "logging.progress=false",
           "logging.tensorboard=false", "checkpoint.resume=none", "checkpoint.save_interval=0"]
-
-
-def keel(args: list[str], nproc: int = 1) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else \
-        [sys.executable]
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([*launcher, "-m", "engine", *args], cwd=REPO, env=env, text=True, capture_output=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"keel {' '.join(args[:3])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def write_data(out: Path, train_prompts: int, eval_prompts: int, seed: int) -> None:

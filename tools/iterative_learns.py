@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 from engine.data.convert import attributes_to_steerlm  # noqa: E402
 from engine.data.synthetic import helpsteer_rows, prompt_rows, rollout_prompt_rows  # noqa: E402
 from engine.plots import write_curves  # noqa: E402
-from tools.dpo_learns import keel, train_sft, write_report  # noqa: E402
+from tools.dpo_learns import train_sft, write_report  # noqa: E402
+from tools.launch import keel  # noqa: E402
 from tools.rl_learns import dump, metric_rows, sft_rows  # noqa: E402
 
 SHARED = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=none"]

@@ -59,7 +59,8 @@ from engine.data.synthetic import (  # noqa: E402
     sft_task,
     task_kind,
 )
-from tools.dpo_learns import keel, train_sft, write_report  # noqa: E402
+from tools.dpo_learns import train_sft, write_report  # noqa: E402
+from tools.launch import keel  # noqa: E402
 
 ALGORITHMS = ("grpo", "reinforce", "ppo")
 EXTRA = {"ppo": ["ppo.critic=init"]}  # the critic: a value head on the SFT trunk (no reward model here)

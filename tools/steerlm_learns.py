@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from engine.data.convert import attributes_to_steerlm  # noqa: E402
 from engine.data.synthetic import helpsteer_rows, prompt_rows  # noqa: E402
-from tools.dpo_learns import keel, train_sft, write_report  # noqa: E402
+from tools.dpo_learns import train_sft, write_report  # noqa: E402
+from tools.launch import keel  # noqa: E402
 
 SETTINGS = {
     "verbosity_only_0": "verbosity=0", "verbosity_only_4": "verbosity=4",
