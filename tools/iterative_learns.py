@@ -123,16 +123,18 @@ def steerlm2(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                         "target1 (verbosity 4)": "helpfulness:2,correctness:4,coherence:4,complexity:2,verbosity:4"},
             "held_out_greedy": held_out, "sampled": sampled, "gap_change": round(gap[-1] - gap[0], 4),
             "length_ratio_verbosity_4_over_0": round(high / max(low, 1e-9), 3),
-            "passes": gap[-1] < gap[0] - args.bar and high > low,
+            "passes": gap[-1] <= gap[0] - args.bar and high >= 8 * low,
             "png": str(run / "iterations.png"), "setup_s": round(setup_s, 1),
             "iterative_s": round(time.perf_counter() - began - setup_s, 1)}
 
 
 DEFAULTS = {  # per recipe
-    "iterative-dpo": {"sft_rows": 20000, "sft_steps": 800, "prompts": 128, "samples": 8, "lr": 3e-5, "bar": 0.03,
-                      "eval_prompts": 200},
-    "steerlm2": {"sft_rows": 6000, "sft_steps": 300, "prompts": 32, "samples": 4, "lr": 1e-4, "bar": 0.03,
-                 "eval_prompts": 100},
+    "iterative-dpo": {"sft_rows": 20000, "sft_steps": 800, "prompts": 128, "samples": 8, "iterations": 2,
+                      "lr": 3e-5, "bar": 0.03, "eval_prompts": 200},
+    # 64 x 8 over 3 iterations (was 32 x 4 over 2): at the smaller size the gap's fall was within what a
+    # rounding-only change to the SFT and RM runs moves it by (README, "Sample-and-train")
+    "steerlm2": {"sft_rows": 6000, "sft_steps": 300, "prompts": 64, "samples": 8, "iterations": 3, "lr": 1e-4,
+                 "bar": 0.03, "eval_prompts": 100},
 }
 
 
@@ -143,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", default=None, help="also write the JSON report here")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the SFT and RM runs")
-    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--eval-prompts", type=int, default=None, help="unseen prompts judged greedily")
     parser.add_argument("--sft-rows", type=int, default=None)
     parser.add_argument("--sft-steps", type=int, default=None)

@@ -9,11 +9,13 @@ machines measured:
   samples per iteration scored by ``synthetic_check``): greedy correctness on 200 unseen prompts
   0.25 → 0.29 → 0.305 (Intel Xeon) and 0.24 → 0.265 → 0.26 (AMD EPYC); the policy's sampled
   correctness 0.124 → 0.346 and 0.122 → 0.351;
-* SteerLM 2.0 (SteerLM SFT 300 steps, regression RM from scratch 600 steps, 32 prompts × 4 samples):
-  mean |target − RM-predicted| attribute gap of greedy answers to 100 unseen prompts at two targets
-  1.104 → 1.049 → 1.018 (Intel) and 1.430 → 1.356 → 1.256 (AMD); answer length at verbosity 0 /
-  verbosity 4: 12.1 / 64.1 → 3.6 / 49.1 tokens (Intel) and 12.1 / 64.1 → 12.4 / 76.1 (AMD). The
-  verbosity-0 answers got shorter on one machine only, so that is not asserted.
+* SteerLM 2.0 (SteerLM SFT 300 steps, regression RM from scratch 600 steps, 64 prompts × 8 samples,
+  3 iterations): mean |target − RM-predicted| attribute gap of greedy answers to 100 unseen prompts
+  at two targets 1.430 → 1.114 (AMD EPYC). The recipe was sized against perturbations: with the SFT
+  and RM runs' micro-batches cut to other lengths (a rounding-only change that moved the RM's
+  starting gap to 0.707), and with seed 8, seed 9 or LR 2e-4 in the SteerLM 2.0 stage, the gap fell
+  by 0.041 to 0.34 in all 8 runs, and verbosity-4 answers ended 13 to 26 times as long as verbosity-0 ones (5
+  times before).
 
 About 1.5-4 minutes each on 2 idle cores (several times that on a loaded machine).
 """
@@ -55,7 +57,7 @@ def test_steerlm2_narrows_the_attribute_gap_and_follows_verbosity(tmp_path: Path
     report = _run(tmp_path, "steerlm2")
     held_out = report["held_out_greedy"]
     gap = [value for _, value in held_out["attribute_gap"]]
-    assert len(gap) == 3 and gap[2] <= gap[0] - 0.04, held_out
+    assert len(gap) == 4 and gap[3] <= gap[0] - 0.03, held_out  # before, after iterations 1-3
     low = [value for _, value in held_out["response_length_target0"]]
     high = [value for _, value in held_out["response_length_target1"]]
-    assert high[2] >= 4 * low[2], held_out  # the verbosity-4 target answers at length, the verbosity-0 one briefly
+    assert high[3] >= 8 * low[3], held_out  # the verbosity-4 target answers at length, the verbosity-0 one briefly
