@@ -54,8 +54,20 @@ def group_by_length(groups: list[list[int]], length: Callable[[int], int]) -> li
     return out
 
 
+def length_multiple(layout: Any) -> int:
+    """What a cut micro-batch's length is rounded up to.
+
+    Under sequence parallelism megatron splits the positions over the tensor-parallel ranks. On a
+    GPU each rank's share is kept a multiple of 16 (Transformer Engine's FP8 GEMMs need aligned
+    token counts, and tensor cores prefer them). On CPU nothing else: every padded position is
+    computed for nothing.
+    """
+    per_rank = 16 if torch.cuda.is_available() else 1
+    return per_rank * (layout.tensor if layout.sequence_parallel else 1)
+
+
 def padded_length(used: int, seq_length: int, multiple: int) -> int:
-    """``used`` rounded up to ``multiple`` (sequence parallelism splits it), at most ``seq_length``."""
+    """``used`` rounded up to ``multiple`` (:func:`length_multiple`), at most ``seq_length``."""
     return min(seq_length, -(-max(used, 1) // multiple) * multiple)
 
 
@@ -88,6 +100,6 @@ def micro_batches_for(groups: list[list[int]], dataset: StepDataset, seq_length:
     lengths = [max(dataset.length(i) for i in indices) for indices in groups]
     if layout.pipeline > 1:
         lengths = [max(lengths)] * len(lengths)
-    multiple = 8 * layout.tensor
+    multiple = length_multiple(layout)
     return [cut_to_length(dataset.collate(indices), padded_length(n, seq_length, multiple))
             for indices, n in zip(groups, lengths, strict=True)]

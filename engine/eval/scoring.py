@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine.algorithms.reward import GOODNESS_WEIGHTS, RewardStep, RewardTrainConfig
-from engine.data.batching import padded_length, to_device
+from engine.data.batching import length_multiple, padded_length, to_device
 from engine.data.chat import prompt_messages, render_reply
 from engine.data.fit import fit_prompt
 from engine.parallel.collectives import from_last_stage, gather_data_parallel_rows
@@ -98,7 +98,7 @@ class RewardScorer:
             return [], [], 0
         order = sorted(items, key=lambda i: -int(items[i]["end_index"]))
         order += [order[-1]] * (-len(order) % self.micro_batch_size)  # pad the last micro-batch
-        multiple = 8 * self.parallel.layout.tensor
+        multiple = length_multiple(self.parallel.layout)
         longest = padded_length(int(items[order[0]]["end_index"]) + 1, self.seq_length, multiple)
         batches = []
         for i in range(0, len(order), self.micro_batch_size):

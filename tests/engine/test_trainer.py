@@ -147,6 +147,33 @@ def test_group_by_length_keeps_the_rows_and_group_sizes() -> None:
     assert cut["tokens"].shape == (2, 16) and cut["loss_mask"].shape == (2, 16) and cut["end_index"].shape == (2,)
 
 
+def test_cut_micro_batches_are_padded_only_where_a_layout_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU a micro-batch is cut to its longest row exactly; sequence parallelism rounds to the TP
+    size (megatron splits the positions); a GPU keeps each rank's share a multiple of 16."""
+    from engine.data.batching import length_multiple, micro_batches_for
+    from engine.parallel.layout import ParallelLayout
+
+    class Rows:
+        lengths = [37, 5, 21, 12]
+
+        def __len__(self) -> int:
+            return len(self.lengths)
+
+        def length(self, index: int) -> int:
+            return self.lengths[index]
+
+        def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+            return {"tokens": torch.zeros(len(indices), 64, dtype=torch.long)}
+
+    plain, sp = ParallelLayout(2, 1, 1), ParallelLayout(2, 1, 1, sequence_parallel=True)
+    assert (length_multiple(ParallelLayout(1, 1, 1)), length_multiple(plain), length_multiple(sp)) == (1, 1, 2)
+    shapes = [b["tokens"].shape[1] for b in micro_batches_for([[0, 1], [2, 3]], Rows(), 64, plain, True)]
+    assert shapes == [37, 12]  # (37, 21) and (12, 5): each cut to its longest row
+    assert [b["tokens"].shape[1] for b in micro_batches_for([[0, 1], [2, 3]], Rows(), 64, sp, True)] == [38, 12]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (length_multiple(plain), length_multiple(sp)) == (16, 32)
+
+
 @pytest.mark.parametrize("algo", ["sft", "rm"])
 def test_group_by_length_trains_the_same_model(tmp_path: Path, algo: str) -> None:
     """Grouping rows by length and cutting padding changes only the order of floating-point sums."""
