@@ -53,8 +53,26 @@ def test_iterative_dpo_raises_greedy_correctness_on_unseen_prompts(tmp_path: Pat
     assert all(pairs > 0 for _, pairs in report["sampled"]["pairs"])
 
 
-def test_steerlm2_narrows_the_attribute_gap_and_follows_verbosity(tmp_path: Path) -> None:
-    report = _run(tmp_path, "steerlm2")
+@pytest.fixture(scope="module")
+def steerlm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("steerlm2")
+    return out, _run(out, "steerlm2")
+
+
+def test_steerlm_verbosity_changes_generated_length(steerlm2: tuple[Path, dict], tmp_path: Path) -> None:
+    """``tools/steerlm_learns.py`` on SteerLM 2.0's SFT model: its own SFT run at the same rows, steps and seed."""
+    out, _ = steerlm2
+    proc = subprocess.run([sys.executable, "tools/steerlm_learns.py", "--out", str(tmp_path),
+                           "--sft-checkpoint", str(out / "sft" / "checkpoints")],
+                          cwd=REPO, env=_env(), text=True, capture_output=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["data_attribute_sets_length_ratio_4_over_0"] >= 3.0, report
+    assert report["verbosity_only_length_ratio_4_over_0"] > 1.0, report
+
+
+def test_steerlm2_narrows_the_attribute_gap_and_follows_verbosity(steerlm2: tuple[Path, dict]) -> None:
+    _, report = steerlm2
     held_out = report["held_out_greedy"]
     gap = [value for _, value in held_out["attribute_gap"]]
     assert len(gap) == 4 and gap[3] <= gap[0] - 0.03, held_out  # before, after iterations 1-3

@@ -4,8 +4,9 @@
   prefers the right answer on unseen prompts (eval split) in >= 90% of controlled pairs whose
   wrong answer is a misreading (0.5 before DPO: the policy is its reference). Same-form wrong
   answers have no bar; the number is recorded in tools/bench/results/dpo_learns.json.
-* SteerLM (``tools/steerlm_learns.py``): generations for unseen prompts are longer when the
-  attributes ask for verbosity 4 than for verbosity 0.
+
+SteerLM's own check (verbosity 4 vs 0 on unseen prompts) lives in test_iterative_learns.py, where it
+reuses SteerLM 2.0's SFT model.
 """
 
 from __future__ import annotations
@@ -35,8 +36,3 @@ def test_dpo_prefers_right_answers_on_unseen_prompts(tmp_path: Path) -> None:
     assert report["misreading"]["accuracy"] >= 0.90, report
     assert report["same_form"]["accuracy"] > 0.5, report  # measured 0.70; above chance, no bar beyond that
 
-
-def test_steerlm_verbosity_changes_generated_length(tmp_path: Path) -> None:
-    report = _run("tools/steerlm_learns.py", tmp_path)
-    assert report["data_attribute_sets_length_ratio_4_over_0"] >= 3.0, report
-    assert report["verbosity_only_length_ratio_4_over_0"] > 1.0, report
