@@ -17,10 +17,11 @@ Rules:
 * Tensor factories (``torch.tensor``, ``torch.zeros``, ... see ``_FACTORIES``) are wrapped
   so an explicit ``device='cuda'`` becomes the CPU; other arguments pass through.
 * Nothing here changes the maths: it redirects device placement and turns synchronisation
-  into no-ops (CPU ops are synchronous). One kernel changes: the forward products of
-  megatron's linear layers with large enough fp32 weights go through oneDNN instead of torch's
-  default GEMM (:mod:`engine.parallel.cpu_linear`: the same products, summed in another order,
-  faster on CPU; ``KEEL_CPU_LINEAR=torch`` keeps torch's).
+  into no-ops (CPU ops are synchronous). One kernel changes on AMD CPUs: the forward products
+  of megatron's linear layers with large enough fp32 weights go through oneDNN instead of
+  torch's default GEMM (:mod:`engine.parallel.cpu_linear`: the same products, summed in another
+  order, faster there; on Intel CPUs torch's MKL GEMM is the faster one and stays;
+  ``KEEL_CPU_LINEAR=onednn|torch`` chooses either everywhere).
 * Activation also keeps freed host memory in the process
   (:func:`engine.parallel.host_memory.retain_freed_memory`), so each training step reuses
   the previous step's buffers instead of faulting fresh pages in. :func:`deactivate` leaves

@@ -1,10 +1,14 @@
 """megatron's tensor-parallel linear layers on CPU through oneDNN's matrix products.
 
-torch's default CPU GEMM packs the weight matrix into its own blocked layout inside every
-call. Measured on a 2-core AMD EPYC for the shapes of a training step (2048 tokens, fp32),
-oneDNN's inner product, given the same plain tensors, is faster for the forward product
-``X Wᵀ`` of large enough matrices (fc1 512→3072: 56.7 → 32.2 ms; a 512→8192 output layer:
-162.6 → 113.7 ms).
+torch's default CPU GEMM (MKL in the x86 builds) packs the weight matrix into its own blocked
+layout inside every call. Measured on a 2-core AMD EPYC for the shapes of a training step
+(2048 tokens, fp32), oneDNN's inner product, given the same plain tensors, is faster for the
+forward product ``X Wᵀ`` of large enough matrices (fc1 512→3072: 56.7 → 32.2 ms; a 512→8192
+output layer: 162.6 → 113.7 ms). On a 2-core Intel Xeon, where MKL runs its own code paths,
+torch's GEMM is the faster one for the same shapes (fc1 14.5 against 15.5 ms; 512→8192 equal;
+SmolLM2's 576→49152 output layer at 4096 tokens 566 against 707 ms). So by default
+(``KEEL_CPU_LINEAR=auto``) the layer is installed on AMD CPUs only (:func:`preferred`);
+``onednn`` installs it anywhere, ``torch`` nowhere.
 
 :func:`install` replaces the two functions megatron's ``ColumnParallelLinear`` and
 ``RowParallelLinear`` call per forward (``linear_with_grad_accumulation_and_async_allreduce``
@@ -46,6 +50,29 @@ def available() -> bool:
     except (RuntimeError, AttributeError):
         return False
     return True
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string from ``/proc/cpuinfo`` (``AuthenticAMD``, ``GenuineIntel``), or "" where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def preferred() -> bool:
+    """Whether this process should route the products through oneDNN: ``KEEL_CPU_LINEAR`` (``auto``, the
+    default: on AMD CPUs, where it was measured faster than MKL's GEMM; ``onednn``: always; ``torch``: never)."""
+    choice = os.environ.get(ENV, "auto")
+    if choice not in ("auto", "onednn", "torch"):
+        raise ValueError(f"{ENV}={choice!r}: expected auto, onednn or torch")
+    if choice == "auto":
+        return cpu_vendor() == "AuthenticAMD"
+    return choice == "onednn"
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -126,8 +153,9 @@ def install() -> bool:
     global _group_if_none
     if _ORIGINALS:
         return True
-    if os.environ.get(ENV, "onednn") == "torch" or not available():
-        logger.debug("megatron's linear layers keep torch's GEMM on CPU")
+    if not preferred() or not available():
+        logger.debug("megatron's linear layers keep torch's GEMM on CPU (%s=%s, vendor %r)",
+                     ENV, os.environ.get(ENV, "auto"), cpu_vendor())
         return False
     from megatron.core.tensor_parallel import layers
     from megatron.core.utils import get_tensor_model_parallel_group_if_none

@@ -1,6 +1,6 @@
 """megatron's linear layers through oneDNN on CPU (``engine/parallel/cpu_linear.py``): the products and
 gradients of plain autograd in float64, the fall-back to megatron's own functions outside the common case
-and for matrices too small to gain, and ``KEEL_CPU_LINEAR=torch``."""
+and for matrices too small to gain, and ``KEEL_CPU_LINEAR`` (auto: AMD CPUs only; onednn; torch)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ def test_frozen_weight_gets_no_gradient_but_the_input_does() -> None:
     torch.testing.assert_close(x.grad, weight.sum(0).expand(4, 16), rtol=1e-5, atol=1e-5)
 
 
-def test_install_routes_megatron_and_falls_back_outside_the_common_case() -> None:
+def test_install_routes_megatron_and_falls_back_outside_the_common_case(monkeypatch: pytest.MonkeyPatch) -> None:
     from megatron.core.tensor_parallel import layers
 
+    monkeypatch.setenv(cpu_linear.ENV, "onednn")
     original = layers.linear_with_grad_accumulation_and_async_allreduce
     calls: list[str] = []
     try:
@@ -84,6 +85,23 @@ def test_install_routes_megatron_and_falls_back_outside_the_common_case() -> Non
         cpu_linear._ORIGINALS["linear_with_grad_accumulation_and_async_allreduce"] = original
         cpu_linear.uninstall()
     assert layers.linear_with_grad_accumulation_and_async_allreduce is original
+
+
+@pytest.mark.parametrize(("choice", "vendor", "expected"), [
+    ("auto", "AuthenticAMD", True), ("auto", "GenuineIntel", False), ("auto", "", False),
+    ("onednn", "GenuineIntel", True), ("torch", "AuthenticAMD", False),
+])
+def test_default_kernel_follows_the_cpu_vendor(monkeypatch: pytest.MonkeyPatch, choice: str, vendor: str,
+                                               expected: bool) -> None:
+    monkeypatch.setenv(cpu_linear.ENV, choice)
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    assert cpu_linear.preferred() is expected
+
+
+def test_unknown_kernel_choice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_linear.ENV, "mkl")
+    with pytest.raises(ValueError, match="KEEL_CPU_LINEAR='mkl': expected auto, onednn or torch"):
+        cpu_linear.preferred()
 
 
 def test_environment_keeps_torch_gemm() -> None:
