@@ -7,8 +7,9 @@ machines measured:
 
 * iterative DPO (tiny-llama, 800 SFT steps on concise and rambling right answers; 128 prompts × 8
   samples per iteration scored by ``synthetic_check``): greedy correctness on 200 unseen prompts
-  0.25 → 0.29 → 0.305 (Intel Xeon) and 0.24 → 0.265 → 0.26 (AMD EPYC); the policy's sampled
-  correctness 0.124 → 0.346 and 0.122 → 0.351;
+  0.22 → 0.25 → 0.25 (Intel Xeon, exact cut), 0.25 → 0.29 → 0.305 (Intel Xeon, before it) and
+  0.24 → 0.265 → 0.26 (AMD EPYC); the policy's sampled correctness 0.112 → 0.303, 0.124 → 0.346
+  and 0.122 → 0.351;
 * SteerLM 2.0 (SteerLM SFT 300 steps, regression RM from scratch 600 steps, 64 prompts × 8 samples,
   3 iterations): mean |target − RM-predicted| attribute gap of greedy answers to 100 unseen prompts
   at two targets 1.645 → 1.524 (Intel Xeon) and 1.430 → 1.114 (AMD EPYC, micro-batches then rounded
