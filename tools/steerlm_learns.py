@@ -60,18 +60,20 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--sft-checkpoint", default=None,
-                        help="use this SteerLM SFT checkpoint (no SFT run); tools/iterative_learns.py --recipe steerlm2 "
-                             "trains the same one at the same --rows, --steps and --seed")
+                        help="use this SteerLM SFT checkpoint (no SFT run); tools/iterative_learns.py "
+                             "--recipe steerlm2 trains the same one at the same --rows, --steps and --seed")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    rows, _ = attributes_to_steerlm(helpsteer_rows(args.rows, args.seed, "train"))
-    (out / "steerlm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts = prompt_rows(args.prompts, args.seed + 1, "eval")
     (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in prompts))
-    checkpoint = Path(args.sft_checkpoint).resolve() if args.sft_checkpoint else \
-        train_sft(out, out / "steerlm.jsonl", args.steps, args.nproc, ("data.chat_template=nemotron",))
+    if args.sft_checkpoint:
+        checkpoint = Path(args.sft_checkpoint).resolve()
+    else:  # the SFT rows are only needed for this run
+        rows, _ = attributes_to_steerlm(helpsteer_rows(args.rows, args.seed, "train"))
+        (out / "steerlm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        checkpoint = train_sft(out, out / "steerlm.jsonl", args.steps, args.nproc, ("data.chat_template=nemotron",))
     report: dict[str, Any] = {}
     for name, attributes in SETTINGS.items():
         target = out / f"{name}.jsonl"

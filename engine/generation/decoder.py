@@ -16,12 +16,12 @@ On CPU the products with weights of at least :data:`MIN_PACKED_ELEMENTS` go thro
 with the weights reordered once per batch into its blocked layout (:func:`pack_weight`). torch's
 default CPU GEMM repacks the weight matrix on every call, which at a decoding step's few rows
 costs more than the arithmetic: measured on bench-34m's shapes, batch 8, 2 AMD EPYC cores, 15.7 →
-6.5 ms per step for the 33 products. On 2 Intel Xeon cores, where MKL is fast at few rows, the
-reordered products win only for the large weights (fc1 317 → 180 µs, the output layer 902 →
-442 µs) and lose for QKV, proj and fc2 (4.3 → 3.1 ms per step in all). The packed copies double the weight memory while a batch decodes
-and are dropped by :meth:`CachedDecoder.release`; they are rebuilt from the live parameters
-for every batch, so weights written in place (refit, host-shared transport) are always the ones
-used. Rounding differs from the trainer's GEMM by the usual few
+6.5 ms per step for the 33 products. On 2 Intel Xeon cores, where MKL is fast at few rows, they
+still go from 4.3 to 3.1 ms, but the reordering wins only for the large weights (fc1 317 → 180 µs,
+the output layer 902 → 442 µs) and loses for QKV, proj and fc2. The packed copies double the
+weight memory while a batch decodes and are dropped by :meth:`CachedDecoder.release`; they are
+rebuilt from the live parameters for every batch, so weights written in place (refit,
+host-shared transport) are always the ones used. Rounding differs from the trainer's GEMM by the usual few
 ulps of a different summation order (the rollout/trainer log-prob check bounds it).
 """
 

@@ -13,11 +13,11 @@ machines measured:
 * SteerLM 2.0 (SteerLM SFT 300 steps, regression RM from scratch 600 steps, 64 prompts × 8 samples,
   3 iterations): mean |target − RM-predicted| attribute gap of greedy answers to 100 unseen prompts
   at two targets 1.645 → 1.524 (Intel Xeon) and 1.430 → 1.114 (AMD EPYC, micro-batches then rounded
-  up to 8 positions); verbosity-4 answers 24.7 and 23.6 times as long as verbosity-0 ones. The recipe was sized against perturbations: with the SFT
-  and RM runs' micro-batches cut to other lengths (a rounding-only change that moved the RM's
-  starting gap to 0.707), and with seed 8, seed 9 or LR 2e-4 in the SteerLM 2.0 stage, the gap fell
-  by 0.041 to 0.34 in all 8 runs, and verbosity-4 answers ended 13 to 26 times as long as verbosity-0 ones (5
-  times before).
+  up to 8 positions); verbosity-4 answers 24.7 and 23.6 times as long as verbosity-0 ones. The
+  recipe was sized against perturbations: with the SFT and RM runs' micro-batches cut to other
+  lengths (a rounding-only change that moved the RM's starting gap to 0.707), and with seed 8,
+  seed 9 or LR 2e-4 in the SteerLM 2.0 stage, the gap fell by 0.041 to 0.34 in all 8 runs, and
+  verbosity-4 answers ended 13 to 26 times as long as verbosity-0 ones (5 times before).
 
 About 1.5-4 minutes each on 2 idle cores (several times that on a loaded machine).
 """

@@ -34,5 +34,5 @@ def test_dpo_prefers_right_answers_on_unseen_prompts(tmp_path: Path) -> None:
     report = _run("tools/dpo_learns.py", tmp_path)["unseen_prompts_after_dpo"]
     assert report["misreading"]["pairs"] >= 300
     assert report["misreading"]["accuracy"] >= 0.90, report
-    assert report["same_form"]["accuracy"] > 0.5, report  # measured 0.70 (AMD), 0.65 (Intel); above chance, no bar beyond that
-
+    # measured 0.70 (AMD) and 0.65 (Intel): above chance, no bar beyond that
+    assert report["same_form"]["accuracy"] > 0.5, report
