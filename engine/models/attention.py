@@ -48,8 +48,14 @@ class SDPACoreAttention(DotProductAttention):
         # Grouped-query attention: SDPA broadcasts the KV groups itself (enable_gqa), which avoids
         # materialising repeated keys and values.
         gqa = query.shape[2] != key.shape[2]
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if query.device.type == "cpu" and query.shape[0] == key.shape[0]:
+            # [s, b, h, d] -> [b, h, s, d] laid out as [b, s, h, d]: on that layout torch's CPU flash
+            # kernel gains more, forward and backward, than the copies cost (bench-34m, 8 x 256:
+            # 16.2 -> 14.1 ms a layer), and its results are bitwise the same. Queries onto a KV cache
+            # (fewer than the keys) keep the views, so the cache is not copied at every step.
+            q, k, v = (t.transpose(0, 1).contiguous().transpose(1, 2) for t in (query, key, value))
+        else:  # [s, b, h, d] -> [b, h, s, d]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
         if attention_mask is not None:
             out = F.scaled_dot_product_attention(

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from engine.parallel import cpu_linear
+from engine.parallel import cpu_linear, cpu_multi_tensor
 from engine.parallel.host_memory import retain_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,8 @@ def activate() -> bool:
     _patch(torch.Tensor, "type", _tensor_type)
     _patch(torch.nn.Module, "cuda", _module_cuda)
     _patch(torch.Tensor, "pin_memory", _pin_memory)
+    for owner, name, value in cpu_multi_tensor.targets():
+        _patch(owner, name, value)
     retain_freed_memory()
     cpu_linear.install()
     _active = True
