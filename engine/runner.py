@@ -57,7 +57,9 @@ def build_model(config: Any, parallel: Any, wrap_ddp: bool = True, step: Any = N
 
 
 def wrap_in_ddp(chunks: list[Any], tconfig: Any, layout: Any, grad_reduce_in_fp32: bool) -> list[Any]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from engine.parallel.ddp import ddp_class
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
@@ -65,7 +67,7 @@ def wrap_in_ddp(chunks: list[Any], tconfig: Any, layout: Any, grad_reduce_in_fp3
         use_distributed_optimizer=layout.distributed_optimizer,
     )
     wrapped = [
-        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        ddp_class()(config=tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
     for chunk in wrapped:

@@ -19,6 +19,7 @@ import torch
 
 from engine.algorithms.sft import SFTStep
 from engine.config import TrainConfig, load_config
+from engine.parallel import ddp
 from tests.helpers import single_process_parallel
 
 BASE = [
@@ -148,9 +149,13 @@ def _lose_state(runner: Any) -> None:
 
 
 def _stale_grads(runner: Any) -> None:
+    # Buffers back with old values, which the step then treats as gradient already accumulated (after
+    # zero_grad the DDP copies each parameter's first gradient of a step over whatever the buffer holds).
     for chunk in runner.chunks:
         for buffer in chunk.buffers:
             buffer.grad_data.fill_(1e-3)
+            for param in buffer.params:
+                setattr(param, ddp.STALE, False)
 
 
 @pytest.mark.parametrize("broken", [_lose_state, _stale_grads], ids=["state-lost", "grads-stale"])
