@@ -84,7 +84,8 @@ def iterative_dpo(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 def train_reward_model(out: Path, args: argparse.Namespace) -> Path:
     """A five-attribute regression RM from random weights on the built-in HelpSteer-style rows."""
     keel(["train", "rm", "--config", str(REPO / "examples" / "rm_regression_from_scratch.yaml"), *SHARED,
-          f"run.train_steps={args.rm_steps}", "run.eval_interval=0", "checkpoint.save_interval=0",
+          # SteerLM 2.0's recipe keeps the 4-layer judge it was measured with (the example now has 6 layers).
+          "model.num_layers=4", f"run.train_steps={args.rm_steps}", "run.eval_interval=0", "checkpoint.save_interval=0",
           "data.global_batch_size=16", "data.micro_batch_size=8", "scheduler.warmup_steps=10",
           f"run.output_dir={out / 'rm'}"], args.nproc)
     return out / "rm" / "checkpoints"

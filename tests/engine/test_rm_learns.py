@@ -1,6 +1,6 @@
-"""The from-scratch reward-model recipe learns what the synthetic data's labels say (3+ minutes).
+"""The from-scratch reward-model recipe learns what the synthetic data's labels say (about 12 minutes).
 
-Trains ``examples/rm_regression_from_scratch.yaml`` (tiny-llama, random init) exactly as a user
+Trains ``examples/rm_regression_from_scratch.yaml`` (tiny-llama with 6 layers, random init) exactly as a user
 would, then judges it with ``tools/rm_synthetic_eval.py`` on prompts of the ``eval`` split,
 whose words and number pairs never occur in training. Controlled pairs (same prompt, same
 style, both coherent, one right and one wrong answer) must be won, at ``MISREADING_BAR``, when
@@ -23,10 +23,11 @@ from tests.helpers import REPO, _env
 
 pytestmark = pytest.mark.learning  # handed out first under xdist (tests/conftest.py)
 
-# The issue's target is 0.90. Measured on this recipe: 0.81 on an Intel Xeon, 0.83 before the exact cut
-# (600 unseen pairs; 0.80 with a data variant that had two thirds misreadings). The bar sits below that
-# with margin (README, tools/bench/results/rm_from_scratch.json); same-form errors stayed near chance (0.50-0.53).
-MISREADING_BAR = 0.75
+# The issue's target is 0.90. Measured on this recipe (6 layers, 4800 steps): 0.91 on an Intel Xeon. Its
+# 4-layer, 1200-step predecessor gave 0.81 (0.83 before the exact cut); 6 layers x 3600 steps 0.897
+# (600 unseen pairs; README, tools/bench/results/rm_from_scratch.json). The bar leaves room for other
+# CPUs' kernels; same-form errors stay near chance (0.50-0.58).
+MISREADING_BAR = 0.85
 
 
 def check_report(report: dict[str, Any]) -> None:
