@@ -31,7 +31,9 @@ def ddp_class() -> type:
 
     class LazyZeroDDP(DistributedDataParallel):  # type: ignore[misc]
         def _lazy(self) -> bool:
-            return not getattr(self.config, "gradient_accumulation_fusion", False)
+            # A fused kernel that adds into main_grad, or a replayed CUDA graph, needs a zeroed buffer.
+            return not getattr(self.config, "gradient_accumulation_fusion", False) and \
+                getattr(self.config, "cuda_graph_impl", "none") == "none"
 
         def _make_backward_post_hook(self, param: Any) -> Callable[..., None]:
             megatron_hook = super()._make_backward_post_hook(param)

@@ -5,7 +5,9 @@ several micro-batches and a parameter that receives a gradient in one step and n
 from __future__ import annotations
 
 import copy
+from typing import Any
 
+import pytest
 import torch
 
 from engine.parallel.ddp import ddp_class
@@ -24,17 +26,18 @@ class _Tiny(torch.nn.Module):
         return out + self.spare.square().sum() if use_spare else out
 
 
-def _wrap(cls: type, module: torch.nn.Module, fusion: bool = False) -> torch.nn.Module:
+def _wrap(cls: type, module: torch.nn.Module, **after_validation: object) -> Any:
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
 
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, gradient_accumulation_fusion=False)
-    config.gradient_accumulation_fusion = fusion  # set after validation, which needs apex for True
+    for name, value in after_validation.items():  # validation needs apex or CUDA for these
+        setattr(config, name, value)
     ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
     return cls(config=config, ddp_config=ddp_config, module=copy.deepcopy(module))
 
 
-def _step(ddp: torch.nn.Module, inputs: list[torch.Tensor], use_spare: bool) -> dict[str, torch.Tensor]:
+def _step(ddp: Any, inputs: list[torch.Tensor], use_spare: bool) -> dict[str, torch.Tensor]:
     ddp.zero_grad_buffer()
     for x in inputs:  # micro-batches: the first one copies, later ones add
         ddp(x, use_spare).backward()
@@ -63,10 +66,12 @@ def test_gradients_equal_megatrons_ddp() -> None:
         assert torch.equal(lazy.module.first.weight.main_grad, before) and torch.count_nonzero(before) > 0
 
 
-def test_with_gradient_accumulation_fusion_the_buffer_is_zeroed() -> None:
+@pytest.mark.parametrize("setting", [{"gradient_accumulation_fusion": True}, {"cuda_graph_impl": "local"}],
+                         ids=["fusion", "cuda-graphs"])
+def test_with_fusion_or_cuda_graphs_the_buffer_is_zeroed(setting: dict[str, object]) -> None:
     with single_process_parallel(seed=3):
         torch.manual_seed(0)
-        lazy = _wrap(ddp_class(), _Tiny(), fusion=True)
+        lazy = _wrap(ddp_class(), _Tiny(), **setting)
         _step(lazy, [torch.randn(2, 6)], use_spare=True)
-        lazy.zero_grad_buffer()  # a fused kernel would add into main_grad itself: it must start from zeros
+        lazy.zero_grad_buffer()  # a fused kernel adds into main_grad itself, a graph replays: both need zeros
         assert all(torch.count_nonzero(p.main_grad) == 0 for p in lazy.module.parameters())
