@@ -5,8 +5,8 @@ backward hook of each parameter then adds the parameter's gradient to its slice 
 (``main_grad.add_(grad)``). On a CPU both are passes over memory, which is what bounds them:
 on a 49M-parameter model the zeroing alone takes 11-12 ms of a ~2.1 s step.
 
-:func:`ddp_class` returns a subclass that, where no kernel writes into ``main_grad`` itself
-(no gradient-accumulation fusion), marks the buffer stale instead of zeroing it. The first
+:func:`ddp_class` returns a subclass that, where nothing but the hooks writes into ``main_grad``
+(no gradient-accumulation fusion, no CUDA graphs), marks the buffer stale instead of zeroing it. The first
 gradient of each parameter in a step is then copied into its slice (``0 + g`` is ``g``), later
 micro-batches add as before, and a parameter that received no gradient at all is zeroed before
 the gradients are reduced (:meth:`finish_grad_sync`). Parameters, optimizer state and gradient
