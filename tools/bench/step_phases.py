@@ -5,8 +5,8 @@ random tokens, fp32, AdamW with clipping at 1.0). Both sides live in one process
 first), and their timed steps alternate (A B, B A, ...). Each phase is timed with
 ``time.perf_counter`` around the call that does it, with no profiler:
 
-* HF best (``AdamW(fused=True)``): ``zero_grad(set_to_none=True)``, forward with the loss,
-  ``backward``, ``clip_grad_norm_``, ``optimizer.step``;
+* HF best (``AdamW(fused=True)``), ``train_step.py``'s own step: ``zero_grad(set_to_none=True)``, the
+  model's forward, its loss function, ``backward``, ``clip_grad_norm_``, ``optimizer.step``;
 * Keel (``Trainer.train_step``): the runner's ``zero_grad`` (megatron's gradient buffers), megatron's
   ``forward_step`` (forward with the loss) and ``backward_step``, ``finalize_model_grads`` (the
   gradient reduction, and the scaling by 1 / tokens of the per-token loss), and the optimizer step,
@@ -53,25 +53,16 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def hf_step(model: Any, optimizer: Any, batch: torch.Tensor, vocab: int) -> Callable[[], None]:
-    tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-
-    def forward() -> torch.Tensor:
-        logits = model(input_ids=tokens).logits
-        return model.loss_function(logits=logits, labels=None, shift_labels=labels, vocab_size=vocab)
-
-    zero = timed("hf/zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
-    forward = timed("hf/forward", forward)
-    backward = timed("hf/backward", lambda loss: loss.backward())
-    clip = timed("hf/clip_grad_norm", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-    update = timed("hf/adamw", optimizer.step)
-
-    def step() -> None:
-        zero()
-        backward(forward())
-        clip()
-        update()
-
+def instrument_hf(step: Callable[[int], float], model: Any, optimizer: Any) -> Callable[[int], float]:
+    """``train_step.py``'s own HF step, its calls timed where they are looked up: the optimizer's and the
+    model's attributes, ``clip_grad_norm_`` in ``torch.nn.utils`` and ``Tensor.backward`` (which megatron's
+    schedule does not call: it runs ``torch.autograd.backward``)."""
+    optimizer.zero_grad = timed("hf/zero_grad", optimizer.zero_grad)
+    model.forward = timed("hf/forward", model.forward)
+    model.loss_function = timed("hf/loss", model.loss_function)
+    torch.Tensor.backward = timed("hf/backward", torch.Tensor.backward)  # type: ignore[method-assign]
+    torch.nn.utils.clip_grad_norm_ = timed("hf/clip_grad_norm", torch.nn.utils.clip_grad_norm_)
+    optimizer.step = timed("hf/adamw", optimizer.step)
     return timed("hf/step", step)
 
 
@@ -113,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                           generator=torch.Generator().manual_seed(bench.seed))
     load_before, began = load_average(), time.perf_counter()
     with contextlib.ExitStack() as stack:
-        _, (model, optimizer) = stack.enter_context(train_step.hf_side(bench, preset, batch, {}, True))()
+        hf_best, (model, optimizer) = stack.enter_context(train_step.hf_side(bench, preset, batch, {}, True))()
         _, trainer = stack.enter_context(train_step.keel_side(bench, batch, {}))()
-        sides = {"hf_best": hf_step(model, optimizer, batch, preset.vocab_size), "keel": instrument_keel(trainer)}
+        sides = {"hf_best": instrument_hf(hf_best, model, optimizer), "keel": instrument_keel(trainer)}
         for n in range(args.warmup + args.steps):
             if n == args.warmup:
                 TIMES.clear()
             order = ["keel", "hf_best"] if n % 2 else ["hf_best", "keel"]
             for name in order:
-                sides[name](n) if name == "keel" else sides[name]()
+                sides[name](n)
     load_after = load_average()
     report = {
         "benchmark": "step_phases", "machine": machine_info(), "versions": versions(),
