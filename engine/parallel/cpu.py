@@ -21,7 +21,11 @@ Rules:
   of megatron's linear layers with large enough fp32 weights go through oneDNN instead of
   torch's default GEMM (:mod:`engine.parallel.cpu_linear`: the same products, summed in another
   order, faster there; on Intel CPUs torch's MKL GEMM is the faster one and stays;
-  ``KEEL_CPU_LINEAR=onednn|torch`` chooses either everywhere).
+  ``KEEL_CPU_LINEAR=onednn|torch`` chooses either everywhere). The language-model loss of a
+  tensor-parallel group of one is computed block of rows by block of rows
+  (:mod:`engine.parallel.cpu_cross_entropy`: the same function, rounded differently), and
+  gradient clipping's norm and scale run on torch's ``_foreach`` ops
+  (:mod:`engine.parallel.cpu_multi_tensor`, bitwise equal).
 * Activation also keeps freed host memory in the process
   (:func:`engine.parallel.host_memory.retain_freed_memory`), so each training step reuses
   the previous step's buffers instead of faulting fresh pages in. :func:`deactivate` leaves
@@ -38,7 +42,7 @@ from typing import Any
 
 import torch
 
-from engine.parallel import cpu_linear, cpu_multi_tensor
+from engine.parallel import cpu_cross_entropy, cpu_linear, cpu_multi_tensor
 from engine.parallel.host_memory import retain_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -211,7 +215,7 @@ def activate() -> bool:
     _patch(torch.Tensor, "type", _tensor_type)
     _patch(torch.nn.Module, "cuda", _module_cuda)
     _patch(torch.Tensor, "pin_memory", _pin_memory)
-    for owner, name, value in cpu_multi_tensor.targets():
+    for owner, name, value in cpu_multi_tensor.targets() + cpu_cross_entropy.targets():
         _patch(owner, name, value)
     retain_freed_memory()
     cpu_linear.install()
