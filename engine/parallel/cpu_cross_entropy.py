@@ -25,7 +25,7 @@ ranks, smoothing, CUDA tensors) goes to megatron's own code. The CPU layer
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,8 +34,15 @@ import torch
 BLOCK_BYTES = 2 << 20
 
 
-def _block_rows(vocab: int) -> int:
-    return max(1, BLOCK_BYTES // (4 * vocab))
+def _row_blocks(matrix: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, scratch)`` over 2-D ``matrix`` in blocks of :data:`BLOCK_BYTES`; ``scratch`` is a
+    block-shaped buffer (shared by all blocks) for the block's result before it goes back in place."""
+    rows, vocab = matrix.shape
+    step = max(1, BLOCK_BYTES // (4 * vocab))
+    buffer = torch.empty(min(step, rows), vocab, dtype=matrix.dtype)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        yield slice(start, stop), buffer[: stop - start]
 
 
 class _RowBlockCrossEntropy(torch.autograd.Function):
@@ -43,14 +50,8 @@ class _RowBlockCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        rows, vocab = logits.shape
-        step = _block_rows(vocab)
-        block = torch.empty(min(step, rows), vocab, dtype=logits.dtype)
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            out = block[: stop - start]
-            torch.log_softmax(logits[start:stop], dim=-1, out=out)
-            logits[start:stop].copy_(out)
+        for rows, scratch in _row_blocks(logits):
+            logits[rows].copy_(torch.log_softmax(logits[rows], dim=-1, out=scratch))
         loss = logits.gather(1, target[:, None]).squeeze(1).neg()
         ctx.save_for_backward(logits, target)
         return loss
@@ -58,16 +59,13 @@ class _RowBlockCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         log_probs, target = ctx.saved_tensors
-        rows, vocab = log_probs.shape
-        step = _block_rows(vocab)
         grad_output = grad_output.to(log_probs.dtype)
-        block = torch.empty(min(step, rows), vocab, dtype=log_probs.dtype)
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
+        for rows, scratch in _row_blocks(log_probs):
             # softmax(log p) = p: torch's fused softmax kernel is faster than its element-wise exp
-            probs = torch.softmax(log_probs[start:stop], dim=-1, out=block[: stop - start])
-            torch.mul(probs, grad_output[start:stop, None], out=log_probs[start:stop])
-        log_probs.view(-1)[torch.arange(rows) * vocab + target] -= grad_output
+            probs = torch.softmax(log_probs[rows], dim=-1, out=scratch)
+            torch.mul(probs, grad_output[rows, None], out=log_probs[rows])
+        count, vocab = log_probs.shape
+        log_probs.view(-1)[torch.arange(count) * vocab + target] -= grad_output
         return log_probs, None
 
 
@@ -87,7 +85,10 @@ def row_block_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch
 
 def _in_range(target: torch.Tensor, vocab: int) -> bool:
     """Every id a column of the logits (megatron's function scores any other id against logit 0)."""
-    return target.numel() == 0 or (int(target.min()) >= 0 and int(target.max()) < vocab)
+    if target.numel() == 0:
+        return True
+    low, high = torch.aminmax(target)
+    return int(low) >= 0 and int(high) < vocab
 
 
 def make_cross_entropy(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
