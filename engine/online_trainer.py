@@ -17,6 +17,7 @@ import torch
 
 from engine.algorithms.logprobs import response_logprobs
 from engine.algorithms.online import PHASES, Iteration, OnlineStep, rollout_micro_batches
+from engine.data.batching import length_multiple
 from engine.data.sampler import GlobalBatchSampler
 from engine.faults import maybe_fail
 from engine.trainer import FitResult, Trainer, TrainingError
@@ -118,13 +119,20 @@ class OnlineTrainer(Trainer):
         size = len(it.prompts)
         sequences = it.rollouts.sequences()
         lengths = [len(p) for p in it.prompts]
-        width = max(len(s) for s in sequences)
         order = torch.randperm(size, generator=torch.Generator().manual_seed(step_number * 131 + epoch)).tolist()
         data, layout = self.config.data, self.layout
         steps = []
         for first in range(0, size, data.global_batch_size):
             mine = order[first: first + data.global_batch_size][self.parallel.dp_rank:: layout.data]
-            steps.append(rollout_micro_batches(sequences, lengths, per_token, mine, data.micro_batch_size, width))
+            # longest first, each micro-batch cut to its longest row (rounded up to the layout's multiple);
+            # pipeline stages exchange fixed shapes, so there every micro-batch takes the step's longest row
+            mine.sort(key=lambda i: -len(sequences[i]))
+            widths = [len(sequences[mine[j]]) for j in range(0, len(mine), data.micro_batch_size)]
+            if layout.pipeline > 1:
+                widths = [widths[0]] * len(widths)
+            multiple = length_multiple(layout)
+            steps.append(rollout_micro_batches(sequences, lengths, per_token, mine, data.micro_batch_size,
+                                               [-(-w // multiple) * multiple for w in widths]))
         return steps
 
     def _optimize(self, micro_batches: list[Any], step_number: int) -> dict[str, float]:

@@ -89,12 +89,44 @@ def response_values(runner: Any, sequences: list[list[int]], prompt_lengths: lis
                     per_position: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
                     micro_batch_size: int = 8) -> list[list[float]]:
     """``per_position(model output, batch) -> [rows, seq]`` read at each response token's label position,
-    per row, on every rank (forward-only schedule of ``runner`` under any TP/PP)."""
-    from engine.data.batching import to_device
+    per row, on every rank (forward-only schedule of ``runner`` under any TP/PP).
+
+    Every rank passes the same rows. Each data-parallel replica computes only its round-robin share
+    (row ``i`` on replica ``i % dp``), and the shares are then gathered, so the pass costs every
+    replica ``1/dp`` of the rows instead of all of them.
+    """
+    from engine.parallel.collectives import gather_data_parallel_rows
+
+    parallel = runner.parallel
+    mine = list(range(parallel.dp_rank, len(sequences), parallel.layout.data))
+    width = max(len(s) for s in sequences)
+    local = _local_values(runner, [sequences[i] for i in mine], [prompt_lengths[i] for i in mine], per_position,
+                          micro_batch_size, width)
+    values = gather_data_parallel_rows(local, len(sequences), parallel)
+    return [values[i, p - 1: len(s) - 1].tolist() for i, (s, p) in enumerate(zip(sequences, prompt_lengths, strict=True))]
+
+
+def _local_values(runner: Any, sequences: list[list[int]], prompt_lengths: list[int],
+                  per_position: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+                  micro_batch_size: int, width: int) -> torch.Tensor:
+    """``[len(sequences), width]`` values of this replica's rows, on every pipeline stage.
+
+    Rows go longest first; without pipeline parallelism each micro-batch is cut to its longest
+    row (causal attention: a row's positions never see the padding after it), with it every
+    micro-batch has the longest row's width (stages exchange fixed shapes).
+    """
+    from engine.data.batching import length_multiple, to_device
     from engine.parallel.collectives import from_last_stage
 
     parallel = runner.parallel
-    batches = sequence_batches(sequences, prompt_lengths, micro_batch_size)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    multiple = length_multiple(parallel.layout)
+    groups = [order[first: first + micro_batch_size] for first in range(0, len(order), micro_batch_size)]
+    batches: list[dict[str, torch.Tensor]] = []
+    for group in groups:
+        longest = len(sequences[group[0]]) if parallel.layout.pipeline == 1 or not batches else batches[0]["tokens"].shape[1]
+        batches += sequence_batches([sequences[i] for i in group], [prompt_lengths[i] for i in group],
+                                    micro_batch_size, width=-(-longest // multiple) * multiple)
 
     def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = to_device(next(data_iterator))
@@ -106,7 +138,8 @@ def response_values(runner: Any, sequences: list[list[int]], prompt_lengths: lis
 
     with torch.no_grad():
         outputs = runner.run_schedule(batches, step, forward_only=True, collect_outputs=True)
-    width = batches[0]["tokens"].shape[1]
-    local = torch.cat([o.cpu() for o in outputs]) if parallel.is_last_stage() else torch.zeros(len(batches) * micro_batch_size, width)
-    values = from_last_stage(local, parallel)
-    return [values[i, p - 1: len(s) - 1].tolist() for i, (s, p) in enumerate(zip(sequences, prompt_lengths, strict=True))]
+    local = torch.zeros(len(sequences), max([width, *(b["tokens"].shape[1] for b in batches)]))
+    if parallel.is_last_stage():
+        for group, output in zip(groups, outputs, strict=True):
+            local[group, : output.shape[1]] = output[: len(group)].cpu()
+    return from_last_stage(local, parallel)[:, :width]

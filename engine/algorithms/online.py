@@ -245,13 +245,13 @@ def broadcast_from_first(value: Any) -> Any:
 
 
 def rollout_micro_batches(sequences: list[list[int]], prompt_lengths: list[int], per_token: dict[str, list[list[float]]],
-                          rows: list[int], micro_batch_size: int, width: int) -> list[Batch]:
-    """Micro-batches of the rollout rows ``rows`` (this rank's share), every one ``width`` wide.
+                          rows: list[int], micro_batch_size: int, widths: list[int]) -> list[Batch]:
+    """Micro-batches of the rollout rows ``rows`` (this rank's share), micro-batch ``k`` ``widths[k]`` wide.
 
     Per-token values (one per response token) are placed at the label positions of their tokens.
     """
     batches = []
-    for first in range(0, len(rows), micro_batch_size):
+    for first, width in zip(range(0, len(rows), micro_batch_size), widths, strict=True):
         chosen = rows[first: first + micro_batch_size]
         batch = sequence_batches([sequences[i] for i in chosen], [prompt_lengths[i] for i in chosen],
                                  micro_batch_size, width=width)[0]
