@@ -18,7 +18,7 @@ from typing import Any, Optional
 from engine.config import ConfigError, TrainConfig, describe, load_config
 from engine.data.errors import DataError
 from engine.parallel import failures
-from engine.runtime import setup_logging
+from engine.runtime import quiet_cpu_fallback_warnings, setup_logging
 from engine.runtime import shutdown as _shutdown
 
 logger = logging.getLogger("engine")
@@ -50,6 +50,10 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
     env = read_launch_env()
     config.validate(env.world_size)  # before any process group exists
     setup_logging(config.logging.level)
+    if config.inherited:
+        from engine.checkpoint.inherit import describe_inherited
+
+        logger.info(describe_inherited(str(config.checkpoint.load), config.inherited))
     layout = ParallelLayout.from_config(config.parallel, env.world_size)
     timeout = config.parallel.timeout_minutes
     if env.launcher != "single":
@@ -89,8 +93,8 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
         progress = f"  iterations {result.start_step + 1}..{result.end_step} of {iterations}; " \
                    f"mean {trainer.step.loss_name} per round {first} -> {last}; samples, pairs/weights and summaries " \
                    f"in {os.path.join(os.path.abspath(config.run.output_dir), 'iterations')}"
-    else:
-        source = config.data.source
+    else:  # online RL trains on rollouts of its prompts, not on data.source
+        source = config.rollout.prompts if getattr(trainer.step, "online", False) else config.data.source  # type: ignore[attr-defined]
         progress = f"  steps {result.start_step + 1}..{result.end_step} of {config.run.train_steps}" \
                    f"{' (stopped by SIGTERM)' if result.preempted else ''}; {trainer.step.loss_name} {first} -> " \
                    f"{last}; {result.tokens_per_second:,.0f} tokens/s"
@@ -200,6 +204,7 @@ def _register_optional(sub: Any, name: str, module_name: str, text: str) -> None
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_cpu_fallback_warnings()
     try:
         return int(args.func(args))
     except ConfigError as exc:

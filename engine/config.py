@@ -264,6 +264,8 @@ class TrainConfig:
 
     # data.overlong values this algorithm accepts (reward models never cut a response)
     OVERLONG: ClassVar[tuple[str, ...]] = ("truncate", "drop")
+    # fields taken from checkpoint.load's stored config (engine.checkpoint.inherit), set by load_config
+    inherited: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         if self.data.overlong not in self.OVERLONG:
@@ -403,7 +405,8 @@ def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Any:
-    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides (overrides win)."""
+    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides (overrides win), then take the
+    model and tokenizer fields neither sets from ``checkpoint.load`` (:mod:`engine.checkpoint.inherit`)."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path:
@@ -424,7 +427,13 @@ def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[
         from_dict(cls, merge_dicts(_defaults_as_dict(cls), override_tree), "command-line overrides")
         data = merge_dicts(data, override_tree)
         source = f"{source} + command-line overrides" if path else "command-line overrides"
-    return from_dict(cls, data, source)
+    from engine.checkpoint.inherit import inherit_from_checkpoint
+
+    data, taken = inherit_from_checkpoint(cls, data)
+    config = from_dict(cls, data, source)
+    if taken:
+        config.inherited = taken
+    return config
 
 
 def _defaults_as_dict(cls: type) -> dict[str, Any]:

@@ -140,7 +140,7 @@ def _done_rows(partial: str) -> list[str]:
 
 def _check_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Optional[dict[str, int]], list[dict[str, Any]], SamplingParams]:
     """Everything that can be wrong with the command, found before the model loads."""
-    from engine.data.tokenizers import load_tokenizer
+    from engine.data.tokenizers import load_tokenizer, warn_if_foreign
     from engine.generation.base import check_prompts
     from engine.models.presets import resolve_preset
 
@@ -153,9 +153,11 @@ def _check_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Optional[dic
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
                               max_length=max_length)
     tokenizer = load_tokenizer(config.data.tokenizer)
+    preset = resolve_preset(config.model)
+    warn_if_foreign(tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
     rows = read_prompts(args.prompts)
     rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in rows]
-    context = resolve_preset(config.model).max_sequence_length
+    context = preset.max_sequence_length
     check_prompts(rendered, sampling, context, names=[f"{where}: field 'prompt'" for where, _ in parsed_records(args.prompts)])
     return config, tokenizer, template, attributes, rows, sampling
 

@@ -36,7 +36,7 @@ from engine.data.batching import (  # noqa: F401  (cut_to_length, group_by_lengt
     to_device,
 )
 from engine.data.sampler import GlobalBatchSampler
-from engine.data.tokenizers import load_tokenizer
+from engine.data.tokenizers import load_tokenizer, warn_if_foreign
 from engine.faults import maybe_fail
 from engine.metrics import MetricsWriter
 from engine.parallel.collectives import any_rank, from_last_stage, sum_over_data_parallel
@@ -96,6 +96,8 @@ class Trainer:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but model {preset.name} has vocab_size="
                 f"{preset.vocab_size}; set model.vocab_size >= {self.tokenizer.vocab_size}"
             )
+        if config.checkpoint.load:  # pretrained weights (a random initialisation takes any tokenizer)
+            warn_if_foreign(self.tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
         step.setup(config, parallel, self.tokenizer)
         self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)
         data = config.data

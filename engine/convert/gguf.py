@@ -10,6 +10,7 @@ match the Keel preset; then the tensors take the Hugging Face path
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,8 @@ import torch
 
 from engine.config import ConfigError
 from engine.models.presets import ModelPreset
+
+logger = logging.getLogger(__name__)
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -60,11 +63,7 @@ def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def check_gguf_metadata(meta: dict[str, Any], tied: bool, preset: ModelPreset) -> None:
-    from engine.convert.llama import is_nemotron
-
-    if is_nemotron(preset):
-        raise ConfigError(f"model.preset={preset.name} is Nemotron-shaped; GGUF conversion reads Llama models only")
+def _metadata_diffs(meta: dict[str, Any], tied: bool, preset: ModelPreset) -> list[str]:
     expected = {
         "block_count": preset.num_layers, "embedding_length": preset.hidden_size,
         "feed_forward_length": preset.ffn_hidden_size, "attention.head_count": preset.num_attention_heads,
@@ -75,9 +74,29 @@ def check_gguf_metadata(meta: dict[str, Any], tied: bool, preset: ModelPreset) -
              if meta.get(k) is None or not np.isclose(float(meta[k]), float(v), rtol=1e-6)]
     if tied != preset.tie_embeddings:
         diffs.append(f"tied embeddings: gguf {tied} vs preset {preset.tie_embeddings}")
+    return diffs
+
+
+def check_gguf_metadata(meta: dict[str, Any], tied: bool, preset: ModelPreset) -> None:
+    from engine.convert.llama import is_nemotron
+
+    if is_nemotron(preset):
+        raise ConfigError(f"model.preset={preset.name} is Nemotron-shaped; GGUF conversion reads Llama models only")
+    diffs = _metadata_diffs(meta, tied, preset)
     if diffs:
         raise ConfigError(f"the GGUF file does not match model preset {preset.name} ({'; '.join(diffs)}); "
                           "pick the matching model.preset and model.* overrides")
+
+
+def matching_preset(meta: dict[str, Any], tied: bool) -> Optional[str]:
+    """The first Llama preset whose shape is the GGUF file's, if any (used when no model.preset is given)."""
+    from engine.convert.llama import is_nemotron
+    from engine.models.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        if not is_nemotron(preset) and not _metadata_diffs(meta, tied, preset):
+            return name
+    return None
 
 
 def gguf_to_hf_state(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -107,11 +126,17 @@ def gguf_to_hf_state(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> di
 def gguf_to_keel(gguf_path: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None) -> Path:
     """Convert a Llama-architecture GGUF file into a Keel checkpoint under ``out_dir``."""
     from engine.config import TrainConfig, load_config
-    from engine.convert.hf import write_keel_checkpoint
+    from engine.convert.hf import with_default, write_keel_checkpoint
     from engine.models.presets import resolve_preset
 
-    overrides = list(overrides or [])
+    # the file carries its tokenizer and chat template: runs from this checkpoint use them (engine.checkpoint.inherit)
+    overrides = with_default(list(overrides or []), "data.tokenizer", str(Path(gguf_path).resolve()))
     meta, tensors = read_gguf(gguf_path)
+    if not any(item.startswith("model.") for item in overrides):
+        preset = matching_preset(meta, "output.weight" not in tensors)
+        if preset:
+            logger.info("%s has the shape of preset %s", gguf_path, preset)
+            overrides.append(f"model.preset={preset}")
     check_gguf_metadata(meta, "output.weight" not in tensors,
                         resolve_preset(load_config(TrainConfig, None, overrides).model))
     return write_keel_checkpoint(gguf_to_hf_state(meta, tensors), out_dir, overrides, source=str(gguf_path))

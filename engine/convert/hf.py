@@ -76,9 +76,19 @@ def hf_to_keel(model_dir: str | Path, out_dir: str | Path, overrides: Optional[l
     from engine.config import TrainConfig, load_config
 
     overrides = list(overrides or [])
+    if any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        # runs from this checkpoint tokenize as the model was trained (engine.checkpoint.inherit)
+        overrides = with_default(overrides, "data.tokenizer", str(Path(model_dir).resolve()))
     hf_config, hf_state = read_hf_state(Path(model_dir))
     check_hf_config(hf_config, resolve_preset(load_config(TrainConfig, None, overrides).model))
     return write_keel_checkpoint(hf_state, out_dir, overrides, source=str(model_dir))
+
+
+def with_default(overrides: list[str], key: str, value: str) -> list[str]:
+    """``overrides`` plus ``key=value`` unless they already set ``key``."""
+    if any(item.split("=", 1)[0].strip() == key for item in overrides):
+        return overrides
+    return [*overrides, f"{key}={value}"]
 
 
 def write_keel_checkpoint(hf_state: dict[str, torch.Tensor], out_dir: str | Path, overrides: list[str],

@@ -83,6 +83,15 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+def warn_if_foreign(tokenizer: Tokenizer, spec: str, model_name: str, model_vocab: int) -> None:
+    """Warn when a model's vocabulary is far larger than its tokenizer's: a pretrained model (say a
+    converted SmolLM2, 49,152 ids) run with the default byte tokenizer trains and generates garbage."""
+    if model_vocab > 4 * tokenizer.vocab_size and model_vocab - tokenizer.vocab_size > 1024:
+        logger.warning("data.tokenizer=%s has %d tokens but model %s has %d: a pretrained model needs its own "
+                       "tokenizer (its .gguf file, tokenizer.json or directory)", spec, tokenizer.vocab_size,
+                       model_name, model_vocab)
+
+
 def _resolve_directory(spec: str) -> str:
     for name in ("tokenizer.json", "tokenizer.model"):
         candidate = os.path.join(spec, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from engine.convert.llama import (
     megatron_to_hf,
     split_qkv,
 )
+from engine.data.builtin_tokenizer import builtin_model_path
 from engine.models.presets import PRESETS
 from tests.helpers import launch
 
@@ -182,12 +184,16 @@ def test_hf_to_keel_at_tp2_pp2_matches_transformers_and_converts_back(tmp_path: 
         hf_dir, keel_dir = tmp_path / preset.name / "hf", tmp_path / preset.name / "keel"
         model = _random_hf(preset)
         model.save_pretrained(hf_dir, safe_serialization=True)
+        if preset is PRESET:  # a directory with its tokenizer: the checkpoint records it
+            shutil.copy(builtin_model_path(), hf_dir / "tokenizer.model")
         with torch.no_grad():
             expected[preset.name] = model(tokens).logits  # [b, s, v]
         # registered presets through the real entry point; the test-only one through the registering script
         entry = ["-m", "engine.convert"] if preset.name in PRESETS else [str(convert)]
         launch(1, [*entry, "hf-to-keel", str(hf_dir), str(keel_dir), f"model.preset={preset.name}"])
         cases += [preset.name, str(keel_dir / "step_0000000"), str(tmp_path / preset.name / "logits.pt")]
+        stored = json.loads((keel_dir / "step_0000000" / "keel.json").read_text())["config"]["data"]
+        assert stored["tokenizer"] == (str(hf_dir.resolve()) if preset is PRESET else "byte"), preset.name
 
     launch(4, [str(worker), str(tmp_path / "tokens.pt"), *cases])
     for preset in CASES:
@@ -237,7 +243,11 @@ def test_gguf_smollm2_to_keel_and_back(tmp_path: Path) -> None:
         assert corr > 0.995 and agree >= 0.7, f"correlation {corr:.4f}, top-1 agreement {agree:.2f}"
 
     keel_dir, back_dir = tmp_path / "keel", tmp_path / "back"
-    launch(1, ["-m", "engine.convert", "gguf-to-keel", str(gguf_file), str(keel_dir), "model.preset=smollm2-135m"])
+    # no model.* given: the preset whose shape the file has; the file's tokenizer is recorded
+    launch(1, ["-m", "engine.convert", "gguf-to-keel", str(gguf_file), str(keel_dir)])
+    stored = json.loads((keel_dir / "step_0000000" / "keel.json").read_text())["config"]
+    assert stored["model"]["preset"] == "smollm2-135m"
+    assert stored["data"]["tokenizer"] == str(gguf_file.resolve())
     launch(1, ["-m", "engine.convert", "keel-to-hf", str(keel_dir), str(back_dir)])
     converted = load_file(str(back_dir / "model.safetensors"))
     assert set(converted) == set(state)

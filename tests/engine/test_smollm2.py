@@ -56,9 +56,9 @@ def test_smollm2_gguf_answers_paris_and_matches_transformers(gguf_file: Path, tm
     from engine.data.tokenizers import load_tokenizer
     from engine.trainer import build_model
 
-    launch(1, ["-m", "engine", "convert", "gguf-to-keel", str(gguf_file), str(tmp_path / "keel"),
-               "model.preset=smollm2-135m", f"data.tokenizer={gguf_file}", "data.chat_template=auto"])
-    # the user's path: keel generate on the native KV-cache backend, the model's own chat template
+    # the user's path: the file alone (preset, tokenizer and chat template found in it), then keel generate on
+    # the native KV-cache backend
+    launch(1, ["-m", "engine", "convert", "gguf-to-keel", str(gguf_file), str(tmp_path / "keel")])
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": QUESTION}) + "\n")
     launch(1, ["-m", "engine", "generate", str(tmp_path / "keel"), str(tmp_path / "prompts.jsonl"),
                str(tmp_path / "answers.jsonl"), "--max-new-tokens", "16", "--quiet"])

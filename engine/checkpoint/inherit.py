@@ -1,0 +1,71 @@
+"""A run that starts from ``checkpoint.load`` takes the model and tokenizer the checkpoint was made with.
+
+A checkpoint's ``keel.json`` stores the resolved config of the run (or conversion) that wrote
+it. Fine-tuning a converted SmolLM2 with ``checkpoint.load=...`` alone used to build the
+default preset (a shape error) or, with ``model.preset`` given, train the pretrained weights
+on the default byte tokenizer: a loss of 14 instead of 2, and nothing said. Now every
+architecture field (``model.preset`` and its shape overrides) and ``data.tokenizer`` /
+``data.chat_template`` that the user did not set, in the YAML or on the command line, come
+from the checkpoint, and the run says which (``config.inherited``). What the user sets wins:
+setting any architecture field keeps the whole model section the user's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURE = ("preset", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "vocab_size", "max_sequence_length")
+DATA_KEYS = ("tokenizer", "chat_template")
+
+
+def checkpoint_config(load: str) -> dict[str, Any]:
+    """The config stored with checkpoint ``load`` (a step directory, a run's checkpoint directory or a
+    ``latest``/``best`` pointer); empty when it is not a complete checkpoint (the trainer says so later)."""
+    from engine.checkpoint import dist as ckpt
+
+    path = ckpt.resolve(load)
+    if not ckpt.is_complete(path):
+        path = ckpt.find_latest(str(path)) or path
+    if not ckpt.is_complete(path):
+        return {}
+    try:
+        return dict(ckpt.read_meta(path).get("config") or {})
+    except ckpt.CheckpointError:
+        return {}
+
+
+def inherit_from_checkpoint(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``data`` (the user's config tree) completed from its ``checkpoint.load``; and what was taken.
+
+    Only configs with ``checkpoint``, ``model`` and ``data`` sections take part.
+    """
+    fields = getattr(cls, "__dataclass_fields__", {})
+    load = (data.get("checkpoint") or {}).get("load")
+    if not load or not all(name in fields for name in ("checkpoint", "model", "data")):
+        return data, {}
+    saved = checkpoint_config(str(load))
+    if not saved:
+        return data, {}
+    taken: dict[str, Any] = {}
+    user_model = dict(data.get("model") or {})
+    if not any(key in user_model for key in ARCHITECTURE):
+        for key in ARCHITECTURE:
+            value = (saved.get("model") or {}).get(key)
+            if value is not None:
+                user_model[key] = taken[f"model.{key}"] = value
+    user_data = dict(data.get("data") or {})
+    for key in DATA_KEYS:
+        value = (saved.get("data") or {}).get(key)
+        if key not in user_data and value is not None:
+            user_data[key] = taken[f"data.{key}"] = value
+    if not taken:
+        return data, {}
+    return dict(data, model=user_model, data=user_data), taken
+
+
+def describe_inherited(load: str, taken: dict[str, Any]) -> str:
+    """One log line: what a run took from its ``checkpoint.load``."""
+    pairs = ", ".join(f"{key}={value}" for key, value in taken.items())
+    return f"from checkpoint.load={Path(load)}: {pairs} (set them to override)"

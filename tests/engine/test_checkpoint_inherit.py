@@ -1,0 +1,62 @@
+"""A run from ``checkpoint.load`` takes the checkpoint's model and tokenizer unless the user sets them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.algorithms.dpo import DPOTrainConfig
+from engine.config import TrainConfig, load_config
+
+
+def _fake_checkpoint(root: Path, step: int = 5, **sections: dict[str, Any]) -> Path:
+    """A directory that passes as a complete checkpoint, its keel.json holding a saved config."""
+    saved = dataclasses.asdict(TrainConfig())
+    for name, values in sections.items():
+        saved[name] = dict(saved[name], **values)
+    path = root / f"step_{step:07d}"
+    path.mkdir(parents=True)
+    (path / "keel.json").write_text(json.dumps({"step": step, "config": saved}))
+    (path / "metadata.json").write_text("{}")
+    (root / "latest").write_text(path.name)
+    return path
+
+
+@pytest.fixture
+def converted(tmp_path: Path) -> Path:
+    return _fake_checkpoint(tmp_path / "smol", model={"preset": "smollm2-135m", "num_layers": 2},
+                            data={"tokenizer": "/models/smol.gguf", "chat_template": "chatml"})
+
+
+def test_unset_model_and_tokenizer_come_from_the_checkpoint(converted: Path) -> None:
+    config = load_config(TrainConfig, None, [f"checkpoint.load={converted}", "data.source=my.jsonl"])
+    assert (config.model.preset, config.model.num_layers) == ("smollm2-135m", 2)
+    assert (config.data.tokenizer, config.data.chat_template) == ("/models/smol.gguf", "chatml")
+    assert config.inherited == {"model.preset": "smollm2-135m", "model.num_layers": 2,
+                                "data.tokenizer": "/models/smol.gguf", "data.chat_template": "chatml"}
+    assert config.data.source == "my.jsonl"  # nothing else is taken
+    # a run's checkpoint directory (its `latest` pointer) and a YAML file work alike
+    assert load_config(TrainConfig, None, [f"checkpoint.load={converted.parent}"]).model.preset == "smollm2-135m"
+
+
+def test_what_the_user_sets_wins(converted: Path, tmp_path: Path) -> None:
+    config = load_config(TrainConfig, None, [f"checkpoint.load={converted}", "data.tokenizer=byte",
+                                                "model.preset=tiny-llama"])
+    assert (config.model.preset, config.model.num_layers, config.data.tokenizer) == ("tiny-llama", None, "byte")
+    assert config.data.chat_template == "chatml" and config.inherited == {"data.chat_template": "chatml"}
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"checkpoint:\n  load: {converted}\nmodel:\n  num_layers: 3\ndata:\n  chat_template: plain\n")
+    config = load_config(DPOTrainConfig, str(yaml_file), [])
+    assert (config.model.preset, config.model.num_layers) == ("tiny-llama", 3)  # a shape field set: the user's model
+    assert (config.data.tokenizer, config.data.chat_template) == ("/models/smol.gguf", "plain")
+
+
+def test_nothing_is_taken_without_a_complete_checkpoint(tmp_path: Path) -> None:
+    for load in (tmp_path / "missing", tmp_path):
+        config = load_config(TrainConfig, None, [f"checkpoint.load={load}"])
+        assert config.model.preset == "tiny-llama" and config.data.tokenizer == "byte" and not config.inherited
+    assert not load_config(TrainConfig, None, []).inherited
