@@ -5,6 +5,20 @@ from __future__ import annotations
 import logging
 import os
 
+# megatron-core says at import that it falls back to torch without Transformer Engine and apex: on a machine
+# without CUDA that is the design (the CPU layer), not news, and it drowned every command's first screen.
+CPU_FALLBACK_WARNINGS = r"(Transformer Engine and )?Apex (is|are) not installed"
+
+
+def quiet_cpu_fallback_warnings() -> None:
+    """Silence megatron's Transformer Engine / apex fallback warnings where there is no CUDA device."""
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=CPU_FALLBACK_WARNINGS, category=UserWarning)
+
 
 def setup_logging(level: str = "INFO") -> None:
     """Rank 0 logs at ``level``; other ranks only warnings. megatron and torch.distributed stay quiet."""

@@ -49,8 +49,10 @@ PHASES = ("refit", "generate", "score", "logprobs", "train")
 class RolloutConfig:
     prompts: str = doc("Prompt set: JSONL of {prompt, answer?, ...} rows or builtin:prompts[:split].",
                        "builtin:prompts")
-    eval_prompts: Optional[str] = doc("Held-out prompts for evaluation (default: the built-in eval split).",
-                                      "builtin:prompts:eval")
+    eval_prompts: Optional[str] = doc(
+        "Held-out prompts answered greedily at run.eval_interval: a prompt set, null/none (no evaluation) or auto "
+        "(the built-in eval split when rollout.prompts is builtin:prompts, else none: set your own held-out file).",
+        "auto")
     num_prompts: int = doc("Prompts read from the set.", 4096)
     eval_num_prompts: int = doc("Held-out prompts evaluated at run.eval_interval (greedy).", 64)
     prompts_per_iteration: int = doc("Prompts per iteration.", 16)
@@ -76,6 +78,14 @@ class RolloutConfig:
         if self.refit_transport not in TRANSPORTS:
             raise ConfigError(f"rollout.refit_transport={self.refit_transport!r}: expected one of {', '.join(TRANSPORTS)}")
         self.sampling(0)  # temperature/top-p/top-k checked now, not at the first iteration
+
+    def held_out_source(self) -> Optional[str]:
+        """The prompt set ``eval_prompts`` names (None: no held-out evaluation)."""
+        if self.eval_prompts is None or self.eval_prompts.lower() == "none":
+            return None
+        if self.eval_prompts != "auto":
+            return self.eval_prompts
+        return "builtin:prompts:eval" if self.prompts in ("builtin:prompts", "builtin:prompts:train") else None
 
     @property
     def buffer_size(self) -> int:
@@ -172,8 +182,11 @@ class PromptSampling:
 
         rollout = config.rollout
         train = load_prompts(rollout.prompts, rollout.num_prompts, config.run.seed)
-        held_out = load_prompts(rollout.eval_prompts, rollout.eval_num_prompts, config.run.seed) \
-            if rollout.eval_prompts else []
+        source = rollout.held_out_source()
+        if source is None and rollout.eval_prompts == "auto":
+            logger.info("rollout.eval_prompts=auto: no held-out prompts for %s (none are taken from it); set "
+                        "rollout.eval_prompts=<prompts never trained on> for greedy evaluation", rollout.prompts)
+        held_out = load_prompts(source, rollout.eval_num_prompts, config.run.seed) if source else []
         return train, held_out
 
 

@@ -147,6 +147,7 @@ def transformer_config(
         # matches same-tag messages in posting order, so the interleaved schedule's activation and
         # gradient (same shape) would be swapped. Unbatched p2p orders by rank parity and is exact.
         batch_p2p_comm=on_gpu,
+        cuda_graph_scope=[],  # the whole layer, as megatron's deprecated default "full" (which warns on every build)
     )
     kwargs.update(_recompute_and_fp8(recompute, recompute_num_layers, precision))
     return TransformerConfig(**kwargs)

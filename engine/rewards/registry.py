@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
@@ -95,11 +97,16 @@ def _origin(fn: Callable[..., Any]) -> str:
 
 def _import_reference(name: str) -> Callable[..., Any]:
     module_name, _, attribute = name.partition(":")
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        # a module beside the command, as `python -m engine` and the reward workers (`python -c`) find it; last,
+        # so that it shadows nothing installed
+        sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"reward function {name!r}: cannot import module {module_name!r} ({exc}); "
-                          "check the name and that the module is on PYTHONPATH") from None
+                          "check the name and that the module is in the current directory or on PYTHONPATH") from None
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):

@@ -81,3 +81,38 @@ def test_invalid_layout_fails_on_every_rank_before_any_process_group() -> None:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err[-2000:]
         assert err.count(message) == 1 and "Traceback" not in err
+
+
+def test_the_summary_names_what_the_run_trained_on(tmp_path: Path) -> None:
+    """Online RL trains on rollouts of rollout.prompts; its summary said data.source (builtin:sft)."""
+    from types import SimpleNamespace
+
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.cli import _summary
+    from engine.models.presets import PRESETS
+    from engine.trainer import FitResult
+
+    prompts = tmp_path / "prompts.jsonl"
+    config = load_config(GRPOTrainConfig, None, [f"rollout.prompts={prompts}", f"run.output_dir={tmp_path}"])
+    result = FitResult(start_step=0, end_step=2, losses={1: 0.5, 2: 0.25})
+    for online, source in ((True, str(prompts)), (False, "builtin:sft")):
+        trainer = SimpleNamespace(model=SimpleNamespace(preset=PRESETS["tiny-llama"]), best_validation=None,
+                                  step=SimpleNamespace(online=online, loss_name="policy_loss"),
+                                  layout=SimpleNamespace(describe=lambda: "TP1×PP1×DP1"))
+        text = _summary("grpo", config, trainer, result)
+        assert f"trained tiny-llama (0.22M parameters) on {source} with layout" in text, text
+        assert "policy_loss 0.5000 -> 0.2500" in text
+
+
+def test_megatrons_cpu_fallback_warnings_are_quiet_without_cuda() -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import _env
+
+    code = "import engine.runtime as r; {}import megatron.core.optimizer, megatron.core.models.backends"
+    env = dict(_env(), PYTHONWARNINGS="default")
+    loud, quiet = (subprocess.run([sys.executable, "-c", code.format(call)], cwd=REPO, env=env, capture_output=True,
+                                  text=True, check=True).stderr for call in ("", "r.quiet_cpu_fallback_warnings(); "))
+    assert "Apex are not installed" in loud and "Apex is not installed" in loud  # the warnings this is about
+    assert "not installed" not in quiet, quiet

@@ -102,3 +102,22 @@ def test_prompt_row_from_a_dict() -> None:
     assert prompt_row({"prompt": "q", "answer": "1", "task_kind": "x"}).metadata == {"task_kind": "x"}
     with pytest.raises(DataError, match="field 'answer'"):
         prompt_row({"prompt": "q", "answer": {}})
+
+
+def test_held_out_prompts_follow_the_users_prompt_set(write_jsonl: Callable[..., str]) -> None:
+    """Own prompts are never evaluated against the built-in eval split (the synthetic tasks, scored by the
+    user's reward); the built-in prompts keep their unseen eval split; an explicit set or none wins."""
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.algorithms.online import PromptSampling
+    from engine.config import load_config
+
+    mine = write_jsonl([{"prompt": "What is 2+3?", "answer": "5"}, {"prompt": "What is 4+4?", "answer": "8"}])
+
+    def held_out(*overrides: str) -> list:
+        config = load_config(GRPOTrainConfig, None, list(overrides))
+        return PromptSampling().build_datasets(config, None)[1]
+
+    assert held_out(f"rollout.prompts={mine}") == []
+    assert held_out("rollout.eval_num_prompts=8") == load_prompts("builtin:prompts:eval", 8, 1234)
+    assert [row.answer for row in held_out(f"rollout.prompts={mine}", f"rollout.eval_prompts={mine}")] == ["5", "8"]
+    assert held_out("rollout.eval_prompts=none") == held_out("rollout.eval_prompts=null") == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,16 @@ def test_module_function_and_batched_marks() -> None:
 def test_unknown_functions_are_config_errors(name: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_reward(name)
+
+
+def test_a_module_in_the_current_directory_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `keel` console script does not put the current directory on sys.path; the user's reward module
+    beside the command is found all the same (the reward workers, `python -c`, see it there too)."""
+    (tmp_path / "my_keel_reward.py").write_text("def score(prompt, response, metadata):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert resolve_reward("my_keel_reward:score").fn("", "", {}) == 0.5
+    assert sys.path[-1] == str(tmp_path)
 
 
 def test_register_twice_under_one_name_is_refused() -> None:
