@@ -48,10 +48,15 @@ def saved_config(checkpoint: str, tensor: int = 1) -> tuple[Any, str]:
     from engine.config import TrainConfig, from_dict
 
     path = ckpt.resolve(checkpoint)
-    saved = ckpt.read_meta(path)["config"]
+    meta = ckpt.read_meta(path)
+    if meta.get("algorithm") in ("rm", "critic"):
+        raise ConfigError(f"{path} is a {'reward model' if meta['algorithm'] == 'rm' else 'PPO critic'}: it scores "
+                          "responses; generate from a policy checkpoint")
     shared = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {key: value for key, value in saved.items() if key in shared}  # drop the algorithm's own section
+    saved = {key: value for key, value in meta["config"].items() if key in shared}  # drop the algorithm's own section
     saved["parallel"] = {"tensor": tensor, "pipeline": 1}
+    # how over-long training rows were cut (DPO's cut_prompt...) is no concern of generation
+    saved["data"] = {key: value for key, value in saved.get("data", {}).items() if key != "overlong"}
     return from_dict(TrainConfig, saved, f"{path}/{ckpt.META}"), str(path)
 
 

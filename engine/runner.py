@@ -112,8 +112,23 @@ def build_optimizer(config: Any, chunks: list[Any], layout: Any) -> tuple[Any, A
         end_wd=opt.weight_decay,
         wd_incr_steps=decay,
         wd_incr_style="constant",
+        # this run's config is the schedule (a resumed run with more steps or another LR trains with them; the
+        # checkpoint's values used to win silently, so extra steps of a finished cosine ran at LR 0)
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
+
+
+SCHEDULE_FIELDS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "lr_warmup_steps": "scheduler.warmup_steps",
+                   "lr_decay_steps": "decay steps (scheduler.decay_steps or run.train_steps)",
+                   "lr_decay_style": "scheduler.type", "start_wd": "optimizer.weight_decay"}
+
+
+def schedule_changes(scheduler: Any, saved: dict[str, Any]) -> list[str]:
+    """What of the saved schedule this run's config changes, as ``name: checkpoint -> now`` strings."""
+    return [f"{name}: {saved[key]} -> {getattr(scheduler, key)}" for key, name in SCHEDULE_FIELDS.items()
+            if key in saved and saved[key] != getattr(scheduler, key)]
 
 
 def fuse_cpu_adamw(optimizer: Any) -> None:
@@ -273,10 +288,18 @@ class ModelRunner:
     def load(self, path: Path) -> dict[str, Any]:
         """Resume model, optimizer and schedule from ``path``; returns the checkpoint's metadata."""
         self._require_onloaded("loading a checkpoint")
+        # megatron's param groups carry max_lr/min_lr, which the scheduler reads before its own: keep this run's
+        group_lrs = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in self.optimizer.param_groups] \
+            if self.optimizer is not None else []
         meta = ckpt.load(path, self.chunks, self.optimizer, self.parallel, self.signature,
                          load_optimizer=self.optimizer is not None)
         if self.optimizer is not None:
+            for group, lrs in zip(self.optimizer.param_groups, group_lrs, strict=True):
+                group.update(lrs)
             fuse_cpu_adamw(self.optimizer)  # loaded param groups carry the saving run's flags
+            changed = schedule_changes(self.scheduler, meta["scheduler"])
+            if changed:
+                logger.warning("resuming %s with this run's schedule, not the checkpoint's: %s", path, "; ".join(changed))
             self.scheduler.load_state_dict(meta["scheduler"])
         return meta
 

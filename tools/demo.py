@@ -83,7 +83,7 @@ def main() -> int:
         "run.eval_at_start=true", "rollout.prompts_per_iteration=16", "rollout.samples_per_prompt=4",
         "rollout.max_new_tokens=24", "rollout.eval_num_prompts=64", "data.micro_batch_size=8",
         "data.global_batch_size=64", "optimizer.lr=1e-4", "scheduler.type=constant", "scheduler.warmup_steps=0",
-        f"reward_model={rm / 'checkpoints'}", "reward_model_weight=0.1"])
+        "reward_functions=[{name: synthetic_check}]", f"reward_model={rm / 'checkpoints'}", "reward_model_weight=0.1"])
     before, after = _first_last(grpo, "reward_synthetic_check", "validation")
     print(f"[4/4] grpo (trained at TP{args.nproc}, generated at TP1 x {args.nproc} replicas; reward: program check "
           f"+ 0.1 x RM): held-out correctness {before:.3f} -> {after:.3f} ({seconds:.0f} s) -> {grpo}", flush=True)

@@ -104,10 +104,11 @@ class OnlineTrainConfig(TrainConfig):
     BUFFER_IS_BATCH: ClassVar[bool] = True  # the rollout buffer is split into optimizer steps (online RL)
 
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward_functions: list[RewardFunctionConfig] = field(
-        default_factory=lambda: [RewardFunctionConfig("synthetic_check")],
+    reward_functions: Optional[list[RewardFunctionConfig]] = field(
+        default=None,
         metadata={"doc": "Reward functions, each {name, weight, kwargs, timeout_seconds, on_error (zero|skip|raise), "
-                         "label}; name is a registered function or module:function."})
+                         "label}; name is a registered function or module:function. Unset: synthetic_check for "
+                         "builtin:prompts without a reward_model, else none (your prompts need your reward)."})
     reward_workers: int = doc("Reward worker processes (0 = in the trainer's process, no timeouts).", 2)
     reward_model: Optional[str] = doc(
         "Reward-model checkpoint (`keel train rm`) scoring every rollout as the component 'rm', built at the "
@@ -126,6 +127,9 @@ class OnlineTrainConfig(TrainConfig):
             self.checkpoint.dir = f"runs/{self.ALGORITHM}/checkpoints"
         if self.GROUP_NEEDS and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"{self.GROUP_NEEDS}: rollout.samples_per_prompt must be >= 2")
+        if self.reward_functions is None:  # the synthetic checker only knows the built-in tasks' phrasing
+            builtin = self.rollout.prompts.startswith("builtin:prompts") and not self.reward_model
+            self.reward_functions = [RewardFunctionConfig("synthetic_check")] if builtin else []
         self.reward_functions = parse_reward_configs(self.reward_functions, "reward_functions")
         self.check_reward()
         if self.reward_model_std <= 0:
@@ -136,8 +140,9 @@ class OnlineTrainConfig(TrainConfig):
     def check_reward(self) -> None:
         """Some reward is configured (when the config is built)."""
         if not self.reward_functions and not self.reward_model:
-            raise ConfigError("no reward: name a reward function in reward_functions (e.g. synthetic_check) or set "
-                              "reward_model=<checkpoint>")
+            raise ConfigError(f"no reward for rollout.prompts={self.rollout.prompts}: set reward_functions (e.g. "
+                              "'[{name: math_answer}]', which checks each row's answer field, or your module:function) "
+                              "or reward_model=<checkpoint>")
 
     def validate(self, world_size: int) -> None:
         super().validate(world_size)

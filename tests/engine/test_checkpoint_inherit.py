@@ -60,3 +60,23 @@ def test_nothing_is_taken_without_a_complete_checkpoint(tmp_path: Path) -> None:
         config = load_config(TrainConfig, None, [f"checkpoint.load={load}"])
         assert config.model.preset == "tiny-llama" and config.data.tokenizer == "byte" and not config.inherited
     assert not load_config(TrainConfig, None, []).inherited
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "iterative-dpo", "rm", "critic"])
+def test_generate_reads_every_policy_checkpoint_and_refuses_scorers(tmp_path: Path, algorithm: str) -> None:
+    """keel generate rebuilt a DPO run's config as a plain TrainConfig, whose data.overlong refuses DPO's
+    cut_prompt: no DPO policy could generate. Reward models and critics score; they are refused by name."""
+    from engine.config import ConfigError
+    from engine.generate import saved_config
+
+    saved = dataclasses.asdict(load_config(DPOTrainConfig, None, ["dpo.reference=init"]))
+    path = tmp_path / "step_0000003"
+    path.mkdir()
+    (path / "keel.json").write_text(json.dumps({"step": 3, "config": saved, "algorithm": algorithm}))
+    (path / "metadata.json").write_text("{}")
+    if algorithm in ("rm", "critic"):
+        with pytest.raises(ConfigError, match="it scores responses; generate from a policy"):
+            saved_config(str(path), 2)
+        return
+    config, resolved = saved_config(str(path), 2)
+    assert resolved == str(path) and config.parallel.tensor == 2 and config.data.seq_length == saved["data"]["seq_length"]

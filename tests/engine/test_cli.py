@@ -93,7 +93,8 @@ def test_the_summary_names_what_the_run_trained_on(tmp_path: Path) -> None:
     from engine.trainer import FitResult
 
     prompts = tmp_path / "prompts.jsonl"
-    config = load_config(GRPOTrainConfig, None, [f"rollout.prompts={prompts}", f"run.output_dir={tmp_path}"])
+    config = load_config(GRPOTrainConfig, None, [f"rollout.prompts={prompts}", f"run.output_dir={tmp_path}",
+                                                 "reward_functions=[{name: math_answer}]"])
     result = FitResult(start_step=0, end_step=2, losses={1: 0.5, 2: 0.25})
     for online, source in ((True, str(prompts)), (False, "builtin:sft")):
         trainer = SimpleNamespace(model=SimpleNamespace(preset=PRESETS["tiny-llama"]), best_validation=None,

@@ -248,3 +248,24 @@ def test_metrics_of_a_reused_directory_start_fresh_or_at_the_resumed_step(tmp_pa
     assert result.start_step == 3
     assert _steps(tmp_path) == [1, 2, 3, 4, 5]
     assert 123.0 not in [json.loads(line).get("lm_loss") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_trains_with_its_own_schedule(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Extending a finished cosine run (4 -> 6 steps) with another LR: the new steps train at the config's
+    schedule (the checkpoint's used to win: decay over 4 steps, so steps 5-6 ran at LR 0), and the run says so."""
+    common = ("scheduler.type=cosine", "scheduler.warmup_steps=1", "checkpoint.save_interval=2")
+    with single_process_parallel() as parallel:
+        _trainer(tmp_path, parallel, "run.train_steps=4", "optimizer.lr=1e-3", *common).fit()
+    with single_process_parallel() as parallel:
+        trainer = _trainer(tmp_path, parallel, "run.train_steps=6", "optimizer.lr=2e-3", "checkpoint.resume=auto",
+                           *common)
+        with caplog.at_level("WARNING", logger="engine.runner"):
+            result = trainer.fit()  # type: ignore[attr-defined]
+    assert result.start_step == 4
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if r["split"] == "train"}
+    # cosine from 2e-3 to 0 over 5 decay steps after 1 warm-up step, at steps 5 and 6 (the LR a step trains with)
+    expected = {step: 1e-3 * (1 + math.cos(math.pi * (step - 1) / 5)) for step in (5, 6)}
+    assert lrs[5] == pytest.approx(expected[5]) and lrs[6] == pytest.approx(expected[6], abs=1e-12), lrs
+    assert lrs[5] > 1e-4  # not the finished run's 0
+    assert "optimizer.lr: 0.001 -> 0.002" in caplog.text and "run.train_steps): 4 -> 6" in caplog.text

@@ -114,10 +114,28 @@ def test_held_out_prompts_follow_the_users_prompt_set(write_jsonl: Callable[...,
     mine = write_jsonl([{"prompt": "What is 2+3?", "answer": "5"}, {"prompt": "What is 4+4?", "answer": "8"}])
 
     def held_out(*overrides: str) -> list:
-        config = load_config(GRPOTrainConfig, None, list(overrides))
+        config = load_config(GRPOTrainConfig, None, ["reward_functions=[{name: math_answer}]", *overrides])
         return PromptSampling().build_datasets(config, None)[1]
 
     assert held_out(f"rollout.prompts={mine}") == []
     assert held_out("rollout.eval_num_prompts=8") == load_prompts("builtin:prompts:eval", 8, 1234)
     assert [row.answer for row in held_out(f"rollout.prompts={mine}", f"rollout.eval_prompts={mine}")] == ["5", "8"]
     assert held_out("rollout.eval_prompts=none") == held_out("rollout.eval_prompts=null") == []
+
+
+def test_the_default_reward_is_the_synthetic_check_only_for_the_builtin_prompts(write_jsonl: Callable[..., str]) -> None:
+    """synthetic_check knows only the built-in tasks' phrasing: on a user's prompts it scores 0 whatever the
+    answer, and beside a reward model it silently added its 0/1 to the model's score."""
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
+    from engine.config import ConfigError, load_config
+
+    mine = write_jsonl([{"prompt": "What is 3+4?", "answer": "7"}])
+    names = lambda cls, *o: [f.name for f in load_config(cls, None, list(o)).reward_functions]  # noqa: E731
+    assert names(GRPOTrainConfig) == ["synthetic_check"]
+    assert names(GRPOTrainConfig, "reward_model=runs/rm") == names(IterativeDPOTrainConfig, "reward_model=runs/rm") == []
+    assert names(GRPOTrainConfig, f"rollout.prompts={mine}", "reward_functions=[{name: math_answer}]") == ["math_answer"]
+    assert names(GRPOTrainConfig, "reward_model=runs/rm", "reward_functions=[{name: synthetic_check}]") == \
+        ["synthetic_check"]
+    with pytest.raises(ConfigError, match=r"no reward for rollout.prompts=.*math_answer"):
+        load_config(GRPOTrainConfig, None, [f"rollout.prompts={mine}"])
