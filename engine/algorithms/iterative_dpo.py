@@ -65,7 +65,7 @@ class IterativeDPOTrainConfig(IterativeTrainConfig):
     rollout: RolloutConfig = field(default_factory=lambda: recipe_rollout(epochs=3))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=1e-3))
     optimizer: OptimizerConfig = optimizer_with_lr(9e-8)
-    data: DataConfig = field(default_factory=lambda: DataConfig(seq_length=512, overlong="cut_prompt"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_length=256, overlong="cut_prompt"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

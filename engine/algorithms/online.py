@@ -53,8 +53,9 @@ class RolloutConfig:
         "Held-out prompts answered greedily at run.eval_interval: a prompt set, null/none (no evaluation) or auto "
         "(the built-in eval split when rollout.prompts is builtin:prompts, else none: set your own held-out file).",
         "auto")
-    num_prompts: int = doc("Prompts read from the set.", 4096)
-    eval_num_prompts: int = doc("Held-out prompts evaluated at run.eval_interval (greedy).", 64)
+    num_prompts: int = doc("Prompts drawn from a builtin: set (a file is read whole).", 4096)
+    eval_num_prompts: int = doc("Held-out prompts evaluated at run.eval_interval (greedy): drawn from a builtin: set, "
+                                "the first ones of a file.", 64)
     prompts_per_iteration: int = doc("Prompts per iteration.", 16)
     samples_per_prompt: int = doc("Rollouts per prompt (GRPO's G, RLOO's k).", 4)
     generation_tensor: int = doc("Tensor-parallel size of the generation layout.", 1)
@@ -192,6 +193,10 @@ class PromptSampling:
             logger.info("rollout.eval_prompts=auto: no held-out prompts for %s (none are taken from it); set "
                         "rollout.eval_prompts=<prompts never trained on> for greedy evaluation", rollout.prompts)
         held_out = load_prompts(source, rollout.eval_num_prompts, config.run.seed) if source else []
+        if len(held_out) > rollout.eval_num_prompts:
+            logger.info("held-out evaluation: the first %d of the %d prompts of %s (rollout.eval_num_prompts)",
+                        rollout.eval_num_prompts, len(held_out), source)
+            held_out = held_out[:rollout.eval_num_prompts]
         return train, held_out
 
 

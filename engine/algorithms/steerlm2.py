@@ -81,7 +81,7 @@ class SteerLM2Config:
 
 
 def _steerlm_data() -> DataConfig:
-    return DataConfig(chat_template="nemotron", seq_length=512)
+    return DataConfig(chat_template="nemotron", seq_length=256)  # the default preset's context
 
 
 @dataclass

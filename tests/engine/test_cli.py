@@ -117,3 +117,14 @@ def test_megatrons_cpu_fallback_warnings_are_quiet_without_cuda() -> None:
                                   text=True, check=True).stderr for call in ("", "r.quiet_cpu_fallback_warnings(); "))
     assert "Apex are not installed" in loud and "Apex is not installed" in loud  # the warnings this is about
     assert "not installed" not in quiet, quiet
+
+
+@pytest.mark.parametrize("algo", ["sft", "rm", "dpo", "grpo", "reinforce", "ppo", "iterative-dpo", "steerlm2"])
+def test_every_algorithms_defaults_fit_the_default_model(algo: str) -> None:
+    """keel train iterative-dpo / steerlm2 with nothing but their required inputs died on data.seq_length=512
+    against tiny-llama's 256-token context."""
+    from engine.cli import _algorithm
+
+    needs = {"dpo": ["dpo.reference=init"], "ppo": ["reward_model=runs/rm"], "steerlm2": ["reward_model=runs/rm"]}
+    config = load_config(_algorithm(algo).CONFIG, None, needs.get(algo, []))
+    config.validate(1)

@@ -120,6 +120,7 @@ def test_held_out_prompts_follow_the_users_prompt_set(write_jsonl: Callable[...,
     assert held_out(f"rollout.prompts={mine}") == []
     assert held_out("rollout.eval_num_prompts=8") == load_prompts("builtin:prompts:eval", 8, 1234)
     assert [row.answer for row in held_out(f"rollout.prompts={mine}", f"rollout.eval_prompts={mine}")] == ["5", "8"]
+    assert [row.answer for row in held_out(f"rollout.eval_prompts={mine}", "rollout.eval_num_prompts=1")] == ["5"]
     assert held_out("rollout.eval_prompts=none") == held_out("rollout.eval_prompts=null") == []
 
 
@@ -139,3 +140,18 @@ def test_the_default_reward_is_the_synthetic_check_only_for_the_builtin_prompts(
         ["synthetic_check"]
     with pytest.raises(ConfigError, match=r"no reward for rollout.prompts=.*math_answer"):
         load_config(GRPOTrainConfig, None, [f"rollout.prompts={mine}"])
+
+
+def test_a_prompt_too_long_to_answer_is_refused_at_the_start_naming_its_line(write_jsonl: Callable[..., str]) -> None:
+    """It used to surface at the iteration that first drew it (maybe hours in) as 'prompt 2' of that batch."""
+    from types import SimpleNamespace
+
+    from engine.sampling_phase import SamplingPhase
+
+    path = write_jsonl([{"prompt": "short"}, {"prompt": "y" * 12}, {"prompt": "z" * 20}])
+    config = SimpleNamespace(data=SimpleNamespace(seq_length=12), rollout=SimpleNamespace(prompts=path))
+    phase = SimpleNamespace(config=config, template="plain", render=lambda row: [0] * len(row.text))
+    rows = load_prompts(path)
+    SamplingPhase.check_fit(phase, rows[:1])  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=rf"{re.escape(path)}, line 2: field 'prompt': .*data.seq_length=12.*12 tokens"):
+        SamplingPhase.check_fit(phase, rows)  # type: ignore[arg-type]
