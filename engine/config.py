@@ -430,6 +430,8 @@ def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[
     from engine.checkpoint.inherit import inherit_from_checkpoint
 
     data, taken = inherit_from_checkpoint(cls, data)
+    if taken:
+        source = f"{source} + the config of checkpoint.load ({', '.join(taken)})"
     config = from_dict(cls, data, source)
     if taken:
         config.inherited = taken

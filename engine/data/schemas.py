@@ -227,7 +227,20 @@ def check_row(fmt: str, row: Any, where: Optional[Where] = None) -> Row:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not isinstance(row, dict):
         raise _fail(where, "<row>", "a JSON object", row)
-    return CHECKS[fmt](row, where)
+    try:
+        return CHECKS[fmt](row, where)
+    except DataError as exc:
+        guess = next((other for other, keys in SIGNATURES.items() if other != fmt and keys <= row.keys()), None)
+        if guess is None:
+            raise
+        raise DataError(exc.where, exc.field, exc.expected, exc.got, exc.source,
+                        hint=f"the row has the fields of data.format={guess}, and this run reads {fmt}: set "
+                             f"data.format={guess}") from None
+
+
+# fields that tell a row's format apart (the prompts format's lone 'prompt' tells nothing)
+SIGNATURES = {"pairs": {"chosen", "rejected"}, "chat": {"messages"}, "text": {"text"},
+              "attributes": {"response", "helpfulness"}, "helpsteer2_preference": {"response_1", "response_2"}}
 
 
 def attribute_string(ratings: dict[str, int]) -> str:

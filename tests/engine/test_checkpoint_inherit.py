@@ -80,3 +80,12 @@ def test_generate_reads_every_policy_checkpoint_and_refuses_scorers(tmp_path: Pa
         return
     config, resolved = saved_config(str(path), 2)
     assert resolved == str(path) and config.parallel.tensor == 2 and config.data.seq_length == saved["data"]["seq_length"]
+
+
+def test_an_error_in_a_taken_value_says_where_it_came_from(tmp_path: Path) -> None:
+    from engine.algorithms.steerlm2 import SteerLM2TrainConfig
+    from engine.config import ConfigError
+
+    plain = _fake_checkpoint(tmp_path / "sft", data={"chat_template": "auto"})  # not a SteerLM policy
+    with pytest.raises(ConfigError, match=r"the config of checkpoint.load \(.*data.chat_template\).*'nemotron'"):
+        load_config(SteerLM2TrainConfig, None, [f"checkpoint.load={plain}", "reward_model=runs/rm"])

@@ -147,3 +147,17 @@ def test_builtin_sources_validate() -> None:
                       ("builtin:helpsteer2_preference", "helpsteer2_preference"), ("builtin:prompts", "prompts"),
                       ("builtin:steerlm_prompts", "prompts"), ("builtin:text", "text")]:
         assert len(load_rows(name, fmt, num=20, seed=3)) == 20
+
+
+def test_a_row_of_another_format_says_which_format_it_has() -> None:
+    """A pairs file read with the DPO/RM default format (attributes) said only "field 'response': missing"."""
+    from engine.data.errors import Where
+
+    pair = {"prompt": "a?", "chosen": "b", "rejected": "c"}
+    with pytest.raises(DataError, match=r"pairs.jsonl, line 3: field 'response'.*set data.format=pairs"):
+        check_row("attributes", pair, Where("pairs.jsonl", 3))
+    with pytest.raises(DataError, match=r"set data.format=chat"):
+        check_row("text", {"messages": []}, Where("sft.jsonl", 1))
+    with pytest.raises(DataError) as plain:  # nothing to guess from: the message as before
+        check_row("pairs", {"prompt": "a?"}, Where("p.jsonl", 1))
+    assert "data.format=" not in str(plain.value)
