@@ -24,6 +24,9 @@ last checkpoint is the iteration's start) or after an iteration's checkpoint; th
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import signal
@@ -82,6 +85,7 @@ class IterativeTrainer(Trainer):
         size = self.config.iterative.chunk_prompts
         chunks = [indices[i: i + size] for i in range(0, len(indices), size)]
         per_prompt = self.config.rollout.samples_per_prompt
+        store.check_inputs(self.sampling_inputs(indices))
         done = store.done_chunks(len(chunks))
         samples: list[dict[str, Any]] = []
         times = {"refit": 0.0, "generate_and_score": 0.0, "chunks_reused": 0.0, "chunks_generated": 0.0}
@@ -107,6 +111,17 @@ class IterativeTrainer(Trainer):
                         store.dir)
         store.write_jsonl("samples.jsonl", samples)
         return samples, times
+
+    def sampling_inputs(self, indices: list[int]) -> dict[str, Any]:
+        """What an iteration's samples depend on besides the policy (which the resumed checkpoint fixes)."""
+        config, rollout = self.config, self.config.rollout
+        prompts = [[self.prompts[i].prompt, self.step.target(i)] for i in indices]
+        return {"prompts": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
+                "sampling": [rollout.samples_per_prompt, rollout.max_new_tokens, rollout.temperature, rollout.top_p,
+                             rollout.top_k, config.iterative.chunk_prompts, config.run.seed],
+                "template": [config.data.tokenizer, config.data.chat_template, config.data.seq_length],
+                "rewards": [[dataclasses.asdict(f) for f in config.reward_functions], config.reward_model,
+                            config.reward_model_weight, config.reward_model_mean, config.reward_model_std]}
 
     def _sample_chunk(self, iteration: int, number: int, indices: list[int], store: SampleStore) -> list[dict[str, Any]]:
         per_prompt = self.config.rollout.samples_per_prompt

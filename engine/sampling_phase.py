@@ -177,6 +177,28 @@ class SampleStore:
         if writes:
             (self.dir / "chunks").mkdir(parents=True, exist_ok=True)
 
+    def check_inputs(self, inputs: dict[str, Any]) -> None:
+        """Refuse chunks on disk that other inputs made (other prompts, sampling, rewards...); else record
+        ``inputs`` for the next start. A resumed chunk was matched by prompt index alone, so a rerun with another
+        prompt file or reward paired old responses with new prompts. Directories from before this record pass."""
+        path = self.dir / "inputs.json"
+        inputs = json.loads(json.dumps(inputs, sort_keys=True))  # as it reads back (lists, not tuples)
+        differs = None
+        if self.writes:
+            stored = json.loads(path.read_text()) if path.is_file() else None
+            if stored is not None and stored != inputs:
+                differs = sorted(k for k in {*stored, *inputs} if stored.get(k) != inputs.get(k))
+            elif stored is None:
+                tmp = path.with_name("inputs.json.tmp")
+                tmp.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+                os.replace(tmp, path)
+        differs = broadcast_from_first(differs)
+        if differs:
+            from engine.errors import ConfigError
+
+            raise ConfigError(f"{self.dir} holds samples made with other {', '.join(differs)} than this run's; rerun "
+                              "with the settings it was started with, or delete that directory to sample it again")
+
     def chunk_path(self, chunk: int) -> Path:
         return self.dir / "chunks" / f"chunk_{chunk:05d}.jsonl"
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from engine.config import ConfigError
 from engine.data.batching import micro_batches_for
 from engine.data.dpo import DPOPairs, read_reference_lines
 from engine.runtime import setup_logging, shutdown
@@ -58,7 +59,7 @@ def _pair_logprobs(step: Any, dataset: DPOPairs, indices: list[int], config: Any
 
 
 def _write_split(step: Any, dataset: DPOPairs, split: str, todo: list[int], config: Any, parallel: Any,
-                 sink: Any, progress: Any) -> None:
+                 sink: Any, progress: Any, identity: str) -> None:
     writes = _writes(parallel)
     chunk = config.data.global_batch_size // parallel.layout.data or 1
     for start in range(0, len(todo), chunk):
@@ -68,10 +69,29 @@ def _write_split(step: Any, dataset: DPOPairs, split: str, todo: list[int], conf
             for index in indices:
                 chosen, rejected = results[index]
                 sink.write(json.dumps({"split": split, "index": index, "chosen": chosen, "rejected": rejected,
-                                       "fingerprint": dataset.fingerprint(index)}) + "\n")
+                                       "fingerprint": dataset.fingerprint(index), "reference": identity}) + "\n")
             sink.flush()
         if progress is not None:
             progress.update(len(indices) * parallel.layout.data)
+
+
+def reference_identity(config: Any) -> str:
+    """Which reference the log-probs come from: its resolved checkpoint directory, or the seeded initialisation."""
+    from engine.checkpoint import dist as ckpt
+
+    reference = config.dpo.reference or config.checkpoint.load
+    if reference in (None, "init"):
+        return f"init (model.init={config.model.init}, run.seed={config.run.seed})"
+    path = ckpt.resolve(reference)
+    return str((ckpt.find_latest(str(path)) if not ckpt.is_complete(path) else path) or path)
+
+
+def _check_partial(partial: Path, records: list[dict[str, Any]], identity: str) -> None:
+    """A partial file another reference began is refused (its pairs would mix two references' log-probs)."""
+    other = next((r["reference"] for r in records if r.get("reference", identity) != identity), None)
+    if other is not None:
+        raise ConfigError(f"{partial} holds log-probs of reference {other}, and this run's is {identity}; delete it to "
+                          "start over, or rerun with that reference")
 
 
 def _merge(output: Path, dp_size: int) -> int:
@@ -97,14 +117,16 @@ def precompute(config: Any, parallel: Any, output: Path, progress_bar: bool = Tr
     step.setup(config, parallel, tokenizer)
     splits = dict(zip(("train", "validation"), DPOPairs.from_config(config, tokenizer), strict=True))
     partial = _partial_path(output, parallel.dp_rank)
-    done = {(r["split"], int(r["index"])) for r in read_reference_lines(partial)}
+    records, identity = read_reference_lines(partial), reference_identity(config)
+    _check_partial(partial, records, identity)
+    done = {(r["split"], int(r["index"])) for r in records}
     parallel.barrier()  # every rank of this shard has read the partial file before it grows
     todo = {name: _todo(data, name, done, parallel.dp_rank, parallel.layout.data) for name, data in splits.items()}
     progress = _progress(sum(len(d) for d in splits.values()), len(done) * parallel.layout.data,
                          progress_bar and parallel.is_main)
     with open(partial, "a") if _writes(parallel) else open(os.devnull, "w") as sink:
         for name, dataset in splits.items():
-            _write_split(step, dataset, name, todo[name], config, parallel, sink, progress)
+            _write_split(step, dataset, name, todo[name], config, parallel, sink, progress, identity)
     if progress is not None:
         progress.close()
     parallel.barrier()

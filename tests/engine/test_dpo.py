@@ -5,6 +5,7 @@ real logits against log_softmax + gather."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,24 @@ def test_config_needs_a_reference_and_defaults_it_to_checkpoint_load() -> None:
     assert load_config(DPOTrainConfig, None, ["dpo.loss=ipo"]).dpo.nll_coefficient == 0.0
     with pytest.raises(ConfigError, match="dpo.loss"):
         DPOConfig(loss="slic")
+
+
+def test_a_partial_reference_file_of_another_reference_is_refused(tmp_path: Path) -> None:
+    """keel data ref-logprobs resumed a .partial file begun with another dpo.reference and mixed the two
+    references' log-probs in one file (the per-pair fingerprint covers the token ids only)."""
+    from engine.algorithms.dpo_reference import _check_partial, reference_identity
+    from engine.config import ConfigError
+
+    step = tmp_path / "sft" / "step_0000003"
+    step.mkdir(parents=True)
+    (step / "keel.json").write_text("{}")
+    (step / "metadata.json").write_text("{}")
+    (tmp_path / "sft" / "latest").write_text(step.name)
+    init = reference_identity(load_config(DPOTrainConfig, None, ["dpo.reference=init", "run.seed=5"]))
+    assert "run.seed=5" in init
+    sft = reference_identity(load_config(DPOTrainConfig, None, [f"dpo.reference={tmp_path / 'sft'}"]))
+    assert sft == str(step)
+    partial = tmp_path / "ref.jsonl.rank0.partial"
+    _check_partial(partial, [{"index": 0, "reference": sft}, {"index": 1}], sft)  # its own, and files from before
+    with pytest.raises(ConfigError, match=r"holds log-probs of reference init .*this run's is .*step_0000003"):
+        _check_partial(partial, [{"index": 0, "reference": init}], sft)

@@ -106,6 +106,21 @@ def test_sample_store_reads_only_complete_chunks(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "iterations" / "iter_2" / "summary.json").read_text()) == {"iteration": 2}
 
 
+def test_sample_store_refuses_chunks_that_other_inputs_made(tmp_path: Path) -> None:
+    """Chunks were reused by prompt index alone: a rerun with another prompt file paired old responses with new
+    prompts, and another reward mixed two rewards' scores in one iteration."""
+    from engine.errors import ConfigError
+
+    inputs = {"prompts": "abc", "sampling": [4, 8, 0.7, 0.9, 0, 8, 1234], "rewards": [[], "runs/rm", 1.0, 0.0, 1.0]}
+    store = SampleStore(str(tmp_path), 1, writes=True)
+    store.check_inputs(inputs)
+    store.write_chunk(0, [{"prompt_index": 4}])
+    store.check_inputs(dict(inputs))  # the same run started again
+    with pytest.raises(ConfigError, match=r"iter_1 holds samples made with other prompts, rewards than this run's"):
+        store.check_inputs(dict(inputs, prompts="def", rewards=[[], "runs/rm2", 1.0, 0.0, 1.0]))
+    assert json.loads((store.dir / "inputs.json").read_text()) == inputs  # the first run's record stays
+
+
 def test_configs_have_the_recipe_defaults_and_refuse_bad_fields() -> None:
     dpo = load_config(IterativeDPOTrainConfig, None, [])
     assert (dpo.rollout.samples_per_prompt, dpo.rollout.temperature, dpo.rollout.top_p) == (10, 0.7, 0.9)
