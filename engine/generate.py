@@ -9,25 +9,39 @@ template's end-of-turn or EOS; row ``i`` draws from ``--seed + i``. Under torchr
 the prompts. SteerLM policies (``nemotron`` template) take target attributes:
 ``--attributes helpfulness=4,verbosity=1`` over the defaults of HelpSteer2-era models
 (helpfulness, correctness, coherence 4; complexity, verbosity 2).
+
+Completed batches are appended to ``OUTPUT.partial``; ``OUTPUT.partial.meta`` records what they
+depend on (the resolved checkpoint, a hash of the prompts file, every generation option). A run
+started again with the same command resumes after the last complete row; one whose checkpoint,
+prompts or options differ is refused, naming the difference. The output is renamed into place
+at the end (and the meta file removed).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 from engine.config import ConfigError
-from engine.data.chat import prompt_messages, render_prompt, stop_token_ids
-from engine.data.loaders import parsed_records
-from engine.data.schemas import ATTRIBUTES
+from engine.data.chat import TEMPLATES, prompt_messages, render_prompt, stop_token_ids
+from engine.data.errors import DataError
+from engine.data.loaders import make_parent_dir, parsed_records
+from engine.data.schemas import ATTRIBUTES, check_messages, check_row
 from engine.generation.base import SamplingParams
 from engine.runtime import shutdown
 
 STEERLM_DEFAULTS = {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 2, "verbosity": 2}
+TEMPLATE_NAMES = ("auto", *TEMPLATES)
+# What a partial output's fingerprint (OUTPUT.partial.meta) records, and how each is set.
+FINGERPRINT = {"checkpoint": "the checkpoint", "prompts_sha256": "the prompts file's contents",
+               "template": "--template", "attributes": "--attributes", "max_new_tokens": "--max-new-tokens",
+               "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed",
+               "max_length": "--max-length"}
 
 
 def parse_attributes(text: Optional[str]) -> dict[str, int]:
@@ -90,14 +104,26 @@ def load_backend(checkpoint: str, tensor: int = 1, max_batch_size: int = 8) -> t
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
-    """``{"prompt": str | messages}`` rows (SFT ``messages`` rows give their turns before the last reply)."""
+    """``{"prompt": str | messages}`` rows (SFT ``messages`` rows give their turns before the last reply).
+
+    Each prompt is checked as the ``prompts`` schema checks it (a string, or messages ending with a
+    user turn), so a bad one is a :class:`DataError` naming the file, line and field.
+    """
     rows = []
     for where, row in parsed_records(path):
+        if not isinstance(row, dict):
+            raise DataError(where, "<row>", "a JSON object with a 'prompt' (or SFT 'messages')", row)
         if "prompt" not in row and "messages" in row:
             messages = row["messages"]
-            row = {**row, "prompt": messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages}
-        if "prompt" not in row:
-            raise ConfigError(f"{where}: field 'prompt': expected a string or messages, got none")
+            if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                    and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            check_messages(messages, where, "messages", last="user")
+            row = {**row, "prompt": messages}
+        elif "prompt" not in row:
+            raise DataError(where, "prompt", "a string or messages (or SFT 'messages')", "missing")
+        else:
+            check_row("prompts", {"prompt": row["prompt"]}, where)  # the prompt only: other fields pass through
         rows.append(row)
     return rows
 
@@ -105,7 +131,8 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
 def complete(backend: Any, tokenizer: Any, template: str, rows: list[dict[str, Any]], sampling: SamplingParams,
              attributes: Optional[dict[str, int]], batch_size: int = 64,
              progress: bool = False) -> list[dict[str, Any]]:
-    """One completion per row, as ``{prompt, completion, finish_reason, tokens, attributes}`` dicts."""
+    """One completion per row, as ``{prompt, completion, finish_reason, tokens, attributes}`` dicts plus the
+    row's other fields (an SFT row's ``messages`` aside)."""
     sampling = dataclasses.replace(sampling, stop_token_ids=tuple(stop_token_ids(tokenizer, template)),
                                    vocab_size=tokenizer.vocab_size)
     out: list[dict[str, Any]] = []
@@ -117,8 +144,9 @@ def complete(backend: Any, tokenizer: Any, template: str, rows: list[dict[str, A
         rollouts = backend.generate(prompts, sampling, seeds=seeds)
         for row, ids, reason in zip(chunk, rollouts.tokens, rollouts.finish_reasons, strict=True):
             text = tokenizer.decode(ids[:-1] if reason == "stop" else ids)
-            out.append({"prompt": row["prompt"], "completion": text, "finish_reason": reason, "tokens": len(ids),
-                        **({"attributes": attributes} if attributes else {})})
+            kept = {k: v for k, v in row.items() if k != "messages"}  # id, answer...: to join results back
+            out.append({**kept, "prompt": row["prompt"], "completion": text, "finish_reason": reason,
+                        "tokens": len(ids), **({"attributes": attributes} if attributes else {})})
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -143,13 +171,57 @@ def _done_rows(partial: str) -> list[str]:
     return [line for line in lines[:-1] if line.strip()]
 
 
-def _check_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Optional[dict[str, int]], list[dict[str, Any]], SamplingParams]:
+@dataclasses.dataclass
+class Job:
+    """A checked ``keel generate`` command: everything it needs short of the model."""
+
+    config: Any
+    checkpoint: str  # the resolved checkpoint directory
+    tokenizer: Any
+    template: str
+    attributes: Optional[dict[str, int]]
+    rows: list[dict[str, Any]]
+    sampling: SamplingParams
+    prompts_sha256: str
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the completions depend on, as JSON values (keys of :data:`FINGERPRINT`). Not ``--batch-size``
+        or ``--tensor``: each row draws from its own seed, so a resumed run may change them."""
+        s = self.sampling
+        values = {"checkpoint": self.checkpoint, "prompts_sha256": self.prompts_sha256, "template": self.template,
+                  "attributes": self.attributes, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
+                  "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "max_length": s.max_length}
+        return dict(json.loads(json.dumps(values)))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The options on their own (no file read yet)."""
+    if args.template is not None and args.template not in TEMPLATE_NAMES:
+        raise ConfigError(f"--template {args.template!r} is not a chat template; choose one of "
+                          f"{', '.join(TEMPLATE_NAMES)}")
+    for option, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                          ("--tensor", args.tensor)):
+        if value < 1:
+            raise ConfigError(f"{option} {value}: must be at least 1")
+
+
+def _check_inputs(args: argparse.Namespace) -> Job:
     """Everything that can be wrong with the command, found before the model loads."""
     from engine.data.tokenizers import load_tokenizer, warn_if_foreign
     from engine.generation.base import check_prompts
     from engine.models.presets import resolve_preset
 
-    config, _ = saved_config(args.checkpoint, args.tensor)
+    _check_options(args)
+    rows = read_prompts(args.prompts)
+    config, path = saved_config(args.checkpoint, args.tensor)
     template = args.template or config.data.chat_template
     attributes = parse_attributes(args.attributes) if template == "nemotron" else None
     if args.attributes and template != "nemotron":
@@ -160,33 +232,86 @@ def _check_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Optional[dic
     tokenizer = load_tokenizer(config.data.tokenizer)
     preset = resolve_preset(config.model)
     warn_if_foreign(tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
-    rows = read_prompts(args.prompts)
     rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in rows]
     context = preset.max_sequence_length
     check_prompts(rendered, sampling, context, names=[f"{where}: field 'prompt'" for where, _ in parsed_records(args.prompts)])
-    return config, tokenizer, template, attributes, rows, sampling
+    return Job(config, os.path.realpath(path), tokenizer, template, attributes, rows, sampling, _sha256(args.prompts))
+
+
+def _read_fingerprint(path: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _resume_point(partial: str, fingerprint: dict[str, Any]) -> list[str]:
+    """The completed rows of ``partial`` to keep; those of a run with other (or unknown) options are refused."""
+    done = _done_rows(partial)
+    if not done:
+        return []  # nothing to mix in: start over
+    saved = _read_fingerprint(f"{partial}.meta")
+    if saved is None:
+        raise ConfigError(f"{partial} holds {len(done)} completions of an earlier run whose options are unknown "
+                          f"(no readable {partial}.meta); delete {partial} to start over")
+    differ = [label if key == "prompts_sha256" else f"{label} {saved.get(key)!r} then, {fingerprint[key]!r} now"
+              for key, label in FINGERPRINT.items() if saved.get(key) != fingerprint[key]]
+    if differ:
+        raise ConfigError(f"{partial} was written with other options ({'; '.join(differ)}): delete {partial} to "
+                          "start over, or rerun with the same options to resume it")
+    return done
+
+
+def _prepare_output(args: argparse.Namespace, job: Job) -> list[str]:
+    """Check a partial output against ``job`` and make the output's directory; returns the rows already done."""
+    from engine.parallel.layout import read_launch_env
+
+    done = _resume_point(f"{args.output}.partial", job.fingerprint())
+    make_parent_dir(args.output)
+    if done and read_launch_env().rank == 0:
+        print(f"resuming: {len(done)} of {len(job.rows)} prompts already done ({args.output}.partial)", flush=True)
+    return done
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _start_partial(partial: str, done: list[str], fingerprint: dict[str, Any]) -> None:
+    """Record the run's fingerprint next to the partial output, which keeps only its complete rows."""
+    _write_atomic(f"{partial}.meta", json.dumps(fingerprint, indent=1) + "\n")
+    _write_atomic(partial, "".join(line + "\n" for line in done))  # a torn last line goes
+
+
+def _finish(partial: str, output: str) -> None:
+    os.replace(partial, output)
+    if os.path.exists(f"{partial}.meta"):
+        os.remove(f"{partial}.meta")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    config, tokenizer, template, attributes, rows, sampling = _check_inputs(args)
-    partial = f"{args.output}.partial"
-    done = _done_rows(partial)
+    job = _check_inputs(args)
+    done = _prepare_output(args, job)
+    partial, rows = f"{args.output}.partial", job.rows
     backend, _, _ = load_backend(args.checkpoint, args.tensor, args.batch_size)
     writer = dist.get_rank() == 0
-    if writer and done:  # drop a torn last line before appending
-        with open(f"{partial}.tmp", "w") as fh:
-            fh.writelines(line + "\n" for line in done)
-        os.replace(f"{partial}.tmp", partial)
+    if writer:
+        _start_partial(partial, done, job.fingerprint())
     with open(partial, "a") if writer else open(os.devnull, "w") as fh:
         bar = _progress(len(rows), not args.quiet and writer)
         if bar is not None:
             bar.update(len(done))
         for start in range(len(done), len(rows), args.batch_size):
             chunk = rows[start: start + args.batch_size]
-            step = dataclasses.replace(sampling, seed=sampling.seed + start)
-            for row in complete(backend, tokenizer, template, chunk, step, attributes, args.batch_size):
+            step = dataclasses.replace(job.sampling, seed=job.sampling.seed + start)
+            for row in complete(backend, job.tokenizer, job.template, chunk, step, job.attributes, args.batch_size):
                 fh.write(json.dumps(row) + "\n")
             fh.flush()
             if bar is not None:
@@ -194,7 +319,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if writer:
-        os.replace(partial, args.output)
+        _finish(partial, args.output)
         print(f"wrote {len(rows)} completions to {args.output}", flush=True)
     backend.release()
     # Every rank leaves together and tears its process groups down: a rank that exits while gloo's
@@ -210,14 +335,16 @@ def register(subparsers: Any) -> None:
         description="Read prompts JSONL ({prompt} or SFT {messages} rows), write completions JSONL. Greedy by "
         "default; --temperature > 0 samples (with --top-p/--top-k). Native KV-cache backend; under torchrun "
         "--tensor G splits the model over G ranks and the replicas share the prompts. An interrupted run "
-        "resumes from OUTPUT.partial.")
+        "started again with the same options resumes from OUTPUT.partial (its options are recorded in "
+        "OUTPUT.partial.meta; other options are refused).")
     parser.add_argument("checkpoint", help="policy checkpoint (run dir/checkpoints, step dir, or 'best')")
     parser.add_argument("prompts", help="input JSONL")
     parser.add_argument("output", help="output JSONL (written atomically)")
     parser.add_argument("--attributes", default=None,
                         help="SteerLM targets NAME=0..4,... over helpfulness/correctness/coherence 4, "
                         "complexity/verbosity 2")
-    parser.add_argument("--template", default=None, help="chat template (default: the checkpoint's)")
+    parser.add_argument("--template", default=None,
+                        help=f"chat template, one of {', '.join(TEMPLATE_NAMES)} (default: the checkpoint's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from engine.errors import ConfigError
 from engine.models.presets import PRESETS, ModelPreset
 
 GIB = 1024**3
@@ -366,13 +367,59 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """Option values that cannot describe any job, each refused naming its option."""
+    positive = [("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node), ("--micro-batch", args.micro_batch),
+                ("--generation-batch", args.generation_batch), ("--tp", args.tp), ("--pp", args.pp),
+                ("--dp", args.dp), ("--seq-len", args.seq_len)]
+    for option, value in positive:
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} {value}: must be at least 1")
+    if not (math.isfinite(args.gpu_memory_gb) and args.gpu_memory_gb > 0):
+        raise ConfigError(f"--gpu-memory {args.gpu_memory_gb}: must be a positive number of GiB")
+    if not 0 <= args.reserve < 1:
+        raise ConfigError(f"--reserve {args.reserve}: must be a fraction in [0, 1)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse ``keel plan`` options that no layout can satisfy (a :class:`ConfigError` naming the option),
+    so an empty table is never mistaken for "does not fit in memory"."""
+    _check_sizes(args)
+    preset, gpus = PRESETS[args.preset], args.gpus
+    given = [(option, value) for option, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp)) if value]
+    for option, value in given:
+        if gpus % value:
+            raise ConfigError(f"{option} {value} does not divide --gpus {gpus}")
+    product = math.prod(value for _, value in given)
+    named = " x ".join(f"{option} {value}" for option, value in given)
+    if len(given) == 3 and product != gpus:
+        raise ConfigError(f"{named} = {product} GPUs, but --gpus is {gpus}")
+    if len(given) == 2 and gpus % product:
+        raise ConfigError(f"{named} = {product} does not divide --gpus {gpus}")
+    if args.tp and args.tp > args.gpus_per_node:
+        raise ConfigError(f"--tp {args.tp} exceeds --gpus-per-node {args.gpus_per_node} (tensor parallelism "
+                          "stays within a node)")
+    if args.tp and (not _valid_tp(preset, args.tp) or preset.num_query_groups % args.tp):
+        raise ConfigError(f"--tp {args.tp} must divide each of {preset.name}'s attention heads "
+                          f"({preset.num_attention_heads}), KV heads ({preset.num_query_groups}), FFN size "
+                          f"({preset.ffn_hidden_size}) and vocabulary ({preset.vocab_size})")
+    if args.pp and preset.num_layers % args.pp:
+        raise ConfigError(f"--pp {args.pp} does not divide {preset.name}'s {preset.num_layers} layers")
+
+
 def _run(args: argparse.Namespace) -> int:
+    check_args(args)
     result = plan(
         args.preset, args.gpus, args.gpu_memory_gb, tp=args.tp, pp=args.pp, dp=args.dp, fp8=args.fp8,
         recompute=args.recompute, micro_batch=args.micro_batch, seq_len=args.seq_len,
         distributed_optimizer=not args.no_distributed_optimizer, gpus_per_node=args.gpus_per_node,
         dtype=args.dtype, generation_batch=args.generation_batch, reserve=args.reserve,
     )
+    if not result.training:
+        given = ", ".join(f"--{name} {getattr(args, name)}" for name in ("tp", "pp", "dp") if getattr(args, name))
+        raise ConfigError(f"no tensor x pipeline x data split of --gpus {args.gpus} suits {result.preset.name}"
+                          f"{' with ' + given if given else ''} (TP within --gpus-per-node {args.gpus_per_node}, "
+                          "dividing its heads and KV heads; PP dividing its layers)")
     if not args.all:
         result.training = result.training_fits or result.training[:3]
     print(result.format())

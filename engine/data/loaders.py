@@ -71,12 +71,15 @@ def parse_hub_source(source: str) -> tuple[str, Optional[str], str]:
 def _jsonl_records(path: str) -> Iterator[tuple[Where, Any]]:
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
-            if not line.strip():
+            text = line.rstrip("\r\n")  # parsed with its newline, an error at the end reads "column 1" (of the next line)
+            if not text.strip():
                 continue
+            record: Any
             try:
-                yield Where(path, number, "line"), json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield Where(path, number, "line"), Unparsable(f"{exc.msg} at column {exc.colno}")
+                record = Unparsable(f"{exc.msg} at column {exc.colno}")
+            yield Where(path, number, "line"), record
 
 
 def _json_records(path: str) -> Iterator[tuple[Where, Any]]:
@@ -185,10 +188,19 @@ def load_rows(source: str, fmt: str, on_error: str = "raise", num: int = 512, se
     return list(iter_rows(source, fmt, on_error, stats=stats, num=num, seed=seed))
 
 
+def make_parent_dir(path: str) -> None:
+    """Create the directory output file ``path`` goes into; one that cannot be made is a :class:`DataError`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise DataError(None, "<output>", "a path whose directory can be created", got=f"{directory}: {exc.strerror}",
+                        source=path, hint="choose another output path") from None
+
+
 def write_jsonl(rows: Any, path: str) -> int:
     """Write rows (any iterable of dicts) as JSON lines, atomically; returns the count."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    make_parent_dir(path)
     tmp = f"{path}.tmp{os.getpid()}"
     count = 0
     with open(tmp, "w", encoding="utf-8") as fh:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError
-from engine.data.loaders import parsed_records
+from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import attribute_string
 from engine.runtime import shutdown
 
@@ -84,7 +84,10 @@ def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output:
 def cmd_label(args: argparse.Namespace) -> int:
     from engine.eval.scoring import load_scorer
 
+    if args.chunk < 1:
+        raise ConfigError(f"--chunk {args.chunk}: must be at least 1")
     rows = read_rows(args.input)  # every row checked before any model is built
+    make_parent_dir(args.output)  # and the output's directory made (label_file writes <output>.partial there)
     scorer = load_scorer(args.rm)
     if scorer.step.rm.type != "regression":
         raise ConfigError(f"--rm {args.rm}: a Bradley-Terry model has no attributes; label with a regression RM")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.models.presets import PRESETS
+
 
 def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any, int]:
     from engine.config import PrecisionConfig
@@ -42,10 +44,33 @@ def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any, int]:
     return train, model, generation.tp_rank
 
 
+def check_layouts(args: argparse.Namespace) -> int:
+    """The world size of the training layout, once both layouts are known to fit the model (in the parent,
+    before any relaunch: a bad layout is one :class:`ConfigError` line, not one per rank and a torchrun trace)."""
+    from engine.config import ConfigError
+    from engine.parallel.generation_layout import GenerationLayout
+    from engine.parallel.layout import LayoutError, ParallelLayout
+
+    for option in ("train_tensor", "train_pipeline", "data", "generation_tensor", "bucket_mib"):
+        if getattr(args, option) < 1:
+            raise ConfigError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
+    preset = PRESETS[args.model]
+    world = args.train_tensor * args.train_pipeline * args.data
+    try:
+        ParallelLayout(args.train_tensor, args.train_pipeline, args.data).check_model(preset)
+    except LayoutError as exc:
+        raise ConfigError(f"--train-tensor/--train-pipeline: {exc}") from None
+    try:
+        GenerationLayout.for_world(args.generation_tensor, world).check_model(preset)
+    except LayoutError as exc:
+        raise ConfigError(f"--generation-tensor (over TP x PP x DP = {world} ranks): {exc}") from None
+    return world
+
+
 def cmd_reshard_plan(args: argparse.Namespace) -> int:
     from engine.generation.reshard import generation_shards, local_shards, make_plan
 
-    world = args.train_tensor * args.train_pipeline * args.data
+    world = check_layouts(args)
     if "RANK" not in os.environ and world > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
                    "-m", "engine", *sys.argv[1:]]
@@ -71,7 +96,8 @@ def register(subparsers: Any) -> None:
         "reshard-plan", help="print which training shard goes to which generation rank",
         description="Compute and print the training -> generation weight resharding plan of a model preset "
         "(models on the meta device; relaunches itself on TP x PP x DP gloo ranks).")
-    parser.add_argument("--model", required=True, help="model preset")
+    parser.add_argument("--model", required=True, choices=sorted(PRESETS), metavar="PRESET",
+                        help=f"model preset: {', '.join(sorted(PRESETS))}")
     parser.add_argument("--train-tensor", type=int, default=1)
     parser.add_argument("--train-pipeline", type=int, default=1)
     parser.add_argument("--data", type=int, default=1, help="training data-parallel size")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from engine.cli import main
 from engine.models.presets import PRESETS
 from engine.plan import (
     GIB,
@@ -123,6 +126,54 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert "TP1×PP1×DP8" in out and "generation" in out
     args = parser.parse_args(["plan", "--model", "nemotron4-340b", "--gpu-memory", "80", "--gpus", "8"])
     assert args.func(args) == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--gpus", "8", "--tp", "3"], "--tp 3 does not divide --gpus 8"),
+    (["--gpus", "0"], "--gpus 0: must be at least 1"),
+    (["--gpus", "8", "--gpu-memory", "-5"], "--gpu-memory -5.0: must be a positive number of GiB"),
+    (["--gpus", "8", "--tp", "2", "--pp", "2", "--dp", "4"], "--tp 2 x --pp 2 x --dp 4 = 16 GPUs, but --gpus is 8"),
+    (["--gpus", "8", "--pp", "2", "--dp", "8"], "--pp 2 x --dp 8 = 16 does not divide --gpus 8"),
+    (["--gpus", "16", "--tp", "16"], "--tp 16 exceeds --gpus-per-node 8"),
+    (["--gpus", "8", "--tp", "4"], "--tp 4 must divide each of tiny-llama's attention heads (4), KV heads (2)"),
+    (["--gpus", "16", "--pp", "8"], "--pp 8 does not divide tiny-llama's 4 layers"),
+    (["--gpus", "8", "--tp", "1", "--dp", "1"], "no tensor x pipeline x data split of --gpus 8 suits tiny-llama "
+                                                "with --tp 1, --dp 1"),
+    (["--gpus", "8", "--reserve", "1"], "--reserve 1.0: must be a fraction in [0, 1)"),
+])
+def test_cli_refuses_impossible_input(options: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "tiny-llama", *options]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"keel: configuration error: {message}"), captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""  # one line, no empty tables
+
+
+def test_reshard_plan_refuses_an_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["reshard-plan", "--model", "foo"])
+    assert exit_.value.code == 2
+    assert "argument --model: invalid choice: 'foo' (choose from 'bench-125m'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--train-tensor", "2", "--generation-tensor", "3"],
+     "--generation-tensor (over TP x PP x DP = 2 ranks): generation tensor-parallel size 3 does not divide the "
+     "world size 2"),
+    (["--train-tensor", "4"], "--train-tensor/--train-pipeline: model tiny-llama: num_query_groups (KV heads)=2"),
+    (["--train-pipeline", "3", "--data", "2"], "num_layers=4 is not divisible by parallel.pipeline=3"),
+    (["--data", "0"], "--data 0: must be at least 1"),
+])
+def test_reshard_plan_checks_layouts_before_relaunching(options: list[str], message: str,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    def relaunch(*args: Any, **kwargs: Any) -> int:
+        raise AssertionError("relaunched under torchrun before checking the layouts")
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(subprocess, "call", relaunch)
+    assert main(["reshard-plan", "--model", "tiny-llama", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keel: configuration error: ") and message in err and err.count("\n") == 1, err
 
 
 MEASURE = """

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
+import torch
+
+from engine.cli import main
 from tests.helpers import keel_train, launch
 
 RM = ["rm.type=regression", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
@@ -57,3 +63,37 @@ def test_label_names_the_bad_line(tmp_path: Path) -> None:
                   check=False)
     assert proc.returncode == 2, proc.stderr
     assert "bad.jsonl, line 1: field 'messages'" in proc.stderr  # before the (missing) checkpoint is read
+
+
+class _Scorer:
+    """Stands in for a regression reward model: every response rated 3.2 on each attribute."""
+
+    def __init__(self) -> None:
+        names = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+        self.step = SimpleNamespace(rm=SimpleNamespace(type="regression", attributes=names))
+        self.parallel = SimpleNamespace(is_main=True, barrier=lambda: None)
+
+    def score(self, pairs: list[Any]) -> torch.Tensor:
+        return torch.full((len(pairs), 5), 3.2)
+
+
+def test_label_makes_the_output_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import engine.eval.scoring
+
+    made: list[bool] = []
+
+    def load_scorer(checkpoint: str) -> _Scorer:
+        made.append(output.parent.is_dir())  # before the model loads
+        return _Scorer()
+
+    monkeypatch.setattr(engine.eval.scoring, "load_scorer", load_scorer)
+    source, output = tmp_path / "sft.jsonl", tmp_path / "out2" / "x" / "l.jsonl"
+    source.write_text(json.dumps({"prompt": "Say hi.", "response": "hi"}) + "\n")
+    assert main(["data", "label", str(source), str(output), "--rm", "RM", "--quiet"]) == 0
+    assert made == [True]
+    assert _rows(output)[0]["attributes"] == "helpfulness:3,correctness:3,coherence:3,complexity:3,verbosity:3"
+    assert not Path(f"{output}.partial").exists()
+
+    assert main(["data", "label", str(source), str(output), "--rm", "RM", "--chunk", "0"]) == 2
+    assert capsys.readouterr().err == "keel: configuration error: --chunk 0: must be at least 1\n"

@@ -3,11 +3,13 @@ is refused before the model loads, and an interrupted run resumes from its parti
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
+from engine.cli import build_parser, main
 from tests.helpers import keel_train, launch
 
 SFT = ["model.preset=tiny-llama", "run.train_steps=2", "data.num_samples=64", "data.seq_length=96",
@@ -33,9 +35,36 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _args(checkpoint: Path, output: Path, *extra: str, prompts: Path | None = None) -> argparse.Namespace:
+    """The parsed options of what :func:`_generate` runs."""
+    return build_parser().parse_args(["generate", str(checkpoint / "checkpoints"),
+                                      str(prompts or checkpoint / "prompts.jsonl"), str(output),
+                                      "--max-new-tokens", "12", "--quiet", *extra])
+
+
+def _interrupted(checkpoint: Path, output: Path, rows: list[dict], *extra: str, prompts: Path | None = None) -> Path:
+    """``output.partial`` (and its fingerprint) as a run of these options killed after ``rows`` leaves it."""
+    from engine.generate import _check_inputs, _start_partial
+
+    partial = Path(f"{output}.partial")
+    job = _check_inputs(_args(checkpoint, output, *extra, prompts=prompts))
+    _start_partial(str(partial), [json.dumps(row) for row in rows], job.fingerprint())
+    with open(partial, "a") as fh:
+        fh.write('{"prompt": "torn')
+    return partial
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """(exit code, stderr) of ``keel generate`` run in-process (refused before any model loads)."""
+    code = main(["generate", *argv])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    return code, err
+
+
 def test_generate_tp1_tp2_and_resume(checkpoint: Path, tmp_path: Path) -> None:
-    one, two, sampled = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "sampled.jsonl"
-    _generate(1, checkpoint, one, "--batch-size", "3")
+    one, two, sampled = tmp_path / "new" / "dir" / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "sampled.jsonl"
+    _generate(1, checkpoint, one, "--batch-size", "3")  # its directory is made
     _generate(2, checkpoint, two, "--tensor", "2")
     first, second = _rows(one), _rows(two)
     assert [r["prompt"] for r in first] == PROMPTS
@@ -49,12 +78,13 @@ def test_generate_tp1_tp2_and_resume(checkpoint: Path, tmp_path: Path) -> None:
 
     resumed = tmp_path / "resumed.jsonl"
     marker = dict(first[0], completion="FROM THE INTERRUPTED RUN")
-    Path(f"{resumed}.partial").write_text(json.dumps(marker) + "\n" + '{"prompt": "torn')
-    _generate(1, checkpoint, resumed)
+    _interrupted(checkpoint, resumed, [marker])  # the same options; --batch-size may change
+    proc = _generate(1, checkpoint, resumed, "--batch-size", "2")
+    assert "resuming: 1 of 4 prompts already done" in proc.stdout, proc.stdout[-800:]
     rows = _rows(resumed)
     assert rows[0]["completion"] == "FROM THE INTERRUPTED RUN"
     assert [r["completion"] for r in rows[1:]] == [r["completion"] for r in first[1:]]
-    assert not Path(f"{resumed}.partial").exists()
+    assert not Path(f"{resumed}.partial").exists() and not Path(f"{resumed}.partial.meta").exists()
 
 
 def test_generate_refuses_bad_input_before_loading(checkpoint: Path, tmp_path: Path) -> None:
@@ -76,3 +106,64 @@ def test_generate_refuses_bad_input_before_loading(checkpoint: Path, tmp_path: P
     assert proc.returncode != 0, proc.stderr[-800:]
     assert "generation tensor-parallel size 4 does not divide the world size 1" in proc.stderr, proc.stderr[-800:]
     assert not (tmp_path / "y.jsonl").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--template", "foo"], "--template 'foo' is not a chat template; choose one of auto, plain, llama3, chatml, "
+                            "nemotron"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+])
+def test_generate_refuses_bad_options_first(options: list[str], message: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    code, err = _main(capsys, str(tmp_path / "no-checkpoint"), str(prompts), str(tmp_path / "o.jsonl"), *options)
+    assert code == 2 and f"keel: configuration error: {message}" in err, err
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"prompt": 5}, "field 'prompt': expected a string"),
+    ({"prompt": [{"role": "assistant", "content": "hi"}]}, "field 'prompt[0].role'"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+     "field 'messages[0].content'"),
+    ({"text": "hi"}, "field 'prompt': expected a string or messages"),
+    ([1, 2], "field '<row>'"),
+])
+def test_generate_names_the_bad_prompt_row(row: object, field: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps(row) + "\n")
+    # read before the (missing) checkpoint is
+    code, err = _main(capsys, str(tmp_path / "no-checkpoint"), str(prompts), str(tmp_path / "o.jsonl"))
+    assert code == 1 and f"p.jsonl, line 2: {field}" in err, err
+
+
+def test_read_prompts_takes_sft_rows_up_to_their_last_reply(tmp_path: Path) -> None:
+    from engine.generate import read_prompts
+
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"prompt": "x", "id": 7}) + "\n")
+    assert read_prompts(str(prompts)) == [{"messages": turns, "prompt": turns[:1]}, {"prompt": "x", "id": 7}]
+
+
+def test_generate_refuses_a_partial_output_of_other_options(checkpoint: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "out.jsonl"
+    partial = _interrupted(checkpoint, output, [{"prompt": "p", "completion": "c"}])
+    argv = [str(checkpoint / "checkpoints"), str(checkpoint / "prompts.jsonl"), str(output), "--max-new-tokens", "12"]
+    code, err = _main(capsys, *argv, "--temperature", "1.0", "--seed", "3")
+    assert code == 2 and f"{partial} was written with other options (--temperature 0.0 then, 1.0 now; --seed 0 " \
+        f"then, 3 now): delete {partial} to start over, or rerun with the same options" in err, err
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "Something else."}) + "\n")
+    code, err = _main(capsys, str(checkpoint / "checkpoints"), str(other), str(output), "--max-new-tokens", "12")
+    assert code == 2 and "(the prompts file's contents)" in err, err
+    code, err = _main(capsys, *argv[:-1], "8", "--template", "chatml")
+    assert code == 2 and "--template 'auto' then, 'chatml' now; --max-new-tokens 12 then, 8 now" in err, err
+
+    Path(f"{partial}.meta").unlink()  # a partial output of unknown options
+    code, err = _main(capsys, *argv)
+    assert code == 2 and f"{partial} holds 1 completions of an earlier run whose options are unknown" in err, err
+    assert partial.read_text().startswith('{"prompt": "p"')  # left as it was
