@@ -224,8 +224,19 @@ class SampleStore:
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.writes:
             tmp = self.dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps(_finite(summary), indent=2, sort_keys=True, allow_nan=False) + "\n")
             os.replace(tmp, self.dir / "summary.json")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: JSON has no NaN (a gap of an iteration without pairs)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_atomic(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -188,6 +188,9 @@ class PromptSampling:
 
         rollout = config.rollout
         train = load_prompts(rollout.prompts, rollout.num_prompts, config.run.seed)
+        if len(train) < rollout.prompts_per_iteration:
+            logger.warning("rollout.prompts_per_iteration=%d exceeds the %d prompts of %s: every iteration asks "
+                           "some prompts more than once", rollout.prompts_per_iteration, len(train), rollout.prompts)
         source = rollout.held_out_source()
         if source is None and rollout.eval_prompts == "auto":
             logger.info("rollout.eval_prompts=auto: no held-out prompts for %s (none are taken from it); set "

@@ -99,8 +99,10 @@ def parse_reward_configs(value: Any, where: str = "reward_functions") -> list[Re
             configs.append(item)
         elif isinstance(item, dict):
             if "name" not in item:
+                squashed = next((k for k in item if isinstance(k, str) and k.startswith("name:")), None)
+                hint = f"; YAML needs a space after the colon: {{name: {squashed[5:]}}}" if squashed else ""
                 raise ConfigError(f"{where}[{index}]: missing 'name' (a registered reward function or "
-                                  "'package.module:function')")
+                                  f"'package.module:function'){hint}")
             configs.append(from_dict(RewardFunctionConfig, item, f"{where}[{index}]"))
         else:
             raise ConfigError(f"{where}[{index}] must be a mapping like {{name: math_answer, weight: 1.0}}, "

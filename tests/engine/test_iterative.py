@@ -102,8 +102,10 @@ def test_sample_store_reads_only_complete_chunks(tmp_path: Path) -> None:
     (store.dir / "chunks" / "chunk_00001.jsonl.tmp").write_text('{"prompt_index": 9, "x"')  # killed mid-write
     done = store.done_chunks(3)
     assert sorted(done) == [0, 2] and done[2][0]["x"] == 0.1 + 0.2  # floats come back bitwise
-    store.write_summary({"iteration": 2})
-    assert json.loads((tmp_path / "iterations" / "iter_2" / "summary.json").read_text()) == {"iteration": 2}
+    store.write_summary({"iteration": 2, "score_gap": float("nan"), "held_out": {"reward": [1.0, float("inf")]}})
+    text = (tmp_path / "iterations" / "iter_2" / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: no pairs gives no gap, not NaN
+    assert json.loads(text) == {"iteration": 2, "score_gap": None, "held_out": {"reward": [1.0, None]}}
 
 
 def test_sample_store_refuses_chunks_that_other_inputs_made(tmp_path: Path) -> None:

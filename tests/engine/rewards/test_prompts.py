@@ -104,7 +104,8 @@ def test_prompt_row_from_a_dict() -> None:
         prompt_row({"prompt": "q", "answer": {}})
 
 
-def test_held_out_prompts_follow_the_users_prompt_set(write_jsonl: Callable[..., str]) -> None:
+def test_held_out_prompts_follow_the_users_prompt_set(write_jsonl: Callable[..., str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Own prompts are never evaluated against the built-in eval split (the synthetic tasks, scored by the
     user's reward); the built-in prompts keep their unseen eval split; an explicit set or none wins."""
     from engine.algorithms.grpo import GRPOTrainConfig
@@ -118,6 +119,7 @@ def test_held_out_prompts_follow_the_users_prompt_set(write_jsonl: Callable[...,
         return PromptSampling().build_datasets(config, None)[1]
 
     assert held_out(f"rollout.prompts={mine}") == []
+    assert "prompts_per_iteration=16 exceeds the 2 prompts" in caplog.text  # repeats within an iteration are told
     assert held_out("rollout.eval_num_prompts=8") == load_prompts("builtin:prompts:eval", 8, 1234)
     assert [row.answer for row in held_out(f"rollout.prompts={mine}", f"rollout.eval_prompts={mine}")] == ["5", "8"]
     assert [row.answer for row in held_out(f"rollout.eval_prompts={mine}", "rollout.eval_num_prompts=1")] == ["5"]

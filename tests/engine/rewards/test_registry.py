@@ -102,6 +102,8 @@ def test_parse_names_the_entry() -> None:
         parse_reward_configs([{"name": "math_answer"}, {"name": "x", "wieght": 1}], "grpo.rewards")
     with pytest.raises(ConfigError, match=r"grpo.rewards\[0\]: missing 'name'"):
         parse_reward_configs([{"weight": 1}], "grpo.rewards")
+    with pytest.raises(ConfigError, match=r"space after the colon: \{name: math_answer\}"):  # YAML read {name:math_answer}
+        parse_reward_configs([{"name:math_answer": None}], "grpo.rewards")
     with pytest.raises(ConfigError, match=r"grpo.rewards\[0\].*on_error='nope'"):
         parse_reward_configs([{"name": "math_answer", "on_error": "nope"}], "grpo.rewards")
     with pytest.raises(ConfigError, match="'regex_format' is listed twice; give each a distinct 'label'"):
