@@ -51,13 +51,47 @@ def labelled(row: dict[str, Any], prediction: list[float], names: list[str]) -> 
             "predicted": {name: round(value, 4) for name, value in zip(names, prediction, strict=True)}}
 
 
+def _unlabelled(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("attributes", "predicted")}
+
+
+def resume_point(partial: Path, rows: list[tuple[dict[str, Any], Any, str]], source: str) -> list[str]:
+    """The complete lines of ``partial`` that a run of this input and reward model wrote (a torn last line is
+    dropped). A partial file of another input (the line is not that input row) or another reward model
+    (``<partial>.meta``) is refused: it used to be continued by its line count alone."""
+    if not partial.exists():
+        return []
+    lines: list[str] = []
+    for number, line in enumerate(partial.read_text().splitlines(), 1):
+        try:
+            done = json.loads(line)
+        except json.JSONDecodeError:
+            break  # killed mid-write: everything before it is complete
+        if number > len(rows) or not isinstance(done, dict) or _unlabelled(done) != _unlabelled(rows[number - 1][0]):
+            raise ConfigError(f"{partial}, line {number}: not row {number} of this input labelled; it is left from "
+                              "another input: delete it to start over")
+        lines.append(line)
+    meta = Path(f"{partial}.meta")
+    made_by = json.loads(meta.read_text()).get("rm") if meta.exists() else None
+    if lines and made_by != source:
+        raise ConfigError(f"{partial} was labelled by reward model {made_by or 'unknown'}, and this run's is {source}; "
+                          "delete it to start over, or rerun with that model")
+    return lines
+
+
 def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output: str, chunk: int = 256,
-               progress: bool = True) -> int:
-    """Label ``rows`` (from :func:`read_rows`) into ``output``; returns the rows written (all of them)."""
+               progress: bool = True, source: str = "") -> int:
+    """Label ``rows`` (from :func:`read_rows`) into ``output`` with the reward model ``source`` names (its
+    resolved checkpoint); returns the rows written (all of them)."""
     partial = Path(f"{output}.partial")
-    done = len(partial.read_text().splitlines()) if partial.exists() else 0
+    kept = resume_point(partial, rows, source)
+    done = len(kept)
     names = list(scorer.step.rm.attributes)
     is_main = scorer.parallel.is_main
+    scorer.parallel.barrier()  # every rank has checked the partial file before rank 0 rewrites it
+    if is_main:  # the complete lines only, and which model wrote them
+        partial.write_text("".join(line + "\n" for line in kept))
+        Path(f"{partial}.meta").write_text(json.dumps({"rm": source}) + "\n")
     bar = None
     if progress and is_main:
         from tqdm import tqdm
@@ -78,7 +112,21 @@ def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output:
     scorer.parallel.barrier()
     if is_main:
         os.replace(partial, output)
+        Path(f"{partial}.meta").unlink(missing_ok=True)
     return len(rows)
+
+
+def _reward_model(checkpoint: str) -> str:
+    """The resolved checkpoint of ``--rm``; a policy or critic is refused by name before it loads."""
+    from engine.checkpoint import dist as ckpt
+
+    path = ckpt.resolve(checkpoint)
+    if not ckpt.is_complete(path):
+        raise ConfigError(f"--rm {checkpoint}: not a complete checkpoint")
+    algorithm = ckpt.read_meta(path).get("algorithm")
+    if algorithm != "rm":
+        raise ConfigError(f"--rm {checkpoint}: a {algorithm} checkpoint, not a reward model (keel train rm)")
+    return str(path)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -88,10 +136,11 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise ConfigError(f"--chunk {args.chunk}: must be at least 1")
     rows = read_rows(args.input)  # every row checked before any model is built
     make_parent_dir(args.output)  # and the output's directory made (label_file writes <output>.partial there)
+    source = _reward_model(args.rm)
     scorer = load_scorer(args.rm)
     if scorer.step.rm.type != "regression":
         raise ConfigError(f"--rm {args.rm}: a Bradley-Terry model has no attributes; label with a regression RM")
-    count = label_file(scorer, rows, args.output, args.chunk, not args.quiet)
+    count = label_file(scorer, rows, args.output, args.chunk, not args.quiet, source)
     if scorer.parallel.is_main:
         print(f"labelled {count} rows with {', '.join(scorer.step.rm.attributes)} into {args.output}", flush=True)
     shutdown()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from engine.checkpoint.dist import resolve
 from engine.cli import main
 from tests.helpers import keel_train, launch
 
@@ -48,11 +49,12 @@ def test_label_matches_across_ranks_and_resumes(tmp_path: Path) -> None:
         for name, value in a["predicted"].items():
             assert abs(value - b["predicted"][name]) < 1e-3
 
-    resumed = tmp_path / "resumed.jsonl"
-    Path(f"{resumed}.partial").write_text("".join(json.dumps(r) + "\n" for r in labelled[:5]))
+    resumed = tmp_path / "resumed.jsonl"  # killed after its first chunk, in the middle of writing its second
+    Path(f"{resumed}.partial").write_text("".join(json.dumps(r) + "\n" for r in labelled[:5]) + '{"messages": [')
+    Path(f"{resumed}.partial.meta").write_text(json.dumps({"rm": str(resolve(checkpoint))}))
     proc = launch(1, [*cmd, str(resumed), "--rm", checkpoint, "--chunk", "5"])
     assert _rows(resumed) == labelled
-    assert not Path(f"{resumed}.partial").exists()
+    assert not Path(f"{resumed}.partial").exists() and not Path(f"{resumed}.partial.meta").exists()
     assert "labelled 12 rows" in proc.stdout
 
 
@@ -79,6 +81,7 @@ class _Scorer:
 
 def test_label_makes_the_output_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import engine.eval.label
     import engine.eval.scoring
 
     made: list[bool] = []
@@ -88,6 +91,7 @@ def test_label_makes_the_output_directory(tmp_path: Path, monkeypatch: pytest.Mo
         return _Scorer()
 
     monkeypatch.setattr(engine.eval.scoring, "load_scorer", load_scorer)
+    monkeypatch.setattr(engine.eval.label, "_reward_model", lambda checkpoint: checkpoint)
     source, output = tmp_path / "sft.jsonl", tmp_path / "out2" / "x" / "l.jsonl"
     source.write_text(json.dumps({"prompt": "Say hi.", "response": "hi"}) + "\n")
     assert main(["data", "label", str(source), str(output), "--rm", "RM", "--quiet"]) == 0
@@ -97,3 +101,23 @@ def test_label_makes_the_output_directory(tmp_path: Path, monkeypatch: pytest.Mo
 
     assert main(["data", "label", str(source), str(output), "--rm", "RM", "--chunk", "0"]) == 2
     assert capsys.readouterr().err == "keel: configuration error: --chunk 0: must be at least 1\n"
+
+
+def test_a_partial_of_another_input_or_reward_model_is_refused(tmp_path: Path) -> None:
+    """The resume point was the partial file's line count: another input file's or reward model's labels were
+    continued and mixed in."""
+    from engine.config import ConfigError
+    from engine.eval.label import labelled, resume_point
+
+    names = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+    rows = [({"prompt": f"q{i}", "response": f"a{i}", "attributes": "old"}, f"q{i}", f"a{i}") for i in range(3)]
+    partial = tmp_path / "out.jsonl.partial"
+    done = [json.dumps(labelled(row, [1.0] * 5, names)) for row, _, _ in rows[:2]]
+    partial.write_text("\n".join(done) + "\n")
+    Path(f"{partial}.meta").write_text(json.dumps({"rm": "/runs/rm/step_0000002"}))
+    assert resume_point(partial, rows, "/runs/rm/step_0000002") == done
+    with pytest.raises(ConfigError, match="labelled by reward model /runs/rm/step_0000002, and this run's is /other"):
+        resume_point(partial, rows, "/other")
+    other = [({"prompt": "z", "response": "y"}, "z", "y"), *rows[1:]]
+    with pytest.raises(ConfigError, match=r"out.jsonl.partial, line 1: not row 1 of this input labelled"):
+        resume_point(partial, other, "/runs/rm/step_0000002")
