@@ -24,6 +24,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.data.convert import helpsteer2_preference_to_bt, helpsteer2_to_dpo
+from engine.data.loaders import complete_json_lines
 from engine.data.preference import PreferenceDataset
 from engine.data.sources import paired_rows
 
@@ -83,15 +84,7 @@ class DPOPairs(PreferenceDataset):
 
 def read_reference_lines(path: Path) -> list[dict[str, Any]]:
     """The complete lines of a (possibly partial) reference file; a torn last line is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the writer was killed mid-line: everything before it is complete
-    return records
+    return complete_json_lines(path)
 
 
 def load_reference_logprobs(path: str) -> StoredLogprobs:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError
-from engine.data.loaders import make_parent_dir, parsed_records
+from engine.data.loaders import complete_json_lines, make_parent_dir, parsed_records
 from engine.data.schemas import attribute_string
 from engine.runtime import shutdown
 
@@ -59,18 +59,12 @@ def resume_point(partial: Path, rows: list[tuple[dict[str, Any], Any, str]], sou
     """The complete lines of ``partial`` that a run of this input and reward model wrote (a torn last line is
     dropped). A partial file of another input (the line is not that input row) or another reward model
     (``<partial>.meta``) is refused: it used to be continued by its line count alone."""
-    if not partial.exists():
-        return []
     lines: list[str] = []
-    for number, line in enumerate(partial.read_text().splitlines(), 1):
-        try:
-            done = json.loads(line)
-        except json.JSONDecodeError:
-            break  # killed mid-write: everything before it is complete
+    for number, done in enumerate(complete_json_lines(partial), 1):
         if number > len(rows) or not isinstance(done, dict) or _unlabelled(done) != _unlabelled(rows[number - 1][0]):
             raise ConfigError(f"{partial}, line {number}: not row {number} of this input labelled; it is left from "
                               "another input: delete it to start over")
-        lines.append(line)
+        lines.append(json.dumps(done))  # as label_file wrote it
     meta = Path(f"{partial}.meta")
     made_by = json.loads(meta.read_text()).get("rm") if meta.exists() else None
     if lines and made_by != source:
