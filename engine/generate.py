@@ -63,9 +63,10 @@ def saved_config(checkpoint: str, tensor: int = 1) -> tuple[Any, str]:
 
     path = ckpt.resolve(checkpoint)
     meta = ckpt.read_meta(path)
-    if meta.get("algorithm") in ("rm", "critic"):
-        raise ConfigError(f"{path} is a {'reward model' if meta['algorithm'] == 'rm' else 'PPO critic'}: it scores "
-                          "responses; generate from a policy checkpoint")
+    try:
+        ckpt.refuse_scorer(path, meta, "generated from")
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     shared = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {key: value for key, value in meta["config"].items() if key in shared}  # drop the algorithm's own section
     saved["parallel"] = {"tensor": tensor, "pipeline": 1}

@@ -84,6 +84,23 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read {META}: {exc}") from None
 
 
+SCORERS = {"rm": "reward model", "critic": "PPO critic"}
+
+
+def scorer_kind(meta: dict[str, Any]) -> Optional[str]:
+    """'reward model' / 'PPO critic' when the checkpoint of ``meta`` scores responses (a value head, no LM head)."""
+    return SCORERS.get(str(meta.get("algorithm")))
+
+
+def refuse_scorer(path: Path, meta: dict[str, Any], use: str) -> None:
+    """A policy (``use``: what it is loaded for) cannot start from a reward model's or critic's weights: their
+    output layer is a value head, so the language-model head would be left at random initialisation."""
+    kind = scorer_kind(meta)
+    if kind is not None:
+        raise CheckpointError(f"{path} is a {kind} checkpoint: it scores responses and has no language-model head, "
+                              f"so it cannot be {use}; use a policy checkpoint (SFT, DPO, converted)")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
@@ -296,7 +313,10 @@ def load_weights(path: Path, chunks: list[Any], parallel: Any, signature: dict[s
 
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (missing {META} or metadata.json)")
-    check_compatible(path, read_meta(path), signature)
+    meta = read_meta(path)
+    check_compatible(path, meta, signature)
+    if not any(hasattr(unwrap(chunk), "num_outputs") for chunk in chunks):  # a policy, not a scorer
+        refuse_scorer(path, meta, "a policy's weights")
     available = dist_checkpointing.load_tensors_metadata(str(path))
     skipped: list[str] = []
     state = _filter_to_checkpoint(model_sharded_state_dict(chunks), available, skipped)

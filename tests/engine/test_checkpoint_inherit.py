@@ -75,7 +75,7 @@ def test_generate_reads_every_policy_checkpoint_and_refuses_scorers(tmp_path: Pa
     (path / "keel.json").write_text(json.dumps({"step": 3, "config": saved, "algorithm": algorithm}))
     (path / "metadata.json").write_text("{}")
     if algorithm in ("rm", "critic"):
-        with pytest.raises(ConfigError, match="it scores responses; generate from a policy"):
+        with pytest.raises(ConfigError, match=r"is a (reward model|PPO critic) checkpoint: it scores responses.*cannot be generated from"):
             saved_config(str(path), 2)
         return
     config, resolved = saved_config(str(path), 2)
@@ -89,3 +89,25 @@ def test_an_error_in_a_taken_value_says_where_it_came_from(tmp_path: Path) -> No
     plain = _fake_checkpoint(tmp_path / "sft", data={"chat_template": "auto"})  # not a SteerLM policy
     with pytest.raises(ConfigError, match=r"the config of checkpoint.load \(.*data.chat_template\).*'nemotron'"):
         load_config(SteerLM2TrainConfig, None, [f"checkpoint.load={plain}", "reward_model=runs/rm"])
+
+
+@pytest.mark.parametrize("algorithm", ["rm", "critic"])
+def test_a_policy_does_not_start_from_a_scorer(tmp_path: Path, algorithm: str) -> None:
+    """``keel train dpo checkpoint.load=<reward model>`` trained a policy whose LM head was left random (the
+    RM has a value head instead), with one warning among the logs. A policy's weights now refuse a scorer;
+    a reward model or critic (the combined recipe, PPO's critic) still loads one."""
+    import types
+
+    from engine.checkpoint import dist as ckpt
+
+    path = tmp_path / "step_0000003"
+    path.mkdir()
+    (path / "keel.json").write_text(json.dumps({"step": 3, "algorithm": algorithm, "model_signature": {}}))
+    (path / "metadata.json").write_text("{}")
+    policy = [types.SimpleNamespace()]
+    with pytest.raises(ckpt.CheckpointError, match=r"step_0000003 is a .* checkpoint: .*no language-model head"):
+        ckpt.load_weights(path, policy, None, {})
+    scorer = [types.SimpleNamespace(num_outputs=1)]
+    with pytest.raises(Exception) as caught:  # past the check: megatron reads the (empty) fake checkpoint
+        ckpt.load_weights(path, scorer, None, {})
+    assert "language-model head" not in str(caught.value)
