@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from engine.algorithms.online import OnlineTrainConfig, RolloutConfig
-from engine.config import ConfigError, OptimizerConfig, SchedulerConfig, doc
+from engine.config import ConfigError, OptimizerConfig, RunConfig, SchedulerConfig, doc
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,23 @@ class IterativeTrainConfig(OnlineTrainConfig):
         if self.rollout.prompts_per_iteration > self.rollout.num_prompts:
             raise ConfigError(f"rollout.prompts_per_iteration={self.rollout.prompts_per_iteration} is more than "
                               f"rollout.num_prompts={self.rollout.num_prompts}")
+        self._refuse_step_counts()
+
+    def _refuse_step_counts(self) -> None:
+        """A round trains as many steps as its samples make; ``run.train_steps`` and ``run.eval_interval`` (set,
+        they used to be accepted and ignored, bar the cosine's horizon) are refused with what to set instead."""
+        default = RunConfig()
+        rounds = ("a round trains ceil(rollout.epochs x its pairs or samples / data.global_batch_size) steps, "
+                  "for iterative.iterations rounds")
+        if self.run.train_steps != default.train_steps:
+            raise ConfigError(f"run.train_steps={self.run.train_steps} does not apply to {self.ALGORITHM}: {rounds}; "
+                              "set those instead")
+        if self.run.eval_interval != default.eval_interval:
+            raise ConfigError(f"run.eval_interval={self.run.eval_interval} does not apply to {self.ALGORITHM}: "
+                              "iterative.evaluate answers rollout.eval_prompts before the first round and after each")
+        if self.scheduler.type == "cosine" and self.scheduler.decay_steps is None:
+            raise ConfigError(f"scheduler.type=cosine in {self.ALGORITHM} needs scheduler.decay_steps: {rounds}, so "
+                              "the total is not known before sampling")
 
 
 def optimizer_with_lr(lr: float) -> Any:

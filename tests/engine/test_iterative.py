@@ -139,3 +139,18 @@ def test_configs_have_the_recipe_defaults_and_refuse_bad_fields() -> None:
         load_config(SteerLM2TrainConfig, None, ["reward_model=x", "data.chat_template=plain"])
     with pytest.raises(ConfigError, match="reward_model"):
         load_config(SteerLM2TrainConfig, None, []).validate(1)
+
+
+@pytest.mark.parametrize("cls", [IterativeDPOTrainConfig, SteerLM2TrainConfig])
+def test_step_counts_that_a_round_does_not_use_are_refused(cls: type) -> None:
+    """``run.train_steps`` was accepted and ignored (a round trains as many steps as its samples make), bar
+    a cosine's horizon; ``run.eval_interval`` too. Both are refused with what to set; a cosine needs its horizon."""
+    base = ["reward_model=runs/rm/checkpoints"]
+    load_config(cls, None, base + ["run.seed=3"]).validate(1)
+    with pytest.raises(ConfigError, match=r"run.train_steps=500 does not apply to .*iterative.iterations rounds"):
+        load_config(cls, None, base + ["run.train_steps=500"]).validate(1)
+    with pytest.raises(ConfigError, match=r"run.eval_interval=5 does not apply .*iterative.evaluate"):
+        load_config(cls, None, base + ["run.eval_interval=5"]).validate(1)
+    with pytest.raises(ConfigError, match=r"scheduler.type=cosine in .* needs scheduler.decay_steps"):
+        load_config(cls, None, base + ["scheduler.type=cosine"]).validate(1)
+    load_config(cls, None, base + ["scheduler.type=cosine", "scheduler.decay_steps=40"]).validate(1)
