@@ -100,7 +100,7 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
                    f"{last}; {result.tokens_per_second:,.0f} tokens/s"
     lines = [
         "",
-        f"Keel {algo}: trained {preset.name} ({preset.parameter_count() / 1e6:.2f}M parameters) "
+        f"Keel {algo}: trained {preset.name} ({preset.parameter_label()} parameters) "
         f"on {source} with layout {trainer.layout.describe()}",
         progress,
     ]
@@ -139,7 +139,7 @@ def _config_presets(args: argparse.Namespace) -> int:
         print(f"{preset.name:16s} layers={preset.num_layers:3d} hidden={preset.hidden_size:6d} "
               f"heads={preset.num_attention_heads:3d}/{preset.num_query_groups:<3d} ffn={preset.ffn_hidden_size:6d} "
               f"vocab={preset.vocab_size:7d} {preset.normalization}/{preset.activation} "
-              f"params={preset.parameter_count() / 1e9:.3f}B")
+              f"params={preset.parameter_label()}")
     return 0
 
 

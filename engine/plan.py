@@ -110,7 +110,7 @@ class Plan:
         """A table for the terminal (``keel plan``)."""
         gib = lambda n: f"{n / GIB:8.2f}"  # noqa: E731
         lines = [
-            f"{self.preset.name}: {self.preset.parameter_count() / 1e9:.3f}B parameters on {self.gpus} GPU(s) of "
+            f"{self.preset.name}: {self.preset.parameter_label()} parameters on {self.gpus} GPU(s) of "
             f"{self.gpu_memory_bytes / GIB:.1f} GiB ({self.usable_bytes / GIB:.1f} GiB usable, {self.reserve:.0%} reserve)",
             "",
             "training (GiB per GPU, busiest stage)",

@@ -57,6 +57,10 @@ class ModelPreset:
         embeddings = v * h * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embeddings + norm
 
+    def parameter_label(self) -> str:
+        """The parameter count for people: ``"135.0M"``, ``"70.55B"``, ``"88.3K"`` (tiny presets printed 0.000B)."""
+        return count_label(self.parameter_count())
+
     def non_embedding_parameter_count(self) -> int:
         return self.parameter_count() - self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
 
@@ -115,3 +119,12 @@ def resolve_preset(model_config: Any) -> ModelPreset:
             f"num_query_groups={preset.num_query_groups}"
         )
     return preset
+
+
+def count_label(count: int) -> str:
+    """``count`` with a K/M/B suffix and three significant figures or more."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.{2 if value < 10 else 1}f}{suffix}"
+    return str(count)

@@ -101,7 +101,7 @@ def test_the_summary_names_what_the_run_trained_on(tmp_path: Path) -> None:
                                   step=SimpleNamespace(online=online, loss_name="policy_loss"),
                                   layout=SimpleNamespace(describe=lambda: "TP1×PP1×DP1"))
         text = _summary("grpo", config, trainer, result)
-        assert f"trained tiny-llama (0.22M parameters) on {source} with layout" in text, text
+        assert f"trained tiny-llama (217.7K parameters) on {source} with layout" in text, text
         assert "policy_loss 0.5000 -> 0.2500" in text
 
 

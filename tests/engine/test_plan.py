@@ -123,7 +123,10 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     args = parser.parse_args(["plan", "--model", "llama3-8b", "--gpus", "8", "--recompute", "full", "--seq-len", "4096"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "TP1×PP1×DP8" in out and "generation" in out
+    assert "TP1×PP1×DP8" in out and "generation" in out and "llama3-8b: 8.03B parameters on 8 GPU(s)" in out
+    args = parser.parse_args(["plan", "--model", "tiny-llama", "--gpus", "2"])
+    assert args.func(args) == 0
+    assert "tiny-llama: 217.7K parameters on 2 GPU(s)" in capsys.readouterr().out  # was "0.000B parameters"
     args = parser.parse_args(["plan", "--model", "nemotron4-340b", "--gpu-memory", "80", "--gpus", "8"])
     assert args.func(args) == 1
 
