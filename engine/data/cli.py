@@ -38,8 +38,62 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print("OK" if summary["ok"] else "PROBLEMS FOUND")
 
 
+VALIDATE_DEFAULTS = {"tokenizer": "byte", "seq_length": 128, "template": "auto"}  # keel train sft's
+VALIDATE_FROM_RUN = {"format": "format", "tokenizer": "tokenizer", "seq_length": "seq_length", "template": "chat_template"}
+
+
+def algorithm_of_run(path: str, tree: dict[str, Any]) -> str:
+    """The ``keel train`` algorithm whose config has every section of ``tree`` and the fewest others."""
+    import dataclasses
+
+    from engine.cli import ALGORITHMS, _algorithm
+
+    sections = {name: {f.name for f in dataclasses.fields(_algorithm(name).CONFIG)} for name in ALGORITHMS}
+    fitting = sorted((len(fields), name) for name, fields in sections.items() if set(tree) <= fields)
+    if not fitting:
+        raise ValueError(f"--config {path}: no keel train algorithm has all of its sections {sorted(tree)}")
+    if len(fitting) > 1 and fitting[0][0] == fitting[1][0]:
+        tied = [name for size, name in fitting if size == fitting[0][0]]
+        raise ValueError(f"--config {path} suits {', '.join(tied)}: say which with --algorithm")
+    return fitting[0][1]
+
+
+def settings_of_run(path: str, algorithm: str | None) -> dict[str, Any]:
+    """The ``data.*`` settings that run config ``path`` trains with, by option name: the algorithm's defaults
+    (``algorithm``, else guessed from the file's sections), the file's values, and the tokenizer and template
+    its ``checkpoint.load`` carries (:func:`engine.config.load_config`)."""
+    import yaml
+
+    from engine.cli import _algorithm
+    from engine.config import load_config
+
+    try:
+        tree = yaml.safe_load(open(path).read()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config {path}: cannot read it: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"--config {path}: the top level must be a mapping of sections")
+    data = load_config(_algorithm(algorithm or algorithm_of_run(path, tree)).CONFIG, path, []).data  # ConfigError
+    return {option: getattr(data, key) for option, key in VALIDATE_FROM_RUN.items()}
+
+
+def _validate_settings(args: argparse.Namespace) -> None:
+    """Fill the options the user left out: from ``--config``'s run, else the built-in defaults."""
+    run = settings_of_run(args.config, args.algorithm) if args.config else {}
+    for option in VALIDATE_FROM_RUN:
+        if getattr(args, option) is None:
+            setattr(args, option, run.get(option, VALIDATE_DEFAULTS.get(option)))
+    if args.format is None:
+        args.format = builtin_format(args.source) if args.source.startswith("builtin:") else "chat"
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    fmt = args.format or (builtin_format(args.source) if args.source.startswith("builtin:") else "chat")
+    try:
+        _validate_settings(args)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 1
+    fmt = args.format
     try:
         summary = validate_file(args.source, fmt, args.tokenizer, args.seq_length, template=args.template,
                                 on_error=args.on_error, num=args.num, seed=args.seed)
@@ -109,15 +163,23 @@ def _add_convert(subparsers: Any, name: str, kind: str, help_text: str) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``validate``, ``convert-*``, ``synth`` and ``diverging`` to ``subparsers`` (from ``add_subparsers``)."""
+    from engine.cli import ALGORITHMS
+
     validate = subparsers.add_parser("validate", help="check every row of a data file and report lengths",
                                      description="Validate and tokenise every row; exit 1 if anything is wrong.")
     validate.add_argument("source", help="data file, hf:<org>/<name> or builtin:<name>")
+    validate.add_argument("--config", default=None,
+                          help="a training config (YAML): its data.format, tokenizer, seq_length and chat_template, "
+                               "and the tokenizer its checkpoint.load carries, are the defaults of the options below")
+    validate.add_argument("--algorithm", default=None, choices=tuple(ALGORITHMS),
+                          help="the keel train algorithm of --config (default: the one its sections name)")
     validate.add_argument("--format", choices=FORMATS, default=None,
                           help="row format (default: chat, or the built-in set's own)")
-    validate.add_argument("--tokenizer", default="byte", help="byte, builtin-sp or a tokenizer file")
-    validate.add_argument("--seq-length", type=int, default=128, help="sequence length used in training")
-    validate.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
-                          help="chat template (auto: the tokenizer's own when it carries one, else plain)")
+    validate.add_argument("--tokenizer", default=None, help="byte (default), builtin-sp or a tokenizer file")
+    validate.add_argument("--seq-length", type=int, default=None,
+                          help="sequence length used in training (default 128, keel train sft's; the run's with --config)")
+    validate.add_argument("--template", choices=TEMPLATE_CHOICES, default=None,
+                          help="chat template (default auto: the tokenizer's own when it carries one, else plain)")
     validate.add_argument("--on-error", choices=("raise", "skip"), default="skip",
                           help="skip: list every bad row (default); raise: stop at the first")
     validate.add_argument("--num", type=int, default=512, help="rows of a builtin: source")

@@ -51,3 +51,39 @@ def test_validate_reports_bad_rows_and_fails(tmp_path: Path, capsys: pytest.Capt
     assert "bad.jsonl, line 1: field 'messages[0].role'" in out and "PROBLEMS FOUND" in out
     assert _run(["validate", str(path), "--on-error", "raise"]) == 1
     assert _run(["convert-steerlm", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")]) == 1
+
+
+def test_validate_takes_its_settings_from_a_run_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Validation used 128 tokens and the byte tokenizer whatever the run: a DPO file for seq_length 256 showed
+    over-long rows that training would keep. ``--config`` takes the data settings the run trains with: the
+    algorithm's defaults (named by the file's sections), the file's values, the tokenizer of its
+    checkpoint.load. An option given on the command line still wins."""
+    pairs = tmp_path / "pairs.jsonl"
+    row = {"prompt": "Say something long. " * 5, "chosen": "yes " * 40, "rejected": "no " * 40}
+    pairs.write_text(json.dumps(row) + "\n")
+    load = tmp_path / "sft" / "step_0000002"
+    load.mkdir(parents=True)
+    (load / "keel.json").write_text(json.dumps({"config": {"data": {"tokenizer": "builtin-sp"}}}))
+    (load / "metadata.json").write_text("{}")
+    run = tmp_path / "dpo.yaml"
+    run.write_text(f"checkpoint:\n  load: {load}\ndata:\n  format: pairs\n  chat_template: plain\ndpo:\n  beta: 0.2\n")
+
+    def summary(*options: str) -> dict:
+        _run(["validate", str(pairs), "--json", *options])
+        return json.loads(capsys.readouterr().out)
+
+    taken = summary("--config", str(run))
+    assert (taken["format"], taken["seq_length"], taken["template"], taken["overlong"]) == ("pairs", 256, "plain", 0)
+    assert taken["tokens"] < summary("--format", "pairs", "--seq-length", "256", "--template", "plain")["tokens"]
+    assert summary("--config", str(run), "--seq-length", "64")["overlong"] == 1  # the command line wins
+    assert summary("--format", "pairs")["seq_length"] == 128  # keel train sft's default, without a run
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("data:\n  format: pairs\n")
+    assert summary("--config", str(plain))["seq_length"] == 128  # no algorithm's own section: keel train sft's
+    assert summary("--config", str(plain), "--algorithm", "dpo")["seq_length"] == 256
+    for text, message in (("- a list\n", "the top level must be a mapping"),
+                          ("rollout:\n  temperature: 1.0\n", "suits grpo, ppo, reinforce: say which with --algorithm"),
+                          ("dpo:\n  beta: 0.1\nrm:\n  type: bt\n", "no keel train algorithm has all of its sections")):
+        (tmp_path / "bad.yaml").write_text(text)
+        assert _run(["validate", str(pairs), "--config", str(tmp_path / "bad.yaml")]) == 1
+        assert message in capsys.readouterr().out
