@@ -22,8 +22,8 @@ demo: install
 	$(PY) tools/demo.py --output $(DEMO_DIR) --nproc 2
 
 lint: install
-	$(VENV)/bin/ruff check engine kernels tests tools
-	$(VENV)/bin/mypy engine kernels
+	$(VENV)/bin/ruff check engine keel_kernels tests tools
+	$(VENV)/bin/mypy engine keel_kernels
 	$(VENV)/bin/shellcheck -x docker/launch/*.sh docker/slurm/*.sh docker/slurm/*.sbatch
 	$(VENV)/bin/hadolint docker/Dockerfile
 

@@ -15,7 +15,7 @@ model (``dpo.reference``: a checkpoint, defaulting to ``checkpoint.load``; ``ini
 policy's own seeded initialisation), run forward-only on each step's micro-batches before
 the training pass, or from a file written once by ``keel data ref-logprobs``
 (``dpo.reference_logprobs``), so the reference need not stay in memory. Both give the same
-losses. Log-probs come from :func:`kernels.token_logprobs` on the vocabulary-parallel
+losses. Log-probs come from :func:`keel_kernels.token_logprobs` on the vocabulary-parallel
 logits (no gather of the vocabulary).
 
 Metrics per step: ``dpo_loss``, ``accuracy`` (implicit reward ``β(log π - log π_ref)`` of

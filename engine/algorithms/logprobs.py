@@ -1,7 +1,7 @@
 """Sequence log-probabilities from (vocabulary-parallel) logits, shared by every policy algorithm.
 
 The model's last stage returns logits ``[batch, seq, V / TP]``: each tensor-parallel rank
-holds one slice of the vocabulary. :func:`kernels.token_logprobs` combines per-rank
+holds one slice of the vocabulary. :func:`keel_kernels.token_logprobs` combines per-rank
 statistics with two small all-reduces instead of gathering the vocabulary, so DPO, PPO and
 the generation backend get the same numbers from the same function.
 """
@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from kernels import token_logprobs
-from kernels._dispatch import Backend
+from keel_kernels import token_logprobs
+from keel_kernels._dispatch import Backend
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,

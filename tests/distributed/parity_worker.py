@@ -54,7 +54,7 @@ def main() -> None:
 def _logprob_difference(trainer: Trainer, parallel: ParallelState) -> float:
     """max |kernels' sequence log-probs - log_softmax/gather reference| on one batch of real logits."""
     from engine.algorithms.logprobs import lm_forward, sequence_logprobs
-    from kernels.logprob import gather_vocab_shards
+    from keel_kernels.logprob import gather_vocab_shards
 
     batch = trainer.train_data.collate([0, 1])
     logits = lm_forward(trainer.model.chunks[0], batch)

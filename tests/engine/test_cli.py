@@ -128,3 +128,20 @@ def test_every_algorithms_defaults_fit_the_default_model(algo: str) -> None:
     needs = {"dpo": ["dpo.reference=init"], "ppo": ["reward_model=runs/rm"], "steerlm2": ["reward_model=runs/rm"]}
     config = load_config(_algorithm(algo).CONFIG, None, needs.get(algo, []))
     config.validate(1)
+
+
+def test_keel_runs_from_any_folder_beside_transformers(tmp_path: Path) -> None:
+    """Keel's kernels were a top-level package named ``kernels``, as is one that transformers installs. Run from
+    any folder but the repository (the installed ``keel`` as users run it), ``import kernels`` found that
+    one, and every algorithm that computes log-probs (DPO, the online ones) died with an ImportError."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    code = ("import engine.algorithms.dpo, engine.algorithms.grpo, keel_kernels, sys; "
+            "print(keel_kernels.__file__); print(sorted(name for name in sys.modules if name.split('.')[0] == 'kernels'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, foreign = done.stdout.splitlines()[-2:]
+    assert Path(where).resolve().is_relative_to(REPO.resolve()) and foreign == "[]", done.stdout

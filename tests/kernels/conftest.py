@@ -2,7 +2,7 @@
 
 Triton's interpreter is chosen by ``TRITON_INTERPRET=1`` at the time a kernel is
 *defined* (``@triton.jit`` runs when its module is imported).
-:func:`kernels._dispatch.load_triton_module` re-imports kernel modules when the
+:func:`keel_kernels._dispatch.load_triton_module` re-imports kernel modules when the
 variable changes, so setting it with ``monkeypatch`` per test is enough.
 """
 
@@ -15,7 +15,7 @@ from typing import cast
 import pytest
 import torch
 
-from kernels._dispatch import Backend
+from keel_kernels._dispatch import Backend
 
 
 def pytest_configure(config: pytest.Config) -> None:

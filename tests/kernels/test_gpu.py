@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from kernels.logprob import IGNORE_INDEX, token_logprobs, token_logprobs_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from keel_kernels.logprob import IGNORE_INDEX, token_logprobs, token_logprobs_reference
+from keel_kernels.swiglu import swiglu, swiglu_reference
 
 pytestmark = pytest.mark.gpu
 

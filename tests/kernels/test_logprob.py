@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from kernels._dispatch import Backend, resolve_backend
-from kernels.logprob import IGNORE_INDEX, token_logprobs, token_logprobs_reference
+from keel_kernels._dispatch import Backend, resolve_backend
+from keel_kernels.logprob import IGNORE_INDEX, token_logprobs, token_logprobs_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Forward results are fp32 on both sides (inputs are upcast); gradients come back in
@@ -135,6 +135,6 @@ def test_dispatch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_import_does_not_import_triton() -> None:
-    code = "import sys, kernels; assert 'triton' not in sys.modules, 'kernels imported triton'"
+    code = "import sys, keel_kernels; assert 'triton' not in sys.modules, 'keel_kernels imported triton'"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, env=env, timeout=120)

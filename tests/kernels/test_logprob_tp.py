@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kernels._dispatch import Backend
-from kernels.logprob import IGNORE_INDEX, token_logprobs, token_logprobs_reference
+from keel_kernels._dispatch import Backend
+from keel_kernels.logprob import IGNORE_INDEX, token_logprobs, token_logprobs_reference
 from tests.kernels.gloo_ranks import spawn_gloo_ranks
 
 VOCAB = 22

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import Backend
-from kernels.swiglu import swiglu, swiglu_reference
+from keel_kernels._dispatch import Backend
+from keel_kernels.swiglu import swiglu, swiglu_reference
 
 TOLERANCE: dict[torch.dtype, dict[str, Any]] = {
     torch.float32: {"atol": 1e-6, "rtol": 1e-5},

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels._dispatch import Backend
-from kernels.logprob import token_logprobs
+from keel_kernels._dispatch import Backend
+from keel_kernels.logprob import token_logprobs
 from tools.bench.common import write_report  # noqa: E402
 
 logger = logging.getLogger("bench.logprob")

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from kernels._dispatch import Backend, load_triton_module, resolve_backend
+from keel_kernels._dispatch import Backend, load_triton_module, resolve_backend
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 4096
@@ -175,13 +175,13 @@ def gather_vocab_shards(shard: torch.Tensor, tp_group: Any) -> torch.Tensor:
 
 def _row_stats(backend: str, *args: Any) -> RowStats:
     if backend == "triton":
-        return RowStats(*load_triton_module("kernels._triton_logprob").row_stats(*args))
+        return RowStats(*load_triton_module("keel_kernels._triton_logprob").row_stats(*args))
     return torch_row_stats(*args)
 
 
 def _grad_logits(backend: str, *args: Any) -> torch.Tensor:
     if backend == "triton":
-        grad: torch.Tensor = load_triton_module("kernels._triton_logprob").grad_logits(*args)
+        grad: torch.Tensor = load_triton_module("keel_kernels._triton_logprob").grad_logits(*args)
         return grad
     return torch_grad_logits(*args)
 
@@ -290,7 +290,7 @@ def token_logprobs(
         return_entropy: also return the entropy of each token's distribution.
         ignore_index: target id of masked tokens (logprob 0, entropy 0, zero grad).
         loss_mask: optional ``[...]`` mask; zeros are treated like ``ignore_index``.
-        backend: ``"auto"`` (see :mod:`kernels._dispatch`), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (see :mod:`keel_kernels._dispatch`), ``"torch"`` or ``"triton"``.
 
     Returns:
         fp32 ``logprobs [...]``, or ``(logprobs, entropy)`` when ``return_entropy``.

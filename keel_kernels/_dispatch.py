@@ -1,4 +1,4 @@
-"""Backend choice shared by every kernel in :mod:`kernels`.
+"""Backend choice shared by every kernel in :mod:`keel_kernels`.
 
 Rules (the same for each kernel):
 
@@ -7,7 +7,7 @@ Rules (the same for each kernel):
   is set, in which case they run the Triton kernels in Triton's interpreter (tests).
 * ``backend="torch"`` / ``backend="triton"`` force one path.
 
-Triton is imported lazily: ``import kernels`` never imports it.
+Triton is imported lazily: ``import keel_kernels`` never imports it.
 
 ``TRITON_INTERPRET`` is read by ``@triton.jit`` when a kernel is *defined*, i.e. when
 the module holding it is imported, not when ``triton`` itself is imported nor when a

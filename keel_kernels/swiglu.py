@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import Backend, load_triton_module, resolve_backend
+from keel_kernels._dispatch import Backend, load_triton_module, resolve_backend
 
 
 def torch_swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class _SwiGLU(torch.autograd.Function):
         ctx.backend = backend
         ctx.save_for_backward(gate, up)
         if backend == "triton":
-            out: torch.Tensor = load_triton_module("kernels._triton_swiglu").swiglu_forward(
+            out: torch.Tensor = load_triton_module("keel_kernels._triton_swiglu").swiglu_forward(
                 _as_rows(gate), _as_rows(up)
             )
             return out.view(gate.shape)
@@ -68,7 +68,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         gate, up = ctx.saved_tensors
         if ctx.backend == "triton":
-            module = load_triton_module("kernels._triton_swiglu")
+            module = load_triton_module("keel_kernels._triton_swiglu")
             grad_gate, grad_up = module.swiglu_backward(_as_rows(grad), _as_rows(gate), _as_rows(up))
             return grad_gate.view(gate.shape), grad_up.view(up.shape), None
         grad_gate, grad_up = torch_swiglu_backward(grad, gate, up)
@@ -81,7 +81,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Backend = "auto") -
     Args:
         gate: ``[..., H]`` float tensor.
         up: same shape and dtype as ``gate``.
-        backend: ``"auto"`` (see :mod:`kernels._dispatch`), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (see :mod:`keel_kernels._dispatch`), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``[..., H]`` in the dtype of ``gate``.

@@ -1,4 +1,4 @@
-"""Triton kernels for :mod:`kernels.swiglu` (imported lazily; never by ``import kernels``).
+"""Triton kernels for :mod:`keel_kernels.swiglu` (imported lazily; never by ``import keel_kernels``).
 
 One program per (row, column block); inputs are ``[N, H]`` with unit column stride
 and any row stride (e.g. the two halves of megatron's ``fc1`` output). Math in fp32:
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import triton_interpreter_requested
+from keel_kernels._dispatch import triton_interpreter_requested
 
 #: Interpreter mode the kernels below were defined under (see ``load_triton_module``).
 INTERPRETED = triton_interpreter_requested()

@@ -1,4 +1,4 @@
-"""Triton kernels for :mod:`kernels.logprob` (imported lazily; never by ``import kernels``).
+"""Triton kernels for :mod:`keel_kernels.logprob` (imported lazily; never by ``import keel_kernels``).
 
 Forward: one program per token walks its vocabulary slice in ``BLOCK_V`` columns with
 an online maximum, producing ``m``, ``s = sum exp(x - m)``, ``w = sum exp(x - m)(x - m)``
@@ -9,7 +9,7 @@ Backward: one program per (token, vocabulary block) writes
 ``g_lp (onehot - p) + g_H p (mean_logit - x)`` with ``p = exp(x - lse)``.
 
 Launch wrappers have the same signatures as the torch functions they replace
-(:func:`kernels.logprob.torch_row_stats`, :func:`kernels.logprob.torch_grad_logits`).
+(:func:`keel_kernels.logprob.torch_row_stats`, :func:`keel_kernels.logprob.torch_grad_logits`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import triton_interpreter_requested
+from keel_kernels._dispatch import triton_interpreter_requested
 
 #: Interpreter mode the kernels below were defined under (see ``load_triton_module``).
 INTERPRETED = triton_interpreter_requested()
