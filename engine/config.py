@@ -444,10 +444,10 @@ def _defaults_as_dict(cls: type) -> dict[str, Any]:
 
 def save_config(config: Any, path: str) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
+    from engine.files import atomic_open
+
+    with atomic_open(path) as fh:
         yaml.safe_dump(dataclasses.asdict(config), fh, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def iter_fields(cls: type, prefix: str = "", instance: Any = None) -> Iterator[tuple[str, str, Any, str]]:

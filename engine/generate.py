@@ -32,6 +32,7 @@ from engine.data.chat import TEMPLATES, prompt_messages, render_prompt, stop_tok
 from engine.data.errors import DataError
 from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import ATTRIBUTES, check_messages, check_row
+from engine.files import write_text_atomic
 from engine.generation.base import SamplingParams
 from engine.runtime import shutdown
 
@@ -276,17 +277,10 @@ def _prepare_output(args: argparse.Namespace, job: Job) -> list[str]:
     return done
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _start_partial(partial: str, done: list[str], fingerprint: dict[str, Any]) -> None:
     """Record the run's fingerprint next to the partial output, which keeps only its complete rows."""
-    _write_atomic(f"{partial}.meta", json.dumps(fingerprint, indent=1) + "\n")
-    _write_atomic(partial, "".join(line + "\n" for line in done))  # a torn last line goes
+    write_text_atomic(f"{partial}.meta", json.dumps(fingerprint, indent=1) + "\n")
+    write_text_atomic(partial, "".join(line + "\n" for line in done))  # a torn last line goes
 
 
 def _finish(partial: str, output: str) -> None:

@@ -8,6 +8,8 @@ import math
 import os
 from typing import Any, Optional
 
+from engine.files import atomic_open
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,12 +48,8 @@ class MetricsWriter:
         if not dropped:
             return
         self._file.close()
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
+        with atomic_open(self.path) as fh:
             fh.writelines(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
         self._file = open(self.path, "a")
         logger.info("metrics.jsonl: dropped %d records after step %d (%s)", dropped, step,
                     "a fresh run" if step == 0 else "logged after the checkpoint resumed from")

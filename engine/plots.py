@@ -79,7 +79,8 @@ def write_curves(run_dir: str, keys: tuple[str, ...], out: Optional[str] = None)
         train, held_out = _series(path, key)
         _panel(draw, ((index % columns) * PANEL[0], (index // columns) * PANEL[1]), key, train, held_out)
     out = out or os.path.join(run_dir, "curves.png")
-    tmp = f"{out}.tmp.png"
-    image.save(tmp)
-    os.replace(tmp, out)
+    from engine.files import atomic_open
+
+    with atomic_open(out, "wb") as handle:
+        image.save(handle, format="PNG")
     return out

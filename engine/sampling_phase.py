@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,7 @@ import torch
 
 from engine.algorithms.online import broadcast_from_first
 from engine.data.chat import render_prompt, stop_token_ids
+from engine.files import write_json_lines_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -189,9 +189,7 @@ class SampleStore:
             if stored is not None and stored != inputs:
                 differs = sorted(k for k in {*stored, *inputs} if stored.get(k) != inputs.get(k))
             elif stored is None:
-                tmp = path.with_name("inputs.json.tmp")
-                tmp.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
-                os.replace(tmp, path)
+                write_text_atomic(path, json.dumps(inputs, indent=2, sort_keys=True) + "\n")
         differs = broadcast_from_first(differs)
         if differs:
             from engine.errors import ConfigError
@@ -215,17 +213,16 @@ class SampleStore:
 
     def write_chunk(self, chunk: int, samples: list[dict[str, Any]]) -> None:
         if self.writes:
-            write_atomic(self.chunk_path(chunk), samples)
+            write_json_lines_atomic(self.chunk_path(chunk), samples, sort_keys=True)
 
     def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
         if self.writes:
-            write_atomic(self.dir / name, rows)
+            write_json_lines_atomic(self.dir / name, rows, sort_keys=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.writes:
-            tmp = self.dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(_finite(summary), indent=2, sort_keys=True, allow_nan=False) + "\n")
-            os.replace(tmp, self.dir / "summary.json")
+            write_text_atomic(self.dir / "summary.json",
+                              json.dumps(_finite(summary), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -238,12 +235,3 @@ def _finite(value: Any) -> Any:
         return [_finite(v) for v in value]
     return value
 
-
-def write_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``rows`` as JSON lines at ``path``: a temporary file, fsynced, then renamed over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as out:
-        out.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)

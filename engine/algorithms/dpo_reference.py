@@ -24,6 +24,7 @@ import torch
 from engine.config import ConfigError
 from engine.data.batching import micro_batches_for
 from engine.data.dpo import DPOPairs, read_reference_lines
+from engine.files import write_json_lines_atomic
 from engine.runtime import setup_logging, shutdown
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,7 @@ def _merge(output: Path, dp_size: int) -> int:
     for rank in range(dp_size):
         lines += read_reference_lines(_partial_path(output, rank))
     lines.sort(key=lambda r: (r["split"], r["index"]))
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    os.replace(tmp, output)
+    write_json_lines_atomic(output, lines)
     for rank in range(dp_size):
         _partial_path(output, rank).unlink(missing_ok=True)
     return len(lines)

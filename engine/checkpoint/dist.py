@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from engine.faults import maybe_fail
+from engine.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,6 @@ def refuse_scorer(path: Path, meta: dict[str, Any], use: str) -> None:
     if kind is not None:
         raise CheckpointError(f"{path} is a {kind} checkpoint: it scores responses and has no language-model head, "
                               f"so it cannot be {use}; use a policy checkpoint (SFT, DPO, converted)")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -209,11 +201,11 @@ def save(
     maybe_fail("in-save", step)
     if parallel.is_main:
         meta = dict(extra, step=step, layout=asdict(parallel.layout), has_optimizer=optimizer is not None)
-        _write_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
+        write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(Path(root) / LATEST, final.name)
+        write_text_atomic(Path(root) / LATEST, final.name)
         _prune(Path(root), keep_last)
     dist.barrier()
     logger.info("saved checkpoint %s", final)
@@ -234,7 +226,7 @@ def _prune(root: Path, keep_last: int) -> None:
 def mark_best(root: str, step: int, parallel: Any) -> None:
     """Point ``<root>/best`` at checkpoint ``step`` (written atomically by rank 0)."""
     if parallel.is_main:
-        _write_atomic(Path(root) / BEST, step_dir(root, step).name)
+        write_text_atomic(Path(root) / BEST, step_dir(root, step).name)
     dist.barrier()
 
 

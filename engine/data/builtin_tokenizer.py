@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from engine.data.tokenizer_types import SentencePieceTokenizer
+from engine.files import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,8 @@ def builtin_model_path() -> str:
         return path
     model = train_builtin_model(corpus)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    with atomic_open(path, "wb") as fh:  # concurrent ranks may race, all write the same bytes
         fh.write(model)
-    os.replace(tmp, path)  # atomic: concurrent ranks may race, all write the same bytes
     logger.info("trained the built-in sentencepiece tokenizer: %s", path)
     return path
 

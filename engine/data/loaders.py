@@ -215,12 +215,7 @@ def make_parent_dir(path: str) -> None:
 
 def write_jsonl(rows: Any, path: str) -> int:
     """Write rows (any iterable of dicts) as JSON lines, atomically; returns the count."""
+    from engine.files import write_json_lines_atomic
+
     make_parent_dir(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    os.replace(tmp, path)
-    return count
+    return write_json_lines_atomic(path, rows, ensure_ascii=False)

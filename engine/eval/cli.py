@@ -28,6 +28,7 @@ from engine.eval.rewardbench import (
     load_rows,
     overlong_summary,
 )
+from engine.files import write_text_atomic
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -61,11 +62,7 @@ def rank() -> int:
 def write_report(report: dict[str, Any], path: str) -> None:
     """Write the report as JSON, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def rewardbench_report(rows: list[dict[str, Any]], chosen: list[float], rejected: list[float],
