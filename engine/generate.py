@@ -32,7 +32,7 @@ from engine.data.chat import TEMPLATES, prompt_messages, render_prompt, stop_tok
 from engine.data.errors import DataError
 from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import ATTRIBUTES, check_messages, check_row
-from engine.files import write_text_atomic
+from engine.files import PartialOutput
 from engine.generation.base import SamplingParams
 from engine.runtime import shutdown
 
@@ -164,15 +164,6 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="generate", unit="prompt", dynamic_ncols=True)
 
 
-def _done_rows(partial: str) -> list[str]:
-    """Completed lines of an interrupted run's partial output (a torn last line is dropped)."""
-    if not os.path.exists(partial):
-        return []
-    with open(partial) as fh:
-        lines = fh.read().split("\n")
-    return [line for line in lines[:-1] if line.strip()]
-
-
 @dataclasses.dataclass
 class Job:
     """A checked ``keel generate`` command: everything it needs short of the model."""
@@ -240,53 +231,32 @@ def _check_inputs(args: argparse.Namespace) -> Job:
     return Job(config, os.path.realpath(path), tokenizer, template, attributes, rows, sampling, _sha256(args.prompts))
 
 
-def _read_fingerprint(path: str) -> Optional[dict[str, Any]]:
-    try:
-        with open(path) as fh:
-            saved = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) else None
-
-
-def _resume_point(partial: str, fingerprint: dict[str, Any]) -> list[str]:
+def _resume_point(partial: PartialOutput, fingerprint: dict[str, Any]) -> list[Any]:
     """The completed rows of ``partial`` to keep; those of a run with other (or unknown) options are refused."""
-    done = _done_rows(partial)
+    done = partial.records()
     if not done:
         return []  # nothing to mix in: start over
-    saved = _read_fingerprint(f"{partial}.meta")
+    saved = partial.recorded()
     if saved is None:
-        raise ConfigError(f"{partial} holds {len(done)} completions of an earlier run whose options are unknown "
-                          f"(no readable {partial}.meta); delete {partial} to start over")
+        raise ConfigError(f"{partial.path} holds {len(done)} completions of an earlier run whose options are unknown "
+                          f"(no readable {partial.meta}); delete {partial.path} to start over")
     differ = [label if key == "prompts_sha256" else f"{label} {saved.get(key)!r} then, {fingerprint[key]!r} now"
               for key, label in FINGERPRINT.items() if saved.get(key) != fingerprint[key]]
     if differ:
-        raise ConfigError(f"{partial} was written with other options ({'; '.join(differ)}): delete {partial} to "
-                          "start over, or rerun with the same options to resume it")
+        raise ConfigError(f"{partial.path} was written with other options ({'; '.join(differ)}): delete "
+                          f"{partial.path} to start over, or rerun with the same options to resume it")
     return done
 
 
-def _prepare_output(args: argparse.Namespace, job: Job) -> list[str]:
+def _prepare_output(args: argparse.Namespace, job: Job) -> list[Any]:
     """Check a partial output against ``job`` and make the output's directory; returns the rows already done."""
     from engine.parallel.layout import read_launch_env
 
-    done = _resume_point(f"{args.output}.partial", job.fingerprint())
+    done = _resume_point(PartialOutput(args.output), job.fingerprint())
     make_parent_dir(args.output)
     if done and read_launch_env().rank == 0:
         print(f"resuming: {len(done)} of {len(job.rows)} prompts already done ({args.output}.partial)", flush=True)
     return done
-
-
-def _start_partial(partial: str, done: list[str], fingerprint: dict[str, Any]) -> None:
-    """Record the run's fingerprint next to the partial output, which keeps only its complete rows."""
-    write_text_atomic(f"{partial}.meta", json.dumps(fingerprint, indent=1) + "\n")
-    write_text_atomic(partial, "".join(line + "\n" for line in done))  # a torn last line goes
-
-
-def _finish(partial: str, output: str) -> None:
-    os.replace(partial, output)
-    if os.path.exists(f"{partial}.meta"):
-        os.remove(f"{partial}.meta")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -294,12 +264,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     job = _check_inputs(args)
     done = _prepare_output(args, job)
-    partial, rows = f"{args.output}.partial", job.rows
+    partial, rows = PartialOutput(args.output), job.rows
     backend, _, _ = load_backend(args.checkpoint, args.tensor, args.batch_size)
     writer = dist.get_rank() == 0
     if writer:
-        _start_partial(partial, done, job.fingerprint())
-    with open(partial, "a") if writer else open(os.devnull, "w") as fh:
+        partial.start(done, job.fingerprint())
+    with partial.append() if writer else open(os.devnull, "w") as fh:
         bar = _progress(len(rows), not args.quiet and writer)
         if bar is not None:
             bar.update(len(done))
@@ -314,7 +284,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if writer:
-        _finish(partial, args.output)
+        partial.finish()
         print(f"wrote {len(rows)} completions to {args.output}", flush=True)
     backend.release()
     # Every rank leaves together and tears its process groups down: a rank that exits while gloo's

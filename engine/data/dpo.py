@@ -24,9 +24,9 @@ import torch
 
 from engine.config import ConfigError
 from engine.data.convert import helpsteer2_preference_to_bt, helpsteer2_to_dpo
-from engine.data.loaders import complete_json_lines
 from engine.data.preference import PreferenceDataset
 from engine.data.sources import paired_rows
+from engine.files import complete_json_lines
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from engine.data.errors import DataError, Where, empty_dataset
@@ -187,20 +186,6 @@ def load_rows(source: str, fmt: str, on_error: str = "raise", num: int = 512, se
               stats: Optional[ReadStats] = None) -> list[Row]:
     """All validated rows of ``source`` as a list (see :func:`iter_rows`)."""
     return list(iter_rows(source, fmt, on_error, stats=stats, num=num, seed=seed))
-
-
-def complete_json_lines(path: Path) -> list[Any]:
-    """The records of a JSONL file an interrupted writer may have left: every line up to a torn one (killed
-    mid-write), which is ignored with all after it."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the writer was killed mid-line: everything before it is complete
-    return records
 
 
 def make_parent_dir(path: str) -> None:

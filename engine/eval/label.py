@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError
-from engine.data.loaders import complete_json_lines, make_parent_dir, parsed_records
+from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import attribute_string
+from engine.files import PartialOutput
 from engine.runtime import shutdown
 
 
@@ -55,37 +54,34 @@ def _unlabelled(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("attributes", "predicted")}
 
 
-def resume_point(partial: Path, rows: list[tuple[dict[str, Any], Any, str]], source: str) -> list[str]:
-    """The complete lines of ``partial`` that a run of this input and reward model wrote (a torn last line is
+def resume_point(partial: PartialOutput, rows: list[tuple[dict[str, Any], Any, str]], source: str) -> list[Any]:
+    """The complete rows of ``partial`` that a run of this input and reward model wrote (a torn last line is
     dropped). A partial file of another input (the line is not that input row) or another reward model
-    (``<partial>.meta``) is refused: it used to be continued by its line count alone."""
-    lines: list[str] = []
-    for number, done in enumerate(complete_json_lines(partial), 1):
-        if number > len(rows) or not isinstance(done, dict) or _unlabelled(done) != _unlabelled(rows[number - 1][0]):
-            raise ConfigError(f"{partial}, line {number}: not row {number} of this input labelled; it is left from "
-                              "another input: delete it to start over")
-        lines.append(json.dumps(done))  # as label_file wrote it
-    meta = Path(f"{partial}.meta")
-    made_by = json.loads(meta.read_text()).get("rm") if meta.exists() else None
-    if lines and made_by != source:
-        raise ConfigError(f"{partial} was labelled by reward model {made_by or 'unknown'}, and this run's is {source}; "
-                          "delete it to start over, or rerun with that model")
-    return lines
+    (its fingerprint) is refused: it used to be continued by its line count alone."""
+    done = partial.records()
+    for number, record in enumerate(done, 1):
+        if number > len(rows) or not isinstance(record, dict) or _unlabelled(record) != _unlabelled(rows[number - 1][0]):
+            raise ConfigError(f"{partial.path}, line {number}: not row {number} of this input labelled; it is left "
+                              "from another input: delete it to start over")
+    made_by = (partial.recorded() or {}).get("rm")
+    if done and made_by != source:
+        raise ConfigError(f"{partial.path} was labelled by reward model {made_by or 'unknown'}, and this run's is "
+                          f"{source}; delete it to start over, or rerun with that model")
+    return done
 
 
 def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output: str, chunk: int = 256,
                progress: bool = True, source: str = "") -> int:
     """Label ``rows`` (from :func:`read_rows`) into ``output`` with the reward model ``source`` names (its
     resolved checkpoint); returns the rows written (all of them)."""
-    partial = Path(f"{output}.partial")
+    partial = PartialOutput(output)
     kept = resume_point(partial, rows, source)
     done = len(kept)
     names = list(scorer.step.rm.attributes)
     is_main = scorer.parallel.is_main
     scorer.parallel.barrier()  # every rank has checked the partial file before rank 0 rewrites it
     if is_main:  # the complete lines only, and which model wrote them
-        partial.write_text("".join(line + "\n" for line in kept))
-        Path(f"{partial}.meta").write_text(json.dumps({"rm": source}) + "\n")
+        partial.start(kept, {"rm": source})
     bar = None
     if progress and is_main:
         from tqdm import tqdm
@@ -96,7 +92,7 @@ def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output:
         part = rows[start: start + chunk]
         rewards = scorer.score([(prompt, response) for _, prompt, response in part])
         if is_main:
-            with open(partial, "a") as sink:
+            with partial.append() as sink:
                 sink.writelines(json.dumps(labelled(row, pred, names)) + "\n"
                                 for (row, _, _), pred in zip(part, rewards.tolist(), strict=True))
         if bar is not None:
@@ -105,8 +101,7 @@ def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output:
         bar.close()
     scorer.parallel.barrier()
     if is_main:
-        os.replace(partial, output)
-        Path(f"{partial}.meta").unlink(missing_ok=True)
+        partial.finish()
     return len(rows)
 
 

@@ -108,6 +108,7 @@ def test_a_partial_of_another_input_or_reward_model_is_refused(tmp_path: Path) -
     continued and mixed in."""
     from engine.config import ConfigError
     from engine.eval.label import labelled, resume_point
+    from engine.files import PartialOutput
 
     names = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
     rows = [({"prompt": f"q{i}", "response": f"a{i}", "attributes": "old"}, f"q{i}", f"a{i}") for i in range(3)]
@@ -115,9 +116,10 @@ def test_a_partial_of_another_input_or_reward_model_is_refused(tmp_path: Path) -
     done = [json.dumps(labelled(row, [1.0] * 5, names)) for row, _, _ in rows[:2]]
     partial.write_text("\n".join(done) + "\n")
     Path(f"{partial}.meta").write_text(json.dumps({"rm": "/runs/rm/step_0000002"}))
-    assert resume_point(partial, rows, "/runs/rm/step_0000002") == done
+    output = PartialOutput(tmp_path / "out.jsonl")
+    assert [json.dumps(record) for record in resume_point(output, rows, "/runs/rm/step_0000002")] == done
     with pytest.raises(ConfigError, match="labelled by reward model /runs/rm/step_0000002, and this run's is /other"):
-        resume_point(partial, rows, "/other")
+        resume_point(output, rows, "/other")
     other = [({"prompt": "z", "response": "y"}, "z", "y"), *rows[1:]]
     with pytest.raises(ConfigError, match=r"out.jsonl.partial, line 1: not row 1 of this input labelled"):
-        resume_point(partial, other, "/runs/rm/step_0000002")
+        resume_point(output, other, "/runs/rm/step_0000002")

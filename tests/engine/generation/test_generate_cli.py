@@ -44,14 +44,15 @@ def _args(checkpoint: Path, output: Path, *extra: str, prompts: Path | None = No
 
 def _interrupted(checkpoint: Path, output: Path, rows: list[dict], *extra: str, prompts: Path | None = None) -> Path:
     """``output.partial`` (and its fingerprint) as a run of these options killed after ``rows`` leaves it."""
-    from engine.generate import _check_inputs, _start_partial
+    from engine.files import PartialOutput
+    from engine.generate import _check_inputs
 
-    partial = Path(f"{output}.partial")
+    partial = PartialOutput(output)
     job = _check_inputs(_args(checkpoint, output, *extra, prompts=prompts))
-    _start_partial(str(partial), [json.dumps(row) for row in rows], job.fingerprint())
-    with open(partial, "a") as fh:
+    partial.start(rows, job.fingerprint())
+    with partial.append() as fh:
         fh.write('{"prompt": "torn')
-    return partial
+    return partial.path
 
 
 def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
