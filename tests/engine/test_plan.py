@@ -243,4 +243,5 @@ def test_readme_says_where_the_planner_parameter_counts_come_from() -> None:
     assert "parameter counts come from each preset's analytic formula" in readme
     assert "parameter counts come from building each preset on the meta device" not in readme
     source = inspect.getsource(engine.plan.stage_parameters) + inspect.getsource(engine.plan.Plan.format)
-    assert "count_parameters_on_meta" not in source and "parameter_count()" in source
+    assert "count_parameters_on_meta" not in source and "parameter_label()" in source
+    assert "_layer_parameters(preset, tp)" in source
