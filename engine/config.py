@@ -137,7 +137,8 @@ class OptimizerConfig:
 class SchedulerConfig:
     type: str = doc("Learning-rate schedule after warm-up: 'constant' or 'cosine'.", "cosine")
     warmup_steps: int = doc("Linear warm-up steps from 0 to optimizer.lr.", 3)
-    decay_steps: Optional[int] = doc("Steps over which the cosine decays (None = run.train_steps).", None)
+    decay_steps: Optional[int] = doc(
+        "Steps over which the cosine decays to min_lr (None = run.train_steps + 1: the last step still trains).", None)
 
     def __post_init__(self) -> None:
         _choice("scheduler.type", self.type, ("constant", "cosine"))

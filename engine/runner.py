@@ -99,7 +99,9 @@ def build_optimizer(config: Any, chunks: list[Any], layout: Any) -> tuple[Any, A
     )
     fuse_cpu_adamw(optimizer)
     sched = config.scheduler
-    decay = max(sched.decay_steps or config.run.train_steps, sched.warmup_steps + 1)
+    # the schedule is advanced before each update (step k trains at the LR of k), so a horizon of train_steps
+    # would spend the last step at min_lr (0 by default); one past the last step keeps every step training
+    decay = max(sched.decay_steps or config.run.train_steps + 1, sched.warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if sched.warmup_steps else opt.lr,
@@ -121,7 +123,7 @@ def build_optimizer(config: Any, chunks: list[Any], layout: Any) -> tuple[Any, A
 
 
 SCHEDULE_FIELDS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "lr_warmup_steps": "scheduler.warmup_steps",
-                   "lr_decay_steps": "decay steps (scheduler.decay_steps or run.train_steps)",
+                   "lr_decay_steps": "decay steps (scheduler.decay_steps or run.train_steps + 1)",
                    "lr_decay_style": "scheduler.type", "start_wd": "optimizer.weight_decay"}
 
 

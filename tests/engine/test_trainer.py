@@ -264,8 +264,9 @@ def test_a_resumed_run_trains_with_its_own_schedule(tmp_path: Path, caplog: pyte
     assert result.start_step == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in rows if r["split"] == "train"}
-    # cosine from 2e-3 to 0 over 5 decay steps after 1 warm-up step, at steps 5 and 6 (the LR a step trains with)
-    expected = {step: 1e-3 * (1 + math.cos(math.pi * (step - 1) / 5)) for step in (5, 6)}
-    assert lrs[5] == pytest.approx(expected[5]) and lrs[6] == pytest.approx(expected[6], abs=1e-12), lrs
-    assert lrs[5] > 1e-4  # not the finished run's 0
-    assert "optimizer.lr: 0.001 -> 0.002" in caplog.text and "run.train_steps): 4 -> 6" in caplog.text
+    # cosine from 2e-3 to 0 reached one step past the last (decay horizon 7 = 1 warm-up + 6), at steps 5 and 6
+    # (the LR a step trains with); the last step trains too, not at the cosine's final 0
+    expected = {step: 1e-3 * (1 + math.cos(math.pi * (step - 1) / 6)) for step in (5, 6)}
+    assert lrs[5] == pytest.approx(expected[5]) and lrs[6] == pytest.approx(expected[6]), lrs
+    assert lrs[5] > 1e-4 and lrs[6] > 1e-5  # not the finished run's 0
+    assert "optimizer.lr: 0.001 -> 0.002" in caplog.text and "run.train_steps + 1): 5 -> 7" in caplog.text
