@@ -234,11 +234,12 @@ class OnlineTrainer(Trainer):
     # ------------------------------------------------------------------ held-out evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy answers to the held-out prompts, scored by the reward functions."""
+        """Greedy (and, with rollout.eval_samples_per_prompt, sampled) answers to the held-out prompts, scored by
+        the reward functions."""
         if not self.valid_data:
             return {}
         rows: list[Any] = self.valid_data  # type: ignore[assignment]  # a list of PromptRow
-        return self.phase.evaluate_greedy(rows)
+        return self.phase.evaluate_held_out(rows)
 
     def _log_validation(self, step_number: int, result: FitResult) -> Optional[float]:
         valid = self.evaluate()

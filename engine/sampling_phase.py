@@ -27,6 +27,10 @@ from engine.files import write_json_lines_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
+# Row i of every held-out sampled evaluation uses seed EVAL_SEED + i: the same draws at each evaluation
+# (the differences between evaluations are the policy's), and far from the training rollouts' seeds.
+EVAL_SEED = 2**40
+
 
 class SamplingPhase:
     """Generation backend + resharder + scorers beside a trained policy (a :class:`~engine.runner.ModelRunner`).
@@ -123,11 +127,21 @@ class SamplingPhase:
         totals, components, keep = broadcast_from_first(result)
         return torch.tensor(totals, dtype=torch.float32), components, list(keep)
 
-    def evaluate_greedy(self, rows: list[Any]) -> dict[str, float]:
-        """Refit, then greedy answers to the held-out ``rows`` scored like the samples: mean reward, mean
-        response length and each reward component's mean."""
+    def evaluate_held_out(self, rows: list[Any]) -> dict[str, float]:
+        """Refit, then answer the held-out ``rows`` greedily, and ``rollout.eval_samples_per_prompt`` times
+        each by sampling, scored like the samples: the greedy answers' mean reward, mean response length and
+        each reward component's mean; the sampled ones' under ``sampled_``."""
         self.refit()
-        rollouts, responses = self.generate([self.render(r) for r in rows], 0, greedy=True)
+        prompts = [self.render(r) for r in rows]
+        values = self._scored(rows, *self.generate(prompts, 0, greedy=True))
+        per_prompt = self.config.rollout.eval_samples_per_prompt
+        if per_prompt:
+            repeated = [r for r in rows for _ in range(per_prompt)]
+            rollouts, responses = self.generate([p for p in prompts for _ in range(per_prompt)], EVAL_SEED)
+            values.update({f"sampled_{k}": v for k, v in self._scored(repeated, rollouts, responses).items()})
+        return values
+
+    def _scored(self, rows: list[Any], rollouts: Any, responses: list[str]) -> dict[str, float]:
         scores, components, _ = self.score(rows, responses, rollouts.lengths)
         values = {"reward": float(scores.mean()), "response_length": sum(rollouts.lengths) / len(rows)}
         values.update({f"reward_{name}": sum(column) / len(column) for name, column in components.items()})

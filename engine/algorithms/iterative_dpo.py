@@ -131,8 +131,9 @@ class IterativeDPOStep(PromptSampling, DPOStep):
                 "stopped": mean([float(s["finish_reason"] == "stop") for s in samples])}
 
     def evaluate(self, trainer: Any, rows: list[Any]) -> dict[str, float]:
-        """Greedy answers to the held-out prompts, scored like the samples."""
-        values: dict[str, float] = trainer.phase.evaluate_greedy(rows)
+        """Greedy (and ``rollout.eval_samples_per_prompt`` sampled) answers to the held-out prompts, scored like
+        the samples."""
+        values: dict[str, float] = trainer.phase.evaluate_held_out(rows)
         return values
 
     def curve_metrics(self) -> tuple[str, ...]:

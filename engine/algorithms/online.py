@@ -56,6 +56,10 @@ class RolloutConfig:
     num_prompts: int = doc("Prompts drawn from a builtin: set (a file is read whole).", 4096)
     eval_num_prompts: int = doc("Held-out prompts evaluated at run.eval_interval (greedy): drawn from a builtin: set, "
                                 "the first ones of a file.", 64)
+    eval_samples_per_prompt: int = doc(
+        "Held-out samples per prompt at the rollouts' temperature/top-p/top-k, besides the greedy answer (0 = greedy "
+        "only). Their mean reward (validation sampled_reward) is what the policy's own samples earn on unseen "
+        "prompts; the seeds are the same at every evaluation, so evaluations differ only by the policy.", 0)
     prompts_per_iteration: int = doc("Prompts per iteration.", 16)
     samples_per_prompt: int = doc("Rollouts per prompt (GRPO's G, RLOO's k).", 4)
     generation_tensor: int = doc("Tensor-parallel size of the generation layout.", 1)
@@ -76,6 +80,8 @@ class RolloutConfig:
                      "max_new_tokens", "max_batch_size", "bucket_mib", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.eval_samples_per_prompt < 0:
+            raise ConfigError(f"rollout.eval_samples_per_prompt={self.eval_samples_per_prompt} must be >= 0")
         if self.refit_transport not in TRANSPORTS:
             raise ConfigError(f"rollout.refit_transport={self.refit_transport!r}: expected one of {', '.join(TRANSPORTS)}")
         self.sampling(0)  # temperature/top-p/top-k checked now, not at the first iteration

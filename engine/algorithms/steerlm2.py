@@ -112,6 +112,9 @@ class SteerLM2TrainConfig(IterativeTrainConfig):
         if self.data.chat_template != "nemotron":
             raise ConfigError(f"steerlm2: data.chat_template={self.data.chat_template!r}; SteerLM writes the "
                               "attributes into the prompt with the 'nemotron' template")
+        if self.rollout.eval_samples_per_prompt:
+            raise ConfigError(f"rollout.eval_samples_per_prompt={self.rollout.eval_samples_per_prompt} does not apply "
+                              "to steerlm2: its held-out evaluation answers every prompt greedily at each target")
 
 
 class WeightedSamples:

@@ -17,6 +17,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, keel_train, tiny_reward_model
 
 SHRINK = ["data.seq_length=96", "model.init=layout_invariant", "rollout.prompts_per_iteration=4",
@@ -56,14 +58,19 @@ def _check_pairs(iteration: Path) -> None:
 
 def test_iterative_dpo_at_tp2_and_killed_in_sampling_resumes_to_the_same_pairs(tmp_path: Path) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    args = [*DPO, "parallel.tensor=2", "rollout.generation_tensor=1"]
+    args = [*DPO, "parallel.tensor=2", "rollout.generation_tensor=1", "rollout.eval_samples_per_prompt=3"]
     keel_train(2, [*args, f"run.output_dir={whole}"], algo="iterative-dpo")
     for k in (1, 2):
         _check_pairs(whole / "iterations" / f"iter_{k}")
     train = _records(whole, "train")
     assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["dpo_loss"]) for r in train)
     assert sum(r["pairs"] for r in train) > 0 and all(r["optimizer_steps"] >= 1 or r["pairs"] == 0 for r in train)
-    assert [r["step"] for r in _records(whole, "validation")] == [0, 1, 2]  # greedy held-out, before and after each
+    validation = _records(whole, "validation")
+    assert [r["step"] for r in validation] == [0, 1, 2]  # held-out, before and after each iteration
+    for record in validation:  # greedy answers and 3 samples per prompt (12 tokens at most), both scored
+        assert 0 <= record["sampled_reward"] <= 1 and 0 < record["sampled_response_length"] <= 12
+        component = [v for k, v in record.items() if k.startswith("sampled_reward_")]  # the total is float32
+        assert component == [pytest.approx(record["sampled_reward"], rel=1e-6)]
     assert (whole / "curves.png").stat().st_size > 0
 
     # killed after the first chunk of iteration 2 (chunks 1-2 are iteration 1's), then the same command
@@ -80,6 +87,9 @@ def test_iterative_dpo_at_tp2_and_killed_in_sampling_resumes_to_the_same_pairs(t
     assert (summary["chunks_reused"], summary["chunks_generated"]) == (1, 1)
     resumed = {r["step"]: r["dpo_loss"] for r in _records(killed, "train")}
     assert resumed[2] == train[1]["dpo_loss"]
+    # the held-out samples draw from fixed seeds: the resumed run's evaluation of the same policy is the same
+    assert [r for r in _records(killed, "validation") if r["step"] == 2][-1]["sampled_reward"] == validation[2][
+        "sampled_reward"]
 
     # SIGTERM (pre-emption) after the first chunk of iteration 1: a clean stop, then the same pairs
     stopped = tmp_path / "stopped"

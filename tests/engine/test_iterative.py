@@ -139,6 +139,12 @@ def test_configs_have_the_recipe_defaults_and_refuse_bad_fields() -> None:
         load_config(SteerLM2TrainConfig, None, ["reward_model=x", "data.chat_template=plain"])
     with pytest.raises(ConfigError, match="reward_model"):
         load_config(SteerLM2TrainConfig, None, []).validate(1)
+    assert load_config(IterativeDPOTrainConfig, None, ["rollout.eval_samples_per_prompt=4"]).rollout \
+        .eval_samples_per_prompt == 4
+    with pytest.raises(ConfigError, match=r"rollout.eval_samples_per_prompt=-1 must be >= 0"):
+        load_config(IterativeDPOTrainConfig, None, ["rollout.eval_samples_per_prompt=-1"])
+    with pytest.raises(ConfigError, match=r"eval_samples_per_prompt=2 does not apply to steerlm2"):
+        load_config(SteerLM2TrainConfig, None, ["reward_model=x", "rollout.eval_samples_per_prompt=2"])
 
 
 @pytest.mark.parametrize("cls", [IterativeDPOTrainConfig, SteerLM2TrainConfig])

@@ -6,10 +6,13 @@ models (their BLAS kernels round differently, and the runs diverge), so the bars
 machines measured:
 
 * iterative DPO (tiny-llama, 800 SFT steps on concise and rambling right answers; 128 prompts × 8
-  samples per iteration scored by ``synthetic_check``): greedy correctness on 200 unseen prompts
-  0.22 → 0.25 → 0.25 (Intel Xeon, exact cut), 0.25 → 0.29 → 0.305 (Intel Xeon, before it) and
-  0.24 → 0.265 → 0.26 (AMD EPYC); the policy's sampled correctness 0.112 → 0.303, 0.124 → 0.346
-  and 0.122 → 0.351;
+  samples per iteration scored by ``synthetic_check``): the share of right answers among 4 samples
+  (temperature 0.7, top-p 0.9, fixed seeds) for each of 200 unseen prompts 0.1075 → 0.1825 → 0.2125
+  (AMD EPYC, seed 7) and 0.081 → 0.135 → 0.161 (seed 8). Greedy correctness on the same prompts does
+  not rise reliably at this size: 0.285 → 0.255 → 0.26 (seed 7) and 0.155 → 0.235 → 0.225 (seed 8)
+  here; +3, +5.5 and +2 points in earlier runs on Intel Xeon and AMD EPYC machines. The test guards the
+  sampled rise, and that greedy correctness does not collapse. The sampled figure has been measured on
+  the AMD EPYC only (2026-12-04), its bar at half the smaller rise;
 * SteerLM 2.0 (SteerLM SFT 300 steps, regression RM from scratch 600 steps, 64 prompts × 8 samples,
   3 iterations): mean |target − RM-predicted| attribute gap of greedy answers to 100 unseen prompts
   at two targets 1.645 → 1.524 (Intel Xeon) and 1.430 → 1.114 (AMD EPYC, micro-batches then rounded
@@ -49,7 +52,9 @@ def test_iterative_dpo_raises_greedy_correctness_on_unseen_prompts(tmp_path: Pat
     report = _run(tmp_path, "iterative-dpo")
     greedy = [value for _, value in report["held_out_greedy_correct"]]
     assert len(greedy) == 3  # before, after iteration 1, after iteration 2
-    assert greedy[2] >= greedy[0] + 0.015, report  # +0.055 and +0.02 measured (module docstring)
+    assert greedy[2] >= greedy[0] - 0.06, report  # -0.025 to +0.07 measured (module docstring)
+    held_out = [value for _, value in report["held_out_sampled_correct"]]
+    assert held_out[2] >= held_out[0] + 0.04, report  # +0.105 and +0.08 measured
     sampled = [value for _, value in report["sampled"]["reward"]]
     assert sampled[1] >= sampled[0] + 0.1, report  # the round-1 policy samples right answers more often
     assert all(pairs > 0 for _, pairs in report["sampled"]["pairs"])
