@@ -71,9 +71,13 @@ class SamplingPhase:
         return render_prompt(row.messages, self.tokenizer, self.template, attributes)
 
     def check_fit(self, rows: list[Any]) -> None:
-        """Every prompt leaves room to generate within ``data.seq_length``: one error naming its file, line and
-        field before any work (the backend's own check comes at the prompt's first iteration, maybe hours in)."""
+        """Every prompt leaves room to generate within ``data.seq_length``, and the reward functions can judge
+        the prompts (:func:`engine.rewards.config.check_judged`): one error naming its file, line and field
+        before any work (the backend's own check comes at the prompt's first iteration, maybe hours in)."""
         from engine.data.errors import DataError
+        from engine.rewards.config import check_judged
+
+        check_judged(self.config.reward_functions or [], rows)
 
         limit = self.config.data.seq_length
         for row in rows:

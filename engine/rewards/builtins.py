@@ -23,7 +23,7 @@ import re
 from fractions import Fraction
 from typing import Any, Optional
 
-from engine.data.synthetic import check_response
+from engine.data.synthetic import check_response, task_kind
 from engine.rewards.registry import reward_function
 
 _NUMBER = re.compile(r"(?<![\w.])[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d{1,3})?"
@@ -37,7 +37,17 @@ REGEX_MODES = ("search", "match", "fullmatch")
 LENGTH_UNITS = ("chars", "words", "tokens")
 
 
-@reward_function("synthetic_check")
+def _has_synthetic_task(prompt: str, metadata: dict[str, Any]) -> Optional[tuple[str, str]]:
+    if task_kind(prompt) != "unknown":
+        return None
+    return "prompt", "one of the built-in synthetic tasks (builtin:prompts), the only ones synthetic_check can check"
+
+
+def _has_answer(prompt: str, metadata: dict[str, Any]) -> Optional[tuple[str, str]]:
+    return None if metadata.get("answer") is not None else ("answer", "the reference answer math_answer compares with")
+
+
+@reward_function("synthetic_check", judges=_has_synthetic_task)
 def synthetic_check(prompt: str, response: str, metadata: dict[str, Any]) -> float:
     """1.0 when ``response`` solves the built-in synthetic task in ``prompt``, else 0.0."""
     return 1.0 if check_response(prompt, response) else 0.0
@@ -99,7 +109,7 @@ def extract_answer(response: str) -> Optional[str]:
     return boxed if boxed is not None else last_number(response)
 
 
-@reward_function("math_answer")
+@reward_function("math_answer", judges=_has_answer)
 def math_answer(prompt: str, response: str, metadata: dict[str, Any]) -> float:
     """1.0 when the response's answer (:func:`extract_answer`) equals ``metadata["answer"]`` after
     :func:`normalize_answer`, else 0.0. A row without an answer is an error (reported, handled per on_error)."""

@@ -15,12 +15,15 @@ the field and index in every error).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from engine.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 ON_ERROR = ("zero", "skip", "raise")
 
@@ -109,3 +112,34 @@ def parse_reward_configs(value: Any, where: str = "reward_functions") -> list[Re
                               f"got {item!r}")
     check_unique(configs, where)
     return configs
+
+
+def check_judged(configs: Sequence[RewardFunctionConfig], rows: Sequence[Any]) -> None:
+    """Refuse a prompt file of which a configured reward function can judge no row (``synthetic_check`` on
+    prompts without a built-in task, ``math_answer`` on rows without an ``answer``): every sample would score
+    alike and nothing would be learned. Rows it cannot judge among others are a warning. ``rows`` are
+    :class:`engine.data.prompts.PromptRow`; each file (``row.where.source``) is checked on its own."""
+    from engine.data.errors import DataError
+    from engine.rewards.registry import REGISTRY, registered_names
+
+    registered_names()  # the built-ins, registered on import
+    by_source: dict[str, list[Any]] = {}
+    for row in rows:
+        by_source.setdefault(row.where.source if row.where else "<data>", []).append(row)
+    for config in configs:
+        function = REGISTRY.get(config.name)  # a registered name (a module:function reference declares nothing)
+        if function is None or function.judges is None:
+            continue
+        for source, group in by_source.items():
+            failing = [(row, found) for row in group if (found := function.judges(row.text, row.reward_metadata()))]
+            if not failing:
+                continue
+            (row, (name, needs)) = failing[0]
+            if len(failing) == len(group):
+                raise DataError(row.where, name, needs, row.text if name == "prompt" else None, source=source,
+                                hint=f"reward function {config.name!r} can judge none of the {len(group)} prompts of "
+                                f"{source}, so every sample would score alike; use prompts it can check or another "
+                                "reward function")
+            logger.warning("reward function %r cannot judge %d of the %d prompts of %s (first: %s, field %r: "
+                           "expected %s); it scores none of their samples", config.name, len(failing), len(group),
+                           source, row.where, name, needs)

@@ -30,19 +30,23 @@ from engine.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 KwargsCheck = Callable[[dict[str, Any]], None]
+# (prompt text, metadata) -> None when the function can judge the row, else (the row's field, what it needs there)
+RowCheck = Callable[[str, dict[str, Any]], Optional[tuple[str, str]]]
 BATCHED_ATTR = "keel_reward_batched"
 CHECK_ATTR = "keel_reward_check"
 
 
 @dataclass(frozen=True)
 class RewardFunction:
-    """A resolved reward function: its ``name``, the callable, whether it is ``batched``, and an
-    optional ``check`` of its kwargs run before any work (raises ``ValueError`` with the problem)."""
+    """A resolved reward function: its ``name``, the callable, whether it is ``batched``, an
+    optional ``check`` of its kwargs run before any work (raises ``ValueError`` with the problem), and
+    an optional ``judges`` check of the prompt rows it can score (see :func:`reward_function`)."""
 
     name: str
     fn: Callable[..., Any]
     batched: bool = False
     check: Optional[KwargsCheck] = None
+    judges: Optional[RowCheck] = None
 
     def validate_kwargs(self, kwargs: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` when ``kwargs`` do not fit the function's signature or check."""
@@ -62,12 +66,15 @@ class RewardFunction:
 REGISTRY: dict[str, RewardFunction] = {}
 
 
-def reward_function(name: Optional[str] = None, *, batched: bool = False,
-                    check: Optional[KwargsCheck] = None) -> Callable[[F], F]:
+def reward_function(name: Optional[str] = None, *, batched: bool = False, check: Optional[KwargsCheck] = None,
+                    judges: Optional[RowCheck] = None) -> Callable[[F], F]:
     """Decorator: register a reward function under ``name`` (default: the function's name).
 
     ``batched=True``: the function takes ``(prompts, responses, metadatas, **kwargs)`` lists and
     returns a list. ``check(kwargs)`` validates the configured kwargs before any work.
+    ``judges(prompt, metadata)`` says which prompt rows the function can score: None, or the row's
+    field and what the function needs there. Before any work the trainers refuse a prompt file of
+    which it can judge no row, and warn about the rows it cannot judge.
     """
 
     def register(fn: F) -> F:
@@ -79,7 +86,7 @@ def reward_function(name: Optional[str] = None, *, batched: bool = False,
         setattr(fn, BATCHED_ATTR, batched)
         if check is not None:
             setattr(fn, CHECK_ATTR, check)
-        REGISTRY[key] = RewardFunction(key, fn, batched, check)
+        REGISTRY[key] = RewardFunction(key, fn, batched, check, judges)
         return fn
 
     return register

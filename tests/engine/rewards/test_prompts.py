@@ -151,9 +151,33 @@ def test_a_prompt_too_long_to_answer_is_refused_at_the_start_naming_its_line(wri
     from engine.sampling_phase import SamplingPhase
 
     path = write_jsonl([{"prompt": "short"}, {"prompt": "y" * 12}, {"prompt": "z" * 20}])
-    config = SimpleNamespace(data=SimpleNamespace(seq_length=12), rollout=SimpleNamespace(prompts=path))
+    config = SimpleNamespace(data=SimpleNamespace(seq_length=12), rollout=SimpleNamespace(prompts=path),
+                             reward_functions=[])
     phase = SimpleNamespace(config=config, template="plain", render=lambda row: [0] * len(row.text))
     rows = load_prompts(path)
     SamplingPhase.check_fit(phase, rows[:1])  # type: ignore[arg-type]
     with pytest.raises(DataError, match=rf"{re.escape(path)}, line 2: field 'prompt': .*data.seq_length=12.*12 tokens"):
         SamplingPhase.check_fit(phase, rows)  # type: ignore[arg-type]
+
+
+def test_a_reward_function_that_can_judge_no_prompt_is_refused_before_any_work(
+        write_jsonl: Callable[..., str], caplog: pytest.LogCaptureFixture) -> None:
+    """synthetic_check on a user's prompts scored every sample 0: iterative DPO tied every prompt, trained
+    nothing and exited 0, with only 'nothing to train on' warnings. Each file is judged on its own."""
+    from engine.rewards.config import RewardFunctionConfig, check_judged
+
+    check = [RewardFunctionConfig("synthetic_check")]
+    builtin = load_prompts("builtin:prompts", 8, 3)
+    check_judged(check, builtin)
+    mine = write_jsonl([{"prompt": "Name a colour."}, {"prompt": "What is the capital of France?"}], "mine.jsonl")
+    with pytest.raises(DataError, match=rf"{re.escape(mine)}, line 1: field 'prompt': expected one of the built-in "
+                       r"synthetic tasks .*got 'Name a colour.' .*can judge none of the 2 prompts of"):
+        check_judged(check, [*builtin, *load_prompts(mine)])
+    mixed = write_jsonl([{"prompt": builtin[0].text}, {"prompt": "Name a colour.", "answer": "red"}], "mixed.jsonl")
+    with caplog.at_level("WARNING", logger="engine.rewards.config"):
+        check_judged(check, load_prompts(mixed))
+    assert "'synthetic_check' cannot judge 1 of the 2 prompts" in caplog.text and "mixed.jsonl, line 2" in caplog.text
+    with pytest.raises(DataError, match=r"mine.jsonl, line 1: field 'answer': expected the reference answer"):
+        check_judged([RewardFunctionConfig("math_answer")], load_prompts(mine))
+    answered = load_prompts(write_jsonl([{"prompt": "Name a colour.", "answer": "red"}], "answered.jsonl"))
+    check_judged([RewardFunctionConfig("math_answer"), RewardFunctionConfig("length_penalty")], answered)
