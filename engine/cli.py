@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -81,18 +82,26 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
     return 0
 
 
+def _loss_text(value: float) -> str:
+    return "untrained" if math.isnan(value) else f"{value:.4f}"
+
+
 def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
     preset = trainer.model.preset
     losses = result.losses
     steps = sorted(losses)
-    first = f"{losses[steps[0]]:.4f}" if steps else "n/a"
-    last = f"{losses[steps[-1]]:.4f}" if steps else "n/a"
+    first = _loss_text(losses[steps[0]]) if steps else "n/a"
+    last = _loss_text(losses[steps[-1]]) if steps else "n/a"
     if getattr(trainer.step, "iterative", False):
         iterations = config.iterative.iterations  # type: ignore[attr-defined]
         source = config.rollout.prompts  # type: ignore[attr-defined]
+        untrained = sum(math.isnan(losses[s]) for s in steps)
         progress = f"  iterations {result.start_step + 1}..{result.end_step} of {iterations}; " \
                    f"mean {trainer.step.loss_name} per round {first} -> {last}; samples, pairs/weights and summaries " \
                    f"in {os.path.join(os.path.abspath(config.run.output_dir), 'iterations')}"
+        if untrained:
+            progress += f"\n  {untrained} of {len(steps)} rounds trained nothing: every prompt's samples scored " \
+                        "alike (see the warnings and each iteration's summary.json)"
     else:  # online RL trains on rollouts of its prompts, not on data.source
         source = config.rollout.prompts if getattr(trainer.step, "online", False) else config.data.source  # type: ignore[attr-defined]
         progress = f"  steps {result.start_step + 1}..{result.end_step} of {config.run.train_steps}" \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,27 @@ def test_the_summary_names_what_the_run_trained_on(tmp_path: Path) -> None:
         text = _summary("grpo", config, trainer, result)
         assert f"trained tiny-llama (217.7K parameters) on {source} with layout" in text, text
         assert "policy_loss 0.5000 -> 0.2500" in text
+
+
+def test_the_summary_of_an_iterative_run_says_which_rounds_trained_nothing(tmp_path: Path) -> None:
+    """A run whose prompts all tied printed 'mean dpo_loss per round nan -> nan' and nothing else."""
+    from types import SimpleNamespace
+
+    from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
+    from engine.cli import _summary
+    from engine.models.presets import PRESETS
+    from engine.trainer import FitResult
+
+    config = load_config(IterativeDPOTrainConfig, None, [f"run.output_dir={tmp_path}", "iterative.iterations=3"])
+    trainer = SimpleNamespace(model=SimpleNamespace(preset=PRESETS["tiny-llama"]), best_validation=None,
+                              step=SimpleNamespace(iterative=True, loss_name="dpo_loss"),
+                              layout=SimpleNamespace(describe=lambda: "TP1×PP1×DP1"))
+    text = _summary("iterative-dpo", config, trainer, FitResult(start_step=0, end_step=3,
+                                                                losses={1: math.nan, 2: 0.6, 3: math.nan}))
+    assert "mean dpo_loss per round untrained -> untrained" in text and "nan" not in text, text
+    assert "2 of 3 rounds trained nothing: every prompt's samples scored alike" in text, text
+    text = _summary("iterative-dpo", config, trainer, FitResult(start_step=0, end_step=2, losses={1: 0.7, 2: 0.6}))
+    assert "per round 0.7000 -> 0.6000" in text and "trained nothing" not in text, text
 
 
 def test_megatrons_cpu_fallback_warnings_are_quiet_without_cuda() -> None:
