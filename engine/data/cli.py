@@ -58,10 +58,10 @@ def algorithm_of_run(path: str, tree: dict[str, Any]) -> str:
     return fitting[0][1]
 
 
-def settings_of_run(path: str, algorithm: str | None) -> dict[str, Any]:
-    """The ``data.*`` settings that run config ``path`` trains with, by option name: the algorithm's defaults
-    (``algorithm``, else guessed from the file's sections), the file's values, and the tokenizer and template
-    its ``checkpoint.load`` carries (:func:`engine.config.load_config`)."""
+def run_config(path: str, algorithm: str | None) -> Any:
+    """The config run file ``path`` trains with: the algorithm's defaults (``algorithm``, else guessed from the
+    file's sections), the file's values, and the tokenizer and template its ``checkpoint.load`` carries
+    (:func:`engine.config.load_config`)."""
     import yaml
 
     from engine.cli import _algorithm
@@ -73,8 +73,29 @@ def settings_of_run(path: str, algorithm: str | None) -> dict[str, Any]:
         raise ValueError(f"--config {path}: cannot read it: {exc}") from None
     if not isinstance(tree, dict):
         raise ValueError(f"--config {path}: the top level must be a mapping of sections")
-    data = load_config(_algorithm(algorithm or algorithm_of_run(path, tree)).CONFIG, path, []).data  # ConfigError
-    return {option: getattr(data, key) for option, key in VALIDATE_FROM_RUN.items()}
+    return load_config(_algorithm(algorithm or algorithm_of_run(path, tree)).CONFIG, path, [])  # ConfigError
+
+
+def settings_of_run(path: str, algorithm: str | None) -> dict[str, Any]:
+    """The ``data.*`` settings that run config ``path`` trains with (:func:`run_config`), by option name; the
+    format is ``prompts`` for the runs that sample (online RL, iterative): they read ``rollout.prompts``."""
+    config = run_config(path, algorithm)
+    settings = {option: getattr(config.data, key) for option, key in VALIDATE_FROM_RUN.items()}
+    if hasattr(config, "rollout"):
+        settings["format"] = "prompts"
+    return settings
+
+
+def check_run_rewards(args: argparse.Namespace) -> None:
+    """A prompt file checked against ``--config``: the run's reward functions can judge its rows
+    (:func:`engine.rewards.config.check_judged`; :class:`DataError` when one can judge none)."""
+    if not args.config or args.format != "prompts":
+        return
+    from engine.data.prompts import load_prompts
+    from engine.rewards.config import check_judged
+
+    functions = getattr(run_config(args.config, args.algorithm), "reward_functions", None) or []
+    check_judged(functions, load_prompts(args.source, args.num, args.seed))
 
 
 def _validate_settings(args: argparse.Namespace) -> None:
@@ -97,6 +118,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         summary = validate_file(args.source, fmt, args.tokenizer, args.seq_length, template=args.template,
                                 on_error=args.on_error, num=args.num, seed=args.seed)
+        if summary["ok"]:
+            check_run_rewards(args)
     except (DataError, ValueError) as error:
         print(f"error: {error}")
         return 1

@@ -87,3 +87,22 @@ def test_validate_takes_its_settings_from_a_run_config(tmp_path: Path, capsys: p
         (tmp_path / "bad.yaml").write_text(text)
         assert _run(["validate", str(pairs), "--config", str(tmp_path / "bad.yaml")]) == 1
         assert message in capsys.readouterr().out
+
+
+def test_validate_checks_a_sampling_runs_prompts_against_its_reward_functions(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With an online or iterative run's config a file is its prompt set (it was checked as chat rows, all
+    bad), and the run's reward functions must be able to judge it: synthetic_check on prompts that are not
+    built-in tasks would score every sample alike."""
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"prompt": "Name a colour.", "answer": "red"}) + "\n")
+    run = tmp_path / "grpo.yaml"
+    for functions, code in (("[{name: synthetic_check}]", 1), ("[{name: math_answer}]", 0)):
+        run.write_text(f"rollout:\n  prompts: {mine}\ngrpo:\n  eps_high: 0.28\nreward_functions: {functions}\n")
+        assert _run(["validate", str(mine), "--config", str(run)]) == code
+        out = capsys.readouterr().out
+        if code:
+            assert "error: " in out and "mine.jsonl, line 1: field 'prompt': expected one of the built-in synthetic " \
+                "tasks" in out, out
+        else:
+            assert "1 valid of 1 rows" in out and "format=prompts" in out and out.rstrip().endswith("OK"), out
