@@ -201,6 +201,10 @@ class OnlineTrainer(Trainer):
                   "skipped": float(it.keep.count(False))}
         for name, column in it.components.items():
             values[f"reward_{name}"] = sum(column) / len(column)
+        per_prompt = self.config.rollout.samples_per_prompt
+        if per_prompt > 1:  # groups whose samples all scored alike teach a group-relative advantage nothing
+            groups = it.scores.view(-1, per_prompt)
+            values["tied_groups"] = float((groups.amax(1) == groups.amin(1)).float().mean())
         tokens = [(a, b) for row, ref in zip(logps, ref_logps, strict=True) for a, b in zip(row, ref, strict=True)]
         values["kl"] = sum(a - b for a, b in tokens) / max(len(tokens), 1)
         backend = [abs(a - b) for row, mine in zip(it.rollouts.logprobs, logps, strict=True) for a, b in zip(row, mine, strict=True)]

@@ -111,8 +111,10 @@ def test_grpo_dynamic_sampling_resamples_groups_with_equal_rewards(tmp_path: Pat
     keel_train(1, [*BASE, *dapo, "reward_functions=[{name: synthetic_check}]", f"run.output_dir={flat}"], algo="grpo")
     record = _records(flat)[0]
     assert (record["dynamic_rounds"], record["dynamic_dropped"], record["dynamic_filled"]) == (3.0, 12.0, 4.0)
+    assert record["tied_groups"] == 1.0  # the batch trained on: 4 groups topped up, each all 0
     # a reward that varies within most groups: the batch is filled with groups whose rewards differ
     varied = tmp_path / "varied"
     keel_train(1, [*BASE, *dapo, f"run.output_dir={varied}"], algo="grpo")
     record = _records(varied)[0]
     assert record["dynamic_filled"] == 0.0 and record["dynamic_rounds"] < 3 and record["policy_loss"] != 0.0
+    assert record["tied_groups"] == 0.0  # only groups whose rewards differ were kept
