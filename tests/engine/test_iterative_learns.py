@@ -48,7 +48,7 @@ def _run(tmp_path: Path, recipe: str) -> dict:
     return report
 
 
-def test_iterative_dpo_raises_greedy_correctness_on_unseen_prompts(tmp_path: Path) -> None:
+def test_iterative_dpo_raises_sampled_correctness_on_unseen_prompts(tmp_path: Path) -> None:
     report = _run(tmp_path, "iterative-dpo")
     greedy = [value for _, value in report["held_out_greedy_correct"]]
     assert len(greedy) == 3  # before, after iteration 1, after iteration 2
