@@ -76,10 +76,9 @@ def run_config(path: str, algorithm: str | None) -> Any:
     return load_config(_algorithm(algorithm or algorithm_of_run(path, tree)).CONFIG, path, [])  # ConfigError
 
 
-def settings_of_run(path: str, algorithm: str | None) -> dict[str, Any]:
-    """The ``data.*`` settings that run config ``path`` trains with (:func:`run_config`), by option name; the
+def settings_of_run(config: Any) -> dict[str, Any]:
+    """The ``data.*`` settings that a run's ``config`` (:func:`run_config`) trains with, by option name; the
     format is ``prompts`` for the runs that sample (online RL, iterative): they read ``rollout.prompts``."""
-    config = run_config(path, algorithm)
     settings = {option: getattr(config.data, key) for option, key in VALIDATE_FROM_RUN.items()}
     if hasattr(config, "rollout"):
         settings["format"] = "prompts"
@@ -87,20 +86,23 @@ def settings_of_run(path: str, algorithm: str | None) -> dict[str, Any]:
 
 
 def check_run_rewards(args: argparse.Namespace) -> None:
-    """A prompt file checked against ``--config``: the run's reward functions can judge its rows
-    (:func:`engine.rewards.config.check_judged`; :class:`DataError` when one can judge none)."""
-    if not args.config or args.format != "prompts":
+    """A prompt file checked against ``--config``'s run (``args.run``, read by :func:`_validate_settings`): the
+    run's reward functions can judge its rows (:func:`engine.rewards.config.check_judged`; :class:`DataError`
+    when one can judge none)."""
+    functions = getattr(args.run, "reward_functions", None) or []
+    if not functions or args.format != "prompts":
         return
     from engine.data.prompts import load_prompts
     from engine.rewards.config import check_judged
 
-    functions = getattr(run_config(args.config, args.algorithm), "reward_functions", None) or []
     check_judged(functions, load_prompts(args.source, args.num, args.seed))
 
 
 def _validate_settings(args: argparse.Namespace) -> None:
-    """Fill the options the user left out: from ``--config``'s run, else the built-in defaults."""
-    run = settings_of_run(args.config, args.algorithm) if args.config else {}
+    """Fill the options the user left out: from ``--config``'s run (kept as ``args.run``), else the built-in
+    defaults."""
+    args.run = run_config(args.config, args.algorithm) if args.config else None
+    run = settings_of_run(args.run) if args.run is not None else {}
     for option in VALIDATE_FROM_RUN:
         if getattr(args, option) is None:
             setattr(args, option, run.get(option, VALIDATE_DEFAULTS.get(option)))

@@ -120,15 +120,16 @@ def check_judged(configs: Sequence[RewardFunctionConfig], rows: Sequence[Any]) -
     alike and nothing would be learned. Rows it cannot judge among others are a warning. ``rows`` are
     :class:`engine.data.prompts.PromptRow`; each file (``row.where.source``) is checked on its own."""
     from engine.data.errors import DataError
-    from engine.rewards.registry import REGISTRY, registered_names
+    from engine.rewards.registry import resolve_reward
 
-    registered_names()  # the built-ins, registered on import
     by_source: dict[str, list[Any]] = {}
     for row in rows:
         by_source.setdefault(row.where.source if row.where else "<data>", []).append(row)
     for config in configs:
-        function = REGISTRY.get(config.name)  # a registered name (a module:function reference declares nothing)
-        if function is None or function.judges is None:
+        if ":" in config.name:  # a module:function reference declares nothing (and is imported on rank 0 only)
+            continue
+        function = resolve_reward(config.name)
+        if function.judges is None:
             continue
         for source, group in by_source.items():
             failing = [(row, found) for row in group if (found := function.judges(row.text, row.reward_metadata()))]
