@@ -53,7 +53,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def pick_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """Next token per row of ``logits [rows, vocab]``: argmax when greedy, else a draw from each row's generator."""
+    """Next token per row of ``logits [rows, vocab]``: argmax when greedy, else a draw from each row's generator
+    (a generator of the logits' device)."""
     if 0 < params.vocab_size < logits.shape[-1]:
         logits = logits[:, : params.vocab_size]
     if params.temperature == 0:
@@ -223,7 +224,8 @@ class NativeBackend:
         for i, prompt in enumerate(prompts):
             tokens[i, : len(prompt)] = torch.tensor(prompt)
         forward = self._batch_forward(len(prompts), total)
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        # one generator per row, on the device the logits live on (torch.multinomial needs the two to match)
+        generators = [torch.Generator(device=tokens.device).manual_seed(seed) for seed in seeds]
         stops = set(params.stop_token_ids)
         new: list[list[int]] = [[] for _ in prompts]
         logps: list[list[float]] = [[] for _ in prompts]
