@@ -38,7 +38,9 @@ def free_port() -> int:
 
 def _env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    # the repository first, then what the caller had (the GPU machine's packages live on PYTHONPATH)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env.update(PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     # TRITON_INTERPRET is the kernel tests' own choice (tests/conftest.py), not the commands'
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "KEEL_FAULT", "TRITON_INTERPRET"):
         env.pop(key, None)

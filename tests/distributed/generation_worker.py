@@ -1,6 +1,6 @@
 """Resharding and generation checks for several training layouts inside one launch.
 
-argv: JSON {"cases": [{"name", "preset", "tensor", "pipeline", "generation": [G, ...]}], "prompts": [[ids]],
+argv: JSON {"cases": [{"name", "preset", "tensor", "pipeline", "generation": [G, ...], "overrides"?: [...]}], "prompts": [[ids]],
 "max_new_tokens": N, "cycles": K}, output path. For every training layout (megatron's groups re-initialised
 over the same world) and every generation TP ``G`` this records, on rank 0:
 
@@ -11,6 +11,9 @@ over the same world) and every generation TP ``G`` this records, on rank 0:
 * ``logprob_greedy`` / ``logprob_sampled``: max |backend log-prob - training model's recomputed log-prob|
   over every generated token (greedy, and temperature 1 / top-p 0.9);
 * ``reshard``: the executor's stats (bytes, peak extra bytes).
+
+It runs unchanged on one GPU (``torchrun --nproc-per-node 1``, NCCL): ``tools/gpu_checks.sh`` uses it there
+for the Transformer Engine spec, whose KV cache is megatron's own.
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ def training_logits(trainer: Trainer, parallel: ParallelState, tokens: torch.Ten
 
 
 def generation_logits(backend: NativeBackend, tokens: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    """Full-vocabulary fp32 logits of the generation model, on the CPU (the model may sit on a GPU)."""
+    tokens = tokens.to(next(backend.model.parameters()).device)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     with torch.no_grad():
-        return backend.model(tokens, positions, None, runtime_gather_output=True).float()
+        return backend.model(tokens, positions, None, runtime_gather_output=True).float().cpu()
 
 
 def recompute_greedy(backend: NativeBackend, prompt: list[int], steps: int) -> list[int]:
@@ -82,14 +87,16 @@ def check_generation(backend: NativeBackend, trainer: Trainer, prompts: list[lis
 
 def gather_sum(stats: dict[str, float]) -> float:
     """Bytes written into generation weights by all ranks in one refit."""
-    total = torch.tensor([stats["copied_bytes"] + stats["received_bytes"]], dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([stats["copied_bytes"] + stats["received_bytes"]], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return float(total.item())
 
 
 def run_case(case: dict[str, Any], payload: dict[str, Any], env: Any, tmp: str) -> dict[str, Any]:
     overrides = [*BASE, f"model.preset={case['preset']}", f"parallel.tensor={case['tensor']}",
-                 f"parallel.pipeline={case['pipeline']}", f"run.output_dir={tmp}/{case['name']}"]
+                 f"parallel.pipeline={case['pipeline']}", f"run.output_dir={tmp}/{case['name']}",
+                 *case.get("overrides", [])]
     config = load_config(sft.CONFIG, None, overrides)
     config.validate(env.world_size)
     parallel = ParallelState.initialize(ParallelLayout.from_config(config.parallel, env.world_size), env,
