@@ -24,7 +24,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check engine keel_kernels tests tools
 	$(VENV)/bin/mypy engine keel_kernels
-	$(VENV)/bin/shellcheck -x docker/launch/*.sh docker/slurm/*.sh docker/slurm/*.sbatch
+	$(VENV)/bin/shellcheck -x docker/launch/*.sh docker/slurm/*.sh docker/slurm/*.sbatch tools/*.sh
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 test: lint

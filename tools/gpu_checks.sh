@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one script for one device-machine call (../shared/gpu/README.md):
+#
+#   source .gpu-w/device-install.sh && bash tools/gpu_checks.sh
+#
+# Each check runs under its own time limit and writes its log to $OUT/<name>.log (OUT defaults to
+# runs/gpu_checks); a failing or timed-out check does not stop the others. $OUT/summary.txt gets one
+# line per check: name, exit status, seconds. The checks, most important first:
+#
+#   gpu_tests  pytest -m gpu: the Triton kernels on CUDA; data.pack=true refused on the TE spec;
+#              tests/distributed/test_gpu_generation.py (TE-spec generation against the training model,
+#              TF32 off and on, with the worker's JSON kept in $OUT; 20 swap cycles, log in $OUT)
+#   sft_fp8    keel train sft on bench-34m with bf16 + FP8 (hybrid) on the TE spec, 20 steps
+#
+# KEEL_GPU_CHECKS="gpu_tests" runs a subset; KEEL_GPU_SCALE multiplies every time limit.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+OUT="${OUT:-runs/gpu_checks}"
+mkdir -p "$OUT"
+SCALE="${KEEL_GPU_SCALE:-1}"
+CHECKS="${KEEL_GPU_CHECKS:-gpu_tests sft_fp8}"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 KEEL_GPU_OUT="$OUT"
+
+check() {  # check NAME SECONDS COMMAND...
+  local name="$1" limit
+  limit="$(awk -v s="$2" -v k="$SCALE" 'BEGIN { printf "%d", s * k }')"
+  shift 2
+  [[ " $CHECKS " == *" $name "* ]] || return 0
+  local start=$SECONDS rc
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.txt"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "== $name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/summary.txt"
+  tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1
+} >> "$OUT/summary.txt"
+
+check gpu_tests 300 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider \
+  tests/kernels/test_gpu.py tests/engine/data/test_packing.py tests/distributed/test_gpu_generation.py
+
+check sft_fp8 120 "$PY" -m engine train sft model.preset=bench-34m model.layer_spec=te \
+  precision.dtype=bf16 precision.fp8=hybrid run.train_steps=20 data.seq_length=256 \
+  logging.progress=false checkpoint.save_interval=0 checkpoint.resume=none "run.output_dir=$OUT/sft_fp8"
+
+cat "$OUT/summary.txt"
