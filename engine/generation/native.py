@@ -92,6 +92,9 @@ class NativeBackend:
         use_te = use_transformer_engine(config.model.layer_spec)
         tconfig = transformer_config(self.preset, state.layout, config.precision, use_te)
         tconfig.perform_initialization = False
+        # megatron's fused bias-dropout-add is torch.compile'd: every new decoding shape recompiled it on
+        # the H200 until dynamo's limit of 8 (with warnings); without dropout it is a plain residual add
+        tconfig.bias_dropout_fusion = False
         model = build_gpt_chunks(self.preset, tconfig, use_te, None, process_groups=state.process_groups())[0]
         if torch.cuda.is_available():
             model = model.cuda(torch.cuda.current_device())
