@@ -202,7 +202,7 @@ class RewardStep(Step):
         diverging = batch["diverging"].bool()
         if self.rm.spread_threshold > 0:
             diverging = diverging | (batch["annotator_spread"] > self.rm.spread_threshold)
-        weights = torch.ones(diverging.shape[0])
+        weights = torch.ones(diverging.shape[0], device=diverging.device)  # the mask may live on a GPU
         if self.rm.diverging == "drop":
             weights[diverging] = 0.0
         elif self.rm.diverging == "downweight":

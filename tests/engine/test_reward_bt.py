@@ -125,3 +125,16 @@ def test_diverging_pairs_are_dropped_or_down_weighted_in_training(tmp_path: Path
         after = trainer.model.chunks[0].module.reward_head.weight.detach()
     assert math.isclose(metrics["rm_loss"], expected, rel_tol=1e-5)
     assert not torch.equal(before, after)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["drop", "downweight"])
+def test_pair_weights_follow_a_batch_on_the_gpu(mode: str) -> None:
+    """The weights were built on the CPU and indexed with the batch's mask, which on a GPU lives there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    config = load_config(RewardTrainConfig, None, BASE + [f"rm.diverging={mode}", "rm.diverging_weight=0.25"])
+    diverging = torch.tensor([1, 0, 1, 0], device="cuda")
+    weights = RewardStep(config.rm)._pair_weights({"diverging": diverging, "annotator_spread": torch.zeros(4, device="cuda")})
+    expected = [0.0, 1.0, 0.0, 1.0] if mode == "drop" else [0.25, 1.0, 0.25, 1.0]
+    assert weights.device.type == "cuda" and weights.tolist() == expected
