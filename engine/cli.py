@@ -245,6 +245,8 @@ def _wait_for_the_other_ranks(timeout_s: float = 30.0) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    if dist.get_backend() != "gloo":
+        return  # monitored_barrier exists only for gloo (NCCL raises ValueError): each rank's own error stands
     try:
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError:

@@ -167,3 +167,20 @@ def test_keel_runs_from_any_folder_beside_transformers(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     where, foreign = done.stdout.splitlines()[-2:]
     assert Path(where).resolve().is_relative_to(REPO.resolve()) and foreign == "[]", done.stdout
+
+
+def test_the_wait_after_a_data_error_does_not_raise_under_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's monitored_barrier exists only for gloo and raises ValueError under NCCL: the wait that lets
+    every rank print its one-line error must not turn that line into a traceback on GPUs."""
+    import torch.distributed as dist
+
+    from engine import cli
+
+    def gloo_only(**_: object) -> None:
+        raise ValueError("monitored_barrier is only implemented for GLOO backend.")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(dist, "monitored_barrier", gloo_only)
+    cli._wait_for_the_other_ranks(0.1)
