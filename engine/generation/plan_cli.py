@@ -29,7 +29,9 @@ def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any, int]:
 
     preset = PRESETS[args.model]
     env = read_launch_env()
-    layout = ParallelLayout(args.train_tensor, args.train_pipeline, env.world_size // (args.train_tensor * args.train_pipeline))
+    # gloo even on a GPU machine: the relaunch may start more ranks than there are GPUs, and nothing is computed
+    layout = ParallelLayout(args.train_tensor, args.train_pipeline,
+                            env.world_size // (args.train_tensor * args.train_pipeline), backend="gloo")
     layout.check_model(preset)
     state = ParallelState.initialize(layout, env)
     generation = GenerationParallelState.initialize(args.generation_tensor)
@@ -37,9 +39,11 @@ def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any, int]:
     with torch.device("meta"):
         config = transformer_config(preset, state.layout, PrecisionConfig(), use_te=False)
         config.perform_initialization = False
+        config.use_cpu_initialization = True  # else megatron names a CUDA device, which overrides "meta"
         train = build_gpt_chunks(preset, config, use_te=False, virtual_pipeline=None)
         gen_config = transformer_config(preset, generation.layout, PrecisionConfig(), use_te=False)
         gen_config.perform_initialization = False
+        gen_config.use_cpu_initialization = True
         model = build_gpt_chunks(preset, gen_config, False, None, process_groups=generation.process_groups())[0]
     return train, model, generation.tp_rank
 

@@ -232,8 +232,8 @@ class ParallelState:
         backend = layout.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl" and torch.cuda.is_available():
-            torch.cuda.set_device(env.local_rank)
+        if torch.cuda.is_available() and (backend == "nccl" or env.local_rank < torch.cuda.device_count()):
+            torch.cuda.set_device(env.local_rank)  # under gloo too: else every rank's model lands on GPU 0
         # Imported before the rendezvous (seconds per process): ranks then arrive together, and
         # import time does not count against the timeout of the first collectives.
         from megatron.core import parallel_state
