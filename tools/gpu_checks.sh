@@ -7,7 +7,8 @@
 # runs/gpu_checks); a failing or timed-out check does not stop the others. $OUT/summary.txt gets one
 # line per check: name, exit status, seconds. The checks, most important first:
 #
-#   gpu_tests  pytest -m gpu: the Triton kernels on CUDA; data.pack=true refused on the TE spec;
+#   gpu_tests  pytest -m gpu: the Triton kernels on CUDA; data.pack=true refused on the TE spec; RM pair
+#              weights on the GPU;
 #              tests/distributed/test_gpu_generation.py (TE-spec generation against the training model,
 #              TF32 off and on, with the worker's JSON kept in $OUT; 20 swap cycles, log in $OUT)
 #   sft_fp8    keel train sft on bench-34m with bf16 + FP8 (hybrid) on the TE spec, 20 steps
@@ -43,8 +44,7 @@ check() {  # check NAME SECONDS COMMAND...
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1
 } >> "$OUT/summary.txt"
 
-check gpu_tests 300 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider \
-  tests/kernels/test_gpu.py tests/engine/data/test_packing.py tests/distributed/test_gpu_generation.py
+check gpu_tests 300 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider tests
 
 check sft_fp8 120 "$PY" -m engine train sft model.preset=bench-34m model.layer_spec=te \
   precision.dtype=bf16 precision.fp8=hybrid run.train_steps=20 data.seq_length=256 \
