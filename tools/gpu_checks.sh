@@ -12,8 +12,12 @@
 #              tests/distributed/test_gpu_generation.py (TE-spec generation against the training model,
 #              TF32 off and on, with the worker's JSON kept in $OUT; 20 swap cycles, log in $OUT)
 #   sft_fp8    keel train sft on bench-34m with bf16 + FP8 (hybrid) on the TE spec, 20 steps
+#   algorithms keel train grpo, ppo, dpo and rm a few steps each on the TE spec (not yet run on a GPU)
+#   train_bench tools/bench/gpu_train_step.py: Keel's SFT step (TE bf16, FP8) against HF eager and
+#              compiled on bench-1b, seq 2048 (not yet run on a GPU)
 #
-# KEEL_GPU_CHECKS="gpu_tests" runs a subset; KEEL_GPU_SCALE multiplies every time limit.
+# KEEL_GPU_CHECKS="gpu_tests" runs a subset; KEEL_GPU_SCALE multiplies every time limit;
+# KEEL_GPU_LAYER_SPEC=local runs the algorithms on the local spec (a CPU smoke test of this script).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +25,7 @@ cd "$ROOT" || exit 1
 OUT="${OUT:-runs/gpu_checks}"
 mkdir -p "$OUT"
 SCALE="${KEEL_GPU_SCALE:-1}"
-CHECKS="${KEEL_GPU_CHECKS:-gpu_tests sft_fp8}"
+CHECKS="${KEEL_GPU_CHECKS:-gpu_tests sft_fp8 algorithms train_bench}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 KEEL_GPU_OUT="$OUT"
 
@@ -49,5 +53,21 @@ check gpu_tests 300 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider tests
 check sft_fp8 120 "$PY" -m engine train sft model.preset=bench-34m model.layer_spec=te \
   precision.dtype=bf16 precision.fp8=hybrid run.train_steps=20 data.seq_length=256 \
   logging.progress=false checkpoint.save_interval=0 checkpoint.resume=none "run.output_dir=$OUT/sft_fp8"
+
+# every trainer a few steps on the TE spec (the examples start from random weights); exits 1 if any failed
+# shellcheck disable=SC2016  # expanded by the inner bash: $0 python, $1 output folder, $2 layer spec
+ALGORITHMS='
+status=0
+for cmd in "grpo --config examples/grpo_tiny.yaml run.train_steps=3" "ppo --config examples/ppo_tiny.yaml run.train_steps=2" \
+           "dpo --config examples/dpo_tiny.yaml run.train_steps=5" "rm run.train_steps=5"; do
+  name=${cmd%% *}
+  echo "-- keel train $cmd"
+  "$0" -m engine train $cmd logging.progress=false checkpoint.save_interval=0 checkpoint.resume=none \
+    "model.layer_spec=$2" "run.output_dir=$1/$name" || { echo "-- $name FAILED"; status=1; }
+done
+exit $status'
+check algorithms 300 bash -c "$ALGORITHMS" "$PY" "$OUT" "${KEEL_GPU_LAYER_SPEC:-te}"
+
+check train_bench 420 "$PY" tools/bench/gpu_train_step.py --out "$OUT/gpu_train_step.json"
 
 cat "$OUT/summary.txt"
