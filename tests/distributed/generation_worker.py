@@ -12,7 +12,7 @@ over the same world) and every generation TP ``G`` this records, on rank 0:
   over every generated token (greedy, and temperature 1 / top-p 0.9);
 * ``reshard``: the executor's stats (bytes, peak extra bytes).
 
-It runs unchanged on one GPU (``torchrun --nproc-per-node 1``, NCCL): ``tools/gpu_checks.sh`` uses it there
+It runs unchanged on one GPU (one process, NCCL): ``tests/distributed/test_gpu_generation.py`` uses it there
 for the Transformer Engine spec, whose KV cache is megatron's own.
 """
 
