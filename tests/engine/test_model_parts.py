@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pytest
 import torch
 
@@ -81,3 +84,21 @@ def test_swiglu_matches_autograd() -> None:
     (our_grad,) = torch.autograd.grad(ours, x, grad)
     assert torch.equal(our_grad, ref_grad)
     assert torch.autograd.gradcheck(swiglu, (x.detach().double().requires_grad_(),))
+
+
+@pytest.mark.parametrize("override", [None, "0"])
+def test_fp32_on_the_te_spec_says_once_that_te_multiplies_in_tf32(override: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Measured on an H200: TE's fp32 GEMMs run in TF32, so rollout and trainer log-probs differ by 2e-5."""
+    from engine.models import builder
+
+    monkeypatch.setattr(builder, "_TF32_NOTED", False)
+    if override is None:
+        monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    else:
+        monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", override)
+    with caplog.at_level(logging.INFO, logger="engine.models.builder"):
+        builder._note_tf32()
+        builder._note_tf32()
+    said = [r.message for r in caplog.records if "TF32" in r.message]
+    assert len(said) == (1 if override is None else 0), said
