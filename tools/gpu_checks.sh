@@ -15,6 +15,11 @@
 #   algorithms keel train grpo, ppo, dpo and rm a few steps each on the TE spec (not yet run on a GPU)
 #   train_bench tools/bench/gpu_train_step.py: Keel's SFT step (TE bf16, FP8) against HF eager and
 #              compiled on bench-1b, seq 2048 (not yet run on a GPU)
+#   gen_bench  tools/bench/gpu_generate.py: the native backend (TE, bf16) against HF generate, dynamic and
+#              compiled static cache, bench-1b, batch 64, 128 + 256 tokens (not yet run on a GPU)
+#
+# All of it takes longer than one device call may run (600 s): split it over two calls, e.g.
+# KEEL_GPU_CHECKS="gpu_tests sft_fp8 algorithms" then KEEL_GPU_CHECKS="train_bench gen_bench".
 #
 # KEEL_GPU_CHECKS="gpu_tests" runs a subset; KEEL_GPU_SCALE multiplies every time limit;
 # KEEL_GPU_LAYER_SPEC=local runs the algorithms on the local spec (a CPU smoke test of this script).
@@ -25,7 +30,7 @@ cd "$ROOT" || exit 1
 OUT="${OUT:-runs/gpu_checks}"
 mkdir -p "$OUT"
 SCALE="${KEEL_GPU_SCALE:-1}"
-CHECKS="${KEEL_GPU_CHECKS:-gpu_tests sft_fp8 algorithms train_bench}"
+CHECKS="${KEEL_GPU_CHECKS:-gpu_tests sft_fp8 algorithms train_bench gen_bench}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 KEEL_GPU_OUT="$OUT"
 
@@ -69,5 +74,6 @@ exit $status'
 check algorithms 300 bash -c "$ALGORITHMS" "$PY" "$OUT" "${KEEL_GPU_LAYER_SPEC:-te}"
 
 check train_bench 420 "$PY" tools/bench/gpu_train_step.py --out "$OUT/gpu_train_step.json"
+check gen_bench 300 "$PY" tools/bench/gpu_generate.py --out "$OUT/gpu_generate.json"
 
 cat "$OUT/summary.txt"

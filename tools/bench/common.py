@@ -234,3 +234,34 @@ def side_processes(sides: list[str], rounds: int, command: Callable[[str, Path],
                 if log is not None:
                     log(side, r + 1, report)
     return done
+
+
+def hf_llama_config(preset: Any, use_cache: bool) -> Any:
+    """transformers' ``LlamaConfig`` (SDPA) of ``preset``'s shape."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, intermediate_size=preset.ffn_hidden_size,
+        num_hidden_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.num_query_groups, max_position_embeddings=preset.max_sequence_length,
+        rms_norm_eps=preset.layernorm_epsilon, rope_parameters={"rope_type": "default", "rope_theta": float(preset.rotary_base)},
+        tie_word_embeddings=preset.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        use_cache=use_cache, attn_implementation="sdpa")
+
+
+def hf_train_step(model: Any, optimizer: Any, tokens: torch.Tensor, labels: torch.Tensor,
+                  forward: Optional[Callable[..., Any]] = None) -> Callable[[int], float]:
+    """One HF training step as the benchmarks time it: zero-grad, forward (``forward``, e.g. a compiled
+    model, or the model), the model's own loss on ``labels`` (already shifted), backward, clip at 1.0, update."""
+    run = forward or model
+
+    def step(n: int) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        logits = run(input_ids=tokens).logits
+        loss = model.loss_function(logits=logits, labels=None, shift_labels=labels, vocab_size=model.config.vocab_size)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    return step

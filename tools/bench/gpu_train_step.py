@@ -28,10 +28,8 @@ no compile): a smoke test whose numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tools.bench.common import machine_info, print_result, run_child, write_report  # noqa: E402
+from tools.bench.common import hf_train_step  # noqa: E402
+from tools.bench.gpu_common import drive, hf_llama, on_gpu, preset_of, summary, timed  # noqa: E402
 
 DEFAULT_OUT = REPO / "tools" / "bench" / "results" / "gpu_train_step.json"
 SIDES = ("keel_bf16", "keel_fp8", "hf_eager", "hf_compiled")
@@ -63,25 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _gpu() -> bool:
-    return torch.cuda.is_available()
-
-
-def _sync() -> None:
-    if _gpu():
-        torch.cuda.synchronize()
-
-
 def _batch(args: argparse.Namespace, vocab: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(args.seed)
     return torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=generator)
-
-
-def _preset(args: argparse.Namespace) -> Any:
-    from engine.config import ModelConfig
-    from engine.models.presets import resolve_preset
-
-    return resolve_preset(ModelConfig(preset=args.preset))
 
 
 def keel_step(args: argparse.Namespace, fp8: bool, info: dict[str, Any]) -> Callable[[int], float]:
@@ -98,7 +81,7 @@ def keel_step(args: argparse.Namespace, fp8: bool, info: dict[str, Any]) -> Call
                  "checkpoint.resume=none", "optimizer.weight_decay=0.0", "optimizer.clip_grad=1.0",
                  "scheduler.type=constant", "scheduler.warmup_steps=0"]
     overrides += (["model.layer_spec=te", "precision.dtype=bf16"] + (["precision.fp8=hybrid"] if fp8 else [])
-                  if _gpu() else ["model.layer_spec=local", "precision.dtype=fp32"])
+                  if on_gpu() else ["model.layer_spec=local", "precision.dtype=fp32"])
     config = load_config(TrainConfig, None, overrides)
     parallel = ParallelState.initialize(ParallelLayout.from_config(config.parallel, 1), seed=args.seed)
     trainer = Trainer(config, SFTStep(), parallel)
@@ -112,36 +95,17 @@ def keel_step(args: argparse.Namespace, fp8: bool, info: dict[str, Any]) -> Call
 
 
 def hf_step(args: argparse.Namespace, compiled: bool, info: dict[str, Any]) -> Callable[[int], float]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    preset = _preset(args)
-    config = LlamaConfig(
-        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, intermediate_size=preset.ffn_hidden_size,
-        num_hidden_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
-        num_key_value_heads=preset.num_query_groups, max_position_embeddings=preset.max_sequence_length,
-        rms_norm_eps=preset.layernorm_epsilon, rope_parameters={"rope_type": "default", "rope_theta": float(preset.rotary_base)},
-        tie_word_embeddings=preset.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        use_cache=False, attn_implementation="sdpa")
-    device, dtype = ("cuda", torch.bfloat16) if _gpu() else ("cpu", torch.float32)
+    preset = preset_of(args.preset)
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    model = hf_llama(preset, use_cache=False).train()
+    device, dtype = model.device, model.dtype
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                   fused=True)
-    forward = torch.compile(model) if compiled and _gpu() else model
+    forward = torch.compile(model) if compiled and on_gpu() else model
     batch = _batch(args, preset.vocab_size).to(device)
     tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    info.update(parameters=preset.parameter_count(), dtype=str(dtype), compiled=compiled and _gpu())
-
-    def step(n: int) -> float:
-        optimizer.zero_grad(set_to_none=True)
-        logits = forward(input_ids=tokens).logits
-        loss = model.loss_function(logits=logits, labels=None, shift_labels=labels, vocab_size=config.vocab_size)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        return float(loss.detach())
-
-    return step
+    info.update(parameters=preset.parameter_count(), dtype=str(dtype), compiled=compiled and on_gpu())
+    return hf_train_step(model, optimizer, tokens, labels, forward)
 
 
 def run_side(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,53 +113,22 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
     info: dict[str, Any] = {"side": args.side}
     makers = {"keel_bf16": lambda: keel_step(args, False, info), "keel_fp8": lambda: keel_step(args, True, info),
               "hf_eager": lambda: hf_step(args, False, info), "hf_compiled": lambda: hf_step(args, True, info)}
-    step = makers[args.side]()
-    losses, times = [], []
-    for n in range(1, args.warmup + args.steps + 1):
-        _sync()
-        began = time.perf_counter()
-        losses.append(step(n))
-        _sync()
-        if n > args.warmup:
-            times.append(time.perf_counter() - began)
-    tokens = args.batch * args.seq_len
-    preset = _preset(args)
+    losses, times = timed(makers[args.side](), args.warmup, args.steps)
+    tokens, preset = args.batch * args.seq_len, preset_of(args.preset)
     per_token = 6 * preset.non_embedding_parameter_count() + 12 * preset.num_layers * preset.hidden_size * args.seq_len
-    median = statistics.median(times)
-    info.update(step_s_median=round(median, 5), step_s_all=[round(t, 5) for t in times],
-                tokens_per_s=round(tokens / median, 1), model_tflops=round(tokens / median * per_token / 1e12, 1),
-                loss_first_last=[round(losses[0], 4), round(losses[-1], 4)],
-                max_memory_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if _gpu() else None)
+    info.update(summary(times), loss_first_last=[round(losses[0], 4), round(losses[-1], 4)])
+    info.update(tokens_per_s=round(tokens / info["seconds_median"], 1),
+                model_tflops=round(tokens / info["seconds_median"] * per_token / 1e12, 1))
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child:
-        write_report(Path(args.child), run_side(args))
-        print_result({"side": args.side})
-        return 0
-    if not _gpu() and not args.allow_cpu:
-        print("gpu_train_step: no CUDA GPU here (use --allow-cpu to smoke-test the code path)", file=sys.stderr)
-        return 2
     passed = [f"--preset={args.preset}", f"--batch={args.batch}", f"--seq-len={args.seq_len}",
               f"--warmup={args.warmup}", f"--steps={args.steps}", f"--seed={args.seed}"]
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="keel-gpu-bench-") as tmp:
-        for side in args.sides.split(","):
-            out = Path(tmp) / f"{side}.json"
-            cmd = [sys.executable, __file__, *passed, "--side", side, "--child", str(out)]
-            try:
-                results[side] = run_child(cmd, side, REPO, result_file=out)
-            except SystemExit as failed:  # one side's failure is a result, not the end of the run
-                results[side] = {"error": str(failed)[-3000:]}
-            print(side, {k: results[side].get(k) for k in ("tokens_per_s", "model_tflops", "error")}, flush=True)
-    device = torch.cuda.get_device_name(0) if _gpu() else "cpu (smoke test)"
-    write_report(args.out, {"benchmark": "gpu_train_step", "device": device, "machine": machine_info(),
-                            "torch": torch.__version__, "shape": {"preset": args.preset, "batch": args.batch,
-                                                                  "seq_length": args.seq_len},
-                            "warmup_steps": args.warmup, "timed_steps": args.steps, "sides": results})
-    return 0
+    report = {"shape": {"preset": args.preset, "batch": args.batch, "seq_length": args.seq_len},
+              "warmup_steps": args.warmup, "timed_steps": args.steps}
+    return drive("gpu_train_step", args, run_side, __file__, passed, ("tokens_per_s", "model_tflops"), report)
 
 
 if __name__ == "__main__":

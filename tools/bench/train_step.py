@@ -81,6 +81,8 @@ from tools.bench.common import (  # noqa: E402
     MIB,
     PROCESS_KEYS,
     RssSampler,
+    hf_llama_config,
+    hf_train_step,
     machine_info,
     rss_bytes,
     ru_maxrss_bytes,
@@ -370,21 +372,13 @@ def hf_side(args: argparse.Namespace, preset: Any, batch: torch.Tensor, info: di
 
     The batch has no padding, so neither side passes an attention mask.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from engine.parallel.host_memory import retain_freed_memory
 
     info["host_memory_retained"] = retain_freed_memory() if fused else False
 
-    sdpa: dict[str, Any] = {"attn_implementation": "sdpa"}
-    config = LlamaConfig(
-        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, intermediate_size=preset.ffn_hidden_size,
-        num_hidden_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
-        num_key_value_heads=preset.num_query_groups, max_position_embeddings=preset.max_sequence_length,
-        rms_norm_eps=preset.layernorm_epsilon, rope_parameters={"rope_type": "default", "rope_theta": float(preset.rotary_base)},
-        tie_word_embeddings=preset.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        use_cache=False, **sdpa,
-    )
+    config = hf_llama_config(preset, use_cache=False)
     tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def build() -> tuple[Callable[[int], float], Any]:
@@ -395,17 +389,7 @@ def hf_side(args: argparse.Namespace, preset: Any, batch: torch.Tensor, info: di
         info["parameters"] = sum(p.numel() for p in model.parameters())
         info["attn_implementation"] = model.config._attn_implementation
         info["adamw_fused"] = fused
-
-        def step(n: int) -> float:
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(input_ids=tokens).logits
-            loss = model.loss_function(logits=logits, labels=None, shift_labels=labels, vocab_size=config.vocab_size)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            return float(loss.detach())
-
-        return step, (model, optimizer)
+        return hf_train_step(model, optimizer, tokens, labels), (model, optimizer)
 
     yield build
 
