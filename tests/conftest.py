@@ -39,5 +39,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     learning run is deterministic in its own process: sharing the machine changes its time,
     not its numbers.
     """
+    _skip_gpu_tests_without_cuda(items)
     if hasattr(config, "workerinput"):
         items.sort(key=lambda item: item.get_closest_marker("learning") is None)  # stable
+
+
+def _skip_gpu_tests_without_cuda(items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped at collection without CUDA, before any of their fixtures (a
+    module-scoped launch on the GPU, say) is set up, whichever folder pytest was pointed at."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

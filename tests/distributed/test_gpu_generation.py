@@ -25,7 +25,15 @@ import pytest
 
 from tests.helpers import REPO, launch
 
-pytestmark = pytest.mark.gpu
+
+def _transformer_engine() -> bool:
+    from engine.models.builder import use_transformer_engine
+
+    return use_transformer_engine("auto")
+
+
+# skipped at collection: the module-scoped launch below must not start without CUDA and TE
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _transformer_engine(), reason="needs CUDA and Transformer Engine")]
 
 PROMPTS = [[5, 17, 33], [40, 41, 42, 43, 44, 45, 46, 47, 48], [100], [7, 8, 9, 10, 11, 12], [200, 3], [9] * 11]
 CASES = [
@@ -35,14 +43,6 @@ CASES = [
     {"name": "llama_local_fp32", "preset": "tiny-llama", "overrides": ["model.layer_spec=local"]},
 ]
 LOGPROB_TOLERANCE = {("fp32", "0"): 1e-5, ("fp32", "1"): 1e-4, ("bf16", "0"): 2e-2, ("bf16", "1"): 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def transformer_engine() -> None:
-    from engine.models.builder import use_transformer_engine
-
-    if not use_transformer_engine("auto"):
-        pytest.skip("needs CUDA and Transformer Engine")
 
 
 def _out() -> Path | None:
