@@ -43,8 +43,10 @@ def hf_llama(preset: Any, use_cache: bool) -> Any:
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def run_sides(script: str, sides: list[str], passed: list[str], shown: tuple[str, ...]) -> dict[str, Any]:
-    """``python script *passed --side S --child OUT`` for each side in turn; ``{side: its JSON or {"error"}}``."""
+def run_sides(script: str, sides: list[str], passed: list[str], shown: tuple[str, ...],
+              after: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """``python script *passed --side S --child OUT`` for each side in turn; ``{side: its JSON or {"error"}}``.
+    ``after(results so far)`` runs after each side (the report is rewritten, so a run cut short keeps its sides)."""
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="keel-gpu-bench-") as tmp:
         for side in sides:
@@ -55,6 +57,7 @@ def run_sides(script: str, sides: list[str], passed: list[str], shown: tuple[str
             except SystemExit as failed:  # one side's failure is a result, not the end of the run
                 results[side] = {"error": str(failed)[-3000:]}
             print(side, {k: results[side].get(k) for k in (*shown, "error")}, flush=True)
+            after(results)
     return results
 
 
@@ -87,8 +90,8 @@ def drive(name: str, args: argparse.Namespace, run_side: Callable[[argparse.Name
     if not on_gpu() and not args.allow_cpu:
         print(f"{name}: no CUDA GPU here (use --allow-cpu to smoke-test the code path)", file=sys.stderr)
         return 2
-    results = run_sides(script, args.sides.split(","), passed, shown)
     device = torch.cuda.get_device_name(0) if on_gpu() else "cpu (smoke test)"
-    write_report(args.out, {"benchmark": name, "device": device, "machine": machine_info(), "torch": torch.__version__,
-                            **report, "sides": results})
-    return 0
+    header = {"benchmark": name, "device": device, "machine": machine_info(), "torch": torch.__version__, **report}
+    results = run_sides(script, args.sides.split(","), passed, shown,
+                        lambda done: write_report(args.out, {**header, "sides": done}))
+    return 1 if any("error" in result for result in results.values()) else 0
