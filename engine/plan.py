@@ -325,15 +325,12 @@ def count_parameters_on_meta(preset: ModelPreset) -> int:
     """
     import torch
 
-    from engine.config import PrecisionConfig
-    from engine.models.builder import build_gpt_chunks, transformer_config
+    from engine.models.builder import build_gpt_chunks, meta_transformer_config
     from engine.parallel.layout import ParallelLayout, single_process_parallel
 
     layout = ParallelLayout(1, 1, 1)
     with single_process_parallel():
-        config = transformer_config(preset, layout, PrecisionConfig(), use_te=False)
-        config.perform_initialization = False
-        config.use_cpu_initialization = True
+        config = meta_transformer_config(preset, layout)
         with torch.device("meta"):
             chunks = build_gpt_chunks(preset, config, use_te=False, virtual_pipeline=None)
         return sum(p.numel() for chunk in chunks for p in chunk.parameters())

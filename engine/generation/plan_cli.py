@@ -21,8 +21,7 @@ from engine.models.presets import PRESETS
 
 
 def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any, int]:
-    from engine.config import PrecisionConfig
-    from engine.models.builder import build_gpt_chunks, transformer_config
+    from engine.models.builder import build_gpt_chunks, meta_transformer_config
     from engine.models.presets import PRESETS
     from engine.parallel.generation_layout import GenerationParallelState
     from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
@@ -37,14 +36,10 @@ def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any, int]:
     generation = GenerationParallelState.initialize(args.generation_tensor)
     generation.layout.check_model(preset)
     with torch.device("meta"):
-        config = transformer_config(preset, state.layout, PrecisionConfig(), use_te=False)
-        config.perform_initialization = False
-        config.use_cpu_initialization = True  # else megatron names a CUDA device, which overrides "meta"
-        train = build_gpt_chunks(preset, config, use_te=False, virtual_pipeline=None)
-        gen_config = transformer_config(preset, generation.layout, PrecisionConfig(), use_te=False)
-        gen_config.perform_initialization = False
-        gen_config.use_cpu_initialization = True
-        model = build_gpt_chunks(preset, gen_config, False, None, process_groups=generation.process_groups())[0]
+        train = build_gpt_chunks(preset, meta_transformer_config(preset, state.layout), use_te=False,
+                                 virtual_pipeline=None)
+        model = build_gpt_chunks(preset, meta_transformer_config(preset, generation.layout), False, None,
+                                 process_groups=generation.process_groups())[0]
     return train, model, generation.tp_rank
 
 

@@ -107,6 +107,17 @@ def _note_tf32() -> None:
     _TF32_NOTED = True
 
 
+def meta_transformer_config(preset: ModelPreset, layout: Any) -> Any:
+    """The config of a model to build under ``torch.device("meta")`` (shapes only, fp32, local spec): no
+    initialisation, and CPU placement, since megatron's explicit CUDA device would override "meta"."""
+    from engine.config import PrecisionConfig
+
+    config = transformer_config(preset, layout, PrecisionConfig(), use_te=False)
+    config.perform_initialization = False
+    config.use_cpu_initialization = True
+    return config
+
+
 def transformer_config(
     preset: ModelPreset,
     layout: Any,
