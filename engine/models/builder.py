@@ -7,6 +7,7 @@ parallel logic of its own: megatron's modules read the layout from ``parallel_st
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -94,17 +95,13 @@ def _activation(preset: ModelPreset) -> Any:
     raise ConfigError(f"unknown activation {preset.activation!r} in preset {preset.name}")
 
 
-_TF32_NOTED = False
-
-
+@functools.lru_cache(maxsize=1)
 def _note_tf32() -> None:
-    """Say once per process that fp32 on the TE spec multiplies in TF32 (measured on an H200: rollout and
-    trainer log-probs then differ by up to 2.2e-5 instead of 1e-6), and how to turn that off."""
-    global _TF32_NOTED
-    if not _TF32_NOTED and os.environ.get("NVIDIA_TF32_OVERRIDE") != "0":
+    """Say once per process (the cache) that fp32 on the TE spec multiplies in TF32 (measured on an H200:
+    rollout and trainer log-probs then differ by up to 2.2e-5 instead of 1e-6), and how to turn that off."""
+    if os.environ.get("NVIDIA_TF32_OVERRIDE") != "0":
         logger.info("precision.dtype=fp32 on the Transformer Engine spec: TE runs fp32 GEMMs in TF32; "
                     "set NVIDIA_TF32_OVERRIDE=0 for full fp32 products")
-    _TF32_NOTED = True
 
 
 def meta_transformer_config(preset: ModelPreset, layout: Any) -> Any:

@@ -130,9 +130,8 @@ def test_diverging_pairs_are_dropped_or_down_weighted_in_training(tmp_path: Path
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["drop", "downweight"])
 def test_pair_weights_follow_a_batch_on_the_gpu(mode: str) -> None:
-    """The weights were built on the CPU and indexed with the batch's mask, which on a GPU lives there."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+    """The weights were built on the CPU and indexed with the batch's mask, which on a GPU lives there
+    (skipped without CUDA at collection, tests/conftest.py)."""
     config = load_config(RewardTrainConfig, None, BASE + [f"rm.diverging={mode}", "rm.diverging_weight=0.25"])
     diverging = torch.tensor([1, 0, 1, 0], device="cuda")
     weights = RewardStep(config.rm)._pair_weights({"diverging": diverging, "annotator_spread": torch.zeros(4, device="cuda")})
