@@ -79,10 +79,28 @@ def summary(times: list[float]) -> dict[str, Any]:
             "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu() else None}
 
 
+DRIVER_OPTIONS = ("out", "sides", "allow_cpu", "child", "side")  # the parent's; every other option goes to the sides
+
+
+def bench_parser(doc: str, out: Path, sides: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options every GPU benchmark has (the script adds its shape): the report, the sides, the preset, the
+    seed, ``--allow-cpu``, and the hidden ``--side``/``--child`` a side's process is started with."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--sides", default=",".join(sides))
+    parser.add_argument("--preset", default="bench-1b")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--allow-cpu", action="store_true", help="smoke-test the code path without a GPU")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one side, write its JSON here
+    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
 def drive(name: str, args: argparse.Namespace, run_side: Callable[[argparse.Namespace], dict[str, Any]], script: str,
-          passed: list[str], shown: tuple[str, ...], report: dict[str, Any]) -> int:
-    """A GPU benchmark's ``main``: one side when ``--child`` names its output, else every side in turn and the
-    JSON report (``report`` plus device, machine and each side's result) at ``args.out``."""
+          shown: tuple[str, ...], report: dict[str, Any]) -> int:
+    """A GPU benchmark's ``main``: one side when ``--child`` names its output, else every side in turn (each
+    given every option but :data:`DRIVER_OPTIONS`) and the JSON report (``report`` plus device, machine and each
+    side's result) at ``args.out``."""
     if args.child:
         write_report(Path(args.child), run_side(args))
         print_result({"side": args.side})
@@ -92,6 +110,7 @@ def drive(name: str, args: argparse.Namespace, run_side: Callable[[argparse.Name
         return 2
     device = torch.cuda.get_device_name(0) if on_gpu() else "cpu (smoke test)"
     header = {"benchmark": name, "device": device, "machine": machine_info(), "torch": torch.__version__, **report}
+    passed = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items() if key not in DRIVER_OPTIONS]
     results = run_sides(script, args.sides.split(","), passed, shown,
                         lambda done: write_report(args.out, {**header, "sides": done}))
     return 1 if any("error" in result for result in results.values()) else 0

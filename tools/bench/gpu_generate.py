@@ -33,26 +33,19 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tools.bench.gpu_common import drive, hf_llama, on_gpu, preset_of, summary, timed  # noqa: E402
+from tools.bench.gpu_common import bench_parser, drive, hf_llama, on_gpu, preset_of, summary, timed  # noqa: E402
 
 DEFAULT_OUT = REPO / "tools" / "bench" / "results" / "gpu_generate.json"
 SIDES = ("keel", "hf_dynamic", "hf_static")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--sides", default=",".join(SIDES))
-    parser.add_argument("--preset", default="bench-1b")
+    parser = bench_parser(__doc__, DEFAULT_OUT, SIDES)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--allow-cpu", action="store_true", help="smoke-test the code path without a GPU")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -119,11 +112,9 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    passed = [f"--preset={args.preset}", f"--batch={args.batch}", f"--prompt={args.prompt}",
-              f"--new-tokens={args.new_tokens}", f"--warmup={args.warmup}", f"--runs={args.runs}", f"--seed={args.seed}"]
     report = {"shape": {"preset": args.preset, "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens},
               "warmup_calls": args.warmup, "timed_calls": args.runs}
-    return drive("gpu_generate", args, run_side, __file__, passed, ("new_tokens_per_s",), report)
+    return drive("gpu_generate", args, run_side, __file__, ("new_tokens_per_s",), report)
 
 
 if __name__ == "__main__":

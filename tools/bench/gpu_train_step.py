@@ -40,25 +40,18 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tools.bench.common import hf_train_step  # noqa: E402
-from tools.bench.gpu_common import drive, hf_llama, on_gpu, preset_of, summary, timed  # noqa: E402
+from tools.bench.gpu_common import bench_parser, drive, hf_llama, on_gpu, preset_of, summary, timed  # noqa: E402
 
 DEFAULT_OUT = REPO / "tools" / "bench" / "results" / "gpu_train_step.json"
 SIDES = ("keel_bf16", "keel_fp8", "hf_eager", "hf_compiled")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--sides", default=",".join(SIDES))
-    parser.add_argument("--preset", default="bench-1b")
+    parser = bench_parser(__doc__, DEFAULT_OUT, SIDES)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--allow-cpu", action="store_true", help="smoke-test the code path without a GPU")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one side, write its JSON here
-    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -124,11 +117,9 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    passed = [f"--preset={args.preset}", f"--batch={args.batch}", f"--seq-len={args.seq_len}",
-              f"--warmup={args.warmup}", f"--steps={args.steps}", f"--seed={args.seed}"]
     report = {"shape": {"preset": args.preset, "batch": args.batch, "seq_length": args.seq_len},
               "warmup_steps": args.warmup, "timed_steps": args.steps}
-    return drive("gpu_train_step", args, run_side, __file__, passed, ("tokens_per_s", "model_tflops"), report)
+    return drive("gpu_train_step", args, run_side, __file__, ("tokens_per_s", "model_tflops"), report)
 
 
 if __name__ == "__main__":
