@@ -33,11 +33,11 @@ cd "$ROOT" || exit 1
 OUT="${OUT:-runs/gpu_checks}"
 mkdir -p "$OUT"
 SCALE="${KEEL_GPU_SCALE:-1}"
-CHECKS="${KEEL_GPU_CHECKS:-gpu_tests sft_fp8 algorithms train_bench gen_bench}"
+KNOWN="gpu_tests sft_fp8 algorithms train_bench gen_bench"
+CHECKS="${KEEL_GPU_CHECKS:-$KNOWN}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 KEEL_GPU_OUT="$OUT"
 
-KNOWN="gpu_tests sft_fp8 algorithms train_bench gen_bench"
 for name in $CHECKS; do
   [[ " $KNOWN " == *" $name "* ]] || { echo "gpu_checks: unknown check '$name' (known: $KNOWN)" >&2; exit 2; }
 done
