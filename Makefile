@@ -1,10 +1,11 @@
 # Two entry points (see README): `make demo` and `make test`. Both create/use .venv.
+# `make test-learning` runs the learning recipes at full length that `make test` leaves out (tests marked full_recipe).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.keel-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-learning lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,5 +28,10 @@ lint: install
 	$(VENV)/bin/shellcheck -x docker/launch/*.sh docker/slurm/*.sh docker/slurm/*.sbatch tools/*.sh
 	$(VENV)/bin/hadolint docker/Dockerfile
 
+PYTEST := $(VENV)/bin/pytest -q -ra --durations=25 -n 2 --dist loadscope --no-loadscope-reorder
+
 test: lint
-	$(VENV)/bin/pytest -q -ra --durations=25 -n 2 --dist loadscope --no-loadscope-reorder
+	$(PYTEST) -m "not full_recipe"
+
+test-learning: install
+	$(PYTEST) -m full_recipe

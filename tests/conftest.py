@@ -37,7 +37,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     learning tests (``@pytest.mark.learning``: single-threaded recipes of minutes each) go
     first, so the workers start on the longest work and fill the end with short modules. A
     learning run is deterministic in its own process: sharing the machine changes its time,
-    not its numbers.
+    not its numbers. ``make test`` leaves out the recipes at full length
+    (``@pytest.mark.full_recipe``); ``make test-learning`` runs them the same way.
     """
     _skip_gpu_tests_without_cuda(items)
     if hasattr(config, "workerinput"):

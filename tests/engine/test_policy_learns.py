@@ -20,7 +20,8 @@ import pytest
 
 from tests.helpers import REPO, _env
 
-pytestmark = pytest.mark.learning  # handed out first under xdist (tests/conftest.py)
+# handed out first under xdist (tests/conftest.py); make test-learning runs them, make test leaves them out
+pytestmark = [pytest.mark.learning, pytest.mark.full_recipe]
 
 
 def _run(tool: str, out: Path) -> dict:

@@ -27,7 +27,8 @@ import pytest
 
 from tests.helpers import REPO, _env
 
-pytestmark = pytest.mark.learning  # handed out first under xdist (tests/conftest.py)
+# handed out first under xdist (tests/conftest.py); make test-learning runs them, make test leaves them out
+pytestmark = [pytest.mark.learning, pytest.mark.full_recipe]
 
 ARGS = ["--algorithms", "grpo,reinforce", "--iterations", "40", "--eval-interval", "20", "--eval-prompts", "100", "--samples", "4", "--seed", "7"]
 
