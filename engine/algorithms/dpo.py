@@ -180,7 +180,7 @@ class DPOStep(Step):
             "rejected_reward": rewards[:, 1].sum(),
         }
         metrics = {name: torch.stack([value.float(), pairs]) for name, value in sums.items()}
-        return losses.sum(), pairs.to(torch.int).cpu(), metrics
+        return losses.sum(), pairs.to(torch.int), metrics
 
 
 def _wins(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

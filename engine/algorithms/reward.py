@@ -239,7 +239,7 @@ class RewardStep(Step):
             self.loss_name: torch.stack([total.detach(), count.detach()]),
             "accuracy": torch.stack([correct.detach(), pairs]),
         }
-        return total, count.to(torch.int).cpu(), metrics
+        return total, count.to(torch.int), metrics
 
 
 def _first_without_strength(source: str, fmt: str, num: int, seed: int) -> Optional[Where]:

@@ -295,7 +295,7 @@ class SteerLM2Step(PromptSampling, Step):
         count = present.sum()
         metrics = {self.loss_name: torch.stack([losses.sum().detach(), count]),
                    "sequence_logp": torch.stack([(logps.detach().float() * present).sum(), count])}
-        return losses.sum(), count.to(torch.int).cpu(), metrics
+        return losses.sum(), count.to(torch.int), metrics
 
 
 def _sequence_sums(runner: Any, prompts: list[list[int]], responses: list[list[int]], micro: int) -> list[float]:
