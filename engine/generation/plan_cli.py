@@ -70,10 +70,15 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
     from engine.generation.reshard import generation_shards, local_shards, make_plan
 
     world = check_layouts(args)
-    if "RANK" not in os.environ and world > 1:
+    # nothing is computed: on a GPU machine the ranks run with the GPUs hidden, so none opens a CUDA context
+    hide_gpus = torch.cuda.is_available()
+    if "RANK" not in os.environ and (world > 1 or hide_gpus):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
                    "-m", "engine", *sys.argv[1:]]
-        return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if hide_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return subprocess.call(command, env=env)
     train, model, tp_rank = _meta_models(args)
     rank = dist.get_rank()
     shards = (local_shards(train, rank)[0], generation_shards(model, rank), tp_rank)
