@@ -86,6 +86,13 @@ def _loss_text(value: float) -> str:
     return "untrained" if math.isnan(value) else f"{value:.4f}"
 
 
+def _run_outputs(run_dir: str) -> str:
+    """The files a run wrote into its directory, as the summary lists them."""
+    described = (("config.yaml", "config.yaml (resolved config)"), ("metrics.jsonl", "metrics.jsonl"),
+                 ("curves.png", "curves.png (learning curves)"), ("tensorboard", "tensorboard/"))
+    return ", ".join(text for name, text in described if os.path.exists(os.path.join(run_dir, name))) or "none"
+
+
 def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
     preset = trainer.model.preset
     losses = result.losses
@@ -122,7 +129,7 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
                      f"(checkpoint {os.path.join(os.path.abspath(str(config.checkpoint.dir)), 'best')})")
     lines += [
         f"  outputs in {os.path.abspath(config.run.output_dir)}:",
-        "    config.yaml (resolved config), metrics.jsonl, tensorboard/",
+        f"    {_run_outputs(config.run.output_dir)}",
         f"    checkpoint: {os.path.abspath(result.checkpoint) if result.checkpoint else 'none written'}",
     ]
     return "\n".join(lines)

@@ -231,8 +231,5 @@ class IterativeTrainer(Trainer):
             self.metrics.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        if self.parallel.is_main:
-            from engine.plots import write_curves
-
-            write_curves(self.run_dir, self.step.curve_metrics())
+        self.write_curves()
         return result

@@ -259,14 +259,9 @@ class OnlineTrainer(Trainer):
 
     def fit(self) -> FitResult:
         try:
-            result = super().fit()
+            return super().fit()  # which draws curves.png with the algorithm's curve metrics
         finally:
             self.phase.close()
-        if self.parallel.is_main:
-            from engine.plots import write_curves
-
-            write_curves(self.run_dir, self.step.curve_metrics())
-        return result
 
 
 def _merge_groups(rounds: list[Iteration], groups: list[tuple[int, int]], size: int) -> Iteration:

@@ -74,7 +74,7 @@ def write_curves(run_dir: str, keys: tuple[str, ...], out: Optional[str] = None)
     rows = -(-len(keys) // columns)
     image = Image.new("RGB", (PANEL[0] * columns, PANEL[1] * rows + 20), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((8, PANEL[1] * rows + 4), "line: training iterations; dots: held-out evaluation", fill="gray")
+    draw.text((8, PANEL[1] * rows + 4), "line: training; dots: held-out evaluation", fill="gray")
     for index, key in enumerate(keys):
         train, held_out = _series(path, key)
         _panel(draw, ((index % columns) * PANEL[0], (index // columns) * PANEL[1]), key, train, held_out)

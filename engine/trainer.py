@@ -281,7 +281,16 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         result.tokens_per_second = tokens_total / time_total if time_total else 0.0
+        self.write_curves()
         return result
+
+    def write_curves(self) -> None:
+        """``curves.png`` in the run directory, on rank 0: the step's curve metrics from ``metrics.jsonl``
+        (training steps as a line, validation as dots)."""
+        if self.parallel.is_main:
+            from engine.plots import write_curves
+
+            write_curves(self.run_dir, self.step.curve_metrics())
 
     def _log_validation(self, step_number: int, result: FitResult) -> Optional[float]:
         """Evaluate and log; returns the validation loss (None without validation data)."""

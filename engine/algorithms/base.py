@@ -67,6 +67,10 @@ class Step(ABC):
         """Names of the (sum, count) metrics :meth:`loss` reports; the first is the loss."""
         return (self.loss_name,)
 
+    def curve_metrics(self) -> tuple[str, ...]:
+        """Metrics drawn into the run's ``curves.png``: the step's own, then the gradient norm and learning rate."""
+        return (*self.metric_names(), "grad_norm", "lr")
+
     def empty_step_hint(self) -> str:
         """What to change when a training step has no item that carries loss (its item count is 0)."""
         return "check the data of this step"

@@ -94,7 +94,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path: Path) -> None:
     assert [r["step"] for r in records] == [1]
 
 
-def test_run_writes_config_metrics_tensorboard_and_checkpoint(tmp_path: Path) -> None:
+def test_run_writes_config_metrics_curves_tensorboard_and_checkpoint(tmp_path: Path) -> None:
     with single_process_parallel() as parallel:
         trainer = _trainer(tmp_path, parallel, "run.train_steps=3", "run.eval_interval=3", "run.eval_batches=1",
                            "scheduler.type=constant", "scheduler.warmup_steps=2")
@@ -110,6 +110,14 @@ def test_run_writes_config_metrics_tensorboard_and_checkpoint(tmp_path: Path) ->
     assert any(r["split"] == "validation" for r in records) and 3 in result.validation
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert result.checkpoint and Path(result.checkpoint, "keel.json").is_file()
+    from PIL import Image
+
+    from engine.cli import _run_outputs
+
+    with Image.open(tmp_path / "curves.png") as image:  # lm_loss, grad_norm, lr: two rows of two panels
+        assert image.format == "PNG" and image.size == (720, 460)
+    assert _run_outputs(str(tmp_path)) == ("config.yaml (resolved config), metrics.jsonl, curves.png (learning "
+                                           "curves), tensorboard/")
 
 
 def test_bf16_trains_with_fp32_master_weights(tmp_path: Path) -> None:
