@@ -188,7 +188,9 @@ class Trainer:
 
     def save_checkpoint(self, step_number: int) -> str:
         chk = self.config.checkpoint
-        return self.model.save(chk.dir, step_number, self._checkpoint_extra(), chk.keep_last, chk.save_optimizer)
+        path = self.model.save(chk.dir, step_number, self._checkpoint_extra(), chk.keep_last, chk.save_optimizer)
+        self.write_curves()  # with every checkpoint: a long run's curves can be looked at as it goes
+        return path
 
     def maybe_resume(self) -> int:
         """Resume per ``checkpoint.resume`` (or load weights per ``checkpoint.load``); returns the start step."""

@@ -86,12 +86,14 @@ def test_nan_loss_stops_naming_the_step(tmp_path: Path) -> None:
     from engine.trainer import Trainer, TrainingError
 
     with single_process_parallel() as parallel:
-        config = load_config(TrainConfig, None, BASE + [f"run.output_dir={tmp_path}", "run.train_steps=4"])
+        config = load_config(TrainConfig, None, BASE + [f"run.output_dir={tmp_path}", "run.train_steps=4",
+                                                        "checkpoint.save_interval=1"])
         trainer = Trainer(config, _NaNAtStep2(), parallel)
         with pytest.raises(TrainingError, match=r"lm_loss is nan at step 2; stopping before the optimizer update"):
             trainer.fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1]
+    assert (tmp_path / "curves.png").stat().st_size > 0  # drawn with step 1's checkpoint, kept by the failed run
 
 
 def test_run_writes_config_metrics_curves_tensorboard_and_checkpoint(tmp_path: Path) -> None:
