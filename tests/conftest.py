@@ -37,12 +37,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     learning tests (``@pytest.mark.learning``: single-threaded recipes of minutes each) go
     first, so the workers start on the longest work and fill the end with short modules. A
     learning run is deterministic in its own process: sharing the machine changes its time,
-    not its numbers. ``make test`` leaves out the recipes at full length
+    not its numbers. Learning tests are ordered by the minutes their marker gives, longest
+    first (``@pytest.mark.learning(minutes=30)``), so that the other worker takes the shorter
+    ones meanwhile. ``make test`` leaves out the recipes at full length
     (``@pytest.mark.full_recipe``); ``make test-learning`` runs them the same way.
     """
     _skip_gpu_tests_without_cuda(items)
     if hasattr(config, "workerinput"):
-        items.sort(key=lambda item: item.get_closest_marker("learning") is None)  # stable
+        items.sort(key=_learning_minutes, reverse=True)  # stable: the other tests keep their order
+
+
+def _learning_minutes(item: pytest.Item) -> float:
+    """How long a learning test takes, from its ``learning`` marker (0 for the other tests)."""
+    marker = item.get_closest_marker("learning")
+    return 0.0 if marker is None else float(marker.kwargs.get("minutes", 1))
 
 
 def _skip_gpu_tests_without_cuda(items: list[pytest.Item]) -> None:

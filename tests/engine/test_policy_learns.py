@@ -20,8 +20,9 @@ import pytest
 
 from tests.helpers import REPO, _env
 
-# handed out first under xdist (tests/conftest.py); make test-learning runs them, make test leaves them out
-pytestmark = [pytest.mark.learning, pytest.mark.full_recipe]
+# handed out first under xdist, longest first, with the minutes the AMD EPYC CI machines take (tests/conftest.py);
+# make test-learning runs them, make test leaves them out
+pytestmark = [pytest.mark.learning(minutes=8), pytest.mark.full_recipe]
 
 
 def _run(tool: str, out: Path) -> dict:

@@ -27,8 +27,9 @@ import pytest
 
 from tests.helpers import REPO, _env
 
-# handed out first under xdist (tests/conftest.py); make test-learning runs them, make test leaves them out
-pytestmark = [pytest.mark.learning, pytest.mark.full_recipe]
+# handed out first under xdist, longest first, with the minutes the AMD EPYC CI machines take (tests/conftest.py);
+# make test-learning runs them, make test leaves them out
+pytestmark = [pytest.mark.learning(minutes=13), pytest.mark.full_recipe]
 
 ARGS = ["--algorithms", "grpo,reinforce", "--iterations", "40", "--eval-interval", "20", "--eval-prompts", "100", "--samples", "4", "--seed", "7"]
 
