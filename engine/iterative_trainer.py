@@ -231,5 +231,4 @@ class IterativeTrainer(Trainer):
             self.metrics.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        self.write_curves()
-        return result
+        return result  # curves.png was drawn with each iteration's checkpoint

@@ -259,7 +259,7 @@ class OnlineTrainer(Trainer):
 
     def fit(self) -> FitResult:
         try:
-            return super().fit()  # which draws curves.png with the algorithm's curve metrics
+            return super().fit()  # curves.png: the algorithm's curve metrics, drawn with each checkpoint
         finally:
             self.phase.close()
 

@@ -16,18 +16,20 @@ PANEL = (360, 220)
 MARGIN = 40
 
 
-def _series(path: str, key: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+def _read_records(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl``, read once per drawing (a trainer redraws with every checkpoint)."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _series(records: list[dict], key: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(training, held-out) points of ``key``; a step logged again (a resumed or repeated run) keeps its last value."""
     points: dict[str, dict[int, float]] = {"train": {}, "validation": {}}
-    with open(path) as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            value = record.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                split = "validation" if record.get("split") == "validation" else "train"
-                points[split][int(record.get("step", 0))] = float(value)
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            split = "validation" if record.get("split") == "validation" else "train"
+            points[split][int(record.get("step", 0))] = float(value)
     return sorted(points["train"].items()), sorted(points["validation"].items())
 
 
@@ -75,8 +77,9 @@ def write_curves(run_dir: str, keys: tuple[str, ...], out: Optional[str] = None)
     image = Image.new("RGB", (PANEL[0] * columns, PANEL[1] * rows + 20), "white")
     draw = ImageDraw.Draw(image)
     draw.text((8, PANEL[1] * rows + 4), "line: training; dots: held-out evaluation", fill="gray")
+    records = _read_records(path)
     for index, key in enumerate(keys):
-        train, held_out = _series(path, key)
+        train, held_out = _series(records, key)
         _panel(draw, ((index % columns) * PANEL[0], (index // columns) * PANEL[1]), key, train, held_out)
     out = out or os.path.join(run_dir, "curves.png")
     from engine.files import atomic_open

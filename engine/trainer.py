@@ -189,7 +189,7 @@ class Trainer:
     def save_checkpoint(self, step_number: int) -> str:
         chk = self.config.checkpoint
         path = self.model.save(chk.dir, step_number, self._checkpoint_extra(), chk.keep_last, chk.save_optimizer)
-        self.write_curves()  # with every checkpoint: a long run's curves can be looked at as it goes
+        self.write_curves()
         return path
 
     def maybe_resume(self) -> int:
@@ -283,12 +283,12 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         result.tokens_per_second = tokens_total / time_total if time_total else 0.0
-        self.write_curves()
         return result
 
     def write_curves(self) -> None:
         """``curves.png`` in the run directory, on rank 0: the step's curve metrics from ``metrics.jsonl``
-        (training steps as a line, validation as dots)."""
+        (training steps as a line, validation as dots). Drawn with every checkpoint, so a long run's curves can
+        be looked at as it goes; every run that trains ends on a checkpoint (its last step, a SIGTERM stop)."""
         if self.parallel.is_main:
             from engine.plots import write_curves
 
