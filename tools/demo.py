@@ -48,7 +48,7 @@ def _first_last(run: Path, key: str, split: str = "train") -> tuple[float, float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", default="runs/demo", help="directory of the three runs")
+    parser.add_argument("--output", default="runs/demo", help="directory of the four runs")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per stage (data parallel)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage")
     args = parser.parse_args()
