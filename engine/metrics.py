@@ -37,14 +37,15 @@ class MetricsWriter:
         Called once the run knows where it starts: a fresh run (``step`` 0) in a reused
         directory starts an empty file instead of appending to the old run's curves; a run
         resumed from step ``k`` drops what the interrupted run logged after its checkpoint,
-        which the resumed run logs again.
+        which the resumed run logs again. A line that is not a record (a write cut short by a
+        crash or a full disk) is dropped too, so that the next record does not land on it.
         """
         if not self.enabled or self._file is None:
             return
-        with open(self.path) as fh:
-            records = [line for line in fh if line.strip()]
-        lines = [line for line in records if json.loads(line).get("step", 0) <= step]
-        dropped = len(records) - len(lines)
+        with open(self.path, errors="replace") as fh:
+            written = sum(1 for line in fh if line.strip())
+        lines = [line for line, record in parse_records(self.path) if record.get("step", 0) <= step]
+        dropped = written - len(lines)
         if not dropped:
             return
         self._file.close()
@@ -75,12 +76,32 @@ class MetricsWriter:
             self._tb.close()
 
 
+def parse_records(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` for each line of a ``metrics.jsonl`` that holds a JSON object, each line ending
+    in a newline. A line that does not (a write cut short by a crash or a full disk, NUL bytes a file
+    system left after a node failure) is skipped with a warning naming it: the curves and a resumed run
+    go on with the records that are whole."""
+    parsed = []
+    with open(path, errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                logger.warning("%s, line %d: not a JSON record (a write cut short?); skipped", path, number)
+                continue
+            parsed.append((text + "\n", record))
+    return parsed
+
+
 def read_metrics(run_dir: str, split: str = "train") -> list[dict[str, Any]]:
     """All records of ``split`` in ``metrics.jsonl`` (later records for a step win)."""
     by_step: dict[int, dict[str, Any]] = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        for line in fh:
-            record = json.loads(line)
-            if record.get("split") == split:
-                by_step[record["step"]] = record
+    for _, record in parse_records(os.path.join(run_dir, "metrics.jsonl")):
+        if record.get("split") == split:
+            by_step[record["step"]] = record
     return [by_step[k] for k in sorted(by_step)]

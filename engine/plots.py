@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional
@@ -17,9 +16,10 @@ MARGIN = 40
 
 
 def _read_records(path: str) -> list[dict]:
-    """The records of a ``metrics.jsonl``, read once per drawing (a trainer redraws with every checkpoint)."""
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The whole records of a ``metrics.jsonl``, read once per drawing (a trainer redraws with every checkpoint)."""
+    from engine.metrics import parse_records
+
+    return [record for _, record in parse_records(path)]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

@@ -242,7 +242,8 @@ def _steps(run_dir: Path) -> list[int]:
 
 def test_metrics_of_a_reused_directory_start_fresh_or_at_the_resumed_step(tmp_path: Path) -> None:
     """A fresh run does not append to an old run's metrics.jsonl; a resumed run drops what the
-    interrupted run logged after the checkpoint it resumes from (it logs those steps again)."""
+    interrupted run logged after the checkpoint it resumes from (it logs those steps again), a record
+    the crash cut short included, and draws its curves from the whole records."""
     common = ("run.train_steps=4", "checkpoint.save_interval=2", "checkpoint.keep_last=0")
     with single_process_parallel() as parallel:
         _trainer(tmp_path, parallel, *common).fit()
@@ -251,13 +252,15 @@ def test_metrics_of_a_reused_directory_start_fresh_or_at_the_resumed_step(tmp_pa
         _trainer(tmp_path, parallel, "run.train_steps=3", *common[1:]).fit()
     assert _steps(tmp_path) == [1, 2, 3]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000003"  # the final save
-    with open(tmp_path / "metrics.jsonl", "a") as fh:  # as if the run had logged step 4 and died before saving
+    with open(tmp_path / "metrics.jsonl", "a") as fh:  # as if the run had logged step 4 and died before saving,
         fh.write(json.dumps({"step": 4, "split": "train", "lm_loss": 123.0}) + "\n")
+        fh.write('{"step": 5, "split": "train", "lm_lo')  # in the middle of writing step 5's record
     with single_process_parallel() as parallel:  # resumes from step 3
         result = _trainer(tmp_path, parallel, "run.train_steps=5", "checkpoint.resume=auto", *common[1:]).fit()
     assert result.start_step == 3
     assert _steps(tmp_path) == [1, 2, 3, 4, 5]
     assert 123.0 not in [json.loads(line).get("lm_loss") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "curves.png").stat().st_mtime >= (tmp_path / "checkpoints" / "latest").stat().st_mtime
 
 
 def test_a_resumed_run_trains_with_its_own_schedule(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
