@@ -112,7 +112,7 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
     else:  # online RL trains on rollouts of its prompts, not on data.source
         source = config.rollout.prompts if getattr(trainer.step, "online", False) else config.data.source  # type: ignore[attr-defined]
         progress = f"  steps {result.start_step + 1}..{result.end_step} of {config.run.train_steps}" \
-                   f"{' (stopped by SIGTERM)' if result.preempted else ''}; {trainer.step.loss_name} {first} -> " \
+                   f"{f' (stopped by {result.stopped_by})' if result.stopped_by else ''}; {trainer.step.loss_name} {first} -> " \
                    f"{last}; {result.tokens_per_second:,.0f} tokens/s"
     lines = [
         "",
@@ -228,6 +228,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except failures.RankFailure as exc:
         return int(failures.exit_on_failure(exc))
+    except KeyboardInterrupt:  # a second Ctrl-C in training (the first checkpoints), any Ctrl-C elsewhere
+        print("keel: interrupted (Ctrl-C); the checkpoints and .partial outputs written so far are kept, and "
+              "the same command resumes from them", file=sys.stderr)
+        return 130
     except DataError as exc:  # raised alike on every rank (each reads and checks the same rows)
         print(f"keel: data error: {exc}", file=sys.stderr, flush=True)
         _wait_for_the_other_ranks()

@@ -1,7 +1,7 @@
 """Fault injection for resilience tests (off unless the environment asks for it).
 
 ``KEEL_FAULT=<when>:<step>:<signal>[:<rank>]`` makes a rank send itself ``<signal>``
-(KILL, TERM or STOP) at one point of step ``<step>``:
+(KILL, TERM, INT or STOP) at one point of step ``<step>``:
 
 * ``after``: after finishing the step (before its checkpoint);
 * ``in-step``: in the middle of the step, at the forward pass of its first micro-batch;

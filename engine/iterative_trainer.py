@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import signal
 import time
 from typing import Any, Optional
 
@@ -205,7 +204,7 @@ class IterativeTrainer(Trainer):
         cfg = self.config
         start = self._begin()  # iterations after the checkpoint are logged again
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
-        previous = self._install_sigterm()
+        self.signals.__enter__()
         progress = self._progress(start, cfg.iterative.iterations, "iteration")
         try:
             if start == 0:
@@ -222,13 +221,12 @@ class IterativeTrainer(Trainer):
                 if iteration < cfg.iterative.iterations and self._stop_agreed():
                     raise _Stopped(f"after iteration {iteration} (checkpointed)")
         except _Stopped as stopped:
-            result.preempted = True
-            logger.warning("stopped on SIGTERM %s; the same command resumes", stopped)
+            result.stopped_by = self.signals.received or "a signal on another rank"
+            logger.warning("stopped on %s %s; the same command resumes", result.stopped_by, stopped)
         finally:
             if progress is not None:
                 progress.close()
             self.phase.close()
             self.metrics.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            self.signals.__exit__()
         return result  # curves.png was drawn with each iteration's checkpoint

@@ -6,7 +6,7 @@ step build any frozen models it needs (:meth:`Step.setup`), builds the data sets
 resumable sampler; then per optimizer step runs the step's forward-only pre-pass and
 megatron's forward/backward schedule (pipeline micro-batching, gradient accumulation to
 the global batch), checks the loss, steps the optimizer, logs, checkpoints, and handles
-SIGTERM (save, then exit) for pre-emptible clusters. Batching helpers live in
+SIGTERM and Ctrl-C (save, then exit; :mod:`engine.stop_signals`). Batching helpers live in
 :mod:`engine.data.batching`, cross-rank patterns in :mod:`engine.parallel.collectives`.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from engine.faults import maybe_fail
 from engine.metrics import MetricsWriter
 from engine.parallel.collectives import any_rank, from_last_stage, sum_over_data_parallel
 from engine.runner import ModelRunner, build_model, fuse_cpu_adamw  # noqa: F401  (build_model: re-exported)
+from engine.stop_signals import StopSignals
 
 _fuse_cpu_adamw = fuse_cpu_adamw  # the name older tests and call sites use
 
@@ -61,7 +61,7 @@ class FitResult:
     validation: dict[int, float] = field(default_factory=dict)
     checkpoint: Optional[str] = None
     best_checkpoint: Optional[str] = None
-    preempted: bool = False
+    stopped_by: Optional[str] = None  # the signal that stopped the run early (SIGTERM, SIGINT)
     tokens_per_second: float = 0.0
     run_dir: str = ""
 
@@ -87,7 +87,7 @@ class Trainer:
         self.parallel = parallel
         self.layout = parallel.layout
         self.run_dir = config.run.output_dir
-        self._stop_requested = False
+        self.signals = StopSignals()
         self.model = ModelRunner.trained(config, parallel, step.model_class())
         preset = self.model.preset
         self.tokenizer = load_tokenizer(config.data.tokenizer)
@@ -215,18 +215,9 @@ class Trainer:
         return 0
 
     # ------------------------------------------------------------------ the loop
-    def _install_sigterm(self) -> Any:
-        def handler(signum: int, frame: Any) -> None:
-            logger.warning("SIGTERM received: will checkpoint after the current step and exit")
-            self._stop_requested = True
-
-        try:
-            return signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread
-            return None
-
     def _stop_agreed(self) -> bool:
-        return any_rank(self._stop_requested)
+        """Whether any rank got SIGTERM or Ctrl-C (:mod:`engine.stop_signals`): all stop after the same step."""
+        return any_rank(self.signals.requested)
 
     def _begin(self) -> int:
         """Write the resolved config, resume, trim ``metrics.jsonl`` to the start; returns the start step."""
@@ -241,7 +232,7 @@ class Trainer:
         cfg = self.config
         start = self._begin()
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
-        previous = self._install_sigterm()
+        self.signals.__enter__()
         if cfg.run.eval_at_start and start == 0:
             self._log_validation(0, result)
         progress = self._progress(start)
@@ -273,15 +264,15 @@ class Trainer:
                     ckpt.mark_best(str(cfg.checkpoint.dir), step_number, self.parallel)
                     result.best_checkpoint = result.checkpoint
                 if stop:
-                    result.preempted = True
-                    logger.warning("stopped on SIGTERM after step %d; checkpoint %s", step_number, result.checkpoint)
+                    result.stopped_by = self.signals.received or "a signal on another rank"
+                    logger.warning("stopped on %s after step %d; checkpoint %s", result.stopped_by, step_number,
+                                   result.checkpoint)
                     break
         finally:
             if progress is not None:
                 progress.close()
             self.metrics.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            self.signals.__exit__()
         result.tokens_per_second = tokens_total / time_total if time_total else 0.0
         return result
 

@@ -283,3 +283,47 @@ def test_a_resumed_run_trains_with_its_own_schedule(tmp_path: Path, caplog: pyte
     assert lrs[5] == pytest.approx(expected[5]) and lrs[6] == pytest.approx(expected[6], abs=1e-12), lrs
     assert lrs[5] > 1e-4 and lrs[6] > 1e-5  # not the finished run's 0
     assert "optimizer.lr: 0.001 -> 0.002" in caplog.text and "run.train_steps + 1): 5 -> 7" in caplog.text
+
+
+def test_ctrl_c_checkpoints_after_the_step_and_the_run_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (SIGINT) stops a run as SIGTERM does: after the current step, with a checkpoint of it, so
+    that the same command resumes there; a second Ctrl-C later on stops at once (Python's default)."""
+    common = ("run.train_steps=6", "checkpoint.save_interval=0", "checkpoint.keep_last=0")
+    monkeypatch.setenv("KEEL_FAULT", "after:3:INT")
+    with single_process_parallel() as parallel:
+        stopped = _trainer(tmp_path, parallel, *common).fit()
+    assert (stopped.stopped_by, stopped.end_step) == ("SIGINT", 3)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    monkeypatch.delenv("KEEL_FAULT")
+    with single_process_parallel() as parallel:
+        resumed = _trainer(tmp_path, parallel, *common, "checkpoint.resume=auto").fit()
+    assert (resumed.start_step, resumed.end_step, resumed.stopped_by) == (3, 6, None)
+    assert _steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from engine import stop_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    with stop_signals.StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun's forwarded copy of the same Ctrl-C: no effect
+        assert signals.received == "SIGINT"
+        monkeypatch.setattr(stop_signals, "REPEAT_S", -1.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_outside_training_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from engine import cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_train", lambda *args: interrupted(args))
+    assert cli.main(["train", "sft"]) == 130
+    assert capsys.readouterr().err.startswith("keel: interrupted (Ctrl-C);")

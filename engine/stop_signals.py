@@ -1,0 +1,55 @@
+"""SIGTERM and Ctrl-C (SIGINT) stop a run cleanly: it finishes its current step, checkpoints and exits.
+
+A cluster's pre-emption sends SIGTERM; a user at a terminal presses Ctrl-C. Both ask the trainers to stop
+at the next point where every rank agrees (:meth:`engine.trainer.Trainer._stop_agreed`), so nothing
+trained is lost and the same command resumes. A second Ctrl-C, pressed more than
+:data:`REPEAT_S` seconds after the first, stops at once as Python's default does (no checkpoint): the
+wait keeps the copy of the first one that ``torchrun`` forwards to its workers from counting as a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+REPEAT_S = 2.0
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """Installs the handlers on ``__enter__`` (main thread only) and puts the previous ones back on ``__exit__``."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None  # the name of the first stop signal, once one came
+        self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._first_at = signal.Signals(signum).name, now
+            again = " (Ctrl-C again to stop at once, without one)" if signum == signal.SIGINT else ""
+            logger.warning("%s received: will checkpoint after the current step and exit%s", self.received, again)
+        elif signum == signal.SIGINT and now - self._first_at > REPEAT_S:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> StopSignals:
+        for signum in SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: the caller's handlers stay
+                break
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
