@@ -198,11 +198,18 @@ class Trainer:
         path: Optional[Path] = None
         if chk.resume == "auto":
             path = ckpt.find_latest(chk.dir)
-        elif chk.resume != "none":
+        elif chk.resume == "none":
+            ckpt.set_aside(chk.dir, chk.load, self.parallel)
+        else:
             path = ckpt.resolve(chk.resume)
             if not ckpt.is_complete(path):
                 raise ckpt.CheckpointError(f"checkpoint.resume={chk.resume}: not a complete checkpoint")
         if path is not None:
+            step = int(ckpt.read_meta(path)["step"])
+            if step > self.config.run.train_steps:
+                raise ckpt.CheckpointError(
+                    f"{path} is step {step}, past run.train_steps={self.config.run.train_steps}: raise "
+                    "run.train_steps to train on, or start a new run (another run.output_dir, or checkpoint.resume=none)")
             meta = self.model.load(path)
             self.sampler.load_state_dict(meta["sampler"])
             best = meta.get("best_validation")

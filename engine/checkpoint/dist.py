@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -221,6 +222,29 @@ def _prune(root: Path, keep_last: int) -> None:
     for old in complete[:-keep_last]:
         if step_dir(str(root), old).name != best:
             shutil.rmtree(step_dir(str(root), old), ignore_errors=True)
+
+
+def set_aside(root: str, load: Optional[str], parallel: Any) -> Optional[Path]:
+    """Move an earlier run's checkpoint directory out of a fresh run's way (``checkpoint.resume=none``).
+
+    Left in place, the earlier checkpoints would mix with the new run's: ``keep_last`` keeps the highest
+    steps, so it could delete the new run's own checkpoint, and ``best`` and a later ``resume=auto`` would
+    name the earlier run's weights. ``<root>`` becomes ``<root>.earlier-<date-time>`` (nothing is deleted);
+    a ``checkpoint.load`` inside it is refused, since the move would take it away."""
+    base = Path(root)
+    earlier = base.is_dir() and any(p.name in (LATEST, BEST) or p.name.startswith("step_") for p in base.iterdir())
+    if earlier and load and Path(load).resolve().is_relative_to(base.resolve()):
+        raise CheckpointError(f"checkpoint.load={load} lies in checkpoint.dir={root}, which a fresh run "
+                              "(checkpoint.resume=none) moves aside: give this run another run.output_dir")
+    dist.barrier()  # every rank has looked before rank 0 moves anything
+    if not earlier:
+        return None
+    target = base.with_name(f"{base.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
+    if parallel.is_main:
+        os.replace(base, target)
+        logger.warning("checkpoint.resume=none: moved the earlier run's checkpoints %s to %s", base, target)
+    dist.barrier()
+    return target
 
 
 def mark_best(root: str, step: int, parallel: Any) -> None:

@@ -327,3 +327,29 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch: pytest.MonkeyPatch, ca
     monkeypatch.setattr(cli, "run_train", lambda *args: interrupted(args))
     assert cli.main(["train", "sft"]) == 130
     assert capsys.readouterr().err.startswith("keel: interrupted (Ctrl-C);")
+
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path: Path) -> None:
+    """checkpoint.resume=none in a directory with an earlier run's checkpoints: they are moved aside,
+    not mixed with the new run's (keep_last kept the highest steps and deleted the new run's own
+    checkpoint, and a later resume picked up the earlier run's weights). A checkpoint past
+    run.train_steps is refused by name instead of a run that trains steps 7..5."""
+    from engine.checkpoint.dist import CheckpointError
+
+    checkpoints = tmp_path / "checkpoints"
+    with single_process_parallel() as parallel:
+        _trainer(tmp_path, parallel, "run.train_steps=6", "checkpoint.save_interval=2", "checkpoint.keep_last=2").fit()
+    with single_process_parallel() as parallel:
+        fresh = _trainer(tmp_path, parallel, "run.train_steps=3", "checkpoint.save_interval=1",
+                         "checkpoint.keep_last=2").fit()
+    assert fresh.start_step == 0 and (checkpoints / "latest").read_text().strip() == "step_0000003"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000002", "step_0000003"]
+    (aside,) = tmp_path.glob("checkpoints.earlier-*")
+    assert sorted(p.name for p in aside.glob("step_*")) == ["step_0000004", "step_0000006"]
+    with single_process_parallel() as parallel, pytest.raises(CheckpointError, match="lies in checkpoint.dir"):
+        _trainer(tmp_path, parallel, "run.train_steps=3", f"checkpoint.load={checkpoints}").fit()
+    with single_process_parallel() as parallel:
+        resumed = _trainer(tmp_path, parallel, "run.train_steps=4", "checkpoint.resume=auto").fit()
+    assert (resumed.start_step, resumed.end_step) == (3, 4)
+    with single_process_parallel() as parallel, pytest.raises(CheckpointError, match="is step 4, past run.train_steps=2"):
+        _trainer(tmp_path, parallel, "run.train_steps=2", "checkpoint.resume=auto").fit()
