@@ -12,8 +12,11 @@ setting any architecture field keeps the whole model section the user's.
 
 from __future__ import annotations
 
+import filecmp
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from engine.errors import ConfigError
 
 ARCHITECTURE = ("preset", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                 "ffn_hidden_size", "vocab_size", "max_sequence_length")
@@ -60,9 +63,35 @@ def inherit_from_checkpoint(cls: type, data: dict[str, Any]) -> tuple[dict[str, 
         value = (saved.get("data") or {}).get(key)
         if key not in user_data and value is not None:
             user_data[key] = taken[f"data.{key}"] = value
+    refuse_other_tokenizer(str(load), user_data.get("tokenizer"), (saved.get("data") or {}).get("tokenizer"))
     if not taken:
         return data, {}
     return dict(data, model=user_model, data=user_data), taken
+
+
+def _tokenizer_file(spec: str) -> Optional[Path]:
+    """The file a tokenizer spec names (a directory's tokenizer.json or .model), None for a built-in or a missing path."""
+    path = Path(spec)
+    if path.is_dir():
+        path = next((path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()), path)
+    return path if path.is_file() else None
+
+
+def refuse_other_tokenizer(load: str, mine: Optional[str], theirs: Optional[str]) -> None:
+    """A ``data.tokenizer`` the user set that is not the one ``checkpoint.load`` was trained with is refused:
+    its ids would stand for other tokens, and the run would train on, with a loss that only looks high.
+    The same file under another path or name counts as the same; a checkpoint whose tokenizer file is not
+    on this machine (moved with the weights to another place) cannot be compared and is let through."""
+    if mine is None or theirs is None or mine == theirs:
+        return
+    mine_file, theirs_file = _tokenizer_file(mine), _tokenizer_file(theirs)
+    if theirs_file is None and theirs not in ("byte", "builtin-sp"):
+        return
+    if mine_file is not None and theirs_file is not None and filecmp.cmp(mine_file, theirs_file, shallow=False):
+        return
+    raise ConfigError(f"data.tokenizer={mine} is not the tokenizer checkpoint.load={load} was trained with "
+                      f"({theirs}): its token ids would mean other tokens. Leave data.tokenizer unset to take the "
+                      "checkpoint's")
 
 
 def describe_inherited(load: str, taken: dict[str, Any]) -> str:

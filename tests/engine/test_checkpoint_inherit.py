@@ -111,3 +111,24 @@ def test_a_policy_does_not_start_from_a_scorer(tmp_path: Path, algorithm: str) -
     with pytest.raises(Exception) as caught:  # past the check: megatron reads the (empty) fake checkpoint
         ckpt.load_weights(path, scorer, None, {})
     assert "language-model head" not in str(caught.value)
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path: Path) -> None:
+    """data.tokenizer set to another tokenizer than the checkpoint's (an SFT checkpoint on the byte
+    tokenizer, a recipe that names builtin-sp) would train on ids that mean other tokens: refused. The
+    same file under another path passes; so does a checkpoint whose tokenizer file is not on this machine."""
+    from engine.config import ConfigError
+
+    on_bytes = _fake_checkpoint(tmp_path / "bytes", data={"tokenizer": "byte"})
+    with pytest.raises(ConfigError, match=r"data.tokenizer=builtin-sp is not the tokenizer checkpoint.load=.* \(byte\)"):
+        load_config(TrainConfig, None, [f"checkpoint.load={on_bytes}", "data.tokenizer=builtin-sp"])
+    assert load_config(TrainConfig, None, [f"checkpoint.load={on_bytes}", "data.tokenizer=byte"]).data.tokenizer == "byte"
+    original, copy, other = (tmp_path / name for name in ("a.json", "copy/tokenizer.json", "b.json"))
+    copy.parent.mkdir()
+    original.write_text('{"model": {"vocab": {"a": 0}}}')
+    copy.write_text(original.read_text())
+    other.write_text('{"model": {"vocab": {"b": 0}}}')
+    on_file = _fake_checkpoint(tmp_path / "file", data={"tokenizer": str(original)})
+    assert load_config(TrainConfig, None, [f"checkpoint.load={on_file}", f"data.tokenizer={copy.parent}"]).data.tokenizer
+    with pytest.raises(ConfigError, match="its token ids would mean other tokens"):
+        load_config(TrainConfig, None, [f"checkpoint.load={on_file}", f"data.tokenizer={other}"])
