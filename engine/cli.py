@@ -218,8 +218,22 @@ def _register_optional(sub: Any, name: str, module_name: str, text: str) -> None
     register(parser.add_subparsers(dest=f"{name}_command", required=True))
 
 
+def parse_command_line(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The parsed command line. ``section.field=value`` overrides may stand on either side of the options
+    (``keel data ref-logprobs out.jsonl --config dpo.yaml checkpoint.load=...``): argparse hands a
+    command's positional overrides only the words before its first option and calls the rest unknown."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not isinstance(getattr(args, "overrides", None), list) or any(
+                word.startswith("-") or "=" not in word for word in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = args.overrides + unknown
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     quiet_cpu_fallback_warnings()
     try:
         return int(args.func(args))

@@ -184,3 +184,17 @@ def test_the_wait_after_a_data_error_does_not_raise_under_nccl(monkeypatch: pyte
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(dist, "monitored_barrier", gloo_only)
     cli._wait_for_the_other_ranks(0.1)
+
+
+def test_overrides_may_follow_the_options() -> None:
+    """The README's `keel data ref-logprobs ref.jsonl --config dpo.yaml checkpoint.load=...`: argparse
+    alone called the overrides after --config unrecognized."""
+    from engine.cli import parse_command_line
+
+    args = parse_command_line(["data", "ref-logprobs", "ref.jsonl", "dpo.beta=0.2", "--config", "dpo.yaml",
+                               "checkpoint.load=sft"])
+    assert (args.output, args.config, args.overrides) == ("ref.jsonl", "dpo.yaml", ["dpo.beta=0.2", "checkpoint.load=sft"])
+    assert parse_command_line(["train", "sft", "a.b=1", "--config", "x.yaml", "c.d=2"]).overrides == ["a.b=1", "c.d=2"]
+    for wrong in (["train", "sft", "--bogus"], ["data", "validate", "rows.jsonl", "a.b=1"]):
+        with pytest.raises(SystemExit):
+            parse_command_line(wrong)
