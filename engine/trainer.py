@@ -88,6 +88,7 @@ class Trainer:
         self.layout = parallel.layout
         self.run_dir = config.run.output_dir
         self.signals = StopSignals()
+        self._check_load_before_building()
         self.model = ModelRunner.trained(config, parallel, step.model_class())
         preset = self.model.preset
         self.tokenizer = load_tokenizer(config.data.tokenizer)
@@ -222,6 +223,16 @@ class Trainer:
         return 0
 
     # ------------------------------------------------------------------ the loop
+    def _check_load_before_building(self) -> None:
+        """A ``checkpoint.load`` that a fresh start would need and that is not a complete checkpoint is refused
+        before the models are built (minutes at scale), not after. A run that resumes does not read it."""
+        chk = self.config.checkpoint
+        if not chk.load or (chk.resume == "auto" and ckpt.find_latest(chk.dir) is not None):
+            return
+        if chk.resume in ("auto", "none") and not ckpt.is_complete(ckpt.resolve(chk.load)):
+            raise ckpt.CheckpointError(f"checkpoint.load={chk.load}: no complete checkpoint there (a step directory "
+                                       "with keel.json and metadata.json, or a run's checkpoints/ with a latest pointer)")
+
     def _stop_agreed(self) -> bool:
         """Whether any rank got SIGTERM or Ctrl-C (:mod:`engine.stop_signals`): all stop after the same step."""
         return any_rank(self.signals.requested)

@@ -353,3 +353,16 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path: Path) -> N
     assert (resumed.start_step, resumed.end_step) == (3, 4)
     with single_process_parallel() as parallel, pytest.raises(CheckpointError, match="is step 4, past run.train_steps=2"):
         _trainer(tmp_path, parallel, "run.train_steps=2", "checkpoint.resume=auto").fit()
+
+
+def test_a_missing_checkpoint_load_is_refused_before_the_model_is_built(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import trainer as trainer_module
+    from engine.checkpoint.dist import CheckpointError
+
+    def never(*args: object) -> None:
+        raise AssertionError("the model was built before checkpoint.load was checked")
+
+    monkeypatch.setattr(trainer_module.ModelRunner, "trained", never)
+    with single_process_parallel() as parallel, pytest.raises(CheckpointError, match="no complete checkpoint there"):
+        _trainer(tmp_path, parallel, f"checkpoint.load={tmp_path / 'sft' / 'checkpoints'}")
