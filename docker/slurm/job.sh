@@ -25,7 +25,7 @@
 # Arguments are extra `section.field=value` overrides for Keel.
 set -euo pipefail
 
-algo="${KEEL_ALGO:?set KEEL_ALGO to an algorithm of keel train (sft, rm)}"
+algo="${KEEL_ALGO:?set KEEL_ALGO to an algorithm of keel train (sft, rm, dpo, ppo, grpo, ...)}"
 keel_home="${KEEL_HOME:-${SLURM_SUBMIT_DIR:-${PWD}}}"
 job_id="${SLURM_JOB_ID:-0}"
 nnodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
