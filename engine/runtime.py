@@ -8,16 +8,24 @@ import os
 # megatron-core says at import that it falls back to torch without Transformer Engine and apex: on a machine
 # without CUDA that is the design (the CPU layer), not news, and it drowned every command's first screen.
 CPU_FALLBACK_WARNINGS = r"(Transformer Engine and )?Apex (is|are) not installed"
+# A CUDA stream setting megatron recommends on every tensor-parallel step: nothing a CPU run can act on.
+CPU_CUDA_ADVICE = r"When using async grad allreduce it is recommended to set the environment variable CUDA_DEVICE_MAX"
+# Deprecation notices that torch's distributed checkpoint gives megatron's checkpoint code on every load: about
+# the two libraries' internals, not a user's run.
+CHECKPOINT_INTERNALS = r"(megatron\.core\.dist_checkpointing|torch\.distributed\.checkpoint)\."
 
 
 def quiet_cpu_fallback_warnings() -> None:
-    """Silence megatron's Transformer Engine / apex fallback warnings where there is no CUDA device."""
+    """Silence megatron's Transformer Engine / apex fallback warnings and CUDA advice where there is no CUDA
+    device, and the checkpoint libraries' deprecation notices to each other everywhere."""
     import warnings
 
     import torch
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module=CHECKPOINT_INTERNALS)
     if not torch.cuda.is_available():
         warnings.filterwarnings("ignore", message=CPU_FALLBACK_WARNINGS, category=UserWarning)
+        warnings.filterwarnings("ignore", message=CPU_CUDA_ADVICE, category=UserWarning)
 
 
 def setup_logging(level: str = "INFO") -> None:
