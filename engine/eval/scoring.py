@@ -36,6 +36,7 @@ from engine.algorithms.reward import GOODNESS_WEIGHTS, RewardStep, RewardTrainCo
 from engine.data.batching import length_multiple, padded_length, to_device
 from engine.data.chat import prompt_messages, render_reply
 from engine.data.fit import fit_prompt
+from engine.errors import ConfigError
 from engine.parallel.collectives import from_last_stage, gather_data_parallel_rows
 from engine.runner import ModelRunner
 
@@ -159,6 +160,8 @@ def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
     from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
     path = ckpt.resolve(checkpoint)
     meta = ckpt.read_meta(path)
+    if meta.get("algorithm") != "rm":  # its saved config would fail as a reward model's, naming a data format
+        raise ConfigError(f"{checkpoint}: a {meta.get('algorithm')} checkpoint, not a reward model (keel train rm)")
     saved = dict(meta["config"])
     saved["parallel"] = dict(saved["parallel"], data=None)
     if saved.get("data", {}).get("overlong") == "truncate":  # runs saved before reward data refused it

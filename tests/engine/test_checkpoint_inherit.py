@@ -132,3 +132,17 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path: Path) -> No
     assert load_config(TrainConfig, None, [f"checkpoint.load={on_file}", f"data.tokenizer={copy.parent}"]).data.tokenizer
     with pytest.raises(ConfigError, match="its token ids would mean other tokens"):
         load_config(TrainConfig, None, [f"checkpoint.load={on_file}", f"data.tokenizer={other}"])
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "ppo"])
+def test_a_reward_model_is_not_read_from_a_policy(tmp_path: Path, algorithm: str) -> None:
+    """``reward_model=<an SFT checkpoint>`` (online RL, keel eval) failed on the policy's saved config as a
+    reward model's: 'rm.type=regression trains on data.format in ('attributes',), got 'chat''."""
+    from engine.config import ConfigError
+    from engine.eval.scoring import load_scorer
+
+    path = _fake_checkpoint(tmp_path / "run")
+    meta = json.loads((path / "keel.json").read_text())
+    (path / "keel.json").write_text(json.dumps(dict(meta, algorithm=algorithm)))
+    with pytest.raises(ConfigError, match=f"a {algorithm} checkpoint, not a reward model"):
+        load_scorer(str(tmp_path / "run"))
