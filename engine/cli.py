@@ -123,6 +123,10 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
     if result.validation:
         step = max(result.validation)
         lines.append(f"  validation {trainer.step.loss_name} at step {step}: {result.validation[step]:.4f}")
+    held_out = getattr(trainer, "held_out", None)  # online RL: the rewards of the held-out prompts' answers
+    if held_out:
+        step = max(held_out)
+        lines.append(f"  held-out at iteration {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out[step].items()))
     if trainer.best_validation:
         best_step, best_loss = trainer.best_validation
         lines.append(f"  best validation {trainer.step.loss_name} {best_loss:.4f} at step {best_step} "
@@ -132,6 +136,9 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
         f"    {_run_outputs(config.run.output_dir)}",
         f"    checkpoint: {os.path.abspath(result.checkpoint) if result.checkpoint else 'none written'}",
     ]
+    critic = getattr(trainer, "critic_checkpoint", None)  # PPO's critic, saved beside the policy
+    if critic:
+        lines.append(f"    critic checkpoint: {os.path.abspath(critic)}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,8 @@ class OnlineTrainer(Trainer):
         self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
         self.phase.check_fit([*self.train_data, *self.valid_data])  # type: ignore[misc]
         self.critic = step.build_critic(config, parallel)
+        self.held_out: dict[int, dict[str, float]] = {}  # iteration: its held-out evaluation (for the summary)
+        self.critic_checkpoint: Optional[str] = None  # the critic's last checkpoint (PPO)
 
     # ------------------------------------------------------------------ rollouts
     def _score(self, rows: list[Any], responses: list[str],
@@ -221,8 +223,8 @@ class OnlineTrainer(Trainer):
             chk = self.config.checkpoint
             extra = {"model_signature": self.critic.runner.signature, "scheduler": self.critic.runner.scheduler.state_dict(),
                      "config": self.critic.config.to_dict(), "algorithm": "critic"}
-            self.critic.runner.save(os.path.join(str(chk.dir), "critic"), step_number, extra, chk.keep_last,
-                                    chk.save_optimizer)
+            self.critic_checkpoint = self.critic.runner.save(os.path.join(str(chk.dir), "critic"), step_number, extra,
+                                                             chk.keep_last, chk.save_optimizer)
         return path
 
     def maybe_resume(self) -> int:
@@ -248,6 +250,7 @@ class OnlineTrainer(Trainer):
     def _log_validation(self, step_number: int, result: FitResult) -> Optional[float]:
         valid = self.evaluate()
         if valid:
+            self.held_out[step_number] = valid
             self.metrics.write(step_number, valid, prefix="validation")
             logger.info("held-out at iteration %d: %s", step_number,
                         ", ".join(f"{k} {v:.4f}" for k, v in sorted(valid.items())))

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from engine.algorithms.online import broadcast_from_first
+from engine.algorithms.online import REWARD_MODEL_COMPONENT, broadcast_from_first
 from engine.data.chat import render_prompt, stop_token_ids
 from engine.files import write_json_lines_atomic, write_text_atomic
 
@@ -126,7 +126,7 @@ class SamplingPhase:
                 column = [0.0 if math.isnan(v) else v for v in rm_scores]
                 weight = self.config.reward_model_weight
                 totals = [t + weight * v if k else 0.0 for t, v, k in zip(totals, column, keep, strict=True)]
-                components = {**components, "rm": column}
+                components = {**components, REWARD_MODEL_COMPONENT: column}
             result = (totals, components, keep)
         totals, components, keep = broadcast_from_first(result)
         return torch.tensor(totals, dtype=torch.float32), components, list(keep)

@@ -88,9 +88,6 @@ class GRPOStep(OnlineStep):
     def metric_names(self) -> tuple[str, ...]:
         return METRICS
 
-    def curve_metrics(self) -> tuple[str, ...]:
-        return ("reward", "reward_synthetic_check", "kl", "response_length")
-
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
         from engine.advantages import group_advantages, overlong_penalty, sequence_kl

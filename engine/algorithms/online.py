@@ -43,6 +43,7 @@ from engine.rewards import RewardFunctionConfig, parse_reward_configs
 logger = logging.getLogger(__name__)
 
 PHASES = ("refit", "generate", "score", "logprobs", "train")
+REWARD_MODEL_COMPONENT = "rm"  # the reward model's component of the reward (logged as reward_rm)
 
 
 @dataclass
@@ -220,6 +221,7 @@ class OnlineStep(PromptSampling, Step):
     uses_reference: bool = True
     reference: Any = None
     parallel: Any = None
+    config: Any = None
 
     def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
         """The frozen KL reference (when the algorithm uses one)."""
@@ -231,9 +233,17 @@ class OnlineStep(PromptSampling, Step):
             self.reference = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
             logger.info("%s: frozen KL reference from %s", self.name, checkpoint or "the policy's initialisation")
 
+    def reward_metrics(self) -> tuple[str, ...]:
+        """The ``reward_<component>`` metric of each reward the run configured, as the trainer logs them: every
+        reward function under its label (else its name), then the reward model's component."""
+        names = [function.component for function in self.config.reward_functions or []]
+        if self.config.reward_model:
+            names.append(REWARD_MODEL_COMPONENT)
+        return tuple(f"reward_{name}" for name in names)
+
     def curve_metrics(self) -> tuple[str, ...]:
-        """Metrics drawn into the run's curves.png."""
-        return ("reward", "kl", "response_length")
+        """Metrics drawn into the run's curves.png: the total reward, each of its components, the KL, the length."""
+        return ("reward", *self.reward_metrics(), "kl", "response_length")
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.algorithms import grpo
+from engine.config import load_config
 from tests.helpers import keel_train, tiny_reward_model
 
 BASE = ["model.preset=tiny-llama", "data.tokenizer=builtin-sp", "data.seq_length=96", "model.init=layout_invariant",
@@ -31,10 +33,11 @@ def _records(run: Path, split: str = "train") -> list[dict]:
 
 
 def test_grpo_iteration_is_the_same_at_tp1_and_tp2(tmp_path: Path) -> None:
-    runs = {}
+    runs, summaries = {}, {}
     for name, layout in (("dp2", "parallel.tensor=1"), ("tp2", "parallel.tensor=2")):
         runs[name] = tmp_path / name
-        keel_train(2, [*BASE, layout, "run.train_steps=2", f"run.output_dir={runs[name]}"], algo="grpo")
+        summaries[name] = keel_train(2, [*BASE, layout, "run.train_steps=2", "run.eval_interval=2",
+                                         f"run.output_dir={runs[name]}"], algo="grpo").stdout
     dp2, tp2 = _records(runs["dp2"]), _records(runs["tp2"])
     assert [r["step"] for r in dp2] == [1, 2]
     for one, two in zip(dp2, tp2, strict=True):
@@ -46,6 +49,12 @@ def test_grpo_iteration_is_the_same_at_tp1_and_tp2(tmp_path: Path) -> None:
             assert record["rollout_logprob_diff_max"] <= 1e-5
             assert record["time_generate"] > 0 and record["time_refit"] > 0
     assert (runs["tp2"] / "curves.png").stat().st_size > 0
+    # curves.png draws the run's own reward (logged under the function's name), each panel a metric the run logged
+    curves = grpo.create(load_config(grpo.CONFIG, str(runs["tp2"] / "config.yaml"), [])).curve_metrics()
+    assert curves[1] == "reward_tests.distributed.online_rewards:digit_share", curves
+    assert all(key in tp2[-1] for key in curves), (curves, tp2[-1])
+    held_out = _records(runs["tp2"], "validation")[-1]
+    assert f"held-out at iteration 2: reward {held_out['reward']:.4f}, " in summaries["tp2"], summaries["tp2"]
 
 
 def test_grpo_killed_mid_iteration_resumes_to_the_same_losses(tmp_path: Path) -> None:
@@ -89,7 +98,8 @@ def test_grpo_scores_with_a_reward_model_and_ppo_trains_a_critic_from_it(tmp_pat
     args = [*BASE, "parallel.tensor=2", f"reward_model={reward_model}", "run.train_steps=3", "ppo.critic_lr=3e-4",
             "checkpoint.save_interval=1"]
     whole, killed = tmp_path / "ppo", tmp_path / "ppo-killed"
-    keel_train(2, [*args, f"run.output_dir={whole}"], algo="ppo")
+    summary = keel_train(2, [*args, f"run.output_dir={whole}"], algo="ppo").stdout
+    assert f"critic checkpoint: {whole / 'checkpoints' / 'critic' / 'step_0000003'}" in summary, summary
     records = _records(whole)
     assert abs(records[0]["ratio_mean"] - 1.0) <= 1e-6 and records[0]["rollout_logprob_diff_max"] <= 1e-5
     assert all(r["swapped_bytes"] > 0 and r["value_loss"] == r["value_loss"] for r in records)

@@ -1,0 +1,51 @@
+"""What an online RL run reports: the panels of its ``curves.png`` and its closing summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from engine.config import load_config
+
+GRPO_ONLY_LENGTH = ["reward_functions=[{name: length_penalty}]"]
+
+
+def test_online_curves_draw_the_rewards_the_run_configured(tmp_path: Path) -> None:
+    """curves.png always had a reward_synthetic_check panel (empty unless that was the reward) and none of the
+    run's own rewards: a run rewarded by length_penalty logs reward_length_penalty, which was never drawn."""
+    from engine.algorithms import grpo, ppo, reinforce
+
+    step = grpo.create(load_config(grpo.CONFIG, None, GRPO_ONLY_LENGTH))
+    assert step.curve_metrics() == ("reward", "reward_length_penalty", "kl", "response_length")
+    assert grpo.create(load_config(grpo.CONFIG, None, [])).curve_metrics()[1] == "reward_synthetic_check"
+    labelled = ["reward_functions=[{name: synthetic_check}, {name: length_penalty, label: brevity, weight: 0.1}]"]
+    step = reinforce.create(load_config(reinforce.CONFIG, None, labelled))
+    assert step.curve_metrics() == ("reward", "reward_synthetic_check", "reward_brevity", "kl", "response_length")
+    model = tmp_path / "rm"  # a reward model is the component 'rm' (not read until training starts)
+    step = ppo.create(load_config(ppo.CONFIG, None, ["reward_functions=[]", f"reward_model={model}"]))
+    assert step.curve_metrics() == ("reward", "reward_rm", "kl", "value_loss", "response_length")
+
+
+def test_the_online_summary_shows_the_held_out_result_and_the_critic_checkpoint(tmp_path: Path) -> None:
+    """SFT and DPO summaries end with the validation result; online RL's said nothing of its held-out
+    evaluation, and PPO's did not list the critic's checkpoint beside the policy's."""
+    from engine.algorithms.ppo import PPOTrainConfig
+    from engine.cli import _summary
+    from engine.models.presets import PRESETS
+    from engine.trainer import FitResult
+
+    config = load_config(PPOTrainConfig, None, [f"run.output_dir={tmp_path}", "ppo.critic=init", "run.train_steps=4"])
+    checkpoints = tmp_path / "checkpoints"
+    trainer = SimpleNamespace(model=SimpleNamespace(preset=PRESETS["tiny-llama"]), best_validation=None,
+                              step=SimpleNamespace(online=True, loss_name="policy_loss"),
+                              layout=SimpleNamespace(describe=lambda: "TP1×PP1×DP1"),
+                              held_out={2: {"reward": 0.25, "response_length": 9.0},
+                                        4: {"reward": 0.5, "response_length": 7.5, "reward_synthetic_check": 0.5}},
+                              critic_checkpoint=str(checkpoints / "critic" / "step_0000004"))
+    result = FitResult(start_step=0, end_step=4, losses={1: 0.5, 4: 0.25},
+                       checkpoint=str(checkpoints / "step_0000004"))
+    text = _summary("ppo", config, trainer, result)
+    assert "held-out at iteration 4: reward 0.5000, response_length 7.5000, reward_synthetic_check 0.5000" in text
+    assert "validation policy_loss" not in text, text
+    assert f"checkpoint: {checkpoints / 'step_0000004'}\n" in text
+    assert f"critic checkpoint: {checkpoints / 'critic' / 'step_0000004'}" in text, text
