@@ -139,6 +139,9 @@ class OnlineTrainConfig(TrainConfig):
             builtin = self.rollout.prompts.startswith("builtin:prompts") and not self.reward_model
             self.reward_functions = [RewardFunctionConfig("synthetic_check")] if builtin else []
         self.reward_functions = parse_reward_configs(self.reward_functions, "reward_functions")
+        if self.reward_model and any(f.component == REWARD_MODEL_COMPONENT for f in self.reward_functions):
+            raise ConfigError(f"reward_functions: a function reported as {REWARD_MODEL_COMPONENT!r} would be overwritten "
+                              "by the reward model's component of that name; give it another 'label'")
         self.check_reward()
         if self.reward_model_std <= 0:
             raise ConfigError(f"reward_model_std={self.reward_model_std} must be > 0")
@@ -231,7 +234,12 @@ class OnlineStep(PromptSampling, Step):
         if self.uses_reference:
             checkpoint = None if config.reference == "init" else config.reference
             self.reference = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
-            logger.info("%s: frozen KL reference from %s", self.name, checkpoint or "the policy's initialisation")
+            if config.reference is None:  # neither reference nor checkpoint.load given: say what that means
+                logger.warning("%s: no checkpoint.load, so the policy and its KL reference start from the seeded "
+                               "initialisation; set checkpoint.load=<SFT checkpoint> (the usual start), or "
+                               "reference=init to say this is meant", self.name)
+            else:
+                logger.info("%s: frozen KL reference from %s", self.name, checkpoint or "the policy's initialisation")
 
     def reward_metrics(self) -> tuple[str, ...]:
         """The ``reward_<component>`` metric of each reward the run configured, as the trainer logs them: every

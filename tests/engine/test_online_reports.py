@@ -49,3 +49,16 @@ def test_the_online_summary_shows_the_held_out_result_and_the_critic_checkpoint(
     assert "validation policy_loss" not in text, text
     assert f"checkpoint: {checkpoints / 'step_0000004'}\n" in text
     assert f"critic checkpoint: {checkpoints / 'critic' / 'step_0000004'}" in text, text
+
+
+def test_a_reward_function_reported_as_rm_beside_a_reward_model_is_refused(tmp_path: Path) -> None:
+    """Its component was silently replaced by the reward model's scores (both are logged as reward_rm)."""
+    import pytest
+
+    from engine.algorithms import grpo
+    from engine.config import ConfigError
+
+    clash = ["reward_functions=[{name: length_penalty, label: rm}]", f"reward_model={tmp_path / 'rm'}"]
+    with pytest.raises(ConfigError, match="'rm' would be overwritten by the reward model's component"):
+        load_config(grpo.CONFIG, None, clash)
+    assert load_config(grpo.CONFIG, None, clash[:1]).reward_functions[0].component == "rm"  # alone it is fine
