@@ -128,6 +128,9 @@ class OptimizerConfig:
         _positive("optimizer.min_lr", self.min_lr, allow_zero=True)
         _positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optimizer.clip_grad", self.clip_grad, allow_zero=True)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.min_lr={self.min_lr} exceeds optimizer.lr={self.lr}; lower optimizer.min_lr "
+                              "(the cosine schedule decays from lr down to min_lr)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"optimizer.{name}={getattr(self, name)} must be in [0, 1)")
@@ -265,6 +268,8 @@ class TrainConfig:
 
     # data.overlong values this algorithm accepts (reward models never cut a response)
     OVERLONG: ClassVar[tuple[str, ...]] = ("truncate", "drop")
+    # data.format values this algorithm trains on (see data_formats)
+    FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS
     # fields taken from checkpoint.load's stored config (engine.checkpoint.inherit), set by load_config
     inherited: ClassVar[dict[str, Any]] = {}
 
@@ -274,6 +279,10 @@ class TrainConfig:
                               f"{', '.join(map(repr, self.OVERLONG))} for this algorithm")
         if self.checkpoint.dir is None:
             self.checkpoint.dir = os.path.join(self.run.output_dir, "checkpoints")
+
+    def data_formats(self) -> tuple[str, ...]:
+        """The data.format values this run trains on; a row's format hint names no other."""
+        return self.FORMATS
 
     def validate(self, world_size: int) -> None:
         """Cross-section checks: layout vs. world size and model shape, batch sizes, packing vs. layer spec."""

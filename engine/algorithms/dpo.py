@@ -88,13 +88,14 @@ class DPOTrainConfig(TrainConfig):
     data: DataConfig = field(default_factory=_dpo_data_defaults)
     # the log-probs of a cut response would train toward its first half: responses stay whole
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")
+    FORMATS: ClassVar[tuple[str, ...]] = ("pairs", "attributes", "helpsteer2_preference")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.run.output_dir == "runs/sft-demo":
             self.run.output_dir = "runs/dpo"
             self.checkpoint.dir = "runs/dpo/checkpoints"
-        if self.data.format not in ("pairs", "attributes", "helpsteer2_preference"):
+        if self.data.format not in self.FORMATS:
             raise ConfigError(f"keel train dpo reads data.format 'pairs', 'attributes' (paired by helpfulness) or "
                               f"'helpsteer2_preference', got {self.data.format!r}")
         if self.dpo.reference is None:

@@ -94,9 +94,13 @@ class RewardTrainConfig(TrainConfig):
         if self.run.output_dir == "runs/sft-demo":
             self.run.output_dir = "runs/rm"
             self.checkpoint.dir = "runs/rm/checkpoints"
-        expected = ("attributes",) if self.rm.type == "regression" else ("pairs", "helpsteer2_preference")
+        expected = self.data_formats()
         if self.data.format not in expected:
             raise ConfigError(f"rm.type={self.rm.type} trains on data.format in {expected}, got {self.data.format!r}")
+
+    def data_formats(self) -> tuple[str, ...]:
+        """Regression reads attribute rows; Bradley-Terry reads pairs."""
+        return ("attributes",) if self.rm.type == "regression" else ("pairs", "helpsteer2_preference")
 
 
 class PairedAttributes:
@@ -167,7 +171,7 @@ class RewardStep(Step):
 
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
         data = config.data
-        train_rows, valid_rows = paired_rows(data, config.run.seed)
+        train_rows, valid_rows = paired_rows(data, config.run.seed, config.data_formats())
         train_source, valid_source = data.source, data.validation_source or data.source
         if self.rm.type == "regression":
             train = AttributeDataset(train_rows, tokenizer, data.seq_length, template=data.chat_template,

@@ -6,14 +6,27 @@ mask marks assistant tokens (``data.loss_on=assistant``) or every real token (``
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from engine.algorithms.base import Batch, Step
-from engine.config import TrainConfig
+from engine.config import ConfigError, TrainConfig
 from engine.data.sft import build_sft_dataset
 from engine.data.sources import load_rows
+
+
+@dataclass
+class SFTTrainConfig(TrainConfig):
+    """``keel train sft``: the shared sections, on chat or plain-text rows."""
+
+    FORMATS: ClassVar[tuple[str, ...]] = ("chat", "text")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data.format not in self.FORMATS:
+            raise ConfigError(f"keel train sft trains on data.format 'chat' or 'text', got {self.data.format!r}")
 
 
 class SFTStep(Step):
@@ -21,8 +34,11 @@ class SFTStep(Step):
     loss_name = "lm_loss"
 
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
-        train_rows, valid_rows = load_rows(config.data, config.run.seed)
-        return build_sft_dataset(train_rows, tokenizer, config.data), build_sft_dataset(valid_rows, tokenizer, config.data)
+        data = config.data
+        train_rows, valid_rows = load_rows(data, config.run.seed, config.data_formats())
+        valid_source = f"{data.validation_source or data.source} (validation)"
+        return (build_sft_dataset(train_rows, tokenizer, data, source=data.source),
+                build_sft_dataset(valid_rows, tokenizer, data, source=valid_source))
 
     def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
         tokens = batch["tokens"]
@@ -38,8 +54,7 @@ class SFTStep(Step):
         return total, count.to(torch.int), {self.loss_name: torch.stack([total.detach(), count])}
 
 
-
-CONFIG = TrainConfig
+CONFIG = SFTTrainConfig
 
 
 def create(config: Any) -> SFTStep:

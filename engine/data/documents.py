@@ -22,16 +22,29 @@ logger = logging.getLogger("engine.data.sft")
 
 @dataclass
 class DropCounts:
-    overlong: int = 0
-    no_loss_tokens: int = 0
+    """What the over-long policy did to the rows of one source (logged per source, as the reward
+    models' :class:`engine.data.fit.OverlongCounts`)."""
+
+    overlong: int = 0  # dropped: longer than seq_length + 1 (data.overlong=drop)
+    no_loss_tokens: int = 0  # dropped: no loss token within the sequence
+    truncated: int = 0  # kept, cut to their first seq_length + 1 tokens (data.overlong=truncate)
+    source: str = "<data>"
 
     def log(self, total: int, seq_length: int) -> None:
+        if not total:
+            return
+        limit = seq_length + 1
+        if self.truncated:
+            logger.warning("%s: truncated %d of %d rows longer than seq_length+1=%d tokens to their first %d "
+                           "(data.overlong=truncate)", self.source, self.truncated, total, limit, limit)
         if self.overlong:
-            logger.warning("dropped %d of %d rows longer than seq_length+1=%d tokens (data.overlong=drop)",
-                           self.overlong, total, seq_length + 1)
+            logger.warning("%s: dropped %d of %d rows longer than seq_length+1=%d tokens (data.overlong=drop)",
+                           self.source, self.overlong, total, limit)
+        if not (self.truncated or self.overlong):
+            logger.info("%s: all %d rows fit seq_length+1=%d tokens", self.source, total, limit)
         if self.no_loss_tokens:
-            logger.warning("dropped %d of %d rows with no loss token within seq_length=%d (prompt too long)",
-                           self.no_loss_tokens, total, seq_length)
+            logger.warning("%s: dropped %d of %d rows with no loss token within seq_length=%d (prompt too long)",
+                           self.source, self.no_loss_tokens, total, seq_length)
 
 
 def render_row(row: dict[str, Any], tokenizer: Tokenizer, fmt: str = "chat",
@@ -50,7 +63,8 @@ def fit_document(ids: list[int], mask: list[int], limit: int, overlong: str,
     """Apply the over-long policy to one document of at most ``limit`` tokens; None = dropped."""
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong={overlong!r}: choose 'truncate' or 'drop'")
-    if len(ids) > limit:
+    cut = len(ids) > limit
+    if cut:
         if overlong == "drop":
             drops.overlong += 1
             return None
@@ -58,19 +72,21 @@ def fit_document(ids: list[int], mask: list[int], limit: int, overlong: str,
     if not any(mask[1:]):
         drops.no_loss_tokens += 1
         return None
+    drops.truncated += int(cut)
     return ids, mask
 
 
 def build_documents(rows: list[dict[str, Any]], tokenizer: Tokenizer, seq_length: int, fmt: str = "chat",
                     loss_on: str = "assistant", template: str = "plain",
-                    overlong: str = "truncate") -> list[tuple[list[int], list[int]]]:
-    """Rendered, length-checked (ids, mask) documents of at most ``seq_length + 1`` tokens."""
+                    overlong: str = "truncate", source: str = "<data>") -> list[tuple[list[int], list[int]]]:
+    """Rendered, length-checked (ids, mask) documents of at most ``seq_length + 1`` tokens; what the
+    over-long policy did is logged for ``source`` (the rows' file or data-set name)."""
     if loss_on not in ("assistant", "all"):
         raise ValueError(f"loss_on={loss_on!r}: choose 'assistant' or 'all'")
     if fmt == "chat" and template != "nemotron" and any(row.get("attributes") for row in rows[:1000]):
         logger.info("rows carry attributes; only the nemotron template writes them, template=%s ignores them",
                     template)
-    drops = DropCounts()
+    drops = DropCounts(source=source)
     documents = []
     for row in rows:
         ids, mask = render_row(row, tokenizer, fmt, template)

@@ -45,7 +45,8 @@ class DPOPairs(PreferenceDataset):
         """(train, validation) pairs per ``config.data``."""
         data = config.data
         splits = []
-        for name, rows in zip(("train", "validation"), paired_rows(data, config.run.seed), strict=True):
+        rows_of_splits = paired_rows(data, config.run.seed, config.data_formats())
+        for name, rows in zip(("train", "validation"), rows_of_splits, strict=True):
             convert = _CONVERTERS.get(data.format)
             if convert is not None:
                 rows, counts = convert(rows)

@@ -22,6 +22,7 @@ import logging
 from typing import Any, Optional
 
 from engine.data.tokenizer_types import HFTokenizer, SentencePieceTokenizer, sentencepiece_proto_module
+from engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def read_gguf_metadata(path: str) -> dict[str, Any]:
     if "tokenizer.chat_template" in reader.fields:
         meta["chat_template"] = reader.fields["tokenizer.chat_template"].contents()
     if "tokens" not in meta:
-        raise ValueError(f"{path}: the GGUF file has no embedded tokenizer (no tokenizer.ggml.tokens)")
+        raise ConfigError(f"{path}: the GGUF file has no embedded tokenizer (no tokenizer.ggml.tokens)")
     return meta
 
 
@@ -125,8 +126,8 @@ def load_gguf_tokenizer(path: str) -> HFTokenizer | SentencePieceTokenizer:
         return _bpe_tokenizer(meta, path)
     if kind == "llama":
         return _spm_tokenizer(meta, path)
-    raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE), "
-                     "llama (sentencepiece)")
+    raise ConfigError(f"{path}: GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE), "
+                      "llama (sentencepiece)")
 
 
 def write_gguf_tokenizer(path: str, model: str, tokens: list[str], types: list[int], *,

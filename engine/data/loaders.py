@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -152,11 +152,12 @@ def _note(stats: ReadStats, error: DataError) -> None:
 
 
 def iter_rows(source: str, fmt: str, on_error: str = "raise", stats: Optional[ReadStats] = None,
-              num: int = 512, seed: int = 0) -> Iterator[Row]:
+              num: int = 512, seed: int = 0, formats: Optional[Sequence[str]] = None) -> Iterator[Row]:
     """Validated rows of ``source`` in format ``fmt``, streaming.
 
     Raises :class:`DataError` on the first bad row (``on_error="raise"``) or, with
     ``"skip"``, drops it and counts it in ``stats``; an empty result is always an error.
+    ``formats`` are those the run trains on (see :func:`engine.data.schemas.check_row`).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: choose 'raise' or 'skip'")
@@ -167,7 +168,7 @@ def iter_rows(source: str, fmt: str, on_error: str = "raise", stats: Optional[Re
         try:
             if isinstance(raw, Unparsable):
                 raise DataError(where, "<json>", "a valid JSON object", got=raw.message)
-            row = check_row(fmt, raw, where)
+            row = check_row(fmt, raw, where, formats)
         except DataError as error:
             if on_error == "raise":
                 raise
@@ -183,9 +184,9 @@ def iter_rows(source: str, fmt: str, on_error: str = "raise", stats: Optional[Re
 
 
 def load_rows(source: str, fmt: str, on_error: str = "raise", num: int = 512, seed: int = 0,
-              stats: Optional[ReadStats] = None) -> list[Row]:
+              stats: Optional[ReadStats] = None, formats: Optional[Sequence[str]] = None) -> list[Row]:
     """All validated rows of ``source`` as a list (see :func:`iter_rows`)."""
-    return list(iter_rows(source, fmt, on_error, stats=stats, num=num, seed=seed))
+    return list(iter_rows(source, fmt, on_error, stats=stats, num=num, seed=seed, formats=formats))
 
 
 def make_parent_dir(path: str) -> None:

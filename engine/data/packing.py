@@ -67,10 +67,10 @@ class PackedSFTDataset:
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer: Tokenizer, seq_length: int,
                  fmt: str = "chat", loss_on: str = "assistant", template: str = "plain",
-                 overlong: str = "truncate"):
+                 overlong: str = "truncate", source: str = "<data>"):
         self.tokenizer = tokenizer
         self.seq_length = seq_length
-        self.documents = build_documents(rows, tokenizer, seq_length, fmt, loss_on, template, overlong)
+        self.documents = build_documents(rows, tokenizer, seq_length, fmt, loss_on, template, overlong, source)
         self.bins = pack_lengths([len(ids) - 1 for ids, _ in self.documents], seq_length)
 
     def __len__(self) -> int:

@@ -24,7 +24,7 @@ Unknown extra fields are kept; data sets carry many (justifications, ids, ...).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from engine.data.errors import DataError, Where
@@ -221,8 +221,12 @@ CHECKS: dict[str, Callable[[Row, Optional[Where]], Row]] = {
 FORMATS = tuple(CHECKS)
 
 
-def check_row(fmt: str, row: Any, where: Optional[Where] = None) -> Row:
-    """Validate ``row`` as format ``fmt``; returns the normalised row or raises DataError."""
+def check_row(fmt: str, row: Any, where: Optional[Where] = None, formats: Optional[Sequence[str]] = None) -> Row:
+    """Validate ``row`` as format ``fmt``; returns the normalised row or raises DataError.
+
+    A row with another format's fields gets a hint naming that format; ``formats`` (those the run
+    trains on, None = any) keeps the hint from suggesting one the run would refuse.
+    """
     if fmt not in CHECKS:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not isinstance(row, dict):
@@ -230,12 +234,21 @@ def check_row(fmt: str, row: Any, where: Optional[Where] = None) -> Row:
     try:
         return CHECKS[fmt](row, where)
     except DataError as exc:
-        guess = next((other for other, keys in SIGNATURES.items() if other != fmt and keys <= row.keys()), None)
-        if guess is None:
+        guesses = [other for other, keys in SIGNATURES.items() if other != fmt and keys <= row.keys()]
+        if not guesses:
             raise
-        raise DataError(exc.where, exc.field, exc.expected, exc.got, exc.source,
-                        hint=f"the row has the fields of data.format={guess}, and this run reads {fmt}: set "
-                             f"data.format={guess}") from None
+        usable = [other for other in guesses if formats is None or other in formats]
+        hint = (f"the row has the fields of data.format={usable[0]}, and this run reads {fmt}: set "
+                f"data.format={usable[0]}" if usable else
+                f"the row has the fields of data.format={guesses[0]}, which this run does not train on; it reads "
+                f"{_either(formats or ())}")
+        raise DataError(exc.where, exc.field, exc.expected, exc.got, exc.source, hint=hint) from None
+
+
+def _either(names: Sequence[str]) -> str:
+    """``'a'``, ``'a' or 'b'``, ``'a', 'b' or 'c'``."""
+    quoted = [repr(name) for name in names]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
 
 
 # fields that tell a row's format apart (the prompts format's lone 'prompt' tells nothing)

@@ -6,7 +6,8 @@ sample is its next-token view: ``tokens = ids[:-1]``, ``labels = ids[1:]``,
 
 Over-long rows follow ``overlong``: ``"truncate"`` keeps the first ``seq_length + 1``
 tokens, ``"drop"`` drops the row. A row left with no loss token (its prompt alone
-fills the sequence) is always dropped; both counts are logged. Padding waste is
+fills the sequence) is always dropped; the rows truncated or dropped are counted and
+logged per source (the file, or ``<source> (validation)``). Padding waste is
 reported by :meth:`SFTDataset.padding_stats`; :class:`engine.data.packing.PackedSFTDataset`
 removes most of it.
 """
@@ -33,10 +34,10 @@ class SFTDataset:
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer: Tokenizer, seq_length: int,
                  fmt: str = "chat", loss_on: str = "assistant", template: str = "plain",
-                 overlong: str = "truncate"):
+                 overlong: str = "truncate", source: str = "<data>"):
         self.tokenizer = tokenizer
         self.seq_length = seq_length
-        self.samples = build_documents(rows, tokenizer, seq_length, fmt, loss_on, template, overlong)
+        self.samples = build_documents(rows, tokenizer, seq_length, fmt, loss_on, template, overlong, source)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -67,10 +68,11 @@ class SFTDataset:
                 "real_tokens": real, "padding_fraction": 1.0 - real / total if total else 0.0}
 
 
-def build_sft_dataset(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: Any) -> Any:
-    """SFT data set from a ``DataConfig``-like object (format, loss_on, chat_template, overlong, pack)."""
+def build_sft_dataset(rows: list[dict[str, Any]], tokenizer: Tokenizer, data: Any, source: str = "<data>") -> Any:
+    """SFT data set from a ``DataConfig``-like object (format, loss_on, chat_template, overlong, pack); the
+    over-long counts are logged for ``source``."""
     kwargs = dict(fmt=data.format, loss_on=data.loss_on, template=getattr(data, "chat_template", "plain"),
-                  overlong=getattr(data, "overlong", "truncate"))
+                  overlong=getattr(data, "overlong", "truncate"), source=source)
     if getattr(data, "pack", False):
         return PackedSFTDataset(rows, tokenizer, data.seq_length, **kwargs)
     return SFTDataset(rows, tokenizer, data.seq_length, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from engine.data.loaders import load_rows as _load_source
@@ -18,18 +19,21 @@ from engine.data.schemas import Row
 from engine.data.synthetic import SPLITS, UNSPLIT
 
 
-def read_source(source: str, fmt: str, num: int, seed: int, on_error: str = "raise") -> list[Row]:
-    """Validated rows of one source (``num``/``seed`` only matter for ``builtin:`` sources)."""
-    return _load_source(source, fmt, on_error=on_error, num=num, seed=seed)
+def read_source(source: str, fmt: str, num: int, seed: int, on_error: str = "raise",
+                formats: Optional[Sequence[str]] = None) -> list[Row]:
+    """Validated rows of one source (``num``/``seed`` only matter for ``builtin:`` sources); ``formats``
+    are those the run trains on, so a row's format hint names no other."""
+    return _load_source(source, fmt, on_error=on_error, num=num, seed=seed, formats=formats)
 
 
-def load_rows(data: Any, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def load_rows(data: Any, seed: int, formats: Optional[Sequence[str]] = None) -> tuple[list[dict[str, Any]],
+                                                                                      list[dict[str, Any]]]:
     """Training and validation rows; without a validation source a seeded holdout is split off."""
     fmt = getattr(data, "format", "chat")
     on_error = getattr(data, "on_error", "raise")
-    rows = read_source(data.source, fmt, data.num_samples, seed, on_error)
+    rows = read_source(data.source, fmt, data.num_samples, seed, on_error, formats)
     if data.validation_source:
-        return rows, read_source(data.validation_source, fmt, data.num_samples, seed + 1, on_error)
+        return rows, read_source(data.validation_source, fmt, data.num_samples, seed + 1, on_error, formats)
     holdout = int(len(rows) * data.validation_fraction)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -70,7 +74,8 @@ def hold_out_prompts(rows: list[dict[str, Any]], fraction: float, seed: int) -> 
     return [r for r in rows if _prompt_key(r) not in held], [r for r in rows if _prompt_key(r) in held]
 
 
-def paired_rows(data: Any, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def paired_rows(data: Any, seed: int, formats: Optional[Sequence[str]] = None) -> tuple[list[dict[str, Any]],
+                                                                                        list[dict[str, Any]]]:
     """Training and validation rows of data whose rows group by prompt (reward models, DPO).
 
     Without ``data.validation_source`` validation comes from ``data.source``: a ``builtin:``
@@ -79,10 +84,10 @@ def paired_rows(data: Any, seed: int) -> tuple[list[dict[str, Any]], list[dict[s
     holds out ``data.validation_fraction`` of its rows, whole prompts at a time.
     """
     if data.validation_source:
-        return load_rows(data, seed)
+        return load_rows(data, seed, formats)
     if data.source.startswith("builtin:"):
         held_out = validation_split(data.source)
-        return (read_source(data.source, data.format, data.num_samples, seed, data.on_error),
-                read_source(held_out or data.source, data.format, data.num_samples, seed + 1, data.on_error))
-    rows = read_source(data.source, data.format, data.num_samples, seed, data.on_error)
+        return (read_source(data.source, data.format, data.num_samples, seed, data.on_error, formats),
+                read_source(held_out or data.source, data.format, data.num_samples, seed + 1, data.on_error, formats))
+    rows = read_source(data.source, data.format, data.num_samples, seed, data.on_error, formats)
     return hold_out_prompts(rows, data.validation_fraction, seed)

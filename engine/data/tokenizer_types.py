@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Optional
 
+from engine.errors import ConfigError
+
 
 def sentencepiece_proto_module() -> Any:
     """sentencepiece's generated protobuf module (``ModelProto``, ``TrainerSpec``)."""
@@ -40,8 +42,8 @@ class SentencePieceTokenizer:
             self._sp.Load(model)
         self.vocab_size = int(self._sp.GetPieceSize())
         if self._sp.eos_id() < 0:
-            raise ValueError(f"tokenizer {self.name}: the sentencepiece model has no EOS piece; "
-                             "retrain it with eos_id set")
+            raise ConfigError(f"tokenizer {self.name}: the sentencepiece model has no EOS piece; "
+                              "retrain it with eos_id set")
         self.eos_id = int(self._sp.eos_id())
         self.add_bos = self._sp.bos_id() >= 0
         self.bos_id = int(self._sp.bos_id()) if self.add_bos else self.eos_id
@@ -91,8 +93,8 @@ class HFTokenizer:
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
         eos_token = eos_token or _first_present(vocab, _EOS_NAMES)
         if eos_token is None or eos_token not in vocab:
-            raise ValueError(f"tokenizer {name}: no EOS token found (looked for {eos_token or _EOS_NAMES}); "
-                             "put a tokenizer_config.json with eos_token beside it")
+            raise ConfigError(f"tokenizer {name}: no EOS token found (looked for {eos_token or _EOS_NAMES}); "
+                              "put a tokenizer_config.json with eos_token beside it")
         self.eos_id = int(vocab[eos_token])
         bos_token = bos_token or _first_present(vocab, _BOS_NAMES)
         has_bos = bos_token is not None and bos_token in vocab

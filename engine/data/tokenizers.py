@@ -37,6 +37,7 @@ from engine.data.tokenizer_types import HFTokenizer as HFTokenizer
 from engine.data.tokenizer_types import SentencePieceTokenizer as SentencePieceTokenizer
 from engine.data.tokenizer_types import _chat_template, _tokenizer_config
 from engine.data.tokenizer_types import sentencepiece_proto_module as sentencepiece_proto_module
+from engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +98,14 @@ def _resolve_directory(spec: str) -> str:
         candidate = os.path.join(spec, name)
         if os.path.isfile(candidate):
             return candidate
-    raise ValueError(f"data.tokenizer={spec!r}: the directory has no tokenizer.json or tokenizer.model")
+    raise ConfigError(f"data.tokenizer={spec!r}: the directory has no tokenizer.json or tokenizer.model")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """``'byte'``, ``'builtin-sp'``, or a tokenizer file / directory (see the module docstring)."""
+    """``'byte'``, ``'builtin-sp'``, or a tokenizer file / directory (see the module docstring).
+
+    A spec naming no tokenizer is a :class:`~engine.errors.ConfigError` (one line from the CLI, on each rank).
+    """
     if spec == "byte":
         return ByteTokenizer()
     if spec == "builtin-sp":
@@ -111,8 +115,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if os.path.isdir(spec):
         spec = _resolve_directory(spec)
     if not os.path.isfile(spec):
-        raise ValueError(f"data.tokenizer={spec!r}: expected 'byte', 'builtin-sp' or an existing .model, "
-                         "tokenizer .json or .gguf file")
+        raise ConfigError(f"data.tokenizer={spec!r}: expected 'byte', 'builtin-sp' or an existing .model, "
+                          "tokenizer .json or .gguf file")
     if spec.endswith(".model"):
         tokenizer = SentencePieceTokenizer(spec)
         directory = os.path.dirname(os.path.abspath(spec))
@@ -124,5 +128,5 @@ def load_tokenizer(spec: str) -> Tokenizer:
         from engine.data.gguf_tokenizer import load_gguf_tokenizer
 
         return load_gguf_tokenizer(spec)
-    raise ValueError(f"data.tokenizer={spec!r}: unknown tokenizer file type; use a sentencepiece .model, "
-                     "a tokenizer.json or a .gguf file")
+    raise ConfigError(f"data.tokenizer={spec!r}: unknown tokenizer file type; use a sentencepiece .model, "
+                      "a tokenizer.json or a .gguf file")

@@ -88,3 +88,20 @@ def test_describe_lists_the_defaults_an_owner_sets_for_its_sections() -> None:
 
     assert default(SteerLM2, "iterative.iterations") == "int, default 2"  # the recipe's 2, not the section's 3
     assert default(IterativeDPO, "iterative.iterations") == "int, default 3"
+
+
+def test_min_lr_above_lr_names_both_keys() -> None:
+    """megatron's scheduler asserted ``max_lr >= min_lr`` in a traceback after the model was built."""
+    with pytest.raises(ConfigError, match=r"optimizer.min_lr=0.1 exceeds optimizer.lr=0.01; lower optimizer.min_lr"):
+        load_config(TrainConfig, None, ["optimizer.min_lr=0.1", "optimizer.lr=0.01"])
+    assert load_config(TrainConfig, None, ["optimizer.min_lr=0.01", "optimizer.lr=0.01"]).optimizer.min_lr == 0.01
+
+
+def test_sft_refuses_formats_it_cannot_train_on() -> None:
+    """``data.format=pairs`` passed the config and failed in a traceback when the SFT rows were rendered."""
+    from engine.algorithms.sft import CONFIG as SFT
+
+    with pytest.raises(ConfigError, match=r"command-line overrides: keel train sft trains on data.format 'chat' or "
+                                          r"'text', got 'pairs'"):
+        load_config(SFT, None, ["data.format=pairs"])
+    assert load_config(SFT, None, ["data.format=text"]).data_formats() == ("chat", "text")

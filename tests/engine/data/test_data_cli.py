@@ -78,9 +78,12 @@ def test_validate_takes_its_settings_from_a_run_config(tmp_path: Path, capsys: p
     assert summary("--config", str(run), "--seq-length", "64")["overlong"] == 1  # the command line wins
     assert summary("--format", "pairs")["seq_length"] == 128  # keel train sft's default, without a run
     plain = tmp_path / "plain.yaml"
-    plain.write_text("data:\n  format: pairs\n")
+    plain.write_text("data:\n  chat_template: plain\n")
     assert summary("--config", str(plain))["seq_length"] == 128  # no algorithm's own section: keel train sft's
+    plain.write_text("data:\n  format: pairs\n")
     assert summary("--config", str(plain), "--algorithm", "dpo")["seq_length"] == 256
+    assert _run(["validate", str(pairs), "--config", str(plain)]) == 1  # keel train sft cannot train on pairs
+    assert "keel train sft trains on data.format 'chat' or 'text', got 'pairs'" in capsys.readouterr().out
     for text, message in (("- a list\n", "the top level must be a mapping"),
                           ("rollout:\n  temperature: 1.0\n", "suits grpo, ppo, reinforce: say which with --algorithm"),
                           ("dpo:\n  beta: 0.1\nrm:\n  type: bt\n", "no keel train algorithm has all of its sections")):

@@ -161,3 +161,40 @@ def test_a_row_of_another_format_says_which_format_it_has() -> None:
     with pytest.raises(DataError) as plain:  # nothing to guess from: the message as before
         check_row("pairs", {"prompt": "a?"}, Where("p.jsonl", 1))
     assert "data.format=" not in str(plain.value)
+
+
+def test_the_format_hint_names_only_formats_the_run_trains_on() -> None:
+    """SFT on a pairs file said "set data.format=pairs", which SFT then refused; DPO on a chat file said
+    "set data.format=chat", which DPO refuses."""
+    from engine.data.errors import Where
+
+    pair = {"prompt": "a?", "chosen": "b", "rejected": "c"}
+    with pytest.raises(DataError) as sft:
+        check_row("chat", pair, Where("pairs.jsonl", 1), formats=("chat", "text"))
+    assert "set data.format" not in str(sft.value), sft.value
+    assert "the row has the fields of data.format=pairs, which this run does not train on; it reads 'chat' or " \
+           "'text'" in str(sft.value), sft.value
+    chat = {"messages": [USER, ASSISTANT]}
+    with pytest.raises(DataError, match=r"data.format=chat, which this run does not train on; it reads 'pairs', "
+                                        r"'attributes' or 'helpsteer2_preference'"):
+        check_row("attributes", chat, Where("chat.jsonl", 1), formats=("pairs", "attributes", "helpsteer2_preference"))
+    with pytest.raises(DataError, match=r"set data.format=pairs"):  # a format the run reads is still suggested
+        check_row("attributes", pair, Where("pairs.jsonl", 1), formats=("pairs", "attributes"))
+
+
+def test_load_rows_passes_the_formats_on(tmp_path: Path) -> None:
+    from engine.data.sources import load_rows as load_source_rows
+    from engine.data.sources import paired_rows
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "a?", "chosen": "b", "rejected": "c"}) + "\n")
+
+    class Data:
+        source, validation_source, format, num_samples, on_error, validation_fraction = \
+            str(path), None, "chat", 8, "raise", 0.0
+
+    with pytest.raises(DataError, match=r"which this run does not train on; it reads 'chat' or 'text'"):
+        load_source_rows(Data(), 0, formats=("chat", "text"))
+    Data.format = "attributes"
+    with pytest.raises(DataError, match=r"which this run does not train on; it reads 'attributes'"):
+        paired_rows(Data(), 0, formats=("attributes",))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 
+from engine.data.packing import PackedSFTDataset
 from engine.data.sft import SFTDataset, build_sft_dataset
 from engine.data.tokenizers import ByteTokenizer
 
@@ -54,3 +57,46 @@ def test_build_from_config_object() -> None:
 
     data = build_sft_dataset([_chat("a", "b"), _chat("c", "d")], TOK, Data())
     assert type(data).__name__ == "PackedSFTDataset" and len(data) == 1
+
+
+def test_truncated_rows_are_counted_per_source(caplog: pytest.LogCaptureFixture) -> None:
+    """data.overlong's help says counts are logged per source; truncation used to be silent."""
+    rows = [_chat("Hi", "x" * 50), _chat("Hi", "ok"), _chat("Hi", "y" * 60)]
+    with caplog.at_level(logging.INFO):
+        SFTDataset(rows, TOK, 32, source="chat.jsonl")
+    assert "chat.jsonl: truncated 2 of 3 rows longer than seq_length+1=33 tokens to their first 33 " \
+           "(data.overlong=truncate)" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        PackedSFTDataset(rows[1:2], TOK, 32, source="short.jsonl")
+    assert "short.jsonl: all 1 rows fit seq_length+1=33 tokens" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        SFTDataset(rows, TOK, 32, overlong="drop", source="chat.jsonl")
+    assert "chat.jsonl: dropped 2 of 3 rows longer than seq_length+1=33 tokens (data.overlong=drop)" in caplog.text
+
+
+def test_sft_step_logs_the_counts_of_each_source(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from engine.algorithms.sft import CONFIG, create
+    from engine.config import load_config
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(_chat("Hi", "x" * (10 * i))) + "\n" for i in range(1, 11)))
+    config = load_config(CONFIG, None, [f"data.source={path}", "data.seq_length=32", "data.validation_fraction=0.5"])
+    with caplog.at_level(logging.INFO):
+        create(config).build_datasets(config, TOK)
+    assert caplog.text.count(f"{path}: truncated ") == 1 and f"{path} (validation): truncated " in caplog.text, \
+        caplog.text
+
+
+def test_sft_on_a_pairs_file_does_not_suggest_pairs(tmp_path: Path) -> None:
+    from engine.algorithms.sft import CONFIG, create
+    from engine.config import load_config
+    from engine.data.errors import DataError
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "a?", "chosen": "b", "rejected": "c"}) + "\n")
+    config = load_config(CONFIG, None, [f"data.source={path}"])
+    with pytest.raises(DataError, match=r"data.format=pairs, which this run does not train on") as err:
+        create(config).build_datasets(config, TOK)
+    assert "set data.format=pairs" not in str(err.value)

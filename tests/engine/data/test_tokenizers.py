@@ -145,3 +145,16 @@ def test_load_tokenizer_errors(tmp_path: Path) -> None:
     write_gguf_tokenizer(gguf_path, "rwkv", ["a", "b"], [1, 1])
     with pytest.raises(ValueError, match="'rwkv' is not supported"):
         load_tokenizer(gguf_path)
+
+
+def test_a_bad_tokenizer_spec_is_a_configuration_error(tmp_path: Path) -> None:
+    """``keel train sft data.tokenizer=/nope.model`` printed a ValueError traceback: the CLI prints a
+    ConfigError as one line (on each rank), so every bad spec is one."""
+    from engine.errors import ConfigError
+
+    odd = tmp_path / "vocab.txt"
+    odd.write_text("a")
+    for spec, message in (("/nope.model", "data.tokenizer='/nope.model': expected 'byte', 'builtin-sp' or an existing"),
+                          (str(odd), "unknown tokenizer file type"), (str(tmp_path), "no tokenizer.json")):
+        with pytest.raises(ConfigError, match=message):
+            load_tokenizer(spec)

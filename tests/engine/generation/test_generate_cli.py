@@ -168,3 +168,32 @@ def test_generate_refuses_a_partial_output_of_other_options(checkpoint: Path, tm
     code, err = _main(capsys, *argv)
     assert code == 2 and f"{partial} holds 1 completions of an earlier run whose options are unknown" in err, err
     assert partial.read_text().startswith('{"prompt": "p"')  # left as it was
+
+
+def test_a_missing_prompts_file_names_the_argument(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "(check data.source)", which keel generate has no option for."""
+    missing = tmp_path / "nope.jsonl"
+    code, err = _main(capsys, str(tmp_path / "no-checkpoint"), str(missing), str(tmp_path / "o.jsonl"))
+    assert code == 1 and f"{missing}: field '<source>': expected an existing .jsonl, .json or .parquet file" in err, err
+    assert "data.source" not in err and "keel generate's prompts argument" in err, err
+
+
+@pytest.mark.parametrize("max_length, given, message", [
+    (10, True, "p.jsonl, line 1: field 'prompt': the prompt has 12 tokens, which leaves no room to generate within "
+               "--max-length 10; shorten the prompt or raise --max-length (at most the model's context of 64 tokens)"),
+    (10, False, "the prompt has 12 tokens, which leaves no room to generate within --max-length (default: the "
+                "checkpoint's data.seq_length=10); shorten the prompt or raise --max-length"),
+    (100, True, "the prompt has 64 tokens, which leaves no room to generate within the model's context of 64 "
+                "tokens; shorten the prompt"),
+])
+def test_a_prompt_without_room_names_the_option_to_raise(max_length: int, given: bool, message: str) -> None:
+    """It said "raise the model's max_length" where the fix is --max-length."""
+    from engine.config import ConfigError
+    from engine.generate import _check_room
+
+    short = [[5] * 3]
+    _check_room(short, max_length, given, 64, ["p.jsonl, line 1: field 'prompt'"])  # room left: no error
+    prompt = [[5] * (12 if max_length < 64 else 64)]
+    with pytest.raises(ConfigError) as err:
+        _check_room(prompt, max_length, given, 64, ["p.jsonl, line 1: field 'prompt'"])
+    assert message in str(err.value) and "model's max_length" not in str(err.value), err.value
