@@ -89,9 +89,9 @@ class Trainer:
         self.run_dir = config.run.output_dir
         self.signals = StopSignals()
         self._check_load_before_building()
+        self.tokenizer = load_tokenizer(config.data.tokenizer)  # a bad tokenizer file is refused before the build
         self.model = ModelRunner.trained(config, parallel, step.model_class())
         preset = self.model.preset
-        self.tokenizer = load_tokenizer(config.data.tokenizer)
         if self.tokenizer.vocab_size > preset.vocab_size:
             raise TrainingError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but model {preset.name} has vocab_size="

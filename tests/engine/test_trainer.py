@@ -366,3 +366,15 @@ def test_a_missing_checkpoint_load_is_refused_before_the_model_is_built(tmp_path
     monkeypatch.setattr(trainer_module.ModelRunner, "trained", never)
     with single_process_parallel() as parallel, pytest.raises(CheckpointError, match="no complete checkpoint there"):
         _trainer(tmp_path, parallel, f"checkpoint.load={tmp_path / 'sft' / 'checkpoints'}")
+
+
+def test_a_bad_tokenizer_is_refused_before_the_model_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import trainer as trainer_module
+    from engine.config import ConfigError
+
+    def never(*args: object) -> None:
+        raise AssertionError("the model was built before data.tokenizer was read")
+
+    monkeypatch.setattr(trainer_module.ModelRunner, "trained", never)
+    with single_process_parallel() as parallel, pytest.raises(ConfigError, match="data.tokenizer="):
+        _trainer(tmp_path, parallel, f"data.tokenizer={tmp_path / 'nope.model'}")
