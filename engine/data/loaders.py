@@ -134,7 +134,7 @@ def iter_records(source: str, num: int = 512, seed: int = 0) -> Iterator[tuple[W
                         hint="rename or convert the file")
     else:
         raise DataError(None, "<source>", "an existing file, hf:<org>/<name> or builtin:<name>", got=source,
-                        source=source, hint="check data.source")
+                        source=source, hint=f"no such file (a relative path starts from {os.getcwd()})")
 
 
 def parsed_records(source: str) -> Iterator[tuple[Where, Any]]:

@@ -47,3 +47,12 @@ def test_training_sources_honour_format_and_on_error(tmp_path: Any) -> None:
     Data.on_error = "raise"
     with pytest.raises(DataError, match="line 21"):
         load_train_rows(Data(), seed=1)
+
+
+def test_a_missing_file_is_named_without_blaming_data_source(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reader of a file (rollout.prompts, keel data convert, ...) said "check data.source"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as caught:
+        load_rows("prompts/mine.jsonl", "prompts")
+    assert "prompts/mine.jsonl" in str(caught.value) and f"a relative path starts from {tmp_path}" in str(caught.value)
+    assert "data.source" not in str(caught.value)
