@@ -111,7 +111,22 @@ def parse_reward_configs(value: Any, where: str = "reward_functions") -> list[Re
             raise ConfigError(f"{where}[{index}] must be a mapping like {{name: math_answer, weight: 1.0}}, "
                               f"got {item!r}")
     check_unique(configs, where)
+    check_registered(configs, where)
     return configs
+
+
+def check_registered(configs: Sequence[RewardFunctionConfig], where: str) -> None:
+    """An unknown reward name is refused with the config, not after the models are built. A list with a
+    ``module:function`` entry is left to the run: importing that module (rank 0 only) may register names."""
+    if any(":" in config.name for config in configs):
+        return
+    from engine.rewards.registry import resolve_reward
+
+    for index, config in enumerate(configs):
+        try:
+            resolve_reward(config.name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}[{index}]: {exc}") from None
 
 
 def check_judged(configs: Sequence[RewardFunctionConfig], rows: Sequence[Any]) -> None:

@@ -108,6 +108,11 @@ def test_parse_names_the_entry() -> None:
         parse_reward_configs([{"name": "math_answer", "on_error": "nope"}], "grpo.rewards")
     with pytest.raises(ConfigError, match="'regex_format' is listed twice; give each a distinct 'label'"):
         parse_reward_configs([{"name": "regex_format"}, {"name": "regex_format"}], "grpo.rewards")
+    # an unknown name is refused with the config (it was found after the models were built); a list with a
+    # module:function entry is left to the run, whose import of that module may register more names
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[1\]: unknown reward function 'nosuch'; registered: .*math_answer"):
+        parse_reward_configs([{"name": "math_answer"}, {"name": "nosuch"}], "grpo.rewards")
+    assert len(parse_reward_configs([{"name": "nosuch"}, {"name": f"{SAMPLE}:brevity"}], "grpo.rewards")) == 2
 
 
 @dataclass
