@@ -123,7 +123,7 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
     if result.validation:
         step = max(result.validation)
         lines.append(f"  validation {trainer.step.loss_name} at step {step}: {result.validation[step]:.4f}")
-    held_out = getattr(trainer, "held_out", None)  # online RL: the rewards of the held-out prompts' answers
+    held_out = getattr(trainer, "held_out_results", None)  # online RL: the rewards of the held-out prompts' answers
     if held_out:
         step = max(held_out)
         lines.append(f"  held-out at iteration {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out[step].items()))

@@ -41,7 +41,7 @@ class OnlineTrainer(Trainer):
         self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
         self.phase.check_fit([*self.train_data, *self.valid_data])  # type: ignore[misc]
         self.critic = step.build_critic(config, parallel)
-        self.held_out: dict[int, dict[str, float]] = {}  # iteration: its held-out evaluation (for the summary)
+        self.held_out_results: dict[int, dict[str, float]] = {}  # iteration: its held-out evaluation (for the summary)
         self.critic_checkpoint: Optional[str] = None  # the critic's last checkpoint (PPO)
 
     # ------------------------------------------------------------------ rollouts
@@ -250,7 +250,7 @@ class OnlineTrainer(Trainer):
     def _log_validation(self, step_number: int, result: FitResult) -> Optional[float]:
         valid = self.evaluate()
         if valid:
-            self.held_out[step_number] = valid
+            self.held_out_results[step_number] = valid
             self.metrics.write(step_number, valid, prefix="validation")
             logger.info("held-out at iteration %d: %s", step_number,
                         ", ".join(f"{k} {v:.4f}" for k, v in sorted(valid.items())))

@@ -39,8 +39,8 @@ def test_the_online_summary_shows_the_held_out_result_and_the_critic_checkpoint(
     trainer = SimpleNamespace(model=SimpleNamespace(preset=PRESETS["tiny-llama"]), best_validation=None,
                               step=SimpleNamespace(online=True, loss_name="policy_loss"),
                               layout=SimpleNamespace(describe=lambda: "TP1×PP1×DP1"),
-                              held_out={2: {"reward": 0.25, "response_length": 9.0},
-                                        4: {"reward": 0.5, "response_length": 7.5, "reward_synthetic_check": 0.5}},
+                              held_out_results={2: {"reward": 0.25, "response_length": 9.0},
+                                                4: {"reward": 0.5, "response_length": 7.5, "reward_synthetic_check": 0.5}},
                               critic_checkpoint=str(checkpoints / "critic" / "step_0000004"))
     result = FitResult(start_step=0, end_step=4, losses={1: 0.5, 4: 0.25},
                        checkpoint=str(checkpoints / "step_0000004"))
