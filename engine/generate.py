@@ -209,24 +209,6 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"{option} {value}: must be at least 1")
 
 
-def _check_room(rendered: list[list[int]], max_length: int, given: bool, context: int, names: list[str]) -> None:
-    """A prompt that leaves no room to generate, refused with the option that makes room: ``--max-length``
-    (``given``, else the checkpoint's data.seq_length, caps prompt + completion) or, past the model's
-    context, none but a shorter prompt."""
-    for name, prompt in zip(names, rendered, strict=True):
-        if not prompt:
-            return  # check_prompts names the first empty prompt
-        if len(prompt) >= context:
-            raise ConfigError(f"{name}: the prompt has {len(prompt)} tokens, which leaves no room to generate within "
-                              f"the model's context of {context} tokens; shorten the prompt")
-        if len(prompt) >= max_length:
-            cap = f"--max-length {max_length}" if given else \
-                f"--max-length (default: the checkpoint's data.seq_length={max_length})"
-            raise ConfigError(f"{name}: the prompt has {len(prompt)} tokens, which leaves no room to generate within "
-                              f"{cap}; shorten the prompt or raise --max-length (at most the model's context of "
-                              f"{context} tokens)")
-
-
 def _check_inputs(args: argparse.Namespace) -> Job:
     """Everything that can be wrong with the command, found before the model loads."""
     from engine.data.tokenizers import load_tokenizer, warn_if_foreign
@@ -249,8 +231,8 @@ def _check_inputs(args: argparse.Namespace) -> Job:
     rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in rows]
     context = preset.max_sequence_length
     names = [f"{where}: field 'prompt'" for where, _ in parsed_records(args.prompts)]
-    _check_room(rendered, max_length, bool(args.max_length), context, names)
-    check_prompts(rendered, sampling, context, names=names)
+    default = None if args.max_length else f"--max-length (default: the checkpoint's data.seq_length={max_length})"
+    check_prompts(rendered, sampling, context, names=names, option="--max-length", cap=default)
     return Job(config, os.path.realpath(path), tokenizer, template, attributes, rows, sampling, _sha256(args.prompts))
 
 

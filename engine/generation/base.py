@@ -135,17 +135,23 @@ def backend_class(name: str) -> Any:
 
 
 def check_prompts(prompts: list[list[int]], params: SamplingParams, context: Optional[int],
-                  names: Optional[list[str]] = None) -> None:
+                  names: Optional[list[str]] = None, option: str = "max_length", cap: Optional[str] = None) -> None:
     """One clear error, before any work, for empty prompts or prompts that leave no room to generate.
 
-    ``names[i]`` says where prompt ``i`` came from (``file:line``); the default is its index.
+    ``names[i]`` says where prompt ``i`` came from (``file:line``); the default is its index. A prompt that
+    fills the model's ``context`` can only be shortened; one that fills ``params.max_length`` below it is told
+    to raise ``option``, the setting the caller reads it from (``cap`` describes its value; default
+    ``"<option> <max_length>"``).
     """
-    limit = min(x for x in (params.max_length, context) if x) if (params.max_length or context) else 0
+    within = f"{cap or f'{option} {params.max_length}'}; shorten the prompt or raise {option}"
+    if context:
+        within += f" (at most the model's context of {context} tokens)"
     for i, prompt in enumerate(prompts):
         where = names[i] if names else f"prompt {i}"
         if not prompt:
             raise ConfigError(f"{where}: the prompt is empty")
-        if limit and len(prompt) >= limit:
-            raise ConfigError(
-                f"{where}: the prompt has {len(prompt)} tokens, which leaves no room to generate within the context of "
-                f"{limit} tokens; shorten the prompt or raise the model's max_length")
+        no_room = f"{where}: the prompt has {len(prompt)} tokens, which leaves no room to generate within "
+        if context and len(prompt) >= context:
+            raise ConfigError(f"{no_room}the model's context of {context} tokens; shorten the prompt")
+        if params.max_length and len(prompt) >= params.max_length:
+            raise ConfigError(no_room + within)

@@ -189,11 +189,15 @@ def test_a_missing_prompts_file_names_the_argument(tmp_path: Path, capsys: pytes
 def test_a_prompt_without_room_names_the_option_to_raise(max_length: int, given: bool, message: str) -> None:
     """It said "raise the model's max_length" where the fix is --max-length."""
     from engine.config import ConfigError
-    from engine.generate import _check_room
+    from engine.generation.base import SamplingParams, check_prompts
 
-    short = [[5] * 3]
-    _check_room(short, max_length, given, 64, ["p.jsonl, line 1: field 'prompt'"])  # room left: no error
+    def check(prompts: list[list[int]]) -> None:  # as keel generate calls it
+        default = None if given else f"--max-length (default: the checkpoint's data.seq_length={max_length})"
+        check_prompts(prompts, SamplingParams(max_length=max_length), 64, ["p.jsonl, line 1: field 'prompt'"],
+                      option="--max-length", cap=default)
+
+    check([[5] * 3])  # room left: no error
     prompt = [[5] * (12 if max_length < 64 else 64)]
     with pytest.raises(ConfigError) as err:
-        _check_room(prompt, max_length, given, 64, ["p.jsonl, line 1: field 'prompt'"])
+        check(prompt)
     assert message in str(err.value) and "model's max_length" not in str(err.value), err.value
