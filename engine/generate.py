@@ -111,7 +111,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     Each prompt is checked as the ``prompts`` schema checks it (a string, or messages ending with a
     user turn), so a bad one is a :class:`DataError` naming the file, line and field.
     """
-    if not os.path.isfile(path):  # parsed_records would say "check data.source", no option of keel generate
+    if not os.path.isfile(path):  # the loaders would also offer hf: and builtin: sources, which keel generate does not read
         raise DataError(None, "<source>", "an existing .jsonl, .json or .parquet file", got=path, source=path,
                         hint="check keel generate's prompts argument")
     rows = []
