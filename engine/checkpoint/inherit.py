@@ -69,14 +69,6 @@ def inherit_from_checkpoint(cls: type, data: dict[str, Any]) -> tuple[dict[str, 
     return dict(data, model=user_model, data=user_data), taken
 
 
-def _tokenizer_file(spec: str) -> Optional[Path]:
-    """The file a tokenizer spec names (a directory's tokenizer.json or .model), None for a built-in or a missing path."""
-    path = Path(spec)
-    if path.is_dir():
-        path = next((path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()), path)
-    return path if path.is_file() else None
-
-
 def refuse_other_tokenizer(load: str, mine: Optional[str], theirs: Optional[str]) -> None:
     """A ``data.tokenizer`` the user set that is not the one ``checkpoint.load`` was trained with is refused:
     its ids would stand for other tokens, and the run would train on, with a loss that only looks high.
@@ -84,7 +76,9 @@ def refuse_other_tokenizer(load: str, mine: Optional[str], theirs: Optional[str]
     on this machine (moved with the weights to another place) cannot be compared and is let through."""
     if mine is None or theirs is None or mine == theirs:
         return
-    mine_file, theirs_file = _tokenizer_file(mine), _tokenizer_file(theirs)
+    from engine.data.tokenizers import tokenizer_file
+
+    mine_file, theirs_file = tokenizer_file(mine), tokenizer_file(theirs)
     if theirs_file is None and theirs not in ("byte", "builtin-sp"):
         return
     if mine_file is not None and theirs_file is not None and filecmp.cmp(mine_file, theirs_file, shallow=False):

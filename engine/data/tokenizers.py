@@ -93,12 +93,20 @@ def warn_if_foreign(tokenizer: Tokenizer, spec: str, model_name: str, model_voca
                        model_name, model_vocab)
 
 
+def tokenizer_file(spec: str) -> Optional[str]:
+    """The file a tokenizer spec names: the file itself, or a directory's tokenizer.json (else tokenizer.model);
+    None for a built-in name or a path that holds no tokenizer here."""
+    if os.path.isdir(spec):
+        return next((os.path.join(spec, name) for name in ("tokenizer.json", "tokenizer.model")
+                     if os.path.isfile(os.path.join(spec, name))), None)
+    return spec if os.path.isfile(spec) else None
+
+
 def _resolve_directory(spec: str) -> str:
-    for name in ("tokenizer.json", "tokenizer.model"):
-        candidate = os.path.join(spec, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise ConfigError(f"data.tokenizer={spec!r}: the directory has no tokenizer.json or tokenizer.model")
+    found = tokenizer_file(spec)
+    if found is None:
+        raise ConfigError(f"data.tokenizer={spec!r}: the directory has no tokenizer.json or tokenizer.model")
+    return found
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
