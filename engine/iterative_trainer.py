@@ -204,7 +204,7 @@ class IterativeTrainer(Trainer):
         cfg = self.config
         start = self._begin()  # iterations after the checkpoint are logged again
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
-        self.signals.__enter__()
+        self.signals.install()
         progress = self._progress(start, cfg.iterative.iterations, "iteration")
         try:
             if start == 0:
@@ -228,5 +228,5 @@ class IterativeTrainer(Trainer):
                 progress.close()
             self.phase.close()
             self.metrics.close()
-            self.signals.__exit__()
+            self.signals.restore()
         return result  # curves.png was drawn with each iteration's checkpoint

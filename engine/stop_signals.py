@@ -21,7 +21,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    """Installs the handlers on ``__enter__`` (main thread only) and puts the previous ones back on ``__exit__``."""
+    """:meth:`install` sets the handlers (main thread only), :meth:`restore` puts the previous ones back; or use
+    it as a context manager."""
 
     def __init__(self) -> None:
         self.received: Optional[str] = None  # the name of the first stop signal, once one came
@@ -41,15 +42,21 @@ class StopSignals:
         elif signum == signal.SIGINT and now - self._first_at > REPEAT_S:
             raise KeyboardInterrupt
 
-    def __enter__(self) -> StopSignals:
+    def install(self) -> None:
         for signum in SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread: the caller's handlers stay
                 break
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def restore(self) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+    def __enter__(self) -> StopSignals:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()

@@ -250,7 +250,7 @@ class Trainer:
         cfg = self.config
         start = self._begin()
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
-        self.signals.__enter__()
+        self.signals.install()
         if cfg.run.eval_at_start and start == 0:
             self._log_validation(0, result)
         progress = self._progress(start)
@@ -290,7 +290,7 @@ class Trainer:
             if progress is not None:
                 progress.close()
             self.metrics.close()
-            self.signals.__exit__()
+            self.signals.restore()
         result.tokens_per_second = tokens_total / time_total if time_total else 0.0
         return result
 
