@@ -42,10 +42,9 @@ class MetricsWriter:
         """
         if not self.enabled or self._file is None:
             return
-        with open(self.path, errors="replace") as fh:
-            written = sum(1 for line in fh if line.strip())
-        lines = [line for line, record in parse_records(self.path) if record.get("step", 0) <= step]
-        dropped = written - len(lines)
+        parsed, skipped = _parse(self.path)
+        lines = [line for line, record in parsed if record.get("step", 0) <= step]
+        dropped = skipped + len(parsed) - len(lines)
         if not dropped:
             return
         self._file.close()
@@ -81,7 +80,12 @@ def parse_records(path: str) -> list[tuple[str, dict[str, Any]]]:
     in a newline. A line that does not (a write cut short by a crash or a full disk, NUL bytes a file
     system left after a node failure) is skipped with a warning naming it: the curves and a resumed run
     go on with the records that are whole."""
-    parsed = []
+    return _parse(path)[0]
+
+
+def _parse(path: str) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """:func:`parse_records`' pairs, and how many non-blank lines it skipped, from one read of the file."""
+    parsed, skipped = [], 0
     with open(path, errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             text = line.strip()
@@ -93,9 +97,10 @@ def parse_records(path: str) -> list[tuple[str, dict[str, Any]]]:
                 record = None
             if not isinstance(record, dict):
                 logger.warning("%s, line %d: not a JSON record (a write cut short?); skipped", path, number)
+                skipped += 1
                 continue
             parsed.append((text + "\n", record))
-    return parsed
+    return parsed, skipped
 
 
 def read_metrics(run_dir: str, split: str = "train") -> list[dict[str, Any]]:
