@@ -65,7 +65,6 @@ class IterativeTrainer(Trainer):
         self.prompts: list[Any] = list(self.train_data)  # type: ignore[call-overload]  # PromptRows
         self.held_out: list[Any] = list(self.valid_data)  # type: ignore[call-overload]
         self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
-        self.phase.check_fit([*self.train_data, *self.valid_data])  # type: ignore[misc]
         self.prompt_sampler = self.sampler  # what checkpoints record (a round's sampler changes every iteration)
         self.new_chunks = 0  # chunks this process generated (the in-sample fault point counts them)
 

@@ -39,7 +39,6 @@ class OnlineTrainer(Trainer):
         self.sampler = GlobalBatchSampler(len(self.train_data), rollout.prompts_per_iteration,
                                           rollout.prompts_per_iteration, 0, 1, config.run.seed)
         self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
-        self.phase.check_fit([*self.train_data, *self.valid_data])  # type: ignore[misc]
         self.critic = step.build_critic(config, parallel)
         self.held_out_results: dict[int, dict[str, float]] = {}  # iteration: its held-out evaluation (for the summary)
         self.critic_checkpoint: Optional[str] = None  # the critic's last checkpoint (PPO)

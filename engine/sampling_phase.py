@@ -70,23 +70,6 @@ class SamplingPhase:
         """Prompt ids of ``row`` (a PromptRow) with the run's template; SteerLM ``attributes`` need ``nemotron``."""
         return render_prompt(row.messages, self.tokenizer, self.template, attributes)
 
-    def check_fit(self, rows: list[Any]) -> None:
-        """Every prompt leaves room to generate within ``data.seq_length``, and the reward functions can judge
-        the prompts (:func:`engine.rewards.config.check_judged`): one error naming its file, line and field
-        before any work (the backend's own check comes at the prompt's first iteration, maybe hours in)."""
-        from engine.data.errors import DataError
-        from engine.rewards.config import check_judged
-
-        check_judged(self.config.reward_functions or [], rows)
-
-        limit = self.config.data.seq_length
-        for row in rows:
-            length = len(self.render(row))
-            if length >= limit:
-                raise DataError(row.where, "prompt", f"fewer than data.seq_length={limit} tokens with the "
-                                f"{self.template!r} template, to leave room to generate", f"{length} tokens",
-                                source=self.config.rollout.prompts, hint="shorten or drop it, or raise data.seq_length")
-
     def decode(self, tokens: list[int], reason: str) -> str:
         return str(self.tokenizer.decode(tokens[:-1] if reason == "stop" else tokens))
 

@@ -90,6 +90,9 @@ class Trainer:
         self.signals = StopSignals()
         self._check_load_before_building()
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # a bad tokenizer file is refused before the build
+        # the data too: a bad row costs seconds here, not the minutes of building the models at scale first
+        self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)
+        step.check_datasets(config, self.tokenizer, self.train_data, self.valid_data)
         self.model = ModelRunner.trained(config, parallel, step.model_class())
         preset = self.model.preset
         if self.tokenizer.vocab_size > preset.vocab_size:
@@ -100,7 +103,6 @@ class Trainer:
         if config.checkpoint.load:  # pretrained weights (a random initialisation takes any tokenizer)
             warn_if_foreign(self.tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
         step.setup(config, parallel, self.tokenizer)
-        self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)
         data = config.data
         self.sampler = GlobalBatchSampler(
             len(self.train_data), data.global_batch_size, data.micro_batch_size, parallel.dp_rank, self.layout.data,

@@ -34,12 +34,17 @@ class Step(ABC):
     loss_name: str = "loss"
 
     def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
-        """Build extra (frozen) models or state before the data sets; the default needs none."""
+        """Build extra (frozen) models or state, after the data sets; the default needs none."""
         return None
 
     @abstractmethod
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[StepDataset, StepDataset]:
-        """(train, validation) data sets."""
+        """(train, validation) data sets; built before the models, so they may not need :meth:`setup`'s."""
+
+    def check_datasets(self, config: Any, tokenizer: Any, train: Any, valid: Any) -> None:
+        """Refuse data the run cannot use, with one error naming file, line and field, before the models are
+        built; the default has nothing to check beyond what :meth:`build_datasets` did."""
+        return None
 
     def before_schedule(self, micro_batches: list[Batch]) -> None:
         """Forward-only work on one step's micro-batches before its schedule (in place); default none.

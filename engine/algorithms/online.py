@@ -212,6 +212,25 @@ class PromptSampling:
             held_out = held_out[:rollout.eval_num_prompts]
         return train, held_out
 
+    def check_datasets(self, config: Any, tokenizer: Any, train: Any, valid: Any) -> None:
+        """The reward functions can judge the prompts (:func:`engine.rewards.config.check_judged`), and every
+        prompt leaves room to generate within ``data.seq_length``: one error naming its file, line and field
+        before the models are built (the backend's own check would come at the prompt's first turn, maybe
+        hours in)."""
+        from engine.data.chat import render_prompt
+        from engine.data.errors import DataError
+        from engine.rewards.config import check_judged
+
+        rows = [*train, *valid]
+        check_judged(config.reward_functions or [], rows)
+        limit, template = config.data.seq_length, config.data.chat_template
+        for row in rows:
+            length = len(render_prompt(row.messages, tokenizer, template))
+            if length >= limit:
+                raise DataError(row.where, "prompt", f"fewer than data.seq_length={limit} tokens with the "
+                                f"{template!r} template, to leave room to generate", f"{length} tokens",
+                                hint="shorten or drop it, or raise data.seq_length")
+
 
 class OnlineStep(PromptSampling, Step):
     """An online algorithm: advantages from scores, and a per-token loss on the rollout micro-batches.

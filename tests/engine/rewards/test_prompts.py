@@ -144,20 +144,37 @@ def test_the_default_reward_is_the_synthetic_check_only_for_the_builtin_prompts(
         load_config(GRPOTrainConfig, None, [f"rollout.prompts={mine}"])
 
 
-def test_a_prompt_too_long_to_answer_is_refused_at_the_start_naming_its_line(write_jsonl: Callable[..., str]) -> None:
-    """It used to surface at the iteration that first drew it (maybe hours in) as 'prompt 2' of that batch."""
+def test_prompts_that_cannot_be_answered_or_judged_are_refused_before_the_models_are_built(
+        write_jsonl: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt too long to answer used to surface at the iteration that first drew it (maybe hours in) as
+    'prompt 2' of that batch; then it and a prompt set no reward can judge surfaced only after the models
+    were built (minutes at scale). Both are now refused by the step's data check, which the trainer runs
+    before it builds anything. ``plain`` with the byte tokenizer: 19 ids around the prompt's characters."""
     from types import SimpleNamespace
 
-    from engine.sampling_phase import SamplingPhase
+    from engine import trainer as trainer_module
+    from engine.algorithms.grpo import GRPOTrainConfig, create
+    from engine.config import load_config
 
-    path = write_jsonl([{"prompt": "short"}, {"prompt": "y" * 12}, {"prompt": "z" * 20}])
-    config = SimpleNamespace(data=SimpleNamespace(seq_length=12), rollout=SimpleNamespace(prompts=path),
-                             reward_functions=[])
-    phase = SimpleNamespace(config=config, template="plain", render=lambda row: [0] * len(row.text))
-    rows = load_prompts(path)
-    SamplingPhase.check_fit(phase, rows[:1])  # type: ignore[arg-type]
-    with pytest.raises(DataError, match=rf"{re.escape(path)}, line 2: field 'prompt': .*data.seq_length=12.*12 tokens"):
-        SamplingPhase.check_fit(phase, rows)  # type: ignore[arg-type]
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the models were built before the data was checked")
+
+    monkeypatch.setattr(trainer_module.ModelRunner, "trained", built)
+    path = write_jsonl([{"prompt": "short", "answer": "1"}, {"prompt": "y" * 12, "answer": "2"},
+                        {"prompt": "z" * 20, "answer": "3"}])
+
+    def trainer(*overrides: str) -> None:
+        config = load_config(GRPOTrainConfig, None, [f"rollout.prompts={path}", "data.tokenizer=byte",
+                                                     "data.chat_template=plain", "rollout.eval_prompts=none",
+                                                     *overrides])
+        trainer_module.Trainer(config, create(config), SimpleNamespace(layout=None))
+
+    with pytest.raises(AssertionError, match="models were built"):  # 19 + 20 ids leave room at 40
+        trainer("data.seq_length=40", "reward_functions=[{name: math_answer}]")
+    with pytest.raises(DataError, match=rf"{re.escape(path)}, line 2: field 'prompt': .*data.seq_length=31.*31 tokens"):
+        trainer("data.seq_length=31", "reward_functions=[{name: math_answer}]")
+    with pytest.raises(DataError, match=rf"{re.escape(path)}, line 1: field 'prompt': expected one of the built-in "):
+        trainer("data.seq_length=40", "reward_functions=[{name: synthetic_check}]")
 
 
 def test_a_reward_function_that_can_judge_no_prompt_is_refused_before_any_work(
