@@ -230,6 +230,9 @@ def _check_inputs(args: argparse.Namespace) -> Job:
     warn_if_foreign(tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
     rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in rows]
     context = preset.max_sequence_length
+    if args.max_length > context:  # the backend would stop at the context anyway: say so rather than cap it
+        raise ConfigError(f"--max-length {args.max_length} is beyond the model's context of {context} tokens "
+                          f"({preset.name}); give at most {context}")
     names = [f"{where}: field 'prompt'" for where, _ in parsed_records(args.prompts)]
     default = None if args.max_length else f"--max-length (default: the checkpoint's data.seq_length={max_length})"
     check_prompts(rendered, sampling, context, names=names, option="--max-length", cap=default)
@@ -323,6 +326,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together per replica")
     parser.add_argument("--tensor", type=int, default=1, help="generation tensor-parallel size (torchrun ranks)")
     parser.add_argument("--max-length", type=int, default=0,
-                        help="prompt + completion cap (default: the checkpoint's data.seq_length)")
+                        help="prompt + completion cap, at most the model's context (default: the checkpoint's "
+                             "data.seq_length)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=cmd_generate)

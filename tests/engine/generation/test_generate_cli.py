@@ -201,3 +201,17 @@ def test_a_prompt_without_room_names_the_option_to_raise(max_length: int, given:
     with pytest.raises(ConfigError) as err:
         check(prompt)
     assert message in str(err.value) and "model's max_length" not in str(err.value), err.value
+
+
+def test_a_max_length_beyond_the_models_context_is_refused(checkpoint: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """It was capped at the context without a word, so a user asking for 4096 tokens got at most the
+    model's few hundred and no hint why the answers stopped short."""
+    from engine.models.presets import PRESETS
+
+    context = PRESETS["tiny-llama"].max_sequence_length
+    argv = [str(checkpoint / "checkpoints"), str(checkpoint / "prompts.jsonl"), str(tmp_path / "o.jsonl")]
+    code, err = _main(capsys, *argv, "--max-length", str(context + 1))
+    assert code == 2 and f"--max-length {context + 1} is beyond the model's context of {context} tokens " \
+        f"(tiny-llama); give at most {context}" in err, err
+    assert not (tmp_path / "o.jsonl").exists()
