@@ -270,6 +270,7 @@ class TrainConfig:
     OVERLONG: ClassVar[tuple[str, ...]] = ("truncate", "drop")
     # data.format values this algorithm trains on (see data_formats)
     FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS
+    UNREAD: ClassVar[dict[str, str]] = {}  # fields this run does not read: the field that does their work instead
     # fields taken from checkpoint.load's stored config (engine.checkpoint.inherit), set by load_config
     inherited: ClassVar[dict[str, Any]] = {}
 
@@ -483,10 +484,13 @@ def describe(cls: type) -> str:
     """Human-readable listing of every field, its type, default and documentation."""
     lines = []
     section = None
+    unread = getattr(cls, "UNREAD", {})
     for name, tname, default, text in iter_fields(cls):
         head = name.split(".")[0]
         if head != section:
             section = head
             lines.append(f"\n[{section}]")
+        if name in unread:
+            text = f"Not read by this algorithm: set {unread[name]}."
         lines.append(f"  {name} ({tname}, default {default!r})\n      {text}")
     return "\n".join(lines).lstrip("\n")

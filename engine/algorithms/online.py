@@ -110,6 +110,9 @@ class OnlineTrainConfig(TrainConfig):
     ALGORITHM: ClassVar[str] = "online"  # default run directory runs/<ALGORITHM>
     GROUP_NEEDS: ClassVar[str] = ""  # why rollouts of a prompt are compared (then >= 2 are needed)
     BUFFER_IS_BATCH: ClassVar[bool] = True  # the rollout buffer is split into optimizer steps (online RL)
+    # the other algorithms' data settings, and the rollout settings that do their work when sampling from prompts
+    UNREAD: ClassVar[dict[str, str]] = {"data.source": "rollout.prompts", "data.validation_source": "rollout.eval_prompts",
+                                        "data.num_samples": "rollout.num_prompts"}
 
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward_functions: Optional[list[RewardFunctionConfig]] = field(
@@ -133,6 +136,7 @@ class OnlineTrainConfig(TrainConfig):
         if self.run.output_dir == "runs/sft-demo":
             self.run.output_dir = f"runs/{self.ALGORITHM}"
             self.checkpoint.dir = f"runs/{self.ALGORITHM}/checkpoints"
+        self.refuse_unread_data()
         if self.GROUP_NEEDS and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"{self.GROUP_NEEDS}: rollout.samples_per_prompt must be >= 2")
         if self.reward_functions is None:  # the synthetic checker only knows the built-in tasks' phrasing
@@ -147,6 +151,17 @@ class OnlineTrainConfig(TrainConfig):
             raise ConfigError(f"reward_model_std={self.reward_model_std} must be > 0")
         if self.reference is None:
             self.reference = self.checkpoint.load
+
+    def refuse_unread_data(self) -> None:
+        """A ``data`` setting these runs do not read is refused, naming the ``rollout`` one they do: a user coming
+        from TRL sets ``data.source=prompts.jsonl`` and trained on the built-in prompts without a word."""
+        defaults = type(self.data)()
+        for name, instead in self.UNREAD.items():
+            field_name = name.split(".", 1)[1]
+            value = getattr(self.data, field_name)
+            if value != getattr(defaults, field_name):
+                raise ConfigError(f"{name}={value} is not read by {self.ALGORITHM}, which samples from prompts: "
+                                  f"set {instead}={value} instead")
 
     def check_reward(self) -> None:
         """Some reward is configured (when the config is built)."""

@@ -144,6 +144,22 @@ def test_the_default_reward_is_the_synthetic_check_only_for_the_builtin_prompts(
         load_config(GRPOTrainConfig, None, [f"rollout.prompts={mine}"])
 
 
+@pytest.mark.parametrize("setting, instead", [("data.source", "rollout.prompts"), ("data.num_samples", "rollout.num_prompts"),
+                                             ("data.validation_source", "rollout.eval_prompts")])
+def test_data_settings_that_sampling_runs_do_not_read_are_refused(setting: str, instead: str) -> None:
+    """`keel train grpo data.source=prompts.jsonl` (TRL's train_dataset) trained on the built-in prompts and
+    exited 0; --help listed data.source as the training data."""
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
+    from engine.config import ConfigError, describe, load_config
+
+    for cls in (GRPOTrainConfig, IterativeDPOTrainConfig):
+        with pytest.raises(ConfigError, match=rf"{setting}=7 is not read by {cls.ALGORITHM}, .*set {instead}=7 instead"):
+            load_config(cls, None, [f"{setting}=7"])
+        assert f"{setting} (" in describe(cls) and f"Not read by this algorithm: set {instead}." in describe(cls)
+    load_config(GRPOTrainConfig, None, ["data.source=builtin:sft", "data.format=chat"])  # the defaults, as saved
+
+
 def test_prompts_that_cannot_be_answered_or_judged_are_refused_before_the_models_are_built(
         write_jsonl: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt too long to answer used to surface at the iteration that first drew it (maybe hours in) as
