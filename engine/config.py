@@ -271,6 +271,9 @@ class TrainConfig:
     # data.format values this algorithm trains on (see data_formats)
     FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS
     UNREAD: ClassVar[dict[str, str]] = {}  # fields this run does not read: the field that does their work instead
+    # optimizer.lr of a run that starts from checkpoint.load without one (the field's default trains from scratch;
+    # it wrecks a pretrained model); None keeps the default (engine.checkpoint.inherit.fine_tuning_lr)
+    FINE_TUNE_LR: ClassVar[Optional[float]] = None
     # fields taken from checkpoint.load's stored config (engine.checkpoint.inherit), set by load_config
     inherited: ClassVar[dict[str, Any]] = {}
 
@@ -438,9 +441,11 @@ def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[
         from_dict(cls, merge_dicts(_defaults_as_dict(cls), override_tree), "command-line overrides")
         data = merge_dicts(data, override_tree)
         source = f"{source} + command-line overrides" if path else "command-line overrides"
-    from engine.checkpoint.inherit import inherit_from_checkpoint
+    from engine.checkpoint.inherit import fine_tuning_lr, inherit_from_checkpoint
 
     data, taken = inherit_from_checkpoint(cls, data)
+    data, tuned = fine_tuning_lr(cls, data)
+    taken.update(tuned)
     if taken:
         source = f"{source} + the config of checkpoint.load ({', '.join(taken)})"
     config = from_dict(cls, data, source)
@@ -484,7 +489,7 @@ def describe(cls: type) -> str:
     """Human-readable listing of every field, its type, default and documentation."""
     lines = []
     section = None
-    unread = getattr(cls, "UNREAD", {})
+    unread, fine_tune = getattr(cls, "UNREAD", {}), getattr(cls, "FINE_TUNE_LR", None)
     for name, tname, default, text in iter_fields(cls):
         head = name.split(".")[0]
         if head != section:
@@ -492,5 +497,7 @@ def describe(cls: type) -> str:
             lines.append(f"\n[{section}]")
         if name in unread:
             text = f"Not read by this algorithm: set {unread[name]}."
+        if name == "optimizer.lr" and fine_tune is not None:
+            text += f" With checkpoint.load and no optimizer.lr: {fine_tune:g} (fine-tuning a model)."
         lines.append(f"  {name} ({tname}, default {default!r})\n      {text}")
     return "\n".join(lines).lstrip("\n")

@@ -89,6 +89,7 @@ class DPOTrainConfig(TrainConfig):
     # the log-probs of a cut response would train toward its first half: responses stay whole
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")
     FORMATS: ClassVar[tuple[str, ...]] = ("pairs", "attributes", "helpsteer2_preference")
+    FINE_TUNE_LR: ClassVar[Optional[float]] = 1e-6
 
     def __post_init__(self) -> None:
         super().__post_init__()

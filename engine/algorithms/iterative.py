@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -51,6 +51,7 @@ class IterativeTrainConfig(OnlineTrainConfig):
     """The online sections (``rollout``, rewards, ``reference``) plus ``iterative``."""
 
     BUFFER_IS_BATCH: ClassVar[bool] = False  # a round trains on pairs / weighted samples, not on the buffer
+    FINE_TUNE_LR: ClassVar[Optional[float]] = None  # each recipe's own default rate is already a fine-tuning one
 
     iterative: IterativeConfig = field(default_factory=IterativeConfig)
     scheduler: SchedulerConfig = field(default_factory=constant_schedule)

@@ -88,6 +88,7 @@ class RewardTrainConfig(TrainConfig):
     rm: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=_rm_data_defaults)
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")  # a reward is never read from a cut response
+    FINE_TUNE_LR: ClassVar[Optional[float]] = 1e-5
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,6 +22,7 @@ class SFTTrainConfig(TrainConfig):
     """``keel train sft``: the shared sections, on chat or plain-text rows."""
 
     FORMATS: ClassVar[tuple[str, ...]] = ("chat", "text")
+    FINE_TUNE_LR: ClassVar[Optional[float]] = 2e-5
 
     def __post_init__(self) -> None:
         super().__post_init__()

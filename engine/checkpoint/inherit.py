@@ -69,6 +69,18 @@ def inherit_from_checkpoint(cls: type, data: dict[str, Any]) -> tuple[dict[str, 
     return dict(data, model=user_model, data=user_data), taken
 
 
+def fine_tuning_lr(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``data`` with ``optimizer.lr`` set to ``cls.FINE_TUNE_LR`` when it starts from ``checkpoint.load`` and
+    sets no rate of its own; and what was set. The field's default (3e-3) trains tiny models from scratch:
+    on a converted SmolLM2 it took the SFT loss from 1.0 to 5.3 in three steps."""
+    lr = getattr(cls, "FINE_TUNE_LR", None)
+    optimizer = dict(data.get("optimizer") or {})
+    if lr is None or not (data.get("checkpoint") or {}).get("load") or "lr" in optimizer:
+        return data, {}
+    optimizer["lr"] = lr
+    return dict(data, optimizer=optimizer), {"optimizer.lr": lr}
+
+
 def refuse_other_tokenizer(load: str, mine: Optional[str], theirs: Optional[str]) -> None:
     """A ``data.tokenizer`` the user set that is not the one ``checkpoint.load`` was trained with is refused:
     its ids would stand for other tokens, and the run would train on, with a loss that only looks high.
@@ -90,5 +102,12 @@ def refuse_other_tokenizer(load: str, mine: Optional[str], theirs: Optional[str]
 
 def describe_inherited(load: str, taken: dict[str, Any]) -> str:
     """One log line: what a run took from its ``checkpoint.load``."""
-    pairs = ", ".join(f"{key}={value}" for key, value in taken.items())
-    return f"from checkpoint.load={Path(load)}: {pairs} (set them to override)"
+    pairs = ", ".join(f"{key}={value}" for key, value in taken.items() if key != "optimizer.lr")
+    line = f"from checkpoint.load={Path(load)}: {pairs} (set them to override)" if pairs else ""
+    if "optimizer.lr" in taken:
+        line += "; " if line else ""
+        from engine.config import OptimizerConfig
+
+        line += (f"optimizer.lr={taken['optimizer.lr']:g}, the default for fine-tuning a checkpoint (not "
+                 f"{OptimizerConfig().lr:g}, which trains from scratch; set optimizer.lr to choose)")
+    return line

@@ -146,3 +146,31 @@ def test_a_reward_model_is_not_read_from_a_policy(tmp_path: Path, algorithm: str
     (path / "keel.json").write_text(json.dumps(dict(meta, algorithm=algorithm)))
     with pytest.raises(ConfigError, match=f"a {algorithm} checkpoint, not a reward model"):
         load_scorer(str(tmp_path / "run"))
+
+
+def test_a_run_from_a_checkpoint_takes_a_fine_tuning_learning_rate(tmp_path: Path, converted: Path) -> None:
+    """The from-scratch default of 3e-3 took a converted SmolLM2's SFT loss from 1.0 to 5.3 in three steps, and
+    was every policy algorithm's default: fine-tuning takes each algorithm's own rate, unless the user sets one
+    (in the YAML or on the command line); from scratch, and in the iterative recipes, nothing changes."""
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
+    from engine.algorithms.reward import RewardTrainConfig
+    from engine.algorithms.sft import SFTTrainConfig
+    from engine.checkpoint.inherit import describe_inherited
+
+    load = f"checkpoint.load={converted}"
+    rates = {cls: load_config(cls, None, [load]).optimizer.lr
+             for cls in (SFTTrainConfig, RewardTrainConfig, DPOTrainConfig, GRPOTrainConfig, IterativeDPOTrainConfig)}
+    assert list(rates.values()) == [2e-5, 1e-5, 1e-6, 1e-6, 9e-8]
+    sft = load_config(SFTTrainConfig, None, [load])
+    assert sft.inherited["optimizer.lr"] == 2e-5
+    assert describe_inherited(str(converted), sft.inherited).endswith(
+        "optimizer.lr=2e-05, the default for fine-tuning a checkpoint (not 0.003, which trains from scratch; set "
+        "optimizer.lr to choose)")
+    missing = load_config(SFTTrainConfig, None, [f"checkpoint.load={tmp_path / 'nothing'}"])  # refused later, by name
+    assert missing.optimizer.lr == 2e-5 and describe_inherited("x", missing.inherited).startswith("optimizer.lr=2e-05")
+    assert load_config(SFTTrainConfig, None, [load, "optimizer.lr=1e-3"]).optimizer.lr == 1e-3
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"checkpoint:\n  load: {converted}\noptimizer:\n  lr: 5.0e-4\n")
+    assert load_config(SFTTrainConfig, str(yaml_file)).optimizer.lr == 5e-4
+    assert load_config(SFTTrainConfig).optimizer.lr == load_config(GRPOTrainConfig).optimizer.lr == 3e-3
