@@ -52,13 +52,21 @@ def _full_tensor(key: str, shape: tuple[int, ...], seed: int, std: float, num_la
 
 @torch.no_grad()
 def init_layout_invariant(chunks: list[Any], seed: int, std: float, num_layers: int, zero_centered_gamma: bool) -> None:
-    """Overwrite every parameter of ``chunks`` with its slice of a per-key seeded full tensor."""
+    """Overwrite every parameter of ``chunks`` with its slice of a per-key seeded full tensor.
+
+    The layers of a chunk share their keys (the layer number is a prepended axis of one stacked tensor), so
+    the slices are grouped by key and each full tensor is drawn once: drawing it per layer made the
+    initialisation quadratic in the depth (34 s of SmolLM2-135M's 38 s build, 30 layers).
+    """
+    by_key: dict[str, list[Any]] = {}
     for chunk in chunks:
         module = getattr(chunk, "module", chunk)
         for sharded in _iter_sharded_tensors(module.sharded_state_dict()):
-            if sharded.data is None or not isinstance(sharded.data, torch.Tensor):
-                continue
-            full = _full_tensor(sharded.key, tuple(sharded.global_shape), seed, std, num_layers, zero_centered_gamma)
+            if sharded.data is not None and isinstance(sharded.data, torch.Tensor):
+                by_key.setdefault(sharded.key, []).append(sharded)
+    for key, pieces in by_key.items():
+        full = _full_tensor(key, tuple(pieces[0].global_shape), seed, std, num_layers, zero_centered_gamma)
+        for sharded in pieces:
             prepend = sharded.prepend_axis_num
             index: list[Any] = list(sharded.global_offset[:prepend])
             for dim, size in enumerate(sharded.local_shape):
