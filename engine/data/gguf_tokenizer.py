@@ -1,4 +1,4 @@
-"""The tokenizer embedded in a GGUF file, read with the ``gguf`` package.
+"""The tokenizer embedded in a GGUF file, read from the file's header (:func:`gguf_header`).
 
 GGUF stores the vocabulary as metadata: ``tokenizer.ggml.model`` (``gpt2`` for
 byte-level BPE, ``llama`` for sentencepiece), ``tokens``, ``token_type``, ``merges``
@@ -19,7 +19,10 @@ has one (rendered by ``data.chat_template=auto``, :mod:`engine.data.model_templa
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Any, Optional
+
+import numpy as np
 
 from engine.data.tokenizer_types import HFTokenizer, SentencePieceTokenizer, sentencepiece_proto_module
 from engine.errors import ConfigError
@@ -32,16 +35,57 @@ _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 
 
+# GGUF value types (the format's spec): fixed-size scalars by struct code; 8 is a string, 9 an array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def gguf_header(path: str) -> dict[str, Any]:
+    """Every key-value pair of a GGUF file's header, as plain Python values (arrays as lists).
+
+    Read directly: the ``gguf`` package's reader maps each element of every array and the whole tensor
+    table first, which took 6 s of every SmolLM2 run's start for the tokenizer alone.
+    """
+    with open(path, "rb") as fh:
+        def unpack(code: str) -> Any:
+            size = struct.calcsize(code)
+            raw = fh.read(size)
+            if len(raw) != size:
+                raise ConfigError(f"{path}: the GGUF header ends early")
+            return struct.unpack("<" + code, raw)[0]
+
+        def string() -> str:
+            return fh.read(unpack("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            if kind in _SCALARS:
+                return unpack(_SCALARS[kind])
+            if kind == _STRING:
+                return string()
+            if kind != _ARRAY:
+                raise ConfigError(f"{path}: unknown GGUF value type {kind}")
+            item, count = unpack("I"), unpack("Q")
+            if item in _SCALARS:  # one read for the whole array
+                return np.frombuffer(fh.read(count * struct.calcsize(_SCALARS[item])), "<" + _SCALARS[item]).tolist()
+            return [value(item) for _ in range(count)]
+
+        if fh.read(4) != b"GGUF":
+            raise ConfigError(f"{path}: not a GGUF file (no GGUF magic number)")
+        version = unpack("I")
+        if version < 2:
+            raise ConfigError(f"{path}: GGUF version {version} is too old (2 or later is read)")
+        unpack("Q")  # the number of tensors
+        return {string(): value(unpack("I")) for _ in range(unpack("Q"))}
+
+
 def read_gguf_metadata(path: str) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` metadata of a GGUF file as plain Python values, plus
     ``chat_template`` (``tokenizer.chat_template``) when the file has one."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    header = gguf_header(path)
     prefix = "tokenizer.ggml."
-    meta = {key[len(prefix):]: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
-    if "tokenizer.chat_template" in reader.fields:
-        meta["chat_template"] = reader.fields["tokenizer.chat_template"].contents()
+    meta = {key[len(prefix):]: value for key, value in header.items() if key.startswith(prefix)}
+    if "tokenizer.chat_template" in header:
+        meta["chat_template"] = header["tokenizer.chat_template"]
     if "tokens" not in meta:
         raise ConfigError(f"{path}: the GGUF file has no embedded tokenizer (no tokenizer.ggml.tokens)")
     return meta
