@@ -143,15 +143,28 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    if args.file or args.overrides:
-        import dataclasses
+    """Every field of ``--algorithm``'s config (the shared ones without it), or a file and overrides resolved
+    with the algorithm it names or, for a file, the one its sections fit."""
+    import dataclasses
 
-        import yaml
+    import yaml
 
-        config = load_config(TrainConfig, args.file, args.overrides)
-        print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    if args.file and "=" in args.file and not os.path.exists(args.file):  # overrides alone
+        args.overrides, args.file = [args.file, *args.overrides], None
+    cls = _algorithm(args.algorithm).CONFIG if args.algorithm else TrainConfig
+    if args.file:
+        from engine.data.cli import run_config
+
+        try:
+            config = run_config(args.file, args.algorithm, args.overrides, named="")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    elif args.overrides:
+        config = load_config(cls, None, args.overrides)
     else:
-        print(describe(TrainConfig))
+        print(describe(cls))
+        return 0
+    print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     return 0
 
 
@@ -198,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="list every field with its doc and default, or resolve a config")
     show.add_argument("file", nargs="?", help="YAML config to resolve (prints the merged result)")
     show.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    show.add_argument("--algorithm", choices=list(ALGORITHMS),
+                      help="the keel train algorithm whose config to list or resolve (default for a file: the one "
+                           "its sections fit; without a file: the fields every algorithm shares)")
     show.set_defaults(func=_config_show)
     presets = csub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_config_presets)

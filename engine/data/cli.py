@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from engine.algorithms.dpo_reference import register as register_ref_logprobs
@@ -42,8 +43,9 @@ VALIDATE_DEFAULTS = {"tokenizer": "byte", "seq_length": 128, "template": "auto"}
 VALIDATE_FROM_RUN = {"format": "format", "tokenizer": "tokenizer", "seq_length": "seq_length", "template": "chat_template"}
 
 
-def algorithm_of_run(path: str, tree: dict[str, Any]) -> str:
-    """The ``keel train`` algorithm whose config has every section of ``tree`` and the fewest others."""
+def algorithm_of_run(path: str, tree: dict[str, Any], named: str = "--config ") -> str:
+    """The ``keel train`` algorithm whose config has every section of ``tree`` and the fewest others; errors
+    call the file ``named`` + ``path``."""
     import dataclasses
 
     from engine.cli import ALGORITHMS, _algorithm
@@ -51,17 +53,17 @@ def algorithm_of_run(path: str, tree: dict[str, Any]) -> str:
     sections = {name: {f.name for f in dataclasses.fields(_algorithm(name).CONFIG)} for name in ALGORITHMS}
     fitting = sorted((len(fields), name) for name, fields in sections.items() if set(tree) <= fields)
     if not fitting:
-        raise ValueError(f"--config {path}: no keel train algorithm has all of its sections {sorted(tree)}")
+        raise ValueError(f"{named}{path}: no keel train algorithm has all of its sections {sorted(tree)}")
     if len(fitting) > 1 and fitting[0][0] == fitting[1][0]:
         tied = [name for size, name in fitting if size == fitting[0][0]]
-        raise ValueError(f"--config {path} suits {', '.join(tied)}: say which with --algorithm")
+        raise ValueError(f"{named}{path} suits {', '.join(tied)}: say which with --algorithm")
     return fitting[0][1]
 
 
-def run_config(path: str, algorithm: str | None) -> Any:
+def run_config(path: str, algorithm: str | None, overrides: Sequence[str] = (), named: str = "--config ") -> Any:
     """The config run file ``path`` trains with: the algorithm's defaults (``algorithm``, else guessed from the
-    file's sections), the file's values, and the tokenizer and template its ``checkpoint.load`` carries
-    (:func:`engine.config.load_config`)."""
+    file's sections), the file's values and ``overrides``, and the tokenizer and template its ``checkpoint.load``
+    carries (:func:`engine.config.load_config`). Errors call the file ``named`` + ``path``."""
     import yaml
 
     from engine.cli import _algorithm
@@ -70,10 +72,11 @@ def run_config(path: str, algorithm: str | None) -> Any:
     try:
         tree = yaml.safe_load(open(path).read()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"--config {path}: cannot read it: {exc}") from None
+        raise ValueError(f"{named}{path}: cannot read it: {exc}") from None
     if not isinstance(tree, dict):
-        raise ValueError(f"--config {path}: the top level must be a mapping of sections")
-    return load_config(_algorithm(algorithm or algorithm_of_run(path, tree)).CONFIG, path, [])  # ConfigError
+        raise ValueError(f"{named}{path}: the top level must be a mapping of sections")
+    cls = _algorithm(algorithm or algorithm_of_run(path, tree, named)).CONFIG
+    return load_config(cls, path, list(overrides))  # ConfigError
 
 
 def settings_of_run(config: Any) -> dict[str, Any]:

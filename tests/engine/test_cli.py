@@ -28,6 +28,27 @@ def test_config_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], 
     assert err.count("\n") == 1 and "unknown config key 'data.sequence_length'" in err and str(bad) in err
 
 
+def test_config_show_resolves_every_algorithms_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """It resolved every file with the shared fields only: `keel config show examples/dpo_tiny.yaml` said
+    "unknown config key 'dpo'", and no algorithm's own fields could be listed."""
+    import yaml
+
+    assert main(["config", "show", str(REPO / "examples" / "dpo_tiny.yaml"), "dpo.beta=0.5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["dpo"]["beta"] == 0.5  # the algorithm its sections fit
+    assert main(["config", "show", "--algorithm", "grpo"]) == 0
+    assert "rollout.samples_per_prompt" in capsys.readouterr().out
+    assert main(["config", "show", "--algorithm", "grpo", "rollout.samples_per_prompt=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["rollout"]["samples_per_prompt"] == 3
+    assert main(["config", "show", "parallel.tensor=2"]) == 0  # overrides alone, no file
+    assert yaml.safe_load(capsys.readouterr().out)["parallel"]["tensor"] == 2
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("rollout:\n  max_new_tokens: 8\n")  # GRPO, REINFORCE and PPO all have it
+    assert main(["config", "show", str(shared)]) == 2
+    assert "suits grpo, ppo, reinforce: say which with --algorithm" in capsys.readouterr().err
+    assert main(["config", "show", str(shared), "--algorithm", "ppo"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["rollout"]["max_new_tokens"] == 8
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_load_and_validate(path: Path) -> None:
     import yaml
