@@ -93,6 +93,19 @@ def _run_outputs(run_dir: str) -> str:
     return ", ".join(text for name, text in described if os.path.exists(os.path.join(run_dir, name))) or "none"
 
 
+def _reward_text(run_dir: str, result: Any) -> str:
+    """``"; reward <first> -> <last>"``: the mean reward of the rollouts of this run's first and last iterations
+    (what an online run is for; its loss says little), from ``metrics.jsonl``; empty when none was logged."""
+    from engine.metrics import parse_records
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return ""
+    rewards = [r["reward"] for _, r in parse_records(path) if r.get("split") == "train" and "reward" in r
+               and result.start_step < r.get("step", 0) <= result.end_step]
+    return f"; reward {rewards[0]:.4f} -> {rewards[-1]:.4f}" if rewards else ""
+
+
 def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
     preset = trainer.model.preset
     losses = result.losses
@@ -114,6 +127,8 @@ def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
         progress = f"  steps {result.start_step + 1}..{result.end_step} of {config.run.train_steps}" \
                    f"{f' (stopped by {result.stopped_by})' if result.stopped_by else ''}; {trainer.step.loss_name} {first} -> " \
                    f"{last}; {result.tokens_per_second:,.0f} tokens/s"
+        if getattr(trainer.step, "online", False):
+            progress += _reward_text(config.run.output_dir, result)
     lines = [
         "",
         f"Keel {algo}: trained {preset.name} ({preset.parameter_label()} parameters) "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +47,12 @@ def test_the_online_summary_shows_the_held_out_result_and_the_critic_checkpoint(
     result = FitResult(start_step=0, end_step=4, losses={1: 0.5, 4: 0.25},
                        checkpoint=str(checkpoints / "step_0000004"))
     text = _summary("ppo", config, trainer, result)
+    assert "policy_loss 0.5000 -> 0.2500; 0 tokens/s\n" in text, text  # no metrics.jsonl: no reward to tell
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [  # a resumed run's 3..4
+        {"step": 2, "split": "train", "reward": 0.1}, {"step": 3, "split": "train", "reward": 0.2},
+        {"step": 3, "split": "validation", "reward": 0.9}, {"step": 4, "split": "train", "reward": 0.35}]))
+    text = _summary("ppo", config, trainer, dataclasses.replace(result, start_step=2))
+    assert "policy_loss 0.5000 -> 0.2500; 0 tokens/s; reward 0.2000 -> 0.3500\n" in text, text
     assert "held-out at iteration 4: reward 0.5000, response_length 7.5000, reward_synthetic_check 0.5000" in text
     assert "validation policy_loss" not in text, text
     assert f"checkpoint: {checkpoints / 'step_0000004'}\n" in text
