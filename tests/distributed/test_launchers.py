@@ -165,7 +165,8 @@ def test_every_other_sbatch_template_trains_to_a_checkpoint(algo: str, tmp_path:
     env, slurm_log = _fake_slurm(tmp_path)
     run_dir = tmp_path / "run"
     env.update(MASTER_PORT=str(free_port()), KEEL_IMAGE="/images/keel.sqsh", KEEL_MOUNTS="/data:/data")
-    job = _start(["bash", f"docker/slurm/{algo}.sbatch", *TINY], env, tmp_path / "job.log")
+    tiny = [o.replace("data.num_samples", "rollout.num_prompts") if algo == "ppo" else o for o in TINY]  # reads prompts
+    job = _start(["bash", f"docker/slurm/{algo}.sbatch", *tiny], env, tmp_path / "job.log")
     _finish([job], [tmp_path / "job.log"])
     assert _last_checkpoint_step(run_dir) == 2
     assert len(train_losses(run_dir, "step_time_s")) == 2
