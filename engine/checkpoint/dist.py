@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +39,10 @@ META = "keel.json"
 LATEST = "latest"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# The distributed optimizer's state as megatron's canonical per-parameter tensors (gathered over the data-parallel
+# group to save, sliced to load), so it loads at any layout as the plain optimizer's does. megatron-core 0.16's
+# default format ('fully_sharded_model_space', deprecated) refuses to save: "flattened_range is not supported".
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(RuntimeError):
@@ -194,7 +199,7 @@ def save(
     dist.barrier()
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_FORMAT)
     state["rng_state"] = _rng_sharded(parallel)
     _in_process_write_results()
     dist_checkpointing.save(state, str(tmp))
@@ -266,6 +271,52 @@ def check_compatible(path: Path, meta: dict[str, Any], signature: dict[str, Any]
         )
 
 
+def _check_optimizer_kind(path: Path, meta: dict[str, Any], distributed: bool) -> None:
+    """The distributed optimizer's state and the plain one's are stored differently: resuming with the other
+    failed deep in megatron (a KeyError on 'pre_wd_mult')."""
+    saved = bool((meta.get("layout") or {}).get("distributed_optimizer", False))
+    if saved != distributed:
+        raise CheckpointError(
+            f"{path} holds the optimizer state of parallel.distributed_optimizer={str(saved).lower()}: resume with "
+            f"that setting, or start from its weights alone with checkpoint.load={path} checkpoint.resume=none")
+
+
+def _prepare_distributed_load(optimizer: Any) -> None:
+    """Make megatron 0.16's distributed optimizer loadable with torch's AdamW (its tested path is apex's / TE's).
+
+    * megatron builds the state dict to load into from the inner optimizer's state and asserts that it has
+      one 'step'; apex's and TE's Adam allocate that state up front, torch's only at its first step. Zero
+      state is allocated here, and the load overwrites it.
+    * The fully reshardable load then copies each parameter's loaded tensors into every entry of its state,
+      'step' included, which torch keeps there but the loaded tensors lack (megatron restores it from the
+      param groups first): the parameter's own step is passed along, a copy onto itself. megatron gave every
+      parameter the same step tensor, which torch's AdamW then advanced once per parameter at each step (the
+      bias correction went wrong from the first step after a resume): each gets its own copy here.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(part, DistributedOptimizer):
+            continue
+        inner = part.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+        if "_set_main_param_and_optimizer_states" not in vars(part):  # once per optimizer
+            part._set_main_param_and_optimizer_states = partial(_with_step, part, part._set_main_param_and_optimizer_states)
+
+
+def _with_step(part: Any, set_states: Any, model_param: Any, tensors: dict[str, torch.Tensor]) -> None:
+    group_index, group_order = part.model_param_group_index_map[model_param]
+    state = part.optimizer.state[part.optimizer.param_groups[group_index]["params"][group_order]]
+    if "step" in state and "step" not in tensors:
+        state["step"] = state["step"].clone()
+        tensors = {**tensors, "step": state["step"]}
+    set_states(model_param, tensors)
+
+
 def load(
     path: Path,
     chunks: list[Any],
@@ -284,7 +335,9 @@ def load(
     state = model_sharded_state_dict(chunks)
     want_optimizer = load_optimizer and optimizer is not None and meta.get("has_optimizer", False)
     if want_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        _check_optimizer_kind(path, meta, parallel.layout.distributed_optimizer)
+        _prepare_distributed_load(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_FORMAT)
     same_layout = meta.get("layout") == asdict(parallel.layout)
     if same_layout:
         state["rng_state"] = _rng_sharded(parallel)

@@ -81,3 +81,26 @@ def test_resume_tp2pp2_checkpoint_at_other_layouts_and_refuse_other_shape(tmp_pa
     assert "different model shape" in proc.stderr and "num_layers" in proc.stderr and str(step3) in proc.stderr
     assert _tree_digest(step3) == before, "the checkpoint must be left untouched"
     assert not (wrong / "checkpoints").exists(), "nothing may be written for a refused checkpoint"
+
+
+def test_the_distributed_optimizer_saves_and_resumes_bitwise_and_at_other_layouts(tmp_path: Path) -> None:
+    """Every run with parallel.distributed_optimizer=true died at its first save (megatron-core 0.16's default
+    format: "flattened_range is not supported"), and its resume went wrong from the first step after it
+    (one step tensor shared by every parameter). The state loads at another TP and DP, not into the plain
+    optimizer."""
+    args = BASE + ["run.train_steps=6", "checkpoint.save_interval=3", "parallel.distributed_optimizer=true"]
+    source = tmp_path / "dp2"
+    keel_train(2, args + [f"run.output_dir={source}"])
+    reference = train_losses(source)
+    step3 = source / "checkpoints" / "step_0000003"
+    same = tmp_path / "same"
+    keel_train(2, args + [f"run.output_dir={same}", f"checkpoint.resume={step3}"])
+    assert train_losses(same) == {step: reference[step] for step in (4, 5, 6)}  # bitwise
+    tp2 = tmp_path / "tp2"
+    keel_train(2, args + ["parallel.tensor=2", f"run.output_dir={tp2}", f"checkpoint.resume={step3}"])
+    for step, loss in train_losses(tp2).items():
+        assert abs(loss - reference[step]) <= 1e-5 * abs(reference[step]), (step, loss, reference[step])
+    plain = keel_train(1, BASE + ["run.train_steps=6", f"run.output_dir={tmp_path / 'plain'}",
+                                  f"checkpoint.resume={step3}"], check=False)
+    assert plain.returncode == 1 and "holds the optimizer state of parallel.distributed_optimizer=true: resume " \
+        f"with that setting, or start from its weights alone with checkpoint.load={step3}" in plain.stderr, plain.stderr
