@@ -110,6 +110,7 @@ class Trainer:
         )
         self.metrics = MetricsWriter(self.run_dir, parallel.is_main, config.logging.tensorboard)
         self.best_validation: Optional[tuple[int, float]] = None  # (step, loss) of the best checkpoint
+        self._told_validation = False  # what a validation reads is logged once
 
     # ------------------------------------------------------------------ one schedule
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
@@ -170,6 +171,7 @@ class Trainer:
             return {}
         self.model.set_training(False)
         data = self.config.data
+        self._say_what_validation_reads()
         sampler = GlobalBatchSampler(len(self.valid_data), data.global_batch_size, data.micro_batch_size,
                                      self.parallel.dp_rank, self.layout.data, self.config.run.seed, shuffle=False)
         batches = [self._run_schedule(self._next_micro_batches(sampler, self.valid_data), True)
@@ -177,6 +179,21 @@ class Trainer:
         totals = torch.stack(batches).sum(0)
         self.model.set_training(True)
         return self._means(totals)
+
+    def _say_what_validation_reads(self) -> None:
+        """Once: a validation reads ``run.eval_batches`` global batches in a fixed order, which is a part of a
+        large validation set and wraps around a small one (some rows then weigh more than others)."""
+        if self._told_validation or not self.parallel.is_main:
+            return
+        self._told_validation = True
+        rows, read = len(self.valid_data), self.config.run.eval_batches * self.config.data.global_batch_size
+        if rows < read:
+            logger.warning("each validation reads %d rows (run.eval_batches x data.global_batch_size) from a validation "
+                           "set of %d, so some rows count more than once; give at least %d validation rows, or lower "
+                           "run.eval_batches or data.global_batch_size", read, rows, read)
+        elif rows > read:
+            logger.info("each validation reads the first %d of the %d validation rows (run.eval_batches=%d; raise it "
+                        "to read more)", read, rows, self.config.run.eval_batches)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_extra(self) -> dict[str, Any]:

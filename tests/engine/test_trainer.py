@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -378,3 +380,22 @@ def test_a_bad_tokenizer_is_refused_before_the_model_is_built(tmp_path: Path, mo
     monkeypatch.setattr(trainer_module.ModelRunner, "trained", never)
     with single_process_parallel() as parallel, pytest.raises(ConfigError, match="data.tokenizer="):
         _trainer(tmp_path, parallel, f"data.tokenizer={tmp_path / 'nope.model'}")
+
+
+def test_validation_says_when_it_reads_rows_twice_or_only_some(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A validation reads run.eval_batches global batches in a fixed order: it wrapped around a 3-pair set
+    (accuracies of 0.3125 and 0.34375 on 3 pairs) and read 32 rows of a large one, without a word."""
+    with single_process_parallel() as parallel, caplog.at_level(logging.INFO, logger="engine.trainer"):
+        trainer: Any = _trainer(tmp_path, parallel, "data.num_samples=64", "data.validation_fraction=0.05",
+                                "data.global_batch_size=4", "data.micro_batch_size=2", "run.eval_batches=2")
+        trainer.evaluate()
+        trainer.evaluate()
+    assert caplog.text.count("each validation reads 8 rows (run.eval_batches x data.global_batch_size) from a "
+                             "validation set of 3, so some rows count more than once") == 1, caplog.text
+    caplog.clear()
+    with single_process_parallel() as parallel, caplog.at_level(logging.INFO, logger="engine.trainer"):
+        trainer = _trainer(tmp_path, parallel, "data.num_samples=400", "data.validation_fraction=0.1",
+                           "data.global_batch_size=4", "data.micro_batch_size=2", "run.eval_batches=2")
+        trainer.evaluate()
+    assert f"each validation reads the first 8 of the {len(trainer.valid_data)} validation rows (run.eval_batches=2" \
+        in caplog.text and len(trainer.valid_data) > 8, caplog.text
