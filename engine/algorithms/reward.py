@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -144,6 +145,24 @@ class PairedAttributes:
         return batch
 
 
+def check_rated(rows: list[dict[str, Any]], attributes: Sequence[str], source: str) -> None:
+    """A regression head learns an attribute only from rows that rate it: refuse training data that rates none
+    of ``attributes``, and warn of each one it never rates, and of fields that differ from an attribute only in
+    case ("Helpfulness" trained nothing, silently)."""
+    unrated = [a for a in attributes if not any(row.get(a, MISSING) != MISSING for row in rows)]
+    near = sorted({key for row in rows for key in row if key.lower() in ATTRIBUTES and key not in ATTRIBUTES})
+    unread = f"not read: {', '.join(near)} (rating fields are lower-case)" if near else ""
+    if len(unrated) == len(attributes):
+        raise DataError(None, "<ratings>", f"rows that rate at least one of rm.attributes={list(attributes)}",
+                        got="none", source=source, hint=f"check the rating fields; {unread}" if near else
+                        "check the rating fields")
+    if unrated:
+        logger.warning("%s: no row rates %s, so the head learns nothing there; drop %s from rm.attributes%s", source,
+                       ", ".join(unrated), "it" if len(unrated) == 1 else "them", f"; {unread}" if near else "")
+    elif near:
+        logger.warning("%s: %s", source, unread)
+
+
 class RewardStep(Step):
     name = "rm"
     loss_name = "rm_loss"
@@ -167,6 +186,9 @@ class RewardStep(Step):
         return (self.loss_name, "accuracy")
 
     def empty_step_hint(self) -> str:
+        if self.rm.type == "regression":
+            return (f"no row of the step rates any of rm.attributes={list(self.rm.attributes)} (the rating fields are "
+                    f"lower-case: {', '.join(ATTRIBUTES)})")
         return ("every pair of the step weighs 0: dropped as diverging (rm.diverging=drop) or of strength 0 under "
                 "rm.bt_variant=scaled; use rm.diverging=downweight, more data per step, or rm.bt_variant=regular")
 
@@ -177,6 +199,7 @@ class RewardStep(Step):
         if self.rm.type == "regression":
             train = AttributeDataset(train_rows, tokenizer, data.seq_length, template=data.chat_template,
                                      overlong=data.overlong, source=train_source)
+            check_rated(train_rows, self.rm.attributes, train_source)
             valid = PairedAttributes(valid_rows, tokenizer, data, self.rm.score_weights, f"{valid_source} (validation)")
             return train, valid
         if data.format == "helpsteer2_preference":

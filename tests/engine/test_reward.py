@@ -236,3 +236,29 @@ def test_untied_output_layer_is_frozen_and_checkpoints_round_trip(tmp_path: Path
     with single_process_parallel():
         scorer = load_scorer(str(tmp_path / "checkpoints"))
         assert torch.equal(scorer.chunks[0].reward_head.weight, head)
+
+
+def test_ratings_the_head_never_sees_are_told(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file rating "Helpfulness" (capitalised) and no verbosity trained those heads on nothing, silently;
+    with rm.attributes=[helpfulness] its first step failed with Bradley-Terry advice on a regression run."""
+    import logging
+
+    from engine.algorithms import reward
+    from engine.data.errors import DataError
+
+    rows = [{"prompt": f"q{i}", "response": "a", "Helpfulness": 4, "correctness": 3} for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger="engine.algorithms.reward"):
+        reward.check_rated(rows, ["helpfulness", "correctness"], "mine.jsonl")
+    assert "mine.jsonl: no row rates helpfulness, so the head learns nothing there; drop it from rm.attributes; " \
+           "not read: Helpfulness (rating fields are lower-case)" in caplog.text, caplog.text
+    with pytest.raises(DataError, match=r"mine.jsonl: field '<ratings>': expected rows that rate at least one of "
+                                        r"rm.attributes=\['helpfulness'\], got 'none' .*not read: Helpfulness"):
+        reward.check_rated(rows, ["helpfulness"], "mine.jsonl")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.algorithms.reward"):
+        reward.check_rated(rows, ["correctness"], "mine.jsonl")
+    assert "not read: Helpfulness" in caplog.text and "no row rates" not in caplog.text
+    step = RewardStep(load_config(RewardTrainConfig, None, ["rm.attributes=[helpfulness]"]).rm)
+    assert step.empty_step_hint().startswith("no row of the step rates any of rm.attributes=['helpfulness']")
+    bt = load_config(RewardTrainConfig, None, ["rm.type=bt", "data.format=pairs", "data.source=mine.jsonl"])
+    assert "bt_variant" in RewardStep(bt.rm).empty_step_hint()
