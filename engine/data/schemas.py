@@ -4,7 +4,8 @@ Formats (``fmt``):
 
 * ``chat`` — ``{"messages": [{"role", "content"}, ...]}`` (optional ``attributes``):
   an optional leading system turn, then user/assistant alternating, starting with
-  user and ending with assistant.
+  user and ending with assistant; or one exchange as ``prompt`` (str or messages ending
+  with user) and ``response`` or ``completion`` (str), which becomes ``messages``.
 * ``text`` — ``{"text": str}``.
 * ``attributes`` — HelpSteer/HelpSteer2 rows: ``prompt``, ``response`` and the five
   ratings 0..4 (:data:`ATTRIBUTES`); a missing or null rating becomes :data:`MISSING`.
@@ -134,6 +135,13 @@ def _response(row: Row, field: str, where: Optional[Where]) -> str:
 
 
 def check_chat(row: Row, where: Optional[Where]) -> Row:
+    """A ``messages`` row, or a single exchange given as ``prompt`` (text, or turns ending with the user's) and
+    ``response`` or ``completion``: what ``keel data label`` writes for SteerLM, and TRL's prompt-completion."""
+    reply = next((name for name in ("response", "completion") if name in row), None)
+    if "messages" not in row and "prompt" in row and reply is not None:
+        prompt = _prompt(row, where)
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        row = dict(row, messages=[*turns, {"role": "assistant", "content": _string(row, reply, where)}])
     out = dict(row, messages=check_messages(row.get("messages"), where))
     if row.get("attributes") is not None:
         out["attributes"] = parse_attributes(row["attributes"], where)

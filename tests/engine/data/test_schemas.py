@@ -198,3 +198,27 @@ def test_load_rows_passes_the_formats_on(tmp_path: Path) -> None:
     Data.format = "attributes"
     with pytest.raises(DataError, match=r"which this run does not train on; it reads 'attributes'"):
         paired_rows(Data(), 0, formats=("attributes",))
+
+
+def test_a_single_exchange_is_a_chat_row_and_trains_steerlm(tmp_path: Path) -> None:
+    """`keel data label` writes {prompt, response, attributes} for SteerLM; `keel train sft
+    data.chat_template=nemotron` then refused every row for lacking 'messages'. TRL's prompt-completion rows
+    read the same way; a row with a messages list is read as it was."""
+    from engine.data.documents import render_row
+    from engine.data.tokenizers import ByteTokenizer
+
+    labelled = {"prompt": "Say hi.", "response": "Hi!", "attributes": {"helpfulness": 4, "verbosity": 1}, "id": 7}
+    row = check_row("chat", labelled)
+    assert row["messages"] == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+    assert row["attributes"] == {"helpfulness": 4, "verbosity": 1} and row["id"] == 7
+    turns = [{"role": "system", "content": "Be brief."}, USER]
+    assert check_row("chat", {"prompt": turns, "completion": "ok"})["messages"] == [
+        *turns, {"role": "assistant", "content": "ok"}]
+    assert check_row("chat", {"messages": [USER, ASSISTANT], "prompt": "x", "response": "y"})["messages"] == \
+        [USER, ASSISTANT]
+    ids, mask = render_row(row, ByteTokenizer(), "chat", "nemotron")
+    text = ByteTokenizer().decode(ids)
+    trained = ByteTokenizer().decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert "helpfulness:4" in text and "Say hi." in text and trained.startswith("Hi!"), (text, trained)
+    with pytest.raises(DataError, match=r"field 'response': expected a non-empty string"):
+        check_row("chat", {"prompt": "Say hi.", "response": " "})
