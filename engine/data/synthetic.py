@@ -40,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from engine.data.errors import DataError
+
 _WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "pencil", "garden", "rocket"]
 STYLES = ("bare", "explained", "rambling")
 _FILLER = ["Let me think about this step by step.", "This is a good question.", "I will be careful here.",
@@ -486,15 +488,20 @@ def builtin_format(name: str) -> str:
 
 
 def _lookup(name: str) -> tuple[str, str, Generator]:
-    """(base name, format, generator) of ``builtin:<set>`` or ``builtin:<set>:<split>``."""
+    """(split, format, generator) of ``builtin:<set>`` or ``builtin:<set>:<split>``; a bad name is a one-line
+    :class:`DataError` naming the built-in sets (or the splits) there are."""
     base, _, split = name.partition(":")[2].partition(":")
     base = f"builtin:{base}"
     if base not in BUILTIN:
-        raise ValueError(f"unknown built-in data set {name!r}; available: {', '.join(BUILTIN)} "
-                         f"(add :{'|:'.join(SPLITS)} to pick a split)")
-    if split and (base in UNSPLIT or split not in SPLITS):
-        raise ValueError(f"built-in data set {name!r}: " + (f"{base} has no splits" if base in UNSPLIT else
-                         f"unknown split {split!r}; choose one of {', '.join(SPLITS)}"))
+        raise DataError(None, "<source>", f"a built-in data set, one of {', '.join(BUILTIN)}", got=name, source=name,
+                        hint=f"add :{'|:'.join(SPLITS)} to pick a split, except for {', '.join(UNSPLIT)}")
+    if split and base in UNSPLIT:
+        raise DataError(None, "<source>", f"{base} without a split ({base} has no splits)", got=name, source=name,
+                        hint=f"the sets with {'/'.join(SPLITS)} splits are "
+                        f"{', '.join(b for b in BUILTIN if b not in UNSPLIT)}")
+    if split and split not in SPLITS:
+        raise DataError(None, "<source>", f"a split of {base} among {', '.join(SPLITS)} (unknown split {split!r})",
+                        got=name, source=name, hint=f"{base} alone is the train split")
     return split, *BUILTIN[base]
 
 
