@@ -6,7 +6,9 @@
 * :mod:`engine.convert.hf` — ``hf-to-keel`` / ``keel-to-hf``: read or write
   ``config.json`` + ``*.safetensors``, write or read a Keel checkpoint. Keel checkpoints
   are reshardable, so a converted checkpoint loads at any tensor × pipeline layout
-  (``checkpoint.load=<dir>``).
+  (``checkpoint.load=<dir>``);
+* :mod:`engine.convert.hf_tokenizer` — the tokenizer that goes with the weights: ``keel-to-hf`` writes it
+  (and its special ids) for transformers, ``hf-to-keel`` records it as an absolute path.
 
 ``register(subparsers)`` adds the sub-commands (mounted as ``keel convert``).
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -12,20 +13,25 @@ def register(subparsers: Any) -> None:
         "hf-to-keel", help="Hugging Face Llama or Nemotron (config.json + safetensors) -> Keel checkpoint",
         description="Convert a Hugging Face Llama-family or Nemotron model directory into a Keel checkpoint. The "
         "model.* overrides must describe the same architecture (model.preset=llama3-8b, nemotron4-15b, ...); the checkpoint loads "
-        "at any parallel layout with checkpoint.load=<OUT>/step_0000000.",
+        "at any parallel layout with checkpoint.load=<OUT>/step_0000000. The checkpoint records the tokenizer its runs "
+        "use: the directory's tokenizer.json (else tokenizer.model), or data.tokenizer=PATH, stored as an absolute path.",
     )
-    to_keel.add_argument("model_dir", help="directory with config.json and *.safetensors")
+    to_keel.add_argument("model_dir", help="directory with config.json and *.safetensors (and its tokenizer)")
     to_keel.add_argument("out_dir", help="where to write the Keel checkpoint")
-    to_keel.add_argument("overrides", nargs="*", help="model.preset=NAME and other model.* overrides")
+    to_keel.add_argument("overrides", nargs="*", help="model.preset=NAME and other model.* overrides; "
+                         "data.tokenizer=PATH when the directory has no tokenizer of its own")
     to_keel.set_defaults(func=_hf_to_keel)
 
     to_hf = subparsers.add_parser(
         "keel-to-hf", help="Keel checkpoint -> Hugging Face Llama or Nemotron (config.json + model.safetensors)",
         description="Convert a Keel checkpoint (saved at any parallel layout) into a Hugging Face "
-        "LlamaForCausalLM or NemotronForCausalLM directory (by the preset's family). The model settings are read from the checkpoint unless given.",
+        "LlamaForCausalLM or NemotronForCausalLM directory (by the preset's family), with the checkpoint's "
+        "tokenizer (tokenizer.json, tokenizer_config.json) when it has a Hugging Face form and its special token ids "
+        "in config.json and generation_config.json. The model settings are read from the checkpoint unless given. "
+        "Policies (language models) only: reward model and PPO critic checkpoints are refused.",
     )
     to_hf.add_argument("checkpoint", help="a Keel checkpoint (step_N) or a checkpoint directory (its newest)")
-    to_hf.add_argument("out_dir", help="where to write config.json and model.safetensors")
+    to_hf.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
     to_hf.add_argument("overrides", nargs="*", help="model.* overrides (default: those saved in the checkpoint)")
     to_hf.set_defaults(func=_keel_to_hf)
 
@@ -68,4 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.convert")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    from engine.checkpoint.dist import CheckpointError
+    from engine.config import ConfigError
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, CheckpointError) as exc:  # one line, as keel convert says it
+        print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return 2

@@ -44,6 +44,11 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    from engine.data.gguf_tokenizer import gguf_header
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such file; pass a llama.cpp .gguf model file")
+    gguf_header(str(path))  # a one-line error for a file that is not GGUF (the reader's is a traceback)
     reader = GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -126,11 +131,12 @@ def gguf_to_hf_state(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> di
 def gguf_to_keel(gguf_path: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None) -> Path:
     """Convert a Llama-architecture GGUF file into a Keel checkpoint under ``out_dir``."""
     from engine.config import TrainConfig, load_config
-    from engine.convert.hf import with_default, write_keel_checkpoint
+    from engine.convert.hf import write_keel_checkpoint
+    from engine.convert.hf_tokenizer import tokenizer_override
     from engine.models.presets import resolve_preset
 
     # the file carries its tokenizer and chat template: runs from this checkpoint use them (engine.checkpoint.inherit)
-    overrides = with_default(list(overrides or []), "data.tokenizer", str(Path(gguf_path).resolve()))
+    overrides = tokenizer_override(list(overrides or []), str(Path(gguf_path).resolve()))
     meta, tensors = read_gguf(gguf_path)
     if not any(item.startswith("model.") for item in overrides):
         preset = matching_preset(meta, "output.weight" not in tensors)

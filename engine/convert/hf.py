@@ -17,7 +17,9 @@ from typing import Any, Optional
 import torch
 
 from engine.config import ConfigError
+from engine.convert.hf_tokenizer import export_tokenizer, tokenizer_override
 from engine.convert.llama import check_hf_config, hf_config_for, hf_to_megatron, megatron_to_hf
+from engine.files import write_text_atomic
 from engine.models.presets import ModelPreset, resolve_preset
 
 logger = logging.getLogger(__name__)
@@ -42,13 +44,28 @@ def read_hf_state(model_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     return json.loads(config_path.read_text()), state
 
 
-def write_hf_state(out_dir: Path, preset: ModelPreset, state: dict[str, torch.Tensor]) -> None:
+def write_hf_state(out_dir: Path, preset: ModelPreset, state: dict[str, torch.Tensor],
+                   token_ids: Optional[dict[str, int]] = None) -> None:
+    """``config.json`` (with the tokenizer's special ``token_ids`` when given, and then a
+    ``generation_config.json`` that stops at EOS) and ``model.safetensors``."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config_for(preset), indent=2))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    write_text_atomic(out_dir / "config.json", json.dumps({**hf_config_for(preset), **(token_ids or {})}, indent=2))
+    if token_ids:
+        write_text_atomic(out_dir / "generation_config.json", json.dumps(token_ids, indent=2))
+    weights = out_dir / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+    weights.chmod(default_file_mode())  # safetensors creates its file 0600
+
+
+def default_file_mode() -> int:
+    """The mode ``open`` gives a new file: 0666 less the process's umask."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _single_rank_model(overrides: list[str]) -> tuple[Any, Any, Any, Any]:
@@ -74,21 +91,13 @@ def _teardown(parallel: Any) -> None:
 def hf_to_keel(model_dir: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None) -> Path:
     """Convert a HF Llama or Nemotron directory into a Keel checkpoint under ``out_dir``; returns its path."""
     from engine.config import TrainConfig, load_config
+    from engine.data.tokenizers import tokenizer_file
 
-    overrides = list(overrides or [])
-    if any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        # runs from this checkpoint tokenize as the model was trained (engine.checkpoint.inherit)
-        overrides = with_default(overrides, "data.tokenizer", str(Path(model_dir).resolve()))
+    # runs from this checkpoint tokenize as the model was trained (engine.checkpoint.inherit)
+    overrides = tokenizer_override(list(overrides or []), tokenizer_file(str(model_dir)))
     hf_config, hf_state = read_hf_state(Path(model_dir))
     check_hf_config(hf_config, resolve_preset(load_config(TrainConfig, None, overrides).model))
     return write_keel_checkpoint(hf_state, out_dir, overrides, source=str(model_dir))
-
-
-def with_default(overrides: list[str], key: str, value: str) -> list[str]:
-    """``overrides`` plus ``key=value`` unless they already set ``key``."""
-    if any(item.split("=", 1)[0].strip() == key for item in overrides):
-        return overrides
-    return [*overrides, f"{key}={value}"]
 
 
 def write_keel_checkpoint(hf_state: dict[str, torch.Tensor], out_dir: str | Path, overrides: list[str],
@@ -113,7 +122,8 @@ def write_keel_checkpoint(hf_state: dict[str, torch.Tensor], out_dir: str | Path
 
 
 def keel_to_hf(checkpoint: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None) -> Path:
-    """Convert a Keel checkpoint (any layout it was saved at) into a HF Llama or Nemotron directory (by the preset's family)."""
+    """Convert a Keel checkpoint (any layout it was saved at) into a HF Llama or Nemotron directory (by the
+    preset's family), with the checkpoint's tokenizer where it has a HF form."""
     from engine.checkpoint import dist as ckpt
 
     path = Path(checkpoint)
@@ -122,15 +132,18 @@ def keel_to_hf(checkpoint: str | Path, out_dir: str | Path, overrides: Optional[
         if latest is None:
             raise ConfigError(f"{checkpoint}: not a complete Keel checkpoint (nor a directory of them)")
         path = latest
+    meta = ckpt.read_meta(path)
+    ckpt.refuse_scorer(path, meta, "exported by keel-to-hf, which writes policies (language models) only")
+    saved = meta.get("config", {})
     if not overrides:
-        saved = ckpt.read_meta(path).get("config", {}).get("model", {})
-        overrides = [f"model.{k}={v}" for k, v in saved.items() if v is not None and k != "layer_spec"]
+        overrides = [f"model.{k}={v}" for k, v in saved.get("model", {}).items() if v is not None and k != "layer_spec"]
     config, parallel, chunks, preset = _single_rank_model(overrides)
     try:
         ckpt.load(path, chunks, None, parallel, ckpt.model_signature(preset), load_optimizer=False)
         state = megatron_to_hf(dict(chunks[0].state_dict()), preset)
     finally:
         _teardown(parallel)
-    write_hf_state(Path(out_dir), preset, state)
+    out = Path(out_dir)
+    write_hf_state(out, preset, state, export_tokenizer(saved.get("data", {}).get("tokenizer"), out))
     logger.info("wrote %s", out_dir)
-    return Path(out_dir)
+    return out

@@ -193,7 +193,7 @@ def test_hf_to_keel_at_tp2_pp2_matches_transformers_and_converts_back(tmp_path: 
         launch(1, [*entry, "hf-to-keel", str(hf_dir), str(keel_dir), f"model.preset={preset.name}"])
         cases += [preset.name, str(keel_dir / "step_0000000"), str(tmp_path / preset.name / "logits.pt")]
         stored = json.loads((keel_dir / "step_0000000" / "keel.json").read_text())["config"]["data"]
-        assert stored["tokenizer"] == (str(hf_dir.resolve()) if preset is PRESET else "byte"), preset.name
+        assert stored["tokenizer"] == (str((hf_dir / "tokenizer.model").resolve()) if preset is PRESET else "byte"), preset.name
 
     launch(4, [str(worker), str(tmp_path / "tokens.pt"), *cases])
     for preset in CASES:
@@ -252,6 +252,12 @@ def test_gguf_smollm2_to_keel_and_back(tmp_path: Path) -> None:
     converted = load_file(str(back_dir / "model.safetensors"))
     assert set(converted) == set(state)
     assert all(torch.equal(converted[k], state[k]) for k in state)
+    # the file's tokenizer goes along: HF generate stops at <|im_end|>
+    tokenizer = json.loads((back_dir / "tokenizer_config.json").read_text())
+    assert (tokenizer["eos_token"], tokenizer["bos_token"]) == ("<|im_end|>", "<|im_start|>")
+    assert "<|im_start|>assistant" in tokenizer["chat_template"]
+    assert json.loads((back_dir / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert (back_dir / "tokenizer.json").is_file()
 
 
 def _has(module: str) -> bool:

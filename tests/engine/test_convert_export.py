@@ -1,0 +1,201 @@
+"""What ``keel convert`` writes besides the weights, and what it refuses.
+
+``keel-to-hf`` writes the checkpoint's tokenizer (a tokenizer.json copied, or the one built from a GGUF
+file saved) so that transformers loads it, and the special ids into config.json and generation_config.json
+(without them HF ``generate`` ran past ``<|im_end|>``); it refuses reward models and critics, whose value
+head it would have dropped. ``hf-to-keel`` records the tokenizer as an absolute path. Missing or non-GGUF
+files are one-line errors. The weights file gets the usual permissions (safetensors creates it 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.checkpoint.dist import CheckpointError
+from engine.config import ConfigError
+from engine.convert.hf_tokenizer import export_tokenizer
+from engine.data.builtin_tokenizer import _corpus
+from engine.data.gguf_tokenizer import write_gguf_tokenizer
+from engine.data.tokenizers import load_tokenizer
+from engine.models.presets import PRESETS
+from tests.helpers import launch
+
+PRESET = PRESETS["tiny-llama"]
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+TEXTS = ["What is 12 + 30?", "Adding 12 and 30 gives 42.\n\nSo the answer is 42.", "  spaced   out\ttabs"]
+
+
+def _train_bpe(directory: Path) -> Path:
+    """A small byte-level BPE tokenizer.json with a tokenizer_config.json (EOS <|im_end|>, a chat template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(_corpus(), trainer=trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    raw.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "add_bos_token": False, "chat_template": TEMPLATE}))
+    return directory / "tokenizer.json"
+
+
+def _hf_tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _fake_checkpoint(path: Path, algorithm: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "keel.json").write_text(json.dumps({"algorithm": algorithm, "config": {"model": {"preset": "tiny-llama"}}}))
+    (path / "metadata.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("algorithm,kind", [("rm", "reward model"), ("critic", "PPO critic")])
+def test_keel_to_hf_refuses_scorers(tmp_path: Path, algorithm: str, kind: str) -> None:
+    from engine.convert.hf import keel_to_hf
+
+    checkpoint = _fake_checkpoint(tmp_path / "step_0000010", algorithm)
+    with pytest.raises(CheckpointError, match=f"is a {kind} checkpoint.*policies \\(language models\\) only"):
+        keel_to_hf(checkpoint, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_weights_have_the_usual_mode_and_config_the_special_ids(tmp_path: Path) -> None:
+    from engine.convert.hf import default_file_mode, write_hf_state
+
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    write_hf_state(tmp_path, PRESET, {"model.norm.weight": torch.ones(4)}, ids)
+    assert default_file_mode() == 0o666 & ~_umask()
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == default_file_mode(), name
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["eos_token_id"] == 2
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == ids
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_tokenizer_json_export_loads_in_transformers(tmp_path: Path) -> None:
+    source = _train_bpe(tmp_path / "src")
+    keel = load_tokenizer(str(source))
+    ids = export_tokenizer(str(source), tmp_path / "out")
+    assert ids == {"bos_token_id": keel.bos_id, "eos_token_id": keel.eos_id, "pad_token_id": keel.pad_id}
+    hf = _hf_tokenizer(tmp_path / "out")
+    assert (hf.eos_token, hf.eos_token_id, hf.chat_template) == ("<|im_end|>", keel.eos_id, TEMPLATE)
+    back = load_tokenizer(str(tmp_path / "out"))
+    assert (back.eos_id, back.bos_id, back.add_bos, back.chat_template) == (keel.eos_id, keel.bos_id, False, TEMPLATE)
+    for text in TEXTS:
+        assert hf(text, add_special_tokens=False).input_ids == keel.encode(text) == back.encode(text)
+
+
+def test_gguf_tokenizer_export_adds_bos_as_llama_cpp_does(tmp_path: Path) -> None:
+    path = _train_bpe(tmp_path / "src")
+    model = json.loads(path.read_text())["model"]
+    tokens = [token for token, _ in sorted(model["vocab"].items(), key=lambda item: item[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    gguf_path = str(tmp_path / "tiny.gguf")
+    write_gguf_tokenizer(gguf_path, "gpt2", tokens, [3 if i < 3 else 1 for i in range(len(tokens))], merges=merges,
+                         bos_id=1, eos_id=2, pad_id=0, pre="gpt2", add_bos=True, chat_template=TEMPLATE)
+    keel = load_tokenizer(gguf_path)
+    assert export_tokenizer(gguf_path, tmp_path / "out") == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    hf = _hf_tokenizer(tmp_path / "out")
+    assert (hf.eos_token, hf.bos_token, hf.pad_token, hf.chat_template) == ("<|im_end|>", "<|im_start|>",
+                                                                          "<|endoftext|>", TEMPLATE)
+    for text in TEXTS:
+        assert hf(text).input_ids == [1, *keel.encode(text)]
+
+
+@pytest.mark.parametrize("spec", ["byte", "builtin-sp"])
+def test_tokenizers_without_a_hf_form_are_said_so(tmp_path: Path, spec: str, caplog: Any) -> None:
+    keel = load_tokenizer(spec)
+    with caplog.at_level(logging.WARNING, logger="engine.convert.hf_tokenizer"):
+        ids = export_tokenizer(spec, tmp_path)
+    assert ids == {"bos_token_id": keel.bos_id, "eos_token_id": keel.eos_id, "pad_token_id": keel.pad_id}
+    assert f"data.tokenizer={spec} has no Hugging Face tokenizer.json form" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def _recorded_tokenizer(monkeypatch: Any, model_dir: Path, overrides: list[str]) -> str:
+    """The data.tokenizer ``hf-to-keel`` records (the checkpoint writer is replaced by one that returns it)."""
+    import engine.convert.hf as hf
+
+    def record(state: Any, out_dir: Any, overrides: list[str], source: str) -> Any:
+        return next(item.split("=", 1)[1] for item in overrides if item.startswith("data.tokenizer="))
+
+    monkeypatch.setattr(hf, "write_keel_checkpoint", record)
+    return str(hf.hf_to_keel(model_dir, "unused", ["model.preset=tiny-llama", *overrides]))
+
+
+def test_hf_to_keel_records_the_tokenizer_as_an_absolute_path(tmp_path: Path, monkeypatch: Any) -> None:
+    from engine.convert.hf import write_hf_state
+
+    model_dir = tmp_path / "model"
+    write_hf_state(model_dir, PRESET, {"model.norm.weight": torch.ones(4)})
+    _train_bpe(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)
+    assert _recorded_tokenizer(monkeypatch, Path("model"), ["data.tokenizer=tok/tokenizer.json"]) == str(
+        (tmp_path / "tok" / "tokenizer.json").resolve())
+    assert _recorded_tokenizer(monkeypatch, Path("model"), ["data.tokenizer=tok"]) == str((tmp_path / "tok").resolve())
+    assert _recorded_tokenizer(monkeypatch, Path("model"), ["data.tokenizer=byte"]) == "byte"
+    with pytest.raises(ConfigError, match="data.tokenizer=nowhere: no such tokenizer"):
+        _recorded_tokenizer(monkeypatch, Path("model"), ["data.tokenizer=nowhere"])
+    _train_bpe(model_dir)  # an exported directory with its tokenizer: that file is recorded
+    assert _recorded_tokenizer(monkeypatch, Path("model"), []) == str((model_dir / "tokenizer.json").resolve())
+
+
+def test_gguf_to_keel_names_a_missing_or_foreign_file(tmp_path: Path) -> None:
+    from engine.convert.gguf import gguf_to_keel
+
+    with pytest.raises(ConfigError, match="missing.gguf: no such file"):
+        gguf_to_keel(tmp_path / "missing.gguf", tmp_path / "out")
+    (tmp_path / "text.gguf").write_text("not a model\n")
+    with pytest.raises(ConfigError, match="text.gguf: not a GGUF file"):
+        gguf_to_keel(tmp_path / "text.gguf", tmp_path / "out")
+
+
+def test_hf_to_keel_help_names_data_tokenizer() -> None:
+    import argparse
+
+    from engine.convert.cli import register
+
+    parser = argparse.ArgumentParser(prog="keel convert")
+    subparsers = parser.add_subparsers()
+    register(subparsers)
+    assert "data.tokenizer=PATH" in subparsers.choices["hf-to-keel"].format_help()
+
+
+def test_keel_to_hf_writes_the_checkpoint_tokenizer(tmp_path: Path) -> None:
+    """hf-to-keel of a directory with its tokenizer.json, then keel-to-hf: transformers loads the tokenizer
+    and the config stops generation at the tokenizer's EOS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.convert.llama import hf_config_for
+
+    fields = {k: v for k, v in hf_config_for(PRESET).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**fields)).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    keel = load_tokenizer(str(_train_bpe(tmp_path / "hf")))
+    launch(1, ["-m", "engine.convert", "hf-to-keel", str(tmp_path / "hf"), str(tmp_path / "keel"), "model.preset=tiny-llama"])
+    launch(1, ["-m", "engine.convert", "keel-to-hf", str(tmp_path / "keel"), str(tmp_path / "back")])
+    hf = _hf_tokenizer(tmp_path / "back")
+    assert hf("What is 12 + 30?", add_special_tokens=False).input_ids == keel.encode("What is 12 + 30?")
+    assert hf.chat_template == TEMPLATE
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    generation = json.loads((tmp_path / "back" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == generation["eos_token_id"] == keel.eos_id == hf.eos_token_id
