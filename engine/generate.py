@@ -4,7 +4,11 @@ The checkpoint is loaded at the generation layout's tensor-parallel size and res
 the backend (:mod:`engine.generation.native`: the megatron model with a KV cache), the same
 path online RL takes every iteration. Prompts of mixed lengths are batched; greedy
 (``--temperature 0``) or sampled (temperature, top-p, top-k) decoding; each row stops at the
-template's end-of-turn or EOS; row ``i`` draws from ``--seed + i``. Under torchrun,
+template's end-of-turn or EOS, or at ``--max-length`` tokens of prompt + completion (default: the model's
+context, not the checkpoint's training ``data.seq_length``; prompts it would cut short are counted in
+a warning); row ``i`` draws from ``--seed + i``. An SFT ``{messages}`` row is completed from its turns
+before the last assistant reply, which its output row keeps as ``reference``; every output row keeps
+its input row's other fields (``id``, ``answer``...). Under torchrun,
 ``--tensor G`` splits the model over ``G`` ranks and the world's ``world / G`` replicas share
 the prompts. SteerLM policies (``nemotron`` template) take target attributes:
 ``--attributes helpfulness=4,verbosity=1`` over the defaults of HelpSteer2-era models
@@ -23,6 +27,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +41,7 @@ from engine.files import PartialOutput
 from engine.generation.base import SamplingParams
 from engine.runtime import shutdown
 
+logger = logging.getLogger(__name__)
 STEERLM_DEFAULTS = {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 2, "verbosity": 2}
 TEMPLATE_NAMES = ("auto", *TEMPLATES)
 # What a partial output's fingerprint (OUTPUT.partial.meta) records, and how each is set.
@@ -57,12 +63,51 @@ def parse_attributes(text: Optional[str]) -> dict[str, int]:
     return attributes
 
 
+CHECKPOINT_FORMS = ("a run directory, its checkpoints directory (their 'best' checkpoint, else the latest), "
+                    "a step_* directory, or a 'best' or 'latest' pointer file in a checkpoints directory")
+
+
+def _checkpoints_of_run(run: Path) -> Optional[Path]:
+    """The checkpoints directory of run directory ``run`` (``checkpoint.dir`` of its config.yaml, else
+    ``<run>/checkpoints``), or None when ``run`` is no run directory."""
+    import yaml
+
+    config = run / "config.yaml"
+    saved = yaml.safe_load(config.read_text()) if config.is_file() else None
+    named = (saved.get("checkpoint") or {}).get("dir") if isinstance(saved, dict) else None
+    for candidate in (Path(named) if named else None, run / "checkpoints"):
+        if candidate is not None and candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """The step directory ``checkpoint`` names, in any of the forms of :data:`CHECKPOINT_FORMS`; anything else
+    is a one-line :class:`ConfigError` listing them."""
+    from engine.checkpoint import dist as ckpt
+
+    path = Path(checkpoint)
+    if path.is_dir() and not (path / ckpt.META).exists() and not ckpt.find_latest(str(path)):
+        path = _checkpoints_of_run(path) or path
+    if path.name in (ckpt.BEST, ckpt.LATEST) and not path.exists() and path.parent.is_dir():
+        unmarked = " (a run marks its best checkpoint only when it evaluates)" if path.name == ckpt.BEST else ""
+        raise ConfigError(f"checkpoint {checkpoint}: {path.parent.resolve()} has no {path.name!r} pointer{unmarked}; "
+                          f"give {CHECKPOINT_FORMS}")
+    found = ckpt.resolve(path)
+    if found.is_dir() and not (found / ckpt.META).exists():
+        found = ckpt.find_latest(str(found)) or found  # a checkpoints directory without pointers
+    if not ckpt.is_complete(found):
+        problem = "is no complete checkpoint" if found.exists() else "does not exist"
+        raise ConfigError(f"checkpoint {checkpoint}: {found} {problem}; give {CHECKPOINT_FORMS}")
+    return found
+
+
 def saved_config(checkpoint: str, tensor: int = 1) -> tuple[Any, str]:
     """(the checkpoint run's shared config at TP ``tensor``/PP1, resolved checkpoint path)."""
     from engine.checkpoint import dist as ckpt
     from engine.config import TrainConfig, from_dict
 
-    path = ckpt.resolve(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     meta = ckpt.read_meta(path)
     try:
         ckpt.refuse_scorer(path, meta, "generated from")
@@ -106,7 +151,8 @@ def load_backend(checkpoint: str, tensor: int = 1, max_batch_size: int = 8) -> t
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
-    """``{"prompt": str | messages}`` rows (SFT ``messages`` rows give their turns before the last reply).
+    """``{"prompt": str | messages}`` rows. An SFT ``messages`` row gives its turns before the last assistant reply
+    as the prompt and that reply as ``reference`` (unless the row has one), to compare the completion with.
 
     Each prompt is checked as the ``prompts`` schema checks it (a string, or messages ending with a
     user turn), so a bad one is a :class:`DataError` naming the file, line and field.
@@ -119,12 +165,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise DataError(where, "<row>", "a JSON object with a 'prompt' (or SFT 'messages')", row)
         if "prompt" not in row and "messages" in row:
-            messages = row["messages"]
-            if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-                    and messages[-1].get("role") == "assistant":
-                messages = messages[:-1]
-            check_messages(messages, where, "messages", last="user")
-            row = {**row, "prompt": messages}
+            row = _sft_prompt(row, where)
         elif "prompt" not in row:
             raise DataError(where, "prompt", "a string or messages (or SFT 'messages')", "missing")
         else:
@@ -133,11 +174,22 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _sft_prompt(row: dict[str, Any], where: Any) -> dict[str, Any]:
+    """``row`` with its SFT ``messages`` up to the last assistant reply as ``prompt``, the reply as ``reference``."""
+    messages = row["messages"]
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        reply = check_messages(messages, where, "messages")[-1]  # the reply is checked too: it is written out
+        return {"reference": reply["content"], **row, "prompt": messages[:-1]}
+    check_messages(messages, where, "messages", last="user")
+    return {**row, "prompt": messages}
+
+
 def complete(backend: Any, tokenizer: Any, template: str, rows: list[dict[str, Any]], sampling: SamplingParams,
              attributes: Optional[dict[str, int]], batch_size: int = 64,
              progress: bool = False) -> list[dict[str, Any]]:
     """One completion per row, as ``{prompt, completion, finish_reason, tokens, attributes}`` dicts plus the
-    row's other fields (an SFT row's ``messages`` aside)."""
+    row's other fields (``id``, ``answer``, an SFT row's ``reference``...; its ``messages`` aside)."""
     sampling = dataclasses.replace(sampling, stop_token_ids=tuple(stop_token_ids(tokenizer, template)),
                                    vocab_size=tokenizer.vocab_size)
     out: list[dict[str, Any]] = []
@@ -222,21 +274,41 @@ def _check_inputs(args: argparse.Namespace) -> Job:
     attributes = parse_attributes(args.attributes) if template == "nemotron" else None
     if args.attributes and template != "nemotron":
         raise ConfigError(f"--attributes needs a SteerLM policy (nemotron template); this one uses {template!r}")
-    max_length = args.max_length or config.data.seq_length
-    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
-                              max_length=max_length)
-    tokenizer = load_tokenizer(config.data.tokenizer)
     preset = resolve_preset(config.model)
-    warn_if_foreign(tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
-    rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in rows]
     context = preset.max_sequence_length
     if args.max_length > context:  # the backend would stop at the context anyway: say so rather than cap it
         raise ConfigError(f"--max-length {args.max_length} is beyond the model's context of {context} tokens "
                           f"({preset.name}); give at most {context}")
+    # not the checkpoint's data.seq_length: that is how long its training rows were cut (a converted model's
+    # says nothing of its context), and it cut completions short without a word
+    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                              max_length=args.max_length or context)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    warn_if_foreign(tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
+    rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in rows]
     names = [f"{where}: field 'prompt'" for where, _ in parsed_records(args.prompts)]
-    default = None if args.max_length else f"--max-length (default: the checkpoint's data.seq_length={max_length})"
-    check_prompts(rendered, sampling, context, names=names, option="--max-length", cap=default)
+    check_prompts(rendered, sampling, context, names=names, option="--max-length")
+    warn_of_cut_completions([len(prompt) for prompt in rendered], sampling, context)
     return Job(config, os.path.realpath(path), tokenizer, template, attributes, rows, sampling, _sha256(args.prompts))
+
+
+def warn_of_cut_completions(prompt_lengths: list[int], sampling: SamplingParams, context: int) -> None:
+    """One warning (rank 0) when prompt + ``--max-new-tokens`` passes ``--max-length`` for some prompts: those
+    completions stop at the cap with finish_reason "length", however many new tokens were asked for."""
+    from engine.parallel.layout import read_launch_env
+
+    cap, wanted = sampling.max_length, sampling.max_new_tokens
+    cut = sum(length + wanted > cap for length in prompt_lengths)
+    if not cut or read_launch_env().rank != 0:
+        return
+    needed = max(prompt_lengths) + wanted
+    if cap < context:
+        limit, advice = f"--max-length {cap}", f"raise --max-length to {min(needed, context)} (at most the model's " \
+            f"context of {context} tokens)"
+    else:
+        limit, advice = f"the model's context of {context} tokens", "lower --max-new-tokens or shorten the prompts"
+    logger.warning("%d of %d completions may be cut short: prompt + --max-new-tokens %d is more than %s; %s",
+                   cut, len(prompt_lengths), wanted, limit, advice)
 
 
 def _resume_point(partial: PartialOutput, fingerprint: dict[str, Any]) -> list[Any]:
@@ -305,12 +377,13 @@ def register(subparsers: Any) -> None:
     """Add ``keel generate``."""
     parser = subparsers.add_parser(
         "generate", help="complete prompts with a policy checkpoint (SteerLM: target attributes)",
-        description="Read prompts JSONL ({prompt} or SFT {messages} rows), write completions JSONL. Greedy by "
+        description="Read prompts JSONL ({prompt} or SFT {messages} rows), write completions JSONL (an SFT row's "
+        "last assistant reply is kept as 'reference', other fields as they are). Greedy by "
         "default; --temperature > 0 samples (with --top-p/--top-k). Native KV-cache backend; under torchrun "
         "--tensor G splits the model over G ranks and the replicas share the prompts. An interrupted run "
         "started again with the same options resumes from OUTPUT.partial (its options are recorded in "
         "OUTPUT.partial.meta; other options are refused).")
-    parser.add_argument("checkpoint", help="policy checkpoint (run dir/checkpoints, step dir, or 'best')")
+    parser.add_argument("checkpoint", help=f"the policy checkpoint: {CHECKPOINT_FORMS}")
     parser.add_argument("prompts", help="input JSONL")
     parser.add_argument("output", help="output JSONL (written atomically)")
     parser.add_argument("--attributes", default=None,
@@ -318,15 +391,22 @@ def register(subparsers: Any) -> None:
                         "complexity/verbosity 2")
     parser.add_argument("--template", default=None,
                         help=f"chat template, one of {', '.join(TEMPLATE_NAMES)} (default: the checkpoint's)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together per replica")
-    parser.add_argument("--tensor", type=int, default=1, help="generation tensor-parallel size (torchrun ranks)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="most new tokens per completion (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="draw from the likeliest tokens whose probabilities sum to P (nucleus); 1 = off "
+                        "(default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="draw from the k likeliest tokens; 0 = off (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="row i of the prompts draws from seed + i (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="prompts decoded together per replica (default: %(default)s)")
+    parser.add_argument("--tensor", type=int, default=1,
+                        help="generation tensor-parallel size (torchrun ranks) (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=0,
-                        help="prompt + completion cap, at most the model's context (default: the checkpoint's "
-                             "data.seq_length)")
+                        help="prompt + completion cap, at most the model's context (default: the model's context; "
+                             "a warning counts the completions it may cut short)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=cmd_generate)

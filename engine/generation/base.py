@@ -135,15 +135,14 @@ def backend_class(name: str) -> Any:
 
 
 def check_prompts(prompts: list[list[int]], params: SamplingParams, context: Optional[int],
-                  names: Optional[list[str]] = None, option: str = "max_length", cap: Optional[str] = None) -> None:
+                  names: Optional[list[str]] = None, option: str = "max_length") -> None:
     """One clear error, before any work, for empty prompts or prompts that leave no room to generate.
 
     ``names[i]`` says where prompt ``i`` came from (``file:line``); the default is its index. A prompt that
     fills the model's ``context`` can only be shortened; one that fills ``params.max_length`` below it is told
-    to raise ``option``, the setting the caller reads it from (``cap`` describes its value; default
-    ``"<option> <max_length>"``).
+    to raise ``option``, the setting the caller reads it from.
     """
-    within = f"{cap or f'{option} {params.max_length}'}; shorten the prompt or raise {option}"
+    within = f"{option} {params.max_length}; shorten the prompt or raise {option}"
     if context:
         within += f" (at most the model's context of {context} tokens)"
     for i, prompt in enumerate(prompts):

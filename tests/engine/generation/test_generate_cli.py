@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,31 @@ def test_read_prompts_takes_sft_rows_up_to_their_last_reply(tmp_path: Path) -> N
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"prompt": "x", "id": 7}) + "\n")
-    assert read_prompts(str(prompts)) == [{"messages": turns, "prompt": turns[:1]}, {"prompt": "x", "id": 7}]
+    assert read_prompts(str(prompts)) == [{"messages": turns, "prompt": turns[:1], "reference": "hello"},
+                                          {"prompt": "x", "id": 7}]
+
+
+def test_an_sft_row_keeps_its_reply_as_the_reference(checkpoint: Path, tmp_path: Path) -> None:
+    """The last assistant reply of an SFT row was dropped from the output, so completions could not be
+    compared with the answer the data set gives."""
+    from engine.generate import _check_inputs, complete
+    from engine.generation.base import SamplingParams
+
+    turns = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
+    prompts = tmp_path / "sft.jsonl"
+    prompts.write_text(json.dumps({"messages": turns, "id": 1}) + "\n"
+                       + json.dumps({"messages": turns, "reference": "own"}) + "\n")
+    job = _check_inputs(_args(checkpoint, tmp_path / "o.jsonl", prompts=prompts))
+
+    class Backend:  # the rows around the model are what is tested
+        def generate(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]):  # type: ignore[no-untyped-def]
+            from engine.generation.base import Rollouts
+
+            return Rollouts(prompts, [[65, 66]] * len(prompts), [[0.0, 0.0]] * len(prompts), ["length"] * len(prompts))
+
+    first, second = complete(Backend(), job.tokenizer, job.template, job.rows, job.sampling, None)
+    assert first["reference"] == "hi" and first["id"] == 1 and first["prompt"] == turns[:1], first
+    assert "messages" not in first and second["reference"] == "own", second
 
 
 def test_generate_refuses_a_partial_output_of_other_options(checkpoint: Path, tmp_path: Path,
@@ -178,29 +203,48 @@ def test_a_missing_prompts_file_names_the_argument(tmp_path: Path, capsys: pytes
     assert "data.source" not in err and "keel generate's prompts argument" in err, err
 
 
-@pytest.mark.parametrize("max_length, given, message", [
-    (10, True, "p.jsonl, line 1: field 'prompt': the prompt has 12 tokens, which leaves no room to generate within "
-               "--max-length 10; shorten the prompt or raise --max-length (at most the model's context of 64 tokens)"),
-    (10, False, "the prompt has 12 tokens, which leaves no room to generate within --max-length (default: the "
-                "checkpoint's data.seq_length=10); shorten the prompt or raise --max-length"),
-    (100, True, "the prompt has 64 tokens, which leaves no room to generate within the model's context of 64 "
-                "tokens; shorten the prompt"),
+@pytest.mark.parametrize("max_length, message", [
+    (10, "p.jsonl, line 1: field 'prompt': the prompt has 12 tokens, which leaves no room to generate within "
+         "--max-length 10; shorten the prompt or raise --max-length (at most the model's context of 64 tokens)"),
+    (64, "the prompt has 64 tokens, which leaves no room to generate within the model's context of 64 "
+         "tokens; shorten the prompt"),
 ])
-def test_a_prompt_without_room_names_the_option_to_raise(max_length: int, given: bool, message: str) -> None:
+def test_a_prompt_without_room_names_the_option_to_raise(max_length: int, message: str) -> None:
     """It said "raise the model's max_length" where the fix is --max-length."""
     from engine.config import ConfigError
     from engine.generation.base import SamplingParams, check_prompts
 
     def check(prompts: list[list[int]]) -> None:  # as keel generate calls it
-        default = None if given else f"--max-length (default: the checkpoint's data.seq_length={max_length})"
         check_prompts(prompts, SamplingParams(max_length=max_length), 64, ["p.jsonl, line 1: field 'prompt'"],
-                      option="--max-length", cap=default)
+                      option="--max-length")
 
     check([[5] * 3])  # room left: no error
     prompt = [[5] * (12 if max_length < 64 else 64)]
     with pytest.raises(ConfigError) as err:
         check(prompt)
     assert message in str(err.value) and "model's max_length" not in str(err.value), err.value
+
+
+def test_max_length_defaults_to_the_context_and_a_cut_is_told(checkpoint: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """--max-length defaulted to the checkpoint's data.seq_length (96 here; 128 for a converted SmolLM2 whose
+    context is 8192), which cut completions short with finish_reason "length" and no word."""
+    from engine.generate import _check_inputs
+    from engine.models.presets import PRESETS
+
+    context = PRESETS["tiny-llama"].max_sequence_length
+    assert context > 96
+    with caplog.at_level("WARNING", logger="engine.generate"):
+        assert _check_inputs(_args(checkpoint, tmp_path / "o.jsonl")).sampling.max_length == context
+        assert not caplog.records  # 12 new tokens fit
+        _check_inputs(_args(checkpoint, tmp_path / "o.jsonl", "--max-new-tokens", "40", "--max-length", "60"))
+        _check_inputs(_args(checkpoint, tmp_path / "o.jsonl", "--max-new-tokens", str(context - 10)))
+    raised, capped = (record.getMessage() for record in caplog.records)
+    assert raised.startswith(f"{len(PROMPTS)} of {len(PROMPTS)} completions may be cut short: prompt + "
+                             "--max-new-tokens 40 is more than --max-length 60; raise --max-length to "), raised
+    assert raised.endswith(f"(at most the model's context of {context} tokens)"), raised
+    assert capped.endswith(f"is more than the model's context of {context} tokens; lower --max-new-tokens or "
+                           "shorten the prompts"), capped
 
 
 def test_a_max_length_beyond_the_models_context_is_refused(checkpoint: Path, tmp_path: Path,
@@ -215,3 +259,38 @@ def test_a_max_length_beyond_the_models_context_is_refused(checkpoint: Path, tmp
     assert code == 2 and f"--max-length {context + 1} is beyond the model's context of {context} tokens " \
         f"(tiny-llama); give at most {context}" in err, err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_every_checkpoint_form_the_help_offers_is_read(checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The help offered "run dir ... or 'best'", but a run directory failed with "cannot read keel.json"."""
+    from engine.generate import resolve_checkpoint
+
+    step = resolve_checkpoint(str(checkpoint / "checkpoints" / "latest"))
+    assert step.name.startswith("step_") and (step / "keel.json").is_file()
+    for form in (checkpoint, checkpoint / "checkpoints", step):
+        assert resolve_checkpoint(str(form)).resolve() == step.resolve(), form
+    scanned = tmp_path / "copy"  # a checkpoints directory without its pointer: the newest complete step
+    (scanned / step.name).mkdir(parents=True)
+    for name in ("keel.json", "metadata.json"):
+        (scanned / step.name / name).write_text((step / name).read_text())
+    assert resolve_checkpoint(str(scanned)) == scanned / step.name
+
+    prompts = str(checkpoint / "prompts.jsonl")
+    code, err = _main(capsys, str(checkpoint / "checkpoints" / "best"), prompts, str(tmp_path / "o.jsonl"))
+    assert code == 2 and f"{checkpoint / 'checkpoints'} has no 'best' pointer (a run marks its best checkpoint " \
+        "only when it evaluates); give a run directory, its checkpoints directory" in err, err
+    code, err = _main(capsys, str(tmp_path / "nothing"), prompts, str(tmp_path / "o.jsonl"))
+    assert code == 2 and "nothing does not exist; give a run directory" in err and "keel.json" not in err, err
+
+
+def test_generate_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [("--max-new-tokens", "64"), ("--top-p", "1.0"), ("--top-k", "0"), ("--seed", "0"),
+                            ("--batch-size", "32"), ("--tensor", "1"), ("--temperature", "0.0")]:
+        described = re.search(rf"options:.* {option} [A-Z_]+ (.*?)(?= --[a-z]|$)", text)
+        assert described and described.group(1).endswith(f"(default: {default})"), (option, text)
+    assert "(default: the model's context" in text and "data.seq_length" not in text, text
+    assert "a run directory" in text and "'best'" in text, text
