@@ -347,17 +347,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model", dest="preset", required=True, choices=sorted(PRESETS), help="model preset")
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs in the job")
     parser.add_argument("--gpu-memory", "--gpu-memory-gb", dest="gpu_memory_gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallelism stays within a node")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="tensor parallelism stays within a node (default: %(default)s)")
     parser.add_argument("--tp", type=int, help="only this tensor-parallel size")
     parser.add_argument("--pp", type=int, help="only this pipeline-parallel size")
     parser.add_argument("--dp", type=int, help="only this data-parallel size")
     parser.add_argument("--fp8", action="store_true", help="FP8 training/generation (Transformer Engine)")
-    parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
-    parser.add_argument("--micro-batch", type=int, default=1, help="micro-batch size (sequences)")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                        help="activation recomputation: none keeps every activation, selective drops core "
+                        "attention's internals, full keeps only each layer's input (default: %(default)s)")
+    parser.add_argument("--micro-batch", type=int, default=1,
+                        help="micro-batch size in sequences (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, help="sequence length (default: the preset's maximum)")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="weights and activations dtype (default: %(default)s)")
     parser.add_argument("--no-distributed-optimizer", action="store_true", help="replicate optimizer state")
-    parser.add_argument("--generation-batch", type=int, default=64, help="sequences per generation instance")
+    parser.add_argument("--generation-batch", type=int, default=64,
+                        help="sequences per generation instance, for its KV cache (default: %(default)s)")
     parser.add_argument("--reserve", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     parser.add_argument("--all", action="store_true", help="also list layouts that do not fit")
     parser.set_defaults(func=_run)

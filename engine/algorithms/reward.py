@@ -49,9 +49,11 @@ BT_VARIANTS = ("auto", "regular", "margin", "scaled")
 @dataclass
 class RewardConfig:
     type: str = doc("'regression' (SteerLM attributes, MSE) or 'bt' (Bradley-Terry on pairs).", "regression")
-    bt_variant: str = doc("Bradley-Terry variant: 'auto' (scaled when every pair carries a strength 'margin', "
-                          "else regular; logged), 'regular', 'margin' (-|l| inside) or 'scaled' (|l| * loss).",
-                          "auto")
+    bt_variant: str = doc("Bradley-Terry loss on the rewards r_c (chosen) and r_r (rejected) of a pair, whose "
+                          "preference strength l is its 'margin' field: "
+                          "'regular' -log sigmoid(r_c - r_r); 'margin' -log sigmoid(r_c - r_r - |l|); 'scaled' "
+                          "|l| * -log sigmoid(r_c - r_r); 'auto' picks scaled if every pair has a margin, else "
+                          "regular, and logs its choice.", "auto")
     attributes: list = doc("Attributes a regression model predicts, in head order.", list(ATTRIBUTES))
     score_weights: dict = doc("Weights turning attribute predictions into one score (default: goodness).",
                               dict(GOODNESS_WEIGHTS))

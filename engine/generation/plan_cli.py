@@ -102,12 +102,19 @@ def register(subparsers: Any) -> None:
         "(models on the meta device; relaunches itself on TP x PP x DP gloo ranks).")
     parser.add_argument("--model", required=True, choices=sorted(PRESETS), metavar="PRESET",
                         help=f"model preset: {', '.join(sorted(PRESETS))}")
-    parser.add_argument("--train-tensor", type=int, default=1)
-    parser.add_argument("--train-pipeline", type=int, default=1)
-    parser.add_argument("--data", type=int, default=1, help="training data-parallel size")
-    parser.add_argument("--generation-tensor", type=int, default=1)
-    parser.add_argument("--bucket-mib", type=int, default=64, help="bucket size of the execution (MiB)")
+    parser.add_argument("--train-tensor", type=int, default=1,
+                        help="training tensor-parallel size (default: %(default)s)")
+    parser.add_argument("--train-pipeline", type=int, default=1,
+                        help="training pipeline-parallel size (default: %(default)s)")
+    parser.add_argument("--data", type=int, default=1, help="training data-parallel size (default: %(default)s)")
+    parser.add_argument("--generation-tensor", type=int, default=1,
+                        help="generation tensor-parallel size; the world of train-tensor x train-pipeline x data "
+                        "ranks holds world / generation-tensor replicas (default: %(default)s)")
+    parser.add_argument("--bucket-mib", type=int, default=64,
+                        help="bucket size of the execution in MiB (default: %(default)s)")
     parser.add_argument("--transport", choices=("collective", "shared"), default="collective",
-                        help="refit transport to plan for: point-to-point sends, or host-shared copies written once")
-    parser.add_argument("--limit", type=int, default=40, help="pieces to list (the summary counts all)")
+                        help="refit transport to plan for: point-to-point sends (collective), or host-shared "
+                        "copies written once (shared) (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=40,
+                        help="pieces to list; the summary counts all (default: %(default)s)")
     parser.set_defaults(func=cmd_reshard_plan)
