@@ -16,12 +16,17 @@ Reports, as JSON (``--out``) and on stdout:
 * per-attribute MSE of the predictions on eval-split rows, next to the MSE of always
   predicting the mean of the training labels (``--train-seed``/``--train-num``
   regenerate the training rows).
+
+A response longer than the model's ``seq_length`` gets no score (no reward is read from a cut
+response). As in ``keel eval rewardbench``, a pair with an unscored side is left out of every
+accuracy and counted (``unscored``), and the MSE is over the scored rows only (``unscored_rows``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -74,31 +79,46 @@ def controlled_pairs(num_prompts: int, seed: int, split: str = "eval") -> list[C
     return pairs
 
 
-def _accuracy(wins: list[bool]) -> dict[str, Any]:
-    return {"pairs": len(wins), "accuracy": sum(wins) / max(len(wins), 1)}
+def _accuracy(wins: list[bool], unscored: int = 0) -> dict[str, Any]:
+    """``pairs`` scored, their ``accuracy`` (None when none was scored), and the ``unscored`` pairs left out."""
+    return {"pairs": len(wins), "accuracy": sum(wins) / len(wins) if wins else None, "unscored": unscored}
 
 
 def pairwise_report(pairs: list[ControlledPair], goodness: dict[tuple[str, str], float]) -> dict[str, Any]:
-    """Accuracy per kind of wrong answer, and per kind × task, from goodness scores of (prompt, response)."""
+    """Accuracy per kind of wrong answer, and per kind × task, from goodness scores of (prompt, response).
+
+    A pair with a side that has no score (NaN: the response does not fit) is left out and counted.
+    """
     by_kind: dict[str, list[bool]] = defaultdict(list)
     by_kind_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    unscored: dict[str, int] = defaultdict(int)
+    unscored_task: dict[tuple[str, str], int] = defaultdict(int)
     for pair in pairs:
-        win = goodness[(pair.prompt, pair.right)] > goodness[(pair.prompt, pair.wrong)]
-        by_kind[pair.wrong_kind].append(win)
-        by_kind_task[pair.wrong_kind][pair.task].append(win)
-    return {kind: {**_accuracy(by_kind[kind]),
-                   "by_task": {task: _accuracy(wins) for task, wins in sorted(by_kind_task[kind].items())}}
+        right, wrong = goodness[(pair.prompt, pair.right)], goodness[(pair.prompt, pair.wrong)]
+        if math.isnan(right) or math.isnan(wrong):
+            unscored[pair.wrong_kind] += 1
+            unscored_task[(pair.wrong_kind, pair.task)] += 1
+            by_kind_task[pair.wrong_kind].setdefault(pair.task, [])
+            continue
+        by_kind[pair.wrong_kind].append(right > wrong)
+        by_kind_task[pair.wrong_kind][pair.task].append(right > wrong)
+    return {kind: {**_accuracy(by_kind[kind], unscored[kind]),
+                   "by_task": {task: _accuracy(wins, unscored_task[(kind, task)])
+                               for task, wins in sorted(by_kind_task[kind].items())}}
             for kind in WRONG_KINDS}
 
 
 def _mse(rewards: torch.Tensor, rows: list[dict[str, Any]], train: list[dict[str, Any]],
-         attributes: list[str]) -> dict[str, dict[str, float]]:
-    mse: dict[str, dict[str, float]] = {}
+         attributes: list[str]) -> dict[str, dict[str, Any]]:
+    """Per attribute: MSE of the predictions and of the training mean, over the rows the model scored."""
+    scored = ~rewards.isnan().any(-1)
+    mse: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(attributes):
-        labels = torch.tensor([float(row[name]) for row in rows])
+        labels = torch.tensor([float(row[name]) for row in rows])[scored]
         mean = sum(float(row[name]) for row in train) / len(train)
-        mse[name] = {"model": float((rewards[:, k] - labels).pow(2).mean()),
-                     "predict_training_mean": float((mean - labels).pow(2).mean())}
+        mse[name] = {"model": float((rewards[scored, k] - labels).pow(2).mean()) if len(labels) else None,
+                     "predict_training_mean": float((mean - labels).pow(2).mean()) if len(labels) else None,
+                     "rows": len(labels)}
     return mse
 
 
@@ -122,6 +142,9 @@ def evaluate(checkpoint: str, num_prompts: int, num_rows: int, seed: int, train_
         "prompts": num_prompts,
         "controlled_pairwise_accuracy": pairwise_report(pairs, goodness),
         "eval_rows": len(rows),
+        "unscored_rows": int(rewards.isnan().any(-1).sum()),
+        "unscored_note": f"responses longer than the model's seq_length={scorer.seq_length} get no score: a pair "
+                         "with one is left out of the accuracy (unscored), and the MSE is over scored rows only",
         "mse": _mse(rewards, rows, helpsteer_rows(train_num, train_seed), attributes),
         "attributes": attributes,
         "all_attributes": list(ATTRIBUTES),
