@@ -6,7 +6,9 @@ regression reward model predicts for it (rounded to 0..4), so attribute-conditio
 turn is the assistant's response (the turns before it are the prompt), or
 ``{"prompt", "response"}``. Each output row is the input row plus ``attributes``, the
 SteerLM string (``helpfulness:4,correctness:3,...``), and ``predicted`` with the raw
-predictions.
+predictions. A row whose response alone is longer than the reward model's ``seq_length`` gets
+no score (no reward is read from a cut response, as in ``keel eval rewardbench``): it is left
+out of the output, and the count and the first such file and line are logged and printed.
 
 Under torchrun the rows are sharded over the data-parallel ranks (the scorer does that and
 gathers them back in order). Work is done in chunks; rank 0 appends each finished chunk to
@@ -18,13 +20,33 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import logging
+import math
+from typing import Any, NamedTuple
 
 from engine.config import ConfigError
 from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import attribute_string
 from engine.files import PartialOutput
 from engine.runtime import shutdown
+
+logger = logging.getLogger(__name__)
+
+
+class SftRow(NamedTuple):
+    """One input row: the record as read, its prompt and response, and where it is (``file, line n``)."""
+
+    record: dict[str, Any]
+    prompt: Any
+    response: str
+    where: str = ""
+
+
+class LabelResult(NamedTuple):
+    """What :func:`label_file` did: rows written, and where each row left out (response too long) is."""
+
+    written: int
+    skipped: list[str]
 
 
 def _prompt_and_response(row: dict[str, Any], where: str) -> tuple[Any, str]:
@@ -38,9 +60,32 @@ def _prompt_and_response(row: dict[str, Any], where: str) -> tuple[Any, str]:
     raise ConfigError(f"{where}: expected 'messages' (chat) or 'prompt' and 'response' fields")
 
 
-def read_rows(path: str) -> list[tuple[dict[str, Any], Any, str]]:
-    """(row, prompt, response) per row of ``path``; a bad row is reported with its line."""
-    return [(row, *_prompt_and_response(row, str(where))) for where, row in parsed_records(path)]
+def read_rows(path: str) -> list[SftRow]:
+    """Each row of ``path`` with its prompt, response and place; a bad row is reported with its line."""
+    return [SftRow(row, *_prompt_and_response(row, str(where)), str(where)) for where, row in parsed_records(path)]
+
+
+def split_fitting(scorer: Any, rows: list[SftRow]) -> tuple[list[SftRow], list[str]]:
+    """(rows the reward model can score, places of those whose response alone is longer than its seq_length).
+
+    Decided from the tokens alone, before any scoring, so a resumed run leaves out the same rows.
+    """
+    fitting: list[SftRow] = []
+    skipped: list[str] = []
+    for row in rows:
+        if scorer.fit(row.prompt, row.response) is None:
+            skipped.append(row.where)
+        else:
+            fitting.append(row)
+    return fitting, skipped
+
+
+def skipped_note(skipped: list[str], seq_length: int) -> str:
+    """``2 rows not labelled: ... (first: f.jsonl, line 3)``, or "" when none was skipped."""
+    if not skipped:
+        return ""
+    return (f"{len(skipped)} row{'s' if len(skipped) != 1 else ''} not labelled: the response alone is longer "
+            f"than the reward model's seq_length={seq_length} (first: {skipped[0]})")
 
 
 def labelled(row: dict[str, Any], prediction: list[float], names: list[str]) -> dict[str, Any]:
@@ -54,7 +99,7 @@ def _unlabelled(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("attributes", "predicted")}
 
 
-def resume_point(partial: PartialOutput, rows: list[tuple[dict[str, Any], Any, str]], source: str) -> list[Any]:
+def resume_point(partial: PartialOutput, rows: list[SftRow], source: str) -> list[Any]:
     """The complete rows of ``partial`` that a run of this input and reward model wrote (a torn last line is
     dropped). A partial file of another input (the line is not that input row) or another reward model
     (its fingerprint) is refused: it used to be continued by its line count alone."""
@@ -70,13 +115,23 @@ def resume_point(partial: PartialOutput, rows: list[tuple[dict[str, Any], Any, s
     return done
 
 
-def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output: str, chunk: int = 256,
-               progress: bool = True, source: str = "") -> int:
+def _check_finite(part: list[SftRow], predictions: list[list[float]]) -> None:
+    """A non-finite prediction for a row that fits is a broken model, not a long row: say so, naming the row."""
+    for row, prediction in zip(part, predictions, strict=True):
+        if not all(math.isfinite(value) for value in prediction):
+            raise ConfigError(f"{row.where or 'a row'}: the reward model predicted {prediction}, not finite numbers; "
+                              "the checkpoint is broken or diverged (check it, e.g. with keel eval rewardbench)")
+
+
+def label_file(scorer: Any, rows: list[SftRow], output: str, chunk: int = 256, progress: bool = True,
+               source: str = "") -> LabelResult:
     """Label ``rows`` (from :func:`read_rows`) into ``output`` with the reward model ``source`` names (its
-    resolved checkpoint); returns the rows written (all of them)."""
+    resolved checkpoint). Rows whose response alone does not fit the model are left out and counted."""
+    rows, skipped = split_fitting(scorer, rows)
+    if skipped:
+        logger.warning("%s", skipped_note(skipped, scorer.seq_length))
     partial = PartialOutput(output)
     kept = resume_point(partial, rows, source)
-    done = len(kept)
     names = list(scorer.step.rm.attributes)
     is_main = scorer.parallel.is_main
     scorer.parallel.barrier()  # every rank has checked the partial file before rank 0 rewrites it
@@ -86,15 +141,16 @@ def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output:
     if progress and is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(rows), initial=done, desc="label", unit="row", dynamic_ncols=True)
+        bar = tqdm(total=len(rows), initial=len(kept), desc="label", unit="row", dynamic_ncols=True)
     scorer.parallel.barrier()  # every rank has read the same resume point
-    for start in range(done, len(rows), chunk):
+    for start in range(len(kept), len(rows), chunk):
         part = rows[start: start + chunk]
-        rewards = scorer.score([(prompt, response) for _, prompt, response in part])
+        predictions = scorer.score([(row.prompt, row.response) for row in part]).tolist()
+        _check_finite(part, predictions)
         if is_main:
             with partial.append() as sink:
-                sink.writelines(json.dumps(labelled(row, pred, names)) + "\n"
-                                for (row, _, _), pred in zip(part, rewards.tolist(), strict=True))
+                sink.writelines(json.dumps(labelled(row.record, prediction, names)) + "\n"
+                                for row, prediction in zip(part, predictions, strict=True))
         if bar is not None:
             bar.update(len(part))
     if bar is not None:
@@ -102,7 +158,7 @@ def label_file(scorer: Any, rows: list[tuple[dict[str, Any], Any, str]], output:
     scorer.parallel.barrier()
     if is_main:
         partial.finish()
-    return len(rows)
+    return LabelResult(len(rows), skipped)
 
 
 def _reward_model(checkpoint: str) -> str:
@@ -129,9 +185,11 @@ def cmd_label(args: argparse.Namespace) -> int:
     scorer = load_scorer(args.rm)
     if scorer.step.rm.type != "regression":
         raise ConfigError(f"--rm {args.rm}: a Bradley-Terry model has no attributes; label with a regression RM")
-    count = label_file(scorer, rows, args.output, args.chunk, not args.quiet, source)
+    result = label_file(scorer, rows, args.output, args.chunk, not args.quiet, source)
     if scorer.parallel.is_main:
-        print(f"labelled {count} rows with {', '.join(scorer.step.rm.attributes)} into {args.output}", flush=True)
+        note = skipped_note(result.skipped, scorer.seq_length)
+        print(f"labelled {result.written} rows with {', '.join(scorer.step.rm.attributes)} into {args.output}"
+              + (f"; {note}" if note else ""), flush=True)
     shutdown()
     return 0
 

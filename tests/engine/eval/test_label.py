@@ -68,15 +68,22 @@ def test_label_names_the_bad_line(tmp_path: Path) -> None:
 
 
 class _Scorer:
-    """Stands in for a regression reward model: every response rated 3.2 on each attribute."""
+    """Stands in for a regression reward model: every response rated 3.2 on each attribute; a response longer
+    than ``seq_length`` characters does not fit (NaN, as the real scorer gives)."""
 
-    def __init__(self) -> None:
+    def __init__(self, seq_length: int = 64) -> None:
         names = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
         self.step = SimpleNamespace(rm=SimpleNamespace(type="regression", attributes=names))
         self.parallel = SimpleNamespace(is_main=True, barrier=lambda: None)
+        self.seq_length = seq_length
+        self.scored: list[str] = []
+
+    def fit(self, prompt: Any, response: str) -> Any:
+        return None if len(response) > self.seq_length else ([0] * len(response), False)
 
     def score(self, pairs: list[Any]) -> torch.Tensor:
-        return torch.full((len(pairs), 5), 3.2)
+        self.scored += [response for _, response in pairs]
+        return torch.tensor([[3.2] * 5 if self.fit(*pair) else [float("nan")] * 5 for pair in pairs])
 
 
 def test_label_makes_the_output_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -123,3 +130,58 @@ def test_a_partial_of_another_input_or_reward_model_is_refused(tmp_path: Path) -
     other = [({"prompt": "z", "response": "y"}, "z", "y"), *rows[1:]]
     with pytest.raises(ConfigError, match=r"out.jsonl.partial, line 1: not row 1 of this input labelled"):
         resume_point(output, other, "/runs/rm/step_0000002")
+
+
+def _story_rows(path: Path) -> list[dict[str, Any]]:
+    """Six rows; lines 2 and 5 have a response longer than the stand-in's seq_length."""
+    rows: list[dict[str, Any]] = []
+    for i in range(6):
+        story = "Once upon a time " * (20 if i in (1, 4) else 1)
+        rows.append({"messages": [{"role": "user", "content": f"Tell me story {i}"},
+                                  {"role": "assistant", "content": story}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_a_response_longer_than_seq_length_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The scorer's NaN for a response that does not fit crashed labelling (``cannot convert float NaN to
+    integer``) with nothing written, and a restart hit the same row."""
+    import engine.eval.label
+    import engine.eval.scoring
+
+    scorer = _Scorer()
+    monkeypatch.setattr(engine.eval.scoring, "load_scorer", lambda checkpoint: scorer)
+    monkeypatch.setattr(engine.eval.label, "_reward_model", lambda checkpoint: checkpoint)
+    source, output = tmp_path / "sft.jsonl", tmp_path / "labelled.jsonl"
+    rows = _story_rows(source)
+    assert main(["data", "label", str(source), str(output), "--rm", "RM", "--chunk", "2", "--quiet"]) == 0
+    written = _rows(output)
+    assert [out["messages"] for out in written] == [rows[i]["messages"] for i in (0, 2, 3, 5)]
+    assert all(out["attributes"].startswith("helpfulness:3") for out in written)
+    printed = capsys.readouterr().out
+    assert "labelled 4 rows" in printed
+    assert f"2 rows not labelled: the response alone is longer than the reward model's seq_length=64 " \
+           f"(first: {source}, line 2)" in printed
+    assert all(len(response) <= 64 for response in scorer.scored)  # the long rows are never scored
+
+    resumed = tmp_path / "resumed.jsonl"  # killed after its first chunk (rows 1 and 3; row 2 skipped)
+    Path(f"{resumed}.partial").write_text("".join(json.dumps(r) + "\n" for r in written[:2]))
+    Path(f"{resumed}.partial.meta").write_text(json.dumps({"rm": "RM"}))
+    scorer.scored.clear()
+    assert main(["data", "label", str(source), str(resumed), "--rm", "RM", "--chunk", "2", "--quiet"]) == 0
+    assert _rows(resumed) == written and len(scorer.scored) == 2  # only rows 4 and 6 scored again
+
+
+def test_a_non_finite_prediction_of_a_row_that_fits_names_the_row(tmp_path: Path) -> None:
+    from engine.config import ConfigError
+    from engine.eval.label import label_file, read_rows
+
+    class Broken(_Scorer):
+        def score(self, pairs: list[Any]) -> torch.Tensor:
+            return torch.full((len(pairs), 5), float("nan"))
+
+    source = tmp_path / "sft.jsonl"
+    _story_rows(source)
+    with pytest.raises(ConfigError, match=r"sft.jsonl, line 1: the reward model predicted \[nan"):
+        label_file(Broken(), read_rows(str(source)), str(tmp_path / "o.jsonl"), progress=False)
