@@ -27,22 +27,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from engine.algorithms.reward import GOODNESS_WEIGHTS, RewardStep, RewardTrainConfig
+from engine.algorithms.reward import GOODNESS_WEIGHTS, RewardConfig, RewardStep, RewardTrainConfig
 from engine.data.batching import length_multiple, padded_length, to_device
 from engine.data.chat import prompt_messages, render_reply
 from engine.data.fit import fit_prompt
+from engine.data.schemas import ATTRIBUTES
 from engine.errors import ConfigError
 from engine.parallel.collectives import from_last_stage, gather_data_parallel_rows
 from engine.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GOODNESS_WEIGHTS", "RewardScorer", "score_pairs_from_checkpoint"]
+__all__ = ["GOODNESS_WEIGHTS", "RewardScorer", "check_weights", "score_pairs_from_checkpoint"]
 
 
 class RewardScorer:
@@ -152,12 +154,10 @@ class RewardScorer:
         return (rewards * vector).sum(-1)
 
 
-def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
-    """Build the reward model of ``checkpoint`` at the current layout (process groups created if needed)."""
+def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple[Path, RewardTrainConfig]:
+    """(resolved path, saved config with ``overrides``) of a reward-model checkpoint; nothing is built."""
     from engine.checkpoint import dist as ckpt
     from engine.config import from_dict, merge_dicts, parse_overrides
-    from engine.data.tokenizers import load_tokenizer
-    from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
     path = ckpt.resolve(checkpoint)
     meta = ckpt.read_meta(path)
     if meta.get("algorithm") != "rm":  # its saved config would fail as a reward model's, naming a data format
@@ -167,6 +167,14 @@ def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
     if saved.get("data", {}).get("overlong") == "truncate":  # runs saved before reward data refused it
         saved["data"] = dict(saved["data"], overlong="cut_prompt")
     config = from_dict(RewardTrainConfig, merge_dicts(saved, parse_overrides(list(overrides))), f"{path}/{ckpt.META}")
+    return path, config
+
+
+def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
+    """Build the reward model of ``checkpoint`` at the current layout (process groups created if needed)."""
+    from engine.data.tokenizers import load_tokenizer
+    from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
+    path, config = reward_model_config(checkpoint, overrides)
     env = read_launch_env()
     layout = ParallelLayout.from_config(config.parallel, env.world_size)
     parallel = ParallelState(layout, env) if dist.is_initialized() else \
@@ -176,6 +184,28 @@ def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
     model.load(path)  # strict: every key
     return RewardScorer(model, step, load_tokenizer(config.data.tokenizer), parallel, config.data.seq_length,
                         config.data.micro_batch_size, config.data.chat_template)
+
+
+def check_weights(weights: Optional[dict[str, float]], rm: RewardConfig, checkpoint: str) -> None:
+    """Refuse ``--weights`` the model cannot use: any on a Bradley-Terry model (it gives one score), and an
+    attribute it does not predict (unknown, as ``rm.score_weights`` refuses in training, or not in its
+    ``rm.attributes``), which weighed nothing: every pair tied at 0 and scored 0% accuracy."""
+    if weights is None:
+        return
+    if rm.type == "bt":
+        raise ConfigError(f"--weights: {checkpoint} is a Bradley-Terry reward model, which gives one score; "
+                          "attribute weights apply to regression models only: leave --weights out")
+    unknown = [name for name in weights if name not in ATTRIBUTES]
+    if unknown:
+        raise ConfigError(f"--weights has unknown attributes {unknown}; this model ({checkpoint}) predicts "
+                          f"{', '.join(rm.attributes)}")
+    unpredicted = [name for name in weights if name not in rm.attributes]
+    if unpredicted:
+        raise ConfigError(f"--weights names {', '.join(unpredicted)}, which {checkpoint} does not predict; it "
+                          f"predicts {', '.join(rm.attributes)} (its rm.attributes)")
+    if not any(weights.get(name) for name in rm.attributes):
+        raise ConfigError(f"--weights gives every attribute weight 0, so every pair ties; {checkpoint} predicts "
+                          f"{', '.join(rm.attributes)}")
 
 
 def pair_fit(scorer: RewardScorer, row: dict[str, Any]) -> tuple[str, int]:
@@ -193,8 +223,10 @@ def score_pairs_from_checkpoint(
     ``attributes``: None for a Bradley-Terry model, else ``{"names", "chosen", "rejected"}`` with the
     per-attribute rewards of each response.
 
-    Status per pair (see :func:`pair_fit`); a ``"dropped"`` pair is not scored (NaN scores).
+    Status per pair (see :func:`pair_fit`); a ``"dropped"`` pair is not scored (NaN scores). ``weights``
+    the model cannot use are refused (:func:`check_weights`) before it is built.
     """
+    check_weights(weights, reward_model_config(checkpoint, overrides)[1].rm, checkpoint)  # before any model is built
     owns_group = not dist.is_initialized()
     scorer = load_scorer(checkpoint, overrides)
     fits = [pair_fit(scorer, row) for row in rows]
