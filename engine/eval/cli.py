@@ -4,8 +4,8 @@
 is ``func(args) -> int`` (0 = success). This module is the evaluation console: it prints
 for the user (rank 0 only); the library modules only log.
 
-``keel eval rewardbench --checkpoint DIR --data FILE.jsonl [--weights a=w,...] [--out report.json]
-[overrides ...]`` runs as one process or under torchrun (every rank scores a shard).
+``keel eval rewardbench --checkpoint DIR --data FILE.jsonl [--weights a=w,...] [--on-error skip]
+[--out report.json] [overrides ...]`` runs as one process or under torchrun (every rank scores a shard).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import sys
 from typing import Any, Optional
 
 from engine.data.errors import DataError
+from engine.data.loaders import ReadStats
 from engine.eval.diverging import annotator_strengths, split_accuracy
 from engine.eval.rewardbench import (
+    ON_ERROR,
     ScoreError,
     attribute_calibration,
     cross_prompt,
@@ -91,15 +93,31 @@ def rewardbench_report(rows: list[dict[str, Any]], chosen: list[float], rejected
     return report
 
 
+def on_error_of(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(``--on-error``, the model overrides): a ``data.on_error=skip`` override, which earlier hints suggested
+    and which loading the model never read, is taken as ``--on-error skip``."""
+    overrides = [item for item in args.overrides if item.partition("=")[0].strip() != "data.on_error"]
+    given = [item.partition("=")[2].strip() for item in args.overrides if item not in overrides]
+    if given and given[-1] not in ON_ERROR:
+        raise DataError(None, "data.on_error", f"one of {', '.join(ON_ERROR)}", given[-1], source="command line",
+                        hint="pass --on-error skip to leave bad rows out")
+    return (given[-1] if given else args.on_error), overrides
+
+
 def cmd_rewardbench(args: argparse.Namespace) -> int:
     main = rank() == 0
     try:
-        rows = load_rows(args.data)
+        on_error, overrides = on_error_of(args)
+        stats = ReadStats(args.data)
+        rows = load_rows(args.data, on_error, stats)
         from engine.eval.scoring import score_pairs_from_checkpoint
 
         chosen, rejected, attributes, fits = score_pairs_from_checkpoint(args.checkpoint, rows, args.weights,
-                                                                         list(args.overrides))
+                                                                         overrides)
         report = rewardbench_report(rows, chosen, rejected, args.spread_threshold, fits, attributes)
+        report["bad_rows"] = {"records": stats.records, "skipped": stats.skipped, "first": stats.problems,
+                              "rule": f"--on-error {on_error}: bad rows " + ("are left out of every accuracy"
+                                                                            if on_error == "skip" else "stop the run")}
     except (DataError, ScoreError) as error:
         if main:
             print(f"keel eval rewardbench: error: {error}", file=sys.stderr)
@@ -132,6 +150,9 @@ def register(subparsers: Any) -> None:
                        "helpfulness=0.65,correctness=0.8,coherence=0.45 (default: those goodness weights)")
     bench.add_argument("--spread-threshold", type=float, default=None,
                        help="also call a pair diverging when its annotators' max-min strength is above this")
+    bench.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                       help="a bad row: 'raise' stops at it naming its file, line and field; 'skip' leaves it out "
+                       "and counts it in the report (default: %(default)s)")
     bench.add_argument("--out", default=None, help="write the report as JSON here")
     bench.add_argument("overrides", nargs="*", help="section.field=value overrides for loading the model")
     bench.set_defaults(func=cmd_rewardbench)

@@ -20,6 +20,9 @@ Scoring (rewardbench 0.1.4):
   RewardBench leaderboard;
 * rows of any other subset (or none) are counted under "other", not in any section.
 
+A bad row stops the run with its file, line and field; with ``--on-error skip``
+(:func:`load_rows` ``on_error="skip"``) bad rows are left out and counted (``bad_rows`` in the report).
+
 Over-long pairs (:func:`overlong_summary`): the scorer keeps every response whole and
 cuts the prompt from the left; a pair whose response alone does not fit is left out of
 every accuracy and counted. Per subset the report gives ``prompt_cut`` and ``dropped``.
@@ -41,7 +44,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from engine.data.errors import DataError, Where, empty_dataset
-from engine.data.loaders import Unparsable, iter_records
+from engine.data.loaders import MAX_PROBLEMS, ReadStats, Unparsable, iter_records
 from engine.data.schemas import MISSING, check_messages
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,9 @@ OTHER = "other"
 UNLABELLED = "(no subset)"
 WHERE_KEY = "_where"  # added by load_rows: "file, line n", so later errors can name the row
 TIE_RULE = "a pair is correct when score(chosen) > score(rejected); ties (equal scores) count as incorrect"
-HINT = "fix the row; every row needs prompt, chosen and rejected, and should name its subset"
+HINT = ("fix the row, or pass --on-error skip to leave bad rows out and count them; every row needs "
+        "prompt, chosen and rejected, and should name its subset")
+ON_ERROR = ("raise", "skip")
 
 
 class ScoreError(ValueError):
@@ -98,7 +103,15 @@ def _strengths(value: Any, where: Where) -> list[int]:
 
 
 def check_eval_row(raw: Any, where: Where) -> Row:
-    """One evaluation row in normal form (see the module docstring), or :class:`DataError`."""
+    """One evaluation row in normal form (see the module docstring), or :class:`DataError` with this
+    command's hint (the shared message checks suggest data.on_error, which is not read here)."""
+    try:
+        return _check_eval_row(raw, where)
+    except DataError as error:
+        raise DataError(error.where, error.field, error.expected, error.got, error.source, hint=HINT) from None
+
+
+def _check_eval_row(raw: Any, where: Where) -> Row:
     if isinstance(raw, Unparsable):
         raise DataError(where, "<json>", "a valid JSON object", raw.message, hint=HINT)
     if not isinstance(raw, dict):
@@ -123,16 +136,40 @@ def check_eval_row(raw: Any, where: Where) -> Row:
     return out
 
 
-def load_rows(path: str) -> list[Row]:
+def _read_rows(path: str, on_error: str, stats: ReadStats) -> list[Row]:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r} is not one of {', '.join(ON_ERROR)}")
+    rows = []
+    for where, raw in iter_records(path):
+        stats.records += 1
+        try:
+            rows.append(check_eval_row(raw, where))
+        except DataError as error:
+            if on_error == "raise":
+                raise
+            stats.skipped += 1
+            if len(stats.problems) < MAX_PROBLEMS:
+                stats.problems.append(error.brief)
+    stats.valid = len(rows)
+    return rows
+
+
+def load_rows(path: str, on_error: str = "raise", stats: Optional[ReadStats] = None) -> list[Row]:
     """Validated evaluation rows of ``path`` (.jsonl, .json, .parquet or ``hf:org/name[:split]``).
 
-    Stops at the first bad row with a :class:`DataError` naming the file, line and
-    field. Each row gains ``_where`` (``"file, line n"``). Rows whose chosen and rejected
-    replies are identical are kept (they tie, so count as incorrect) and logged.
+    ``on_error="raise"`` stops at the first bad row with a :class:`DataError` naming the file,
+    line and field; ``"skip"`` leaves bad rows out, counting them (and keeping the first few
+    errors) in ``stats``, and logs how many. Each row gains ``_where`` (``"file, line n"``).
+    Rows whose chosen and rejected replies are identical are kept (they tie, so count as
+    incorrect) and logged.
     """
-    rows = [check_eval_row(raw, where) for where, raw in iter_records(path)]
+    stats = stats if stats is not None else ReadStats(path)
+    rows = _read_rows(path, on_error, stats)
     if not rows:
-        raise empty_dataset(path)
+        raise empty_dataset(path, stats.skipped)
+    if stats.skipped:
+        logger.warning("%s: %d of %d rows left out as bad (--on-error skip); the first: %s", path, stats.skipped,
+                       stats.records, stats.problems[0])
     identical = sum(row["chosen"] == row["rejected"] for row in rows)
     if identical:
         logger.warning("%s: %d of %d rows have identical chosen and rejected replies; they tie and count as "
@@ -321,6 +358,10 @@ def format_table(report: dict[str, Any]) -> str:
 def _extra_lines(report: dict[str, Any]) -> list[str]:
     """Over-long counts and calibration, when the report carries them."""
     lines = []
+    bad = report.get("bad_rows")
+    if bad and bad["skipped"]:
+        lines.append(f"  Bad rows left out (--on-error skip): {bad['skipped']} of {bad['records']} "
+                     f"(first: {bad['first'][0]})")
     overlong = report.get("overlong")
     if overlong and (overlong["prompt_cut"] or overlong["dropped"]):
         lines.append(f"  Over-long pairs: prompt cut {overlong['prompt_cut']}, dropped {overlong['dropped']} "

@@ -116,6 +116,27 @@ def test_rewardbench_command_bad_data(write_jsonl: Callable[..., str], fake_scor
     assert fake_scorer == []  # the data are checked before any model is loaded
 
 
+def test_rewardbench_skips_bad_rows_on_request(write_jsonl: Callable[..., str], fake_scorer: list[dict[str, Any]],
+                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its hint said "or set data.on_error=skip", and that override gave the same error: rows could not be skipped."""
+    from tests.engine.eval.conftest import bench_row
+
+    rows: list[Any] = [bench_row(i, subset) for i, (subset, _, _) in enumerate(SCORED_ROWS)]
+    path = write_jsonl(rows[:3] + [{"prompt": "q", "chosen": "a", "subset": "shp"}] + rows[3:], "bench.jsonl")
+    assert _run(["rewardbench", "--checkpoint", "c", "--data", path]) == 1
+    assert "line 4: field 'rejected'" in capsys.readouterr().err
+    out = tmp_path / "report.json"
+    for skip in (["--on-error", "skip"], ["data.on_error=skip"]):  # the override the old hint named works too
+        assert _run(["rewardbench", "--checkpoint", "c", "--data", path, "--out", str(out), *skip]) == 0
+        report = json.loads(out.read_text())
+        assert report["pairs"] == 20 and report["correct"] == 13
+        assert (report["bad_rows"]["records"], report["bad_rows"]["skipped"]) == (21, 1)
+        assert "Bad rows left out (--on-error skip): 1 of 21 (first: " in capsys.readouterr().out
+    assert fake_scorer[-1]["overrides"] == []  # not passed on to the model
+    assert _run(["rewardbench", "--checkpoint", "c", "--data", path, "data.on_error=skp"]) == 1
+    assert "field 'data.on_error': expected one of raise, skip, got 'skp'" in capsys.readouterr().err
+
+
 def test_parse_weights() -> None:
     assert parse_weights("helpfulness=0.65, correctness=0.8") == {"helpfulness": 0.65, "correctness": 0.8}
     for bad in ("helpfulness", "helpfulness=x", "=1", "a=nan", ""):

@@ -178,3 +178,23 @@ def test_attribute_calibration_of_labelled_pairs() -> None:
     assert stats["helpfulness"]["mse"] == pytest.approx((0.25 + 0.25 + 0.0) / 3)
     assert attribute_calibration([{"prompt": "p"}, {"prompt": "q"}], attributes) is None
     assert attribute_calibration(rows, None) is None
+
+
+def test_bad_rows_hint_names_what_rewardbench_reads_and_skip_counts_them(write_jsonl: Callable[..., str]) -> None:
+    """The hint of a bad conversation said "or set data.on_error=skip", which keel eval rewardbench never read."""
+    from engine.data.loaders import ReadStats
+
+    bad_turns = {"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b", "subset": "shp"}
+    path = write_jsonl([bench_row(0, "shp"), bad_turns, "{not json", bench_row(3, "shp")], "mixed.jsonl")
+    with pytest.raises(DataError, match=r"mixed\.jsonl, line 2: field 'chosen\[0\]\.role'") as caught:
+        load_rows(path)
+    assert "--on-error skip" in str(caught.value) and "data.on_error" not in str(caught.value)
+    stats = ReadStats(path)
+    rows = load_rows(path, "skip", stats)
+    assert [row["_where"].rsplit(" ", 1)[1] for row in rows] == ["1", "4"]
+    assert (stats.records, stats.skipped, stats.valid) == (4, 2, 2)
+    assert stats.problems[0].endswith("mixed.jsonl, line 2: field 'chosen[0].role': expected the conversation to "
+                                      "end with a 'assistant' turn, got 'user'")
+    assert "line 3: field '<json>'" in stats.problems[1]
+    with pytest.raises(DataError, match=r"all 2 rows were bad"):
+        load_rows(write_jsonl([bad_turns, bad_turns], "all_bad.jsonl"), "skip")
