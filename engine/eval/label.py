@@ -25,6 +25,7 @@ import math
 from typing import Any, NamedTuple
 
 from engine.config import ConfigError
+from engine.data.errors import DataError
 from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import attribute_string
 from engine.files import PartialOutput
@@ -61,8 +62,14 @@ def _prompt_and_response(row: dict[str, Any], where: str) -> tuple[Any, str]:
 
 
 def read_rows(path: str) -> list[SftRow]:
-    """Each row of ``path`` with its prompt, response and place; a bad row is reported with its line."""
-    return [SftRow(row, *_prompt_and_response(row, str(where)), str(where)) for where, row in parsed_records(path)]
+    """Each row of ``path`` with its prompt, response and place; a bad row is reported with its line (the
+    shared reader's hint, data.on_error=skip, is not an option here)."""
+    try:
+        return [SftRow(row, *_prompt_and_response(row, str(where)), str(where))
+                for where, row in parsed_records(path)]
+    except DataError as error:
+        raise DataError(error.where, error.field, error.expected, error.got, error.source,
+                        hint="fix the row; keel data label labels every row") from None
 
 
 def split_fitting(scorer: Any, rows: list[SftRow]) -> tuple[list[SftRow], list[str]]:

@@ -185,3 +185,15 @@ def test_a_non_finite_prediction_of_a_row_that_fits_names_the_row(tmp_path: Path
     _story_rows(source)
     with pytest.raises(ConfigError, match=r"sft.jsonl, line 1: the reward model predicted \[nan"):
         label_file(Broken(), read_rows(str(source)), str(tmp_path / "o.jsonl"), progress=False)
+
+
+def test_a_bad_json_line_is_not_told_to_set_data_on_error(tmp_path: Path) -> None:
+    """keel data label reads no data.on_error, yet the hint of an unparsable line suggested it."""
+    from engine.data.errors import DataError
+    from engine.eval.label import read_rows
+
+    source = tmp_path / "sft.jsonl"
+    source.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\nnot json\n")
+    with pytest.raises(DataError, match=r"sft\.jsonl, line 2: field '<json>'") as caught:
+        read_rows(str(source))
+    assert "data.on_error" not in str(caught.value) and str(caught.value).endswith("labels every row)")
