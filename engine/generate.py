@@ -160,18 +160,24 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):  # the loaders would also offer hf: and builtin: sources, which keel generate does not read
         raise DataError(None, "<source>", "an existing .jsonl, .json or .parquet file", got=path, source=path,
                         hint="check keel generate's prompts argument")
-    rows = []
-    for where, row in parsed_records(path):
-        if not isinstance(row, dict):
-            raise DataError(where, "<row>", "a JSON object with a 'prompt' (or SFT 'messages')", row)
-        if "prompt" not in row and "messages" in row:
-            row = _sft_prompt(row, where)
-        elif "prompt" not in row:
-            raise DataError(where, "prompt", "a string or messages (or SFT 'messages')", "missing")
-        else:
-            check_row("prompts", {"prompt": row["prompt"]}, where)  # the prompt only: other fields pass through
-        rows.append(row)
-    return rows
+    try:
+        return [_prompt_row(where, row) for where, row in parsed_records(path)]
+    except DataError as exc:  # the loaders' hint offers data.on_error, which keel generate does not read
+        raise DataError(exc.where, exc.field, exc.expected, exc.got, exc.source,
+                        hint="fix the row in the prompts file; keel generate completes every row") from None
+
+
+def _prompt_row(where: Any, row: Any) -> dict[str, Any]:
+    """One checked row of :func:`read_prompts`."""
+    if not isinstance(row, dict):
+        raise DataError(where, "<row>", "a JSON object with a 'prompt' (or SFT 'messages')", row)
+    if "prompt" not in row and "messages" in row:
+        row = _sft_prompt(row, where)
+    elif "prompt" not in row:
+        raise DataError(where, "prompt", "a string or messages (or SFT 'messages')", "missing")
+    else:
+        check_row("prompts", {"prompt": row["prompt"]}, where)  # the prompt only: other fields pass through
+    return row
 
 
 def _sft_prompt(row: dict[str, Any], where: Any) -> dict[str, Any]:

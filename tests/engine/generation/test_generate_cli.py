@@ -139,6 +139,7 @@ def test_generate_names_the_bad_prompt_row(row: object, field: str, tmp_path: Pa
     # read before the (missing) checkpoint is
     code, err = _main(capsys, str(tmp_path / "no-checkpoint"), str(prompts), str(tmp_path / "o.jsonl"))
     assert code == 1 and f"p.jsonl, line 2: {field}" in err, err
+    assert "fix the row in the prompts file; keel generate completes every row" in err and "on_error" not in err, err
 
 
 def test_read_prompts_takes_sft_rows_up_to_their_last_reply(tmp_path: Path) -> None:
