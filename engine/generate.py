@@ -163,8 +163,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     try:
         return [_prompt_row(where, row) for where, row in parsed_records(path)]
     except DataError as exc:  # the loaders' hint offers data.on_error, which keel generate does not read
-        raise DataError(exc.where, exc.field, exc.expected, exc.got, exc.source,
-                        hint="fix the row in the prompts file; keel generate completes every row") from None
+        raise exc.with_hint("fix the row in the prompts file; keel generate completes every row") from None
 
 
 def _prompt_row(where: Any, row: Any) -> dict[str, Any]:

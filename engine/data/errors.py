@@ -49,6 +49,10 @@ class DataError(ValueError):
         got_text = "" if got is None else f", got {_short(got)}"
         super().__init__(f"{place}: field '{field}': expected {expected}{got_text} ({hint})")
 
+    def with_hint(self, hint: str) -> DataError:
+        """The same error with another hint: a command that does not read ``data.on_error`` names its own remedy."""
+        return DataError(self.where, self.field, self.expected, self.got, self.source, hint=hint)
+
     @property
     def brief(self) -> str:
         """The message without the hint, for summaries."""

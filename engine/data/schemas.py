@@ -250,7 +250,7 @@ def check_row(fmt: str, row: Any, where: Optional[Where] = None, formats: Option
                 f"data.format={usable[0]}" if usable else
                 f"the row has the fields of data.format={guesses[0]}, which this run does not train on; it reads "
                 f"{_either(formats or ())}")
-        raise DataError(exc.where, exc.field, exc.expected, exc.got, exc.source, hint=hint) from None
+        raise exc.with_hint(hint) from None
 
 
 def _either(names: Sequence[str]) -> str:

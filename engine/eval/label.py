@@ -68,8 +68,7 @@ def read_rows(path: str) -> list[SftRow]:
         return [SftRow(row, *_prompt_and_response(row, str(where)), str(where))
                 for where, row in parsed_records(path)]
     except DataError as error:
-        raise DataError(error.where, error.field, error.expected, error.got, error.source,
-                        hint="fix the row; keel data label labels every row") from None
+        raise error.with_hint("fix the row; keel data label labels every row") from None
 
 
 def split_fitting(scorer: Any, rows: list[SftRow]) -> tuple[list[SftRow], list[str]]:

@@ -108,7 +108,7 @@ def check_eval_row(raw: Any, where: Where) -> Row:
     try:
         return _check_eval_row(raw, where)
     except DataError as error:
-        raise DataError(error.where, error.field, error.expected, error.got, error.source, hint=HINT) from None
+        raise error.with_hint(HINT) from None
 
 
 def _check_eval_row(raw: Any, where: Where) -> Row:
