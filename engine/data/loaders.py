@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -151,6 +151,33 @@ def _note(stats: ReadStats, error: DataError) -> None:
         stats.problems.append(error.brief)
 
 
+def parsed(raw: Any, where: Where) -> Any:
+    """``raw`` as read, or the :class:`DataError` of a record that is not valid JSON."""
+    if isinstance(raw, Unparsable):
+        raise DataError(where, "<json>", "a valid JSON object", got=raw.message)
+    return raw
+
+
+def checked_records(records: Iterable[tuple[Where, Any]], check: Callable[[Any, Where], Any], on_error: str,
+                    stats: ReadStats) -> Iterator[Any]:
+    """``check(raw, where)`` of each record (a line that is not JSON comes as :class:`Unparsable`), counted in
+    ``stats``: a :class:`DataError` stops the read (``on_error="raise"``) or drops the record, counting it and
+    keeping the first reasons (``"skip"``)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}: choose 'raise' or 'skip'")
+    for where, raw in records:
+        stats.records += 1
+        try:
+            row = check(raw, where)
+        except DataError as error:
+            if on_error == "raise":
+                raise
+            _note(stats, error)
+            continue
+        stats.valid += 1
+        yield row
+
+
 def iter_rows(source: str, fmt: str, on_error: str = "raise", stats: Optional[ReadStats] = None,
               num: int = 512, seed: int = 0, formats: Optional[Sequence[str]] = None) -> Iterator[Row]:
     """Validated rows of ``source`` in format ``fmt``, streaming.
@@ -159,23 +186,10 @@ def iter_rows(source: str, fmt: str, on_error: str = "raise", stats: Optional[Re
     ``"skip"``, drops it and counts it in ``stats``; an empty result is always an error.
     ``formats`` are those the run trains on (see :func:`engine.data.schemas.check_row`).
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r}: choose 'raise' or 'skip'")
     stats = stats if stats is not None else ReadStats()
     stats.source = source
-    for where, raw in iter_records(source, num, seed):
-        stats.records += 1
-        try:
-            if isinstance(raw, Unparsable):
-                raise DataError(where, "<json>", "a valid JSON object", got=raw.message)
-            row = check_row(fmt, raw, where, formats)
-        except DataError as error:
-            if on_error == "raise":
-                raise
-            _note(stats, error)
-            continue
-        stats.valid += 1
-        yield row
+    yield from checked_records(iter_records(source, num, seed),
+                               lambda raw, where: check_row(fmt, parsed(raw, where), where, formats), on_error, stats)
     if stats.skipped:
         logger.warning("%s: skipped %d of %d rows that are not valid %s rows; first: %s",
                        source, stats.skipped, stats.records, fmt, stats.problems[0])

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from engine.data.chat import prompt_messages, render_chat_text
-from engine.data.errors import DataError, Where, empty_dataset
-from engine.data.loaders import MAX_PROBLEMS, ReadStats, Unparsable, iter_records
+from engine.data.errors import Where, empty_dataset
+from engine.data.loaders import ReadStats, checked_records, iter_records, parsed
 from engine.data.schemas import check_row
 
 logger = logging.getLogger(__name__)
@@ -69,25 +69,10 @@ def iter_prompts(source: str, num_samples: int = 512, seed: int = 0, on_error: s
                  stats: Optional[ReadStats] = None) -> Iterator[PromptRow]:
     """Validated prompts of ``source``, streaming; ``on_error`` as in :func:`engine.data.loaders.iter_rows`
     (``raise`` stops at the first bad row, ``skip`` drops and counts it); no valid row is an error."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r}: choose 'raise' or 'skip'")
     stats = stats if stats is not None else ReadStats()
     stats.source = source
-    for where, raw in iter_records(source, num_samples, seed):
-        stats.records += 1
-        try:
-            if isinstance(raw, Unparsable):
-                raise DataError(where, "<json>", "a valid JSON object", got=raw.message)
-            row = prompt_row(raw, where)
-        except DataError as error:
-            if on_error == "raise":
-                raise
-            stats.skipped += 1
-            if len(stats.problems) < MAX_PROBLEMS:
-                stats.problems.append(error.brief)
-            continue
-        stats.valid += 1
-        yield row
+    yield from checked_records(iter_records(source, num_samples, seed),
+                               lambda raw, where: prompt_row(parsed(raw, where), where), on_error, stats)
     if stats.skipped:
         logger.warning("%s: skipped %d of %d rows that are not valid prompts; first: %s",
                        source, stats.skipped, stats.records, stats.problems[0])

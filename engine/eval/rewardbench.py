@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from engine.data.errors import DataError, Where, empty_dataset
-from engine.data.loaders import MAX_PROBLEMS, ReadStats, Unparsable, iter_records
+from engine.data.loaders import ReadStats, Unparsable, checked_records, iter_records
 from engine.data.schemas import MISSING, check_messages
 
 logger = logging.getLogger(__name__)
@@ -136,24 +136,6 @@ def _check_eval_row(raw: Any, where: Where) -> Row:
     return out
 
 
-def _read_rows(path: str, on_error: str, stats: ReadStats) -> list[Row]:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error={on_error!r} is not one of {', '.join(ON_ERROR)}")
-    rows = []
-    for where, raw in iter_records(path):
-        stats.records += 1
-        try:
-            rows.append(check_eval_row(raw, where))
-        except DataError as error:
-            if on_error == "raise":
-                raise
-            stats.skipped += 1
-            if len(stats.problems) < MAX_PROBLEMS:
-                stats.problems.append(error.brief)
-    stats.valid = len(rows)
-    return rows
-
-
 def load_rows(path: str, on_error: str = "raise", stats: Optional[ReadStats] = None) -> list[Row]:
     """Validated evaluation rows of ``path`` (.jsonl, .json, .parquet or ``hf:org/name[:split]``).
 
@@ -164,7 +146,7 @@ def load_rows(path: str, on_error: str = "raise", stats: Optional[ReadStats] = N
     incorrect) and logged.
     """
     stats = stats if stats is not None else ReadStats(path)
-    rows = _read_rows(path, on_error, stats)
+    rows = list(checked_records(iter_records(path), check_eval_row, on_error, stats))
     if not rows:
         raise empty_dataset(path, stats.skipped)
     if stats.skipped:
