@@ -170,11 +170,14 @@ def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple
     return path, config
 
 
-def load_scorer(checkpoint: str, overrides: Sequence[str] = ()) -> RewardScorer:
-    """Build the reward model of ``checkpoint`` at the current layout (process groups created if needed)."""
+def load_scorer(checkpoint: str, overrides: Sequence[str] = (),
+                weights: Optional[dict[str, float]] = None) -> RewardScorer:
+    """Build the reward model of ``checkpoint`` at the current layout (process groups created if needed);
+    ``weights`` to score with that the model cannot use are refused first (:func:`check_weights`)."""
     from engine.data.tokenizers import load_tokenizer
     from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
     path, config = reward_model_config(checkpoint, overrides)
+    check_weights(weights, config.rm, checkpoint)  # before the model is built
     env = read_launch_env()
     layout = ParallelLayout.from_config(config.parallel, env.world_size)
     parallel = ParallelState(layout, env) if dist.is_initialized() else \
@@ -226,9 +229,8 @@ def score_pairs_from_checkpoint(
     Status per pair (see :func:`pair_fit`); a ``"dropped"`` pair is not scored (NaN scores). ``weights``
     the model cannot use are refused (:func:`check_weights`) before it is built.
     """
-    check_weights(weights, reward_model_config(checkpoint, overrides)[1].rm, checkpoint)  # before any model is built
     owns_group = not dist.is_initialized()
-    scorer = load_scorer(checkpoint, overrides)
+    scorer = load_scorer(checkpoint, overrides, weights)
     fits = [pair_fit(scorer, row) for row in rows]
     flat = [(row["prompt"], row[side], room) for row, (status, room) in zip(rows, fits, strict=True)
             if status != "dropped" for side in ("chosen", "rejected")]
