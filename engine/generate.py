@@ -151,8 +151,14 @@ def load_backend(checkpoint: str, tensor: int = 1, max_batch_size: int = 8) -> t
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
-    """``{"prompt": str | messages}`` rows. An SFT ``messages`` row gives its turns before the last assistant reply
-    as the prompt and that reply as ``reference`` (unless the row has one), to compare the completion with.
+    """The rows of :func:`placed_prompts`."""
+    return [row for _, row in placed_prompts(path)]
+
+
+def placed_prompts(path: str) -> list[tuple[Any, dict[str, Any]]]:
+    """``(where, {"prompt": str | messages})`` per row of ``path``. An SFT ``messages`` row gives its turns
+    before the last assistant reply as the prompt and that reply as ``reference`` (unless the row has one), to
+    compare the completion with.
 
     Each prompt is checked as the ``prompts`` schema checks it (a string, or messages ending with a
     user turn), so a bad one is a :class:`DataError` naming the file, line and field.
@@ -161,7 +167,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
         raise DataError(None, "<source>", "an existing .jsonl, .json or .parquet file", got=path, source=path,
                         hint="check keel generate's prompts argument")
     try:
-        return [_prompt_row(where, row) for where, row in parsed_records(path)]
+        return [(where, _prompt_row(where, row)) for where, row in parsed_records(path)]
     except DataError as exc:  # the loaders' hint offers data.on_error, which keel generate does not read
         raise exc.with_hint("fix the row in the prompts file; keel generate completes every row") from None
 
@@ -273,7 +279,8 @@ def _check_inputs(args: argparse.Namespace) -> Job:
     from engine.models.presets import resolve_preset
 
     _check_options(args)
-    rows = read_prompts(args.prompts)
+    placed = placed_prompts(args.prompts)
+    rows = [row for _, row in placed]
     config, path = saved_config(args.checkpoint, args.tensor)
     template = args.template or config.data.chat_template
     attributes = parse_attributes(args.attributes) if template == "nemotron" else None
@@ -291,7 +298,7 @@ def _check_inputs(args: argparse.Namespace) -> Job:
     tokenizer = load_tokenizer(config.data.tokenizer)
     warn_if_foreign(tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
     rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in rows]
-    names = [f"{where}: field 'prompt'" for where, _ in parsed_records(args.prompts)]
+    names = [f"{where}: field 'prompt'" for where, _ in placed]
     check_prompts(rendered, sampling, context, names=names, option="--max-length")
     warn_of_cut_completions([len(prompt) for prompt in rendered], sampling, context)
     return Job(config, os.path.realpath(path), tokenizer, template, attributes, rows, sampling, _sha256(args.prompts))
