@@ -141,3 +141,22 @@ def tiny_reward_model(tmp_path: Path) -> Path:
           "checkpoint.resume=none", f"run.output_dir={tmp_path / 'rm'}"]
     keel_train(1, rm, algo="rm")
     return tmp_path / "rm" / "checkpoints"
+
+
+def train_bpe_tokenizer(directory: Path) -> Path:
+    """A small byte-level BPE ``tokenizer.json`` trained on the synthetic corpus, in ``directory`` (made if need
+    be), with <|endoftext|>, <|im_start|> and <|im_end|> as its first ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from engine.data.builtin_tokenizer import _corpus
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(_corpus(), trainer=trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tokenizer.json"
+    raw.save(str(path))
+    return path

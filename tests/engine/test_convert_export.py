@@ -21,11 +21,10 @@ import torch
 from engine.checkpoint.dist import CheckpointError
 from engine.config import ConfigError
 from engine.convert.hf_tokenizer import export_tokenizer
-from engine.data.builtin_tokenizer import _corpus
 from engine.data.gguf_tokenizer import write_gguf_tokenizer
 from engine.data.tokenizers import load_tokenizer
 from engine.models.presets import PRESETS
-from tests.helpers import launch
+from tests.helpers import launch, train_bpe_tokenizer
 
 PRESET = PRESETS["tiny-llama"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -34,19 +33,10 @@ TEXTS = ["What is 12 + 30?", "Adding 12 and 30 gives 42.\n\nSo the answer is 42.
 
 def _train_bpe(directory: Path) -> Path:
     """A small byte-level BPE tokenizer.json with a tokenizer_config.json (EOS <|im_end|>, a chat template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    raw.train_from_iterator(_corpus(), trainer=trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    raw.save(str(directory / "tokenizer.json"))
+    path = train_bpe_tokenizer(directory)
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "add_bos_token": False, "chat_template": TEMPLATE}))
-    return directory / "tokenizer.json"
+    return path
 
 
 def _hf_tokenizer(directory: Path) -> Any:

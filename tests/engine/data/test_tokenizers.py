@@ -12,6 +12,7 @@ import pytest
 from engine.data.builtin_tokenizer import _corpus, builtin_model_path, train_builtin_model
 from engine.data.gguf_tokenizer import write_gguf_tokenizer
 from engine.data.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from tests.helpers import train_bpe_tokenizer
 
 TEXTS = ["What is 12 + 30?", "Adding 12 and 30 gives 42.\n\nSo the answer is 42.", "  spaced   out\ttabs",
          "Ünïcode ☃ and <|im_end|> as plain text", "Spell 'garden' backwards."]
@@ -54,22 +55,8 @@ def test_sentencepiece_model_file(tmp_path: Path) -> None:
     assert isinstance(tok, SentencePieceTokenizer) and tok.encode(TEXTS[0]) == load_tokenizer("builtin-sp").encode(TEXTS[0])
 
 
-def _train_bpe(directory: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    raw.train_from_iterator(_corpus(), trainer=trainer)
-    path = directory / "tokenizer.json"
-    raw.save(str(path))
-    return path
-
-
 def test_hf_tokenizer_json_with_config(tmp_path: Path) -> None:
-    _train_bpe(tmp_path)
+    train_bpe_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"},
                                                                 "add_bos_token": False}))
     tok = load_tokenizer(str(tmp_path))  # a directory resolves to its tokenizer.json
@@ -81,7 +68,7 @@ def test_hf_tokenizer_json_with_config(tmp_path: Path) -> None:
 
 
 def test_hf_tokenizer_json_without_config_uses_known_names(tmp_path: Path) -> None:
-    tok = load_tokenizer(str(_train_bpe(tmp_path)))
+    tok = load_tokenizer(str(train_bpe_tokenizer(tmp_path)))
     assert tok.eos_id == 0 and not tok.add_bos  # <|endoftext|>, and no BOS token in the vocabulary
 
 
@@ -91,7 +78,7 @@ def _bpe_merges(path: Path) -> list[str]:
 
 
 def test_gguf_byte_level_bpe_matches_tokenizer_json(tmp_path: Path) -> None:
-    path = _train_bpe(tmp_path)
+    path = train_bpe_tokenizer(tmp_path)
     reference = HFTokenizer.from_file(str(path))
     vocab = json.loads(path.read_text())["model"]["vocab"]
     tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
