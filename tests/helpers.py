@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -31,9 +32,36 @@ def smollm2_gguf() -> Optional[Path]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free TCP port below the kernel's ephemeral range.
+
+    A port the kernel hands out (``bind(0)``) is in the ephemeral range, which every outgoing
+    connection and gloo's own listeners draw from too: between this check and torchrun's bind,
+    another test's ranks can take it (EADDRINUSE in CI). Below the range only an explicit bind
+    takes a port. The draw is from the OS, not ``random``, which tests seed alike on every worker.
+    """
+    draw = random.SystemRandom()
+    reserved = {24242, 29500}  # the Slurm stand-in test's port (20000 + job 4242) and torchrun's default
+    high = min(32000, ephemeral_ports()[0] - 1)
+    for _ in range(200):
+        port = draw.randint(15000, high) if high > 15000 else draw.randint(1025, 65535)
+        if port in reserved:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in 15000-{high}")
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel draws ports for connections from (Linux's default when unreadable)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -51,15 +79,24 @@ def _env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
 def launch(nproc: int, args: list[str], env: Optional[dict[str, str]] = None, timeout: int = 600,
            check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``python <args>`` on ``nproc`` gloo ranks (torchrun), or as one plain process when nproc == 1."""
-    if nproc == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
-    proc = _run_in_own_session(cmd, _env(env), timeout)
+    for _ in range(3):
+        if nproc == 1:
+            cmd = [sys.executable, *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+        proc = _run_in_own_session(cmd, _env(env), timeout)
+        # torchrun's agent could not listen on its port: no worker started, so another port is a clean retry
+        if not (nproc > 1 and proc.returncode != 0 and _store_port_taken(proc.stderr)):
+            break
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _store_port_taken(stderr: str) -> bool:
+    """The agent's first rendezvous failed to bind (a restart's would go through ``_restart_workers``)."""
+    return "EADDRINUSE" in stderr and "_rendezvous" in stderr and "_restart_workers" not in stderr
 
 
 def _run_in_own_session(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess[str]:

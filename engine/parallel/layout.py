@@ -15,7 +15,6 @@ import datetime
 import logging
 import os
 import re
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -56,12 +55,6 @@ def _first_slurm_host(nodelist: str) -> str:
     return f"{prefix}{first}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def read_launch_env(environ: Optional[dict[str, str]] = None) -> LaunchEnv:
     """Read rank/world/rendezvous from torchrun's or Slurm's variables (torchrun wins)."""
     env = dict(os.environ if environ is None else environ)
@@ -85,7 +78,8 @@ def read_launch_env(environ: Optional[dict[str, str]] = None) -> LaunchEnv:
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+    # one process: its store is in memory (rendezvous_store), so no port is taken
+    return LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
 
 
 def rendezvous_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
@@ -96,7 +90,10 @@ def rendezvous_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
     torchrun keeps one store for the whole job, so after ``--max-restarts`` restarts the
     workers the previous attempt's keys (the dead workers' gloo addresses) are still there;
     prefixing every key with the attempt number makes each attempt meet only itself.
+    A one-rank world meets nobody: its store lives in memory, so it needs no port.
     """
+    if env.world_size == 1 and env.launcher == "single":
+        return dist.PrefixStore("keel/attempt_0/", dist.HashStore())
     if env.launcher == "torchrun":
         url = "env://"
     else:
@@ -265,7 +262,7 @@ class ParallelState:
         conversions, ``keel generate``, tests); undo it with :meth:`shutdown`.
         """
         layout = ParallelLayout(1, 1, 1) if parallel is None else ParallelLayout.from_config(parallel, 1)
-        return cls.initialize(layout, LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single"), seed=seed)
+        return cls.initialize(layout, LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single"), seed=seed)
 
     def destroy_model_parallel(self) -> None:
         from megatron.core import parallel_state

@@ -72,6 +72,30 @@ def test_launch_env_from_torchrun_and_slurm() -> None:
     assert read_launch_env({}).launcher == "single"
 
 
+def test_a_one_rank_world_meets_in_memory_without_a_port() -> None:
+    """A port probed free and bound later can be taken in between (EADDRINUSE when tests run side by side)."""
+    import datetime
+
+    from engine.parallel.layout import rendezvous_store
+
+    store = rendezvous_store(read_launch_env({}), datetime.timedelta(seconds=5))
+    store.set("probe", "1")
+    assert store.get("probe") == b"1"
+    assert read_launch_env({"MASTER_PORT": "1"}).master_port == 0  # nothing listens, so no port is named
+
+
+def test_the_test_launcher_retries_only_a_first_rendezvous_that_could_not_bind() -> None:
+    from tests.helpers import _store_port_taken, ephemeral_ports, free_port
+
+    low, high = ephemeral_ports()
+    if low > 15001:
+        assert all(free_port() < low for _ in range(20))  # outside the range connections draw from
+    first = "in _invoke_run\n in _initialize_workers\n in _rendezvous\n TCPStore(... EADDRINUSE"
+    assert _store_port_taken(first)
+    assert not _store_port_taken("in _restart_workers\n" + first)  # workers had run: not a clean retry
+    assert not _store_port_taken("ValueError: bad config")
+
+
 def test_presets_published_shapes() -> None:
     assert resolve_preset(load_config(TrainConfig, None, ["model.preset=llama3-70b"]).model).num_layers == 80
     nemotron = PRESETS["nemotron4-340b"]
