@@ -213,7 +213,8 @@ class PromptSampling:
         from engine.data.prompts import load_prompts
 
         rollout = config.rollout
-        train = load_prompts(rollout.prompts, rollout.num_prompts, config.run.seed)
+        on_error = config.data.on_error
+        train = load_prompts(rollout.prompts, rollout.num_prompts, config.run.seed, on_error)
         if len(train) < rollout.prompts_per_iteration:
             logger.warning("rollout.prompts_per_iteration=%d exceeds the %d prompts of %s: every iteration asks "
                            "some prompts more than once", rollout.prompts_per_iteration, len(train), rollout.prompts)
@@ -221,7 +222,7 @@ class PromptSampling:
         if source is None and rollout.eval_prompts == "auto":
             logger.info("rollout.eval_prompts=auto: no held-out prompts for %s (none are taken from it); set "
                         "rollout.eval_prompts=<prompts never trained on> for greedy evaluation", rollout.prompts)
-        held_out = load_prompts(source, rollout.eval_num_prompts, config.run.seed) if source else []
+        held_out = load_prompts(source, rollout.eval_num_prompts, config.run.seed, on_error) if source else []
         if len(held_out) > rollout.eval_num_prompts:
             logger.info("held-out evaluation: the first %d of the %d prompts of %s (rollout.eval_num_prompts)",
                         rollout.eval_num_prompts, len(held_out), source)

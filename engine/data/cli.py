@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.algorithms.dpo_reference import register as register_ref_logprobs
 from engine.data.convert import convert_file
-from engine.data.errors import DataError
+from engine.data.errors import HINT, DataError
 from engine.data.loaders import write_jsonl
 from engine.data.schemas import FORMATS
 from engine.data.synthetic import BUILTIN, SPLITS, builtin_format, builtin_rows
@@ -113,6 +113,13 @@ def _validate_settings(args: argparse.Namespace) -> None:
         args.format = builtin_format(args.source) if args.source.startswith("builtin:") else "chat"
 
 
+def _with_option_hint(error: Exception) -> Exception:
+    """A bad row's hint names these commands' ``--on-error skip``, not the training config's ``data.on_error``."""
+    if isinstance(error, DataError) and str(error).endswith(f"({HINT})"):
+        return error.with_hint("fix the row, or pass --on-error skip to drop bad rows")
+    return error
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
         _validate_settings(args)
@@ -126,7 +133,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if summary["ok"]:
             check_run_rewards(args)
     except (DataError, ValueError) as error:
-        print(f"error: {error}")
+        print(f"error: {_with_option_hint(error)}")
         return 1
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -140,7 +147,7 @@ def _convert(kind: str) -> Any:
         try:
             counts = convert_file(kind, args.input, args.output, on_error=args.on_error)
         except (DataError, ValueError) as error:
-            print(f"error: {error}")
+            print(f"error: {_with_option_hint(error)}")
             return 1
         print(f"wrote {counts['written']} rows to {args.output}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return 0
@@ -168,7 +175,7 @@ def cmd_diverging(args: argparse.Namespace) -> int:
             fmt = "helpsteer2_preference" if isinstance(first, dict) and "response_1" in first else "pairs"
         rows, counts = list_diverging(load_rows(args.source, fmt, on_error=args.on_error), args.threshold)
     except (DataError, ValueError) as error:
-        print(f"error: {error}")
+        print(f"error: {_with_option_hint(error)}")
         return 1
     share = counts["diverging"] / counts["with_annotators"] if counts["with_annotators"] else 0.0
     print(f"{args.source} ({fmt}): {counts['rows']} rows, {counts['with_annotators']} with annotators: "

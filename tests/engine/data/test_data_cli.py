@@ -53,6 +53,19 @@ def test_validate_reports_bad_rows_and_fails(tmp_path: Path, capsys: pytest.Capt
     assert _run(["convert-steerlm", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")]) == 1
 
 
+def test_a_bad_row_names_the_commands_own_option_to_skip_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The hint said "or set data.on_error=skip", a training setting these commands do not take."""
+    path = tmp_path / "ratings.jsonl"
+    path.write_text('{"prompt": "p", "response": "r", "helpfulness": 3}\n{"prompt": "p"}\n')
+    out = str(tmp_path / "steer.jsonl")
+    assert _run(["convert-steerlm", str(path), out]) == 1
+    error = capsys.readouterr().out
+    assert "ratings.jsonl, line 2: field 'response'" in error and "pass --on-error skip" in error
+    assert "data.on_error" not in error
+    assert _run(["convert-steerlm", str(path), out, "--on-error", "skip"]) == 0  # the option the hint names works
+    assert len(Path(out).read_text().splitlines()) == 1
+
+
 def test_validate_takes_its_settings_from_a_run_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Validation used 128 tokens and the byte tokenizer whatever the run: a DPO file for seq_length 256 showed
     over-long rows that training would keep. ``--config`` takes the data settings the run trains with: the

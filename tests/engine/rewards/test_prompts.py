@@ -126,6 +126,26 @@ def test_held_out_prompts_follow_the_users_prompt_set(write_jsonl: Callable[...,
     assert held_out("rollout.eval_prompts=none") == held_out("rollout.eval_prompts=null") == []
 
 
+def test_data_on_error_skip_drops_bad_prompt_rows(write_jsonl: Callable[..., str]) -> None:
+    """A bad prompt row's error said "or set data.on_error=skip", and online runs did not read that setting:
+    the same error came back."""
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.algorithms.online import PromptSampling
+    from engine.config import load_config
+
+    mine = write_jsonl([{"prompt": "What is 2+3?", "answer": "5"}, {"prompt": 7}, {"prompt": "What is 4+4?", "answer": "8"}])
+
+    def datasets(*overrides: str) -> tuple:
+        config = load_config(GRPOTrainConfig, None, ["reward_functions=[{name: math_answer}]", f"rollout.prompts={mine}",
+                                                     f"rollout.eval_prompts={mine}", *overrides])
+        return PromptSampling().build_datasets(config, None)
+
+    with pytest.raises(DataError, match=r", line 2: field 'prompt'.*data.on_error=skip"):
+        datasets()
+    train, held_out = datasets("data.on_error=skip")
+    assert [row.answer for row in train] == [row.answer for row in held_out] == ["5", "8"]
+
+
 def test_the_default_reward_is_the_synthetic_check_only_for_the_builtin_prompts(write_jsonl: Callable[..., str]) -> None:
     """synthetic_check knows only the built-in tasks' phrasing: on a user's prompts it scores 0 whatever the
     answer, and beside a reward model it silently added its 0/1 to the model's score."""
