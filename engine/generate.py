@@ -63,43 +63,15 @@ def parse_attributes(text: Optional[str]) -> dict[str, int]:
     return attributes
 
 
-CHECKPOINT_FORMS = ("a run directory, its checkpoints directory (their 'best' checkpoint, else the latest), "
-                    "a step_* directory, or a 'best' or 'latest' pointer file in a checkpoints directory")
-
-
-def _checkpoints_of_run(run: Path) -> Optional[Path]:
-    """The checkpoints directory of run directory ``run`` (``checkpoint.dir`` of its config.yaml, else
-    ``<run>/checkpoints``), or None when ``run`` is no run directory."""
-    import yaml
-
-    config = run / "config.yaml"
-    saved = yaml.safe_load(config.read_text()) if config.is_file() else None
-    named = (saved.get("checkpoint") or {}).get("dir") if isinstance(saved, dict) else None
-    for candidate in (Path(named) if named else None, run / "checkpoints"):
-        if candidate is not None and candidate.is_dir():
-            return candidate
-    return None
-
-
 def resolve_checkpoint(checkpoint: str) -> Path:
-    """The step directory ``checkpoint`` names, in any of the forms of :data:`CHECKPOINT_FORMS`; anything else
-    is a one-line :class:`ConfigError` listing them."""
+    """The step directory ``checkpoint`` names (:func:`engine.checkpoint.dist.locate`); else a one-line
+    :class:`ConfigError` listing the forms it takes."""
     from engine.checkpoint import dist as ckpt
 
-    path = Path(checkpoint)
-    if path.is_dir() and not (path / ckpt.META).exists() and not ckpt.find_latest(str(path)):
-        path = _checkpoints_of_run(path) or path
-    if path.name in (ckpt.BEST, ckpt.LATEST) and not path.exists() and path.parent.is_dir():
-        unmarked = " (a run marks its best checkpoint only when it evaluates)" if path.name == ckpt.BEST else ""
-        raise ConfigError(f"checkpoint {checkpoint}: {path.parent.resolve()} has no {path.name!r} pointer{unmarked}; "
-                          f"give {CHECKPOINT_FORMS}")
-    found = ckpt.resolve(path)
-    if found.is_dir() and not (found / ckpt.META).exists():
-        found = ckpt.find_latest(str(found)) or found  # a checkpoints directory without pointers
-    if not ckpt.is_complete(found):
-        problem = "is no complete checkpoint" if found.exists() else "does not exist"
-        raise ConfigError(f"checkpoint {checkpoint}: {found} {problem}; give {CHECKPOINT_FORMS}")
-    return found
+    try:
+        return ckpt.locate(checkpoint)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def saved_config(checkpoint: str, tensor: int = 1) -> tuple[Any, str]:
@@ -387,6 +359,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``keel generate``."""
+    from engine.checkpoint import CHECKPOINT_FORMS
+
     parser = subparsers.add_parser(
         "generate", help="complete prompts with a policy checkpoint (SteerLM: target attributes)",
         description="Read prompts JSONL ({prompt} or SFT {messages} rows), write completions JSONL (an SFT row's "

@@ -248,9 +248,8 @@ class Trainer:
         chk = self.config.checkpoint
         if not chk.load or (chk.resume == "auto" and ckpt.find_latest(chk.dir) is not None):
             return
-        if chk.resume in ("auto", "none") and not ckpt.is_complete(ckpt.resolve(chk.load)):
-            raise ckpt.CheckpointError(f"checkpoint.load={chk.load}: no complete checkpoint there (a step directory "
-                                       "with keel.json and metadata.json, or a run's checkpoints/ with a latest pointer)")
+        if chk.resume in ("auto", "none"):
+            ckpt.locate(chk.load, "checkpoint.load")  # a one-line error naming the forms it takes
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got SIGTERM or Ctrl-C (:mod:`engine.stop_signals`): all stop after the same step."""

@@ -159,7 +159,7 @@ class Critic:
             rm_config.rm.type = "bt"
             source: Optional[str] = config.checkpoint.load
         else:
-            path = ckpt.resolve(config.ppo.critic)
+            path = ckpt.locate(config.ppo.critic, "ppo.critic")
             saved = dict(ckpt.read_meta(path)["config"])
             rm_config = from_dict(RewardTrainConfig, {"model": saved["model"], "rm": saved.get("rm", {})}, str(path))
             source = str(path)

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from engine.checkpoint import CHECKPOINT_FORMS
 from engine.faults import maybe_fail
 from engine.files import write_text_atomic
 
@@ -73,15 +74,58 @@ def find_latest(root: str) -> Optional[Path]:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory from a directory, a ``latest``/``best`` pointer file, or a run's checkpoint dir."""
+    """The checkpoint a user names: a step directory; a ``latest``/``best`` pointer file; a checkpoints
+    directory (its ``best``, else ``latest``, else its newest complete step); or a run directory (the
+    checkpoints directory of its ``config.yaml``, else ``<run>/checkpoints``, read the same way).
+    Anything else comes back as given, for the caller's own error."""
     path = Path(path)
     if path.is_file() and path.name in (LATEST, BEST):
         return path.parent / path.read_text().strip()
-    if path.is_dir() and not (path / META).exists():
-        for pointer in (BEST, LATEST):
-            if (path / pointer).is_file():
-                return path / (path / pointer).read_text().strip()
-    return path
+    if not path.is_dir() or (path / META).exists():
+        return path
+    for pointer in (BEST, LATEST):
+        if (path / pointer).is_file():
+            return path / (path / pointer).read_text().strip()
+    newest = find_latest(str(path))
+    if newest is not None:
+        return newest
+    checkpoints = checkpoints_of_run(path)
+    return resolve(checkpoints) if checkpoints is not None else path
+
+
+def checkpoints_of_run(run: Path) -> Optional[Path]:
+    """The checkpoints directory of run directory ``run`` (``checkpoint.dir`` of its config.yaml, else
+    ``<run>/checkpoints``), or None when ``run`` is no run directory."""
+    import yaml
+
+    config = run / "config.yaml"
+    try:
+        saved = yaml.safe_load(config.read_text()) if config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        saved = None
+    named = (saved.get("checkpoint") or {}).get("dir") if isinstance(saved, dict) else None
+    for candidate in (Path(named) if isinstance(named, str) else None, run / "checkpoints"):
+        if candidate is not None and candidate.is_dir() and candidate.resolve() != run.resolve():
+            return candidate
+    return None
+
+
+def locate(checkpoint: str | Path, setting: str = "checkpoint") -> Path:
+    """The complete checkpoint ``checkpoint`` names (:func:`resolve`); else a one-line :class:`CheckpointError`
+    that names ``setting`` (the option the user set) and lists :data:`CHECKPOINT_FORMS`."""
+    path = Path(checkpoint)
+    if path.name in (BEST, LATEST) and not path.exists() and path.parent.is_dir():
+        checkpoints = checkpoints_of_run(path.parent)
+        if checkpoints is not None and (checkpoints / path.name).is_file():
+            return locate(checkpoints / path.name, setting)  # <run>/best: the pointer of the run's checkpoints
+        unmarked = " (a run marks its best checkpoint only when it evaluates)" if path.name == BEST else ""
+        raise CheckpointError(f"{setting} {checkpoint}: {(checkpoints or path.parent).resolve()} has no {path.name!r} pointer"
+                              f"{unmarked}; give {CHECKPOINT_FORMS}")
+    found = resolve(path)
+    if not is_complete(found):
+        problem = "is no complete checkpoint" if found.exists() else "does not exist"
+        raise CheckpointError(f"{setting} {checkpoint}: {found} {problem}; give {CHECKPOINT_FORMS}")
+    return found
 
 
 def read_meta(path: Path) -> dict[str, Any]:

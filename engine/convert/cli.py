@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from engine.checkpoint import CHECKPOINT_FORMS
+
 
 def register(subparsers: Any) -> None:
     """Add the conversion sub-commands to an argparse sub-parser set (``keel convert <command>``)."""
@@ -30,7 +32,7 @@ def register(subparsers: Any) -> None:
         "in config.json and generation_config.json. The model settings are read from the checkpoint unless given. "
         "Policies (language models) only: reward model and PPO critic checkpoints are refused.",
     )
-    to_hf.add_argument("checkpoint", help="a Keel checkpoint (step_N) or a checkpoint directory (its newest)")
+    to_hf.add_argument("checkpoint", help=f"the Keel checkpoint: {CHECKPOINT_FORMS}")
     to_hf.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
     to_hf.add_argument("overrides", nargs="*", help="model.* overrides (default: those saved in the checkpoint)")
     to_hf.set_defaults(func=_keel_to_hf)

@@ -126,12 +126,7 @@ def keel_to_hf(checkpoint: str | Path, out_dir: str | Path, overrides: Optional[
     preset's family), with the checkpoint's tokenizer where it has a HF form."""
     from engine.checkpoint import dist as ckpt
 
-    path = Path(checkpoint)
-    if not ckpt.is_complete(path):
-        latest = ckpt.find_latest(str(path))
-        if latest is None:
-            raise ConfigError(f"{checkpoint}: not a complete Keel checkpoint (nor a directory of them)")
-        path = latest
+    path = ckpt.locate(checkpoint)
     meta = ckpt.read_meta(path)
     ckpt.refuse_scorer(path, meta, "exported by keel-to-hf, which writes policies (language models) only")
     saved = meta.get("config", {})

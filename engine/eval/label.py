@@ -171,9 +171,10 @@ def _reward_model(checkpoint: str) -> str:
     """The resolved checkpoint of ``--rm``; a policy or critic is refused by name before it loads."""
     from engine.checkpoint import dist as ckpt
 
-    path = ckpt.resolve(checkpoint)
-    if not ckpt.is_complete(path):
-        raise ConfigError(f"--rm {checkpoint}: not a complete checkpoint")
+    try:
+        path = ckpt.locate(checkpoint, "--rm")
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     algorithm = ckpt.read_meta(path).get("algorithm")
     if algorithm != "rm":
         raise ConfigError(f"--rm {checkpoint}: a {algorithm} checkpoint, not a reward model (keel train rm)")

@@ -158,7 +158,7 @@ def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple
     """(resolved path, saved config with ``overrides``) of a reward-model checkpoint; nothing is built."""
     from engine.checkpoint import dist as ckpt
     from engine.config import from_dict, merge_dicts, parse_overrides
-    path = ckpt.resolve(checkpoint)
+    path = ckpt.locate(checkpoint, "reward model")
     meta = ckpt.read_meta(path)
     if meta.get("algorithm") != "rm":  # its saved config would fail as a reward model's, naming a data format
         raise ConfigError(f"{checkpoint}: a {meta.get('algorithm')} checkpoint, not a reward model (keel train rm)")

@@ -366,7 +366,7 @@ def test_a_missing_checkpoint_load_is_refused_before_the_model_is_built(tmp_path
         raise AssertionError("the model was built before checkpoint.load was checked")
 
     monkeypatch.setattr(trainer_module.ModelRunner, "trained", never)
-    with single_process_parallel() as parallel, pytest.raises(CheckpointError, match="no complete checkpoint there"):
+    with single_process_parallel() as parallel, pytest.raises(CheckpointError, match=r"checkpoint.load .*checkpoints does not exist; give a run directory"):
         _trainer(tmp_path, parallel, f"checkpoint.load={tmp_path / 'sft' / 'checkpoints'}")
 
 

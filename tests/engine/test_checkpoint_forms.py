@@ -1,0 +1,83 @@
+"""Every option that takes a checkpoint reads it in the same forms (``engine.checkpoint.dist.locate``).
+
+``keel generate`` took a run directory; ``reward_model=``, ``checkpoint.load=``, ``--rm``, ``ppo.critic`` failed
+on one with "cannot read keel.json", and ``keel convert keel-to-hf`` exported a checkpoints directory's newest
+step where ``keel generate`` took its best.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoint import dist as ckpt
+from engine.checkpoint.dist import CheckpointError, locate
+
+
+def _step(checkpoints: Path, step: int, algorithm: str = "sft") -> Path:
+    path = checkpoints / f"step_{step:07d}"
+    path.mkdir(parents=True)
+    config = {"model": {"preset": "tiny-llama"}, "parallel": {}}
+    (path / ckpt.META).write_text(json.dumps({"algorithm": algorithm, "step": step, "config": config}))
+    (path / "metadata.json").write_text("{}")
+    return path
+
+
+def _run(root: Path, algorithm: str = "sft", best: bool = True, checkpoints: str = "checkpoints") -> Path:
+    """A run directory with steps 1 and 2 under ``checkpoints`` (relative to ``root``), step 1 marked best."""
+    run = root / "run"
+    run.mkdir(parents=True)
+    directory = root / checkpoints
+    _step(directory, 1, algorithm), _step(directory, 2, algorithm)
+    (directory / ckpt.LATEST).write_text("step_0000002")
+    if best:
+        (directory / ckpt.BEST).write_text("step_0000001")
+    (run / "config.yaml").write_text(f"checkpoint:\n  dir: {directory}\n")
+    return run
+
+
+def test_every_form_names_the_best_checkpoint_else_the_latest(tmp_path: Path) -> None:
+    run = _run(tmp_path / "a", checkpoints="elsewhere/ckpts")  # config.yaml's checkpoint.dir, not <run>/checkpoints
+    directory = tmp_path / "a" / "elsewhere" / "ckpts"
+    best, latest = directory / "step_0000001", directory / "step_0000002"
+    for form in (run, directory, directory / ckpt.BEST, run / ckpt.BEST, best):
+        assert locate(form) == best, form
+    assert locate(directory / ckpt.LATEST) == locate(run / ckpt.LATEST) == locate(latest) == latest
+
+    unmarked = _run(tmp_path / "b", best=False)
+    assert locate(unmarked) == tmp_path / "b" / "checkpoints" / "step_0000002"
+    (tmp_path / "b" / "checkpoints" / ckpt.LATEST).unlink()  # no pointers: the newest complete step
+    assert locate(tmp_path / "b" / "checkpoints") == tmp_path / "b" / "checkpoints" / "step_0000002"
+
+
+def test_what_names_no_checkpoint_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    unmarked = _run(tmp_path, best=False)
+    with pytest.raises(CheckpointError, match=r"^reward model .*run/best: .*checkpoints has no 'best' pointer \(a run "
+                       r"marks its best checkpoint only when it evaluates\); give a run directory"):
+        locate(unmarked / ckpt.BEST, "reward model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"^checkpoint.load .*empty is no complete checkpoint; give a run"):
+        locate(empty, "checkpoint.load")
+    with pytest.raises(CheckpointError, match=r"^ppo.critic .*missing does not exist; give a run directory"):
+        locate(tmp_path / "missing", "ppo.critic")
+
+
+def test_the_commands_read_a_run_directory(tmp_path: Path) -> None:
+    from engine.config import ConfigError
+    from engine.convert.hf import keel_to_hf
+    from engine.eval.label import _reward_model
+    from engine.eval.scoring import reward_model_config
+    from engine.generate import resolve_checkpoint
+
+    policy, rm = _run(tmp_path / "policy"), _run(tmp_path / "rm", algorithm="rm")
+    best = tmp_path / "rm" / "checkpoints" / "step_0000001"
+    assert resolve_checkpoint(str(policy)) == tmp_path / "policy" / "checkpoints" / "step_0000001"
+    assert _reward_model(str(rm)) == str(best)
+    assert reward_model_config(str(rm))[0] == best
+    with pytest.raises(CheckpointError, match="step_0000001 is a reward model checkpoint"):
+        keel_to_hf(rm, tmp_path / "hf")  # read as far as the checkpoint's kind: the run directory was found
+    with pytest.raises(ConfigError, match=r"--rm .*nothing does not exist"):
+        _reward_model(str(tmp_path / "nothing"))
