@@ -28,6 +28,7 @@ from engine.algorithms.base import Batch, Step
 from engine.checkpoint import dist as ckpt
 from engine.config import save_config
 from engine.data.batching import (  # noqa: F401  (cut_to_length, group_by_length, padded_length: re-exported)
+    ReadOnce,
     cut_to_length,
     group_by_length,
     micro_batches_for,
@@ -166,28 +167,47 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss over ``run.eval_batches`` global batches of the validation set (fixed order)."""
+        """Loss over the first ``run.eval_batches`` global batches of the validation set (fixed order).
+
+        A set smaller than that is read exactly once when the step's loss reads ``keep``
+        (:class:`~engine.data.batching.ReadOnce`): its last global batch is filled with rows that count
+        nothing. Otherwise the read wraps around it and says so.
+        """
         if len(self.valid_data) == 0:
             return {}
         self.model.set_training(False)
         data = self.config.data
-        self._say_what_validation_reads()
-        sampler = GlobalBatchSampler(len(self.valid_data), data.global_batch_size, data.micro_batch_size,
+        batches, dataset = self._validation_plan()
+        sampler = GlobalBatchSampler(len(dataset), data.global_batch_size, data.micro_batch_size,
                                      self.parallel.dp_rank, self.layout.data, self.config.run.seed, shuffle=False)
-        batches = [self._run_schedule(self._next_micro_batches(sampler, self.valid_data), True)
-                   for _ in range(self.config.run.eval_batches)]
-        totals = torch.stack(batches).sum(0)
+        totals = torch.stack([self._run_schedule(self._next_micro_batches(sampler, dataset), True)
+                              for _ in range(batches)]).sum(0)
         self.model.set_training(True)
         return self._means(totals)
 
-    def _say_what_validation_reads(self) -> None:
-        """Once: a validation reads ``run.eval_batches`` global batches in a fixed order, which is a part of a
-        large validation set and wraps around a small one (some rows then weigh more than others)."""
+    def _validation_plan(self) -> tuple[int, Any]:
+        """(global batches, data set) of one validation; what it reads is logged once."""
+        rows, size = len(self.valid_data), self.config.data.global_batch_size
+        batches, read = self.config.run.eval_batches, self.config.run.eval_batches * size
+        once = rows < read and self.step.reads_keep
+        if once:
+            batches = -(-rows // size)
+            read = batches * size
+        self._say_what_validation_reads(rows, read, once)
+        return batches, ReadOnce(self.valid_data, read) if once else self.valid_data
+
+    def _say_what_validation_reads(self, rows: int, read: int, once: bool) -> None:
+        """Once: a part of a large validation set; all of a small one, its last batch filled (``once``) or
+        wrapped around (some rows then weigh more than others)."""
         if self._told_validation or not self.parallel.is_main:
             return
         self._told_validation = True
-        rows, read = len(self.valid_data), self.config.run.eval_batches * self.config.data.global_batch_size
-        if rows < read:
+        if once:
+            batches, filler = read // self.config.data.global_batch_size, read - rows
+            logger.info("each validation reads all %d validation rows once, in %d global batch%s; the last is filled "
+                        "with %d row%s that count%s nothing", rows, batches, "es" if batches > 1 else "", filler,
+                        "s" if filler > 1 else "", "" if filler > 1 else "s")
+        elif rows < read:
             logger.warning("each validation reads %d rows (run.eval_batches x data.global_batch_size) from a validation "
                            "set of %d, so some rows count more than once; give at least %d validation rows, or lower "
                            "run.eval_batches or data.global_batch_size", read, rows, read)

@@ -32,6 +32,9 @@ class Step(ABC):
 
     name: str = "step"
     loss_name: str = "loss"
+    # whether :meth:`loss` weighs rows by ``batch["keep"]`` (:class:`engine.data.batching.ReadOnce`): then a
+    # validation reads each row once, the last global batch filled with rows that count nothing
+    reads_keep: bool = False
 
     def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
         """Build extra (frozen) models or state, after the data sets; the default needs none."""

@@ -34,7 +34,7 @@ import torch
 from engine.algorithms.base import Batch, Step
 from engine.algorithms.logprobs import lm_forward, sequence_logprobs
 from engine.config import ConfigError, DataConfig, TrainConfig, doc
-from engine.data.batching import to_device
+from engine.data.batching import kept_rows, to_device
 from engine.data.dpo import DPOPairs, load_reference_logprobs
 from engine.losses import chosen_nll, dpo_loss, preference_logit
 
@@ -112,6 +112,7 @@ class DPOTrainConfig(TrainConfig):
 class DPOStep(Step):
     name = "dpo"
     loss_name = "dpo_loss"
+    reads_keep = True
 
     def __init__(self, dpo: DPOConfig):
         self.dpo = dpo
@@ -163,31 +164,34 @@ class DPOStep(Step):
         return lm_forward(model, batch)
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(sum of per-pair losses, pairs, metrics) for one micro-batch of pairs."""
+        """(sum of per-pair losses, pairs, metrics) for one micro-batch of pairs; a pair whose rows ``keep``
+        0 (:class:`engine.data.batching.ReadOnce`) counts nothing."""
         logps, tokens = sequence_logprobs(output, batch["labels"], batch["loss_mask"], self.parallel)
         policy = logps.view(-1, 2)
+        kept = kept_rows(batch, logps.shape[0], policy.device).view(-1, 2)[:, 0]
         reference = batch["reference_logps"].to(policy.device).view(-1, 2)
         losses = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.dpo.beta,
                           self.dpo.loss, self.dpo.label_smoothing)
         if self.dpo.nll_coefficient:
             losses = losses + self.dpo.nll_coefficient * chosen_nll(policy[:, 0], tokens.view(-1, 2)[:, 0])
+        losses = losses * kept
         with torch.no_grad():
             rewards = self.dpo.beta * (policy - reference)
             margin = self.dpo.beta * preference_logit(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1])
-        pairs = torch.tensor(float(policy.shape[0]), device=policy.device)
+        pairs = kept.sum()
         sums = {
-            "dpo_loss": losses.sum().detach(), "accuracy": _wins(rewards[:, 0], rewards[:, 1]),
-            "margin": margin.sum(), "chosen_logps": policy[:, 0].detach().sum(),
-            "rejected_logps": policy[:, 1].detach().sum(), "chosen_reward": rewards[:, 0].sum(),
-            "rejected_reward": rewards[:, 1].sum(),
+            "dpo_loss": losses.sum().detach(), "accuracy": _wins(rewards[:, 0], rewards[:, 1], kept),
+            "margin": (margin * kept).sum(), "chosen_logps": (policy[:, 0].detach() * kept).sum(),
+            "rejected_logps": (policy[:, 1].detach() * kept).sum(), "chosen_reward": (rewards[:, 0] * kept).sum(),
+            "rejected_reward": (rewards[:, 1] * kept).sum(),
         }
         metrics = {name: torch.stack([value.float(), pairs]) for name, value in sums.items()}
         return losses.sum(), pairs.to(torch.int), metrics
 
 
-def _wins(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Pairs the chosen wins, a tie counting half (policy == reference scores 0.5, chance)."""
-    return (chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum()
+def _wins(chosen: torch.Tensor, rejected: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Kept pairs the chosen wins, a tie counting half (policy == reference scores 0.5, chance)."""
+    return ((chosen > rejected).float() * kept).sum() + 0.5 * ((chosen == rejected).float() * kept).sum()
 
 
 CONFIG = DPOTrainConfig

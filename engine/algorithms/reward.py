@@ -32,6 +32,7 @@ import torch
 
 from engine.algorithms.base import Batch, Step
 from engine.config import ConfigError, DataConfig, TrainConfig, doc
+from engine.data.batching import kept_rows
 from engine.data.convert import helpsteer2_preference_to_bt
 from engine.data.errors import DataError, Where
 from engine.data.loaders import iter_records
@@ -168,6 +169,7 @@ def check_rated(rows: list[dict[str, Any]], attributes: Sequence[str], source: s
 class RewardStep(Step):
     name = "rm"
     loss_name = "rm_loss"
+    reads_keep = True
 
     def __init__(self, rm: RewardConfig):
         self.rm = rm
@@ -247,24 +249,27 @@ class RewardStep(Step):
         """
         rewards = output.float()
         device = rewards.device
+        kept = kept_rows(batch, rewards.shape[0], device)  # 0 on rows that only fill a validation batch
         correct, pairs = torch.zeros((), device=device), torch.zeros((), device=device)
         if self.rm.type == "regression":
             labels = batch["attributes"][:, self._label_columns].to(device)
             errors, present = masked_mse(rewards, labels, missing=float(MISSING))
-            total, count = errors.sum(), present.sum()
+            total, count = (errors * kept[:, None]).sum(), (present * kept[:, None]).sum()
             if "paired" in batch:  # validation pairs: rows [c0, r0, c1, r1, ...]
                 pair_scores = self.scores(rewards).view(-1, 2)
-                correct = (pair_scores[:, 0] > pair_scores[:, 1]).float().sum()
-                pairs = torch.tensor(float(pair_scores.shape[0]), device=device)
+                kept_pairs = kept.view(-1, 2)[:, 0]
+                correct = ((pair_scores[:, 0] > pair_scores[:, 1]).float() * kept_pairs).sum()
+                pairs = kept_pairs.sum()
         else:
             pair_rewards = rewards[:, 0].view(-1, 2)
-            weights = self._pair_weights(batch).to(device)
+            kept_pairs = kept.view(-1, 2)[:, 0]
+            weights = self._pair_weights(batch).to(device) * kept_pairs
             margin = batch["margin"].to(device)
             losses = bradley_terry(pair_rewards[:, 0], pair_rewards[:, 1], self.variant, margin)
             effective = weights * margin.abs() if self.variant == "scaled" else weights
             total, count = (losses * weights).sum(), (effective > 0).float().sum()
-            correct = (pair_rewards[:, 0] > pair_rewards[:, 1]).float().sum()
-            pairs = torch.tensor(float(pair_rewards.shape[0]), device=device)
+            correct = ((pair_rewards[:, 0] > pair_rewards[:, 1]).float() * kept_pairs).sum()
+            pairs = kept_pairs.sum()
         metrics = {
             self.loss_name: torch.stack([total.detach(), count.detach()]),
             "accuracy": torch.stack([correct.detach(), pairs]),

@@ -13,6 +13,7 @@ import torch
 
 from engine.algorithms.base import Batch, Step
 from engine.config import ConfigError, TrainConfig
+from engine.data.batching import kept_rows
 from engine.data.sft import build_sft_dataset
 from engine.data.sources import load_rows
 
@@ -33,6 +34,7 @@ class SFTTrainConfig(TrainConfig):
 class SFTStep(Step):
     name = "sft"
     loss_name = "lm_loss"
+    reads_keep = True
 
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
         data = config.data
@@ -49,7 +51,7 @@ class SFTStep(Step):
         return model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"])
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        mask = batch["loss_mask"].to(output.device).float()
+        mask = batch["loss_mask"].to(output.device).float() * kept_rows(batch, output.shape[0], output.device)[:, None]
         total = (output.float() * mask).sum()
         count = mask.sum()
         return total, count.to(torch.int), {self.loss_name: torch.stack([total.detach(), count])}

@@ -103,3 +103,36 @@ def micro_batches_for(groups: list[list[int]], dataset: StepDataset, seq_length:
     multiple = length_multiple(layout)
     return [cut_to_length(dataset.collate(indices), padded_length(n, seq_length, multiple))
             for indices, n in zip(groups, lengths, strict=True)]
+
+
+KEEP = "keep"  # per batch row: 1.0, or 0.0 for a row that only fills the last validation batch (no loss)
+
+
+class ReadOnce:
+    """``dataset`` read exactly once by whole global batches: ids ``>= len(dataset)`` fill the last batch.
+
+    A filler is the sample ``id % len(dataset)`` (real data, so shapes and lengths stay ordinary), collated
+    with ``batch["keep"]`` 0.0 on its rows so that a loss that reads :data:`KEEP` counts nothing of it.
+    """
+
+    def __init__(self, dataset: StepDataset, total: int):
+        self.dataset, self.real, self.total = dataset, len(dataset), total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def length(self, index: int) -> int:
+        return self.dataset.length(index % self.real)
+
+    def collate(self, indices: list[int]) -> Batch:
+        batch = self.dataset.collate([i % self.real for i in indices])
+        items = torch.tensor([float(i < self.real) for i in indices])
+        rows = batch["tokens"].shape[0]
+        batch[KEEP] = items.repeat_interleave(rows // len(indices))  # a pair's two rows share their item's flag
+        return batch
+
+
+def kept_rows(batch: Batch, rows: int, device: Any) -> torch.Tensor:
+    """Per-row weights of :class:`ReadOnce` (all ones for any other batch), ``[rows]`` on ``device``."""
+    keep = batch.get(KEEP)
+    return torch.ones(rows, device=device) if keep is None else keep.to(device)

@@ -1,6 +1,7 @@
 """Run N SFT steps for several layouts inside one launch; rank 0 writes losses as JSON.
 
 argv: JSON {"algo": "sft"|"rm"|"dpo", "base": [overrides], "cases": {name: [overrides]}, "steps": N}, output path.
+After the steps, each case records one validation loss.
 Each case re-initialises megatron's model-parallel groups over the same world. DPO cases at
 PP1 also record how far the kernels' sequence log-probs of the trained model's
 (vocabulary-parallel) logits are from a plain log_softmax + gather on the gathered logits.
@@ -39,7 +40,10 @@ def main() -> None:
                 metrics = trainer.train_step(number)
                 losses.append(metrics[step.loss_name])
                 norms.append(metrics["grad_norm"])
-            results[name] = {"loss": losses, "grad_norm": norms}
+            # then one validation: the held-out rows fill less than one global batch, so it is read once with
+            # rows that count nothing spread over the data-parallel ranks (tests/engine/test_validation_once.py)
+            results[name] = {"loss": losses, "grad_norm": norms, "valid": [trainer.evaluate()[step.loss_name]],
+                             "valid_rows": [float(len(trainer.valid_data))]}
             if payload.get("algo") == "dpo" and layout.pipeline == 1:
                 results[name]["logprob_diff"] = [_logprob_difference(trainer, parallel)]
             trainer.metrics.close()

@@ -58,6 +58,10 @@ def _close(got: list[float], reference: list[float], what: str) -> None:
 @pytest.mark.parametrize("layout", [name for name in [*TWO_RANKS, *FOUR_RANKS] if not name.startswith("rpo")])
 def test_dpo_losses_match_single_process(results: dict[str, dict[str, list[float]]], layout: str) -> None:
     _close(results[layout]["loss"], results["reference"]["loss"], layout)
+    # one validation after the steps, over a set smaller than its 2 global batches: read once at every layout
+    got, reference = results[layout], results["reference"]
+    assert got["valid_rows"] == reference["valid_rows"] and reference["valid_rows"][0] % 8, reference["valid_rows"]
+    assert abs(got["valid"][0] - reference["valid"][0]) / abs(reference["valid"][0]) <= 1e-5, (got, reference)
 
 
 def test_rpo_with_label_smoothing_matches_single_process(results: dict[str, dict[str, list[float]]]) -> None:

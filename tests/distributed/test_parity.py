@@ -66,6 +66,9 @@ def test_losses_match_single_process(results: dict[str, dict[str, list[float]]],
         assert _rel(a, b) <= 1e-5, f"{preset} {layout} step {step}: loss {a!r} vs single-process {b!r}"
     for step, (a, b) in enumerate(zip(got["grad_norm"], reference["grad_norm"], strict=True), start=1):
         assert _rel(a, b) <= 1e-4, f"{preset} {layout} step {step}: grad norm {a!r} vs {b!r}"
+    # the validation set (3 rows) is read once: a global batch of 8 with 5 rows that count nothing
+    assert got["valid_rows"] == reference["valid_rows"] == [3.0]
+    assert _rel(got["valid"][0], reference["valid"][0]) <= 1e-5, (got["valid"], reference["valid"])
 
 
 def test_training_reduces_loss(results: dict[str, dict[str, list[float]]]) -> None:

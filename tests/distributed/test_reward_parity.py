@@ -54,6 +54,10 @@ def test_reward_losses_match_single_process(results: dict[str, dict[str, list[fl
     for step, (a, b) in enumerate(zip(got, reference, strict=True), start=1):
         assert math.isfinite(a)
         assert abs(a - b) / abs(b) <= 1e-5, f"{kind} {layout} step {step}: {a!r} vs single-process {b!r}"
+    # one validation after the steps, over a set smaller than its 2 global batches: read once at every layout
+    valid, single = results[f"{kind}/{layout}"], results[f"{kind}/reference"]
+    assert valid["valid_rows"] == single["valid_rows"] and single["valid_rows"][0] % 8, single["valid_rows"]
+    assert abs(valid["valid"][0] - single["valid"][0]) / abs(single["valid"][0]) <= 1e-5, (valid, single)
 
 
 def test_regression_training_reduces_loss(results: dict[str, dict[str, list[float]]]) -> None:

@@ -382,13 +382,22 @@ def test_a_bad_tokenizer_is_refused_before_the_model_is_built(tmp_path: Path, mo
         _trainer(tmp_path, parallel, f"data.tokenizer={tmp_path / 'nope.model'}")
 
 
-def test_validation_says_when_it_reads_rows_twice_or_only_some(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_validation_says_what_it_reads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A validation reads run.eval_batches global batches in a fixed order: it wrapped around a 3-pair set
-    (accuracies of 0.3125 and 0.34375 on 3 pairs) and read 32 rows of a large one, without a word."""
+    (accuracies of 0.3125 and 0.34375 on 3 pairs) and read 32 rows of a large one, without a word. A small set
+    is now read once (tests/engine/test_validation_once.py); a step whose loss cannot leave rows out wraps."""
+    small = ["data.num_samples=64", "data.validation_fraction=0.05", "data.global_batch_size=4",
+             "data.micro_batch_size=2", "run.eval_batches=2"]
     with single_process_parallel() as parallel, caplog.at_level(logging.INFO, logger="engine.trainer"):
-        trainer: Any = _trainer(tmp_path, parallel, "data.num_samples=64", "data.validation_fraction=0.05",
-                                "data.global_batch_size=4", "data.micro_batch_size=2", "run.eval_batches=2")
+        trainer: Any = _trainer(tmp_path, parallel, *small)
         trainer.evaluate()
+        trainer.evaluate()
+    assert caplog.text.count("each validation reads all 3 validation rows once, in 1 global batch; the last is "
+                             "filled with 1 row that counts nothing") == 1, caplog.text
+    caplog.clear()
+    with single_process_parallel() as parallel, caplog.at_level(logging.INFO, logger="engine.trainer"):
+        trainer = _trainer(tmp_path, parallel, *small)
+        trainer.step.reads_keep = False
         trainer.evaluate()
     assert caplog.text.count("each validation reads 8 rows (run.eval_batches x data.global_batch_size) from a "
                              "validation set of 3, so some rows count more than once") == 1, caplog.text
