@@ -17,7 +17,7 @@ from engine.data.convert import convert_file
 from engine.data.errors import HINT, DataError
 from engine.data.loaders import write_jsonl
 from engine.data.schemas import FORMATS
-from engine.data.synthetic import BUILTIN, SPLITS, builtin_format, builtin_rows
+from engine.data.synthetic import BUILTIN, SPLITS, UNSPLIT, builtin_format, builtin_rows
 from engine.data.validate import validate_file
 from engine.eval.label import register as register_label
 
@@ -157,6 +157,11 @@ def _convert(kind: str) -> Any:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     name = args.name if args.name.startswith("builtin:") else f"builtin:{args.name}"
+    if args.split != "train" and name in UNSPLIT:
+        split = ", ".join(b.split(":", 1)[1] for b in BUILTIN if b not in UNSPLIT)
+        print(f"error: --split {args.split}: {args.name} has no splits (its rows draw on one word list); the sets "
+              f"with {'/'.join(SPLITS)} splits are {split}")
+        return 1
     if args.split != "train":
         name = f"{name}:{args.split}"
     count = write_jsonl(builtin_rows(name, args.num, args.seed), args.output)
