@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,8 +160,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     name = args.name if args.name.startswith("builtin:") else f"builtin:{args.name}"
     if args.split != "train" and name in UNSPLIT:
         split = ", ".join(b.split(":", 1)[1] for b in BUILTIN if b not in UNSPLIT)
-        print(f"error: --split {args.split}: {args.name} has no splits (its rows draw on one word list); the sets "
-              f"with {'/'.join(SPLITS)} splits are {split}")
+        print(f"keel: --split {args.split}: {args.name} has no splits (its rows draw on one word list); the sets "
+              f"with {'/'.join(SPLITS)} splits are {split}", file=sys.stderr)
         return 1
     if args.split != "train":
         name = f"{name}:{args.split}"

@@ -29,7 +29,9 @@ def test_keel_data_synth_of_an_unsplit_set_says_so_in_one_line(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["data", "synth", "sft", str(tmp_path / "x.jsonl"), "--split", "eval"])
     err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and "builtin:sft has no splits" in err, err
+    assert code == 1 and err.count("\n") == 1 and "--split eval: sft has no splits" in err, err
+    assert "splits are text, helpsteer" in err and ":eval" not in err  # the option, not a source name never written
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_keel_train_on_an_unknown_builtin_source_says_so_in_one_line(tmp_path: Path) -> None:

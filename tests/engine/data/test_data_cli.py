@@ -43,14 +43,6 @@ def test_synth_writes_a_split(tmp_path: Path) -> None:
     assert [json.loads(line) for line in path.read_text().splitlines()] == helpsteer_rows(20, 3, "eval")
 
 
-def test_synth_names_its_split_option_for_a_set_without_splits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """It failed on 'builtin:sft:eval', a source name the user never wrote."""
-    assert _run(["synth", "sft", str(tmp_path / "x.jsonl"), "--split", "eval"]) == 1
-    out = capsys.readouterr().out
-    assert "--split eval: sft has no splits" in out and "splits are text, helpsteer" in out and ":eval" not in out
-    assert not (tmp_path / "x.jsonl").exists()
-
-
 def test_validate_reports_bad_rows_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
