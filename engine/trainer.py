@@ -245,11 +245,13 @@ class Trainer:
             if not ckpt.is_complete(path):
                 raise ckpt.CheckpointError(f"checkpoint.resume={chk.resume}: not a complete checkpoint")
         if path is not None:
-            step = int(ckpt.read_meta(path)["step"])
+            saved = ckpt.read_meta(path)
+            step = int(saved["step"])
             if step > self.config.run.train_steps:
                 raise ckpt.CheckpointError(
                     f"{path} is step {step}, past run.train_steps={self.config.run.train_steps}: raise "
                     "run.train_steps to train on, or start a new run (another run.output_dir, or checkpoint.resume=none)")
+            self._check_resumed_data(path, saved)
             meta = self.model.load(path)
             self.sampler.load_state_dict(meta["sampler"])
             best = meta.get("best_validation")
@@ -260,6 +262,23 @@ class Trainer:
             self.model.load_weights(chk.load)
             logger.info("initialised weights from %s", chk.load)
         return 0
+
+    def _check_resumed_data(self, path: Path, meta: dict[str, Any]) -> None:
+        """A resumed run reads the checkpoint's data: another training set size is a one-line error that says how
+        to train on the new data; another global batch or sequence length is only warned about."""
+        saved = int(meta.get("sampler", {}).get("num_samples", self.sampler.num_samples))
+        if saved != self.sampler.num_samples:
+            raise ckpt.CheckpointError(
+                f"{path} was written for a training set of {saved} samples, this one has {self.sampler.num_samples}; "
+                "a resumed run reads the same data: to train on this data, start afresh in this run directory "
+                f"(checkpoint.resume=none), or keep the weights with checkpoint.load={path} and another "
+                "run.output_dir")
+        old = (meta.get("config") or {}).get("data") or {}
+        changed = [f"data.{key}: {old[key]} -> {getattr(self.config.data, key)}" for key in ("global_batch_size",
+                   "seq_length") if key in old and old[key] != getattr(self.config.data, key)]
+        if changed:
+            logger.warning("resuming %s with this run's data settings, not the checkpoint's: %s", path,
+                           "; ".join(changed))
 
     # ------------------------------------------------------------------ the loop
     def _check_load_before_building(self) -> None:

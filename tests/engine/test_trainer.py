@@ -287,6 +287,30 @@ def test_a_resumed_run_trains_with_its_own_schedule(tmp_path: Path, caplog: pyte
     assert "optimizer.lr: 0.001 -> 0.002" in caplog.text and "run.train_steps + 1): 5 -> 7" in caplog.text
 
 
+def test_a_resume_on_other_data_is_one_error_and_other_batch_or_length_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Resuming on a training set of another size is refused with a CheckpointError (one line in the CLI) that
+    names the checkpoint and the two ways to train on the new data, before the weights are loaded; another
+    data.global_batch_size or data.seq_length resumes with a warning naming the checkpoint's and this run's."""
+    from engine.checkpoint.dist import CheckpointError
+
+    with single_process_parallel() as parallel:
+        _trainer(tmp_path, parallel, "run.train_steps=2", "checkpoint.save_interval=2", "data.seq_length=128").fit()
+    step_2 = tmp_path / "checkpoints" / "step_0000002"
+    with single_process_parallel() as parallel, pytest.raises(CheckpointError) as refused:
+        _trainer(tmp_path, parallel, "run.train_steps=4", "data.num_samples=80", "data.seq_length=128",
+                 "checkpoint.resume=auto").fit()
+    message = str(refused.value)  # builtin:sft keeps 61 of 64 rows for training (all fit 128 tokens), 76 of 80
+    assert message.startswith(f"{step_2} ") and "61 samples, this one has 76" in message, message
+    assert "checkpoint.resume=none" in message and f"checkpoint.load={step_2} and another run.output_dir" in message
+    with single_process_parallel() as parallel:
+        trainer = _trainer(tmp_path, parallel, "run.train_steps=3", "data.global_batch_size=8", "data.seq_length=192",
+                           "checkpoint.resume=auto")
+        with caplog.at_level("WARNING", logger="engine.trainer"):
+            assert trainer.fit().start_step == 2  # type: ignore[attr-defined]
+    assert "data.global_batch_size: 4 -> 8; data.seq_length: 128 -> 192" in caplog.text, caplog.text
+
+
 def test_ctrl_c_checkpoints_after_the_step_and_the_run_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C (SIGINT) stops a run as SIGTERM does: after the current step, with a checkpoint of it, so
     that the same command resumes there; a second Ctrl-C later on stops at once (Python's default)."""
