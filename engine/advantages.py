@@ -9,8 +9,10 @@ these are in ``engine/losses.py``; reference tests in ``tests/engine/test_rl_los
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -109,42 +111,72 @@ def _groups(scores: torch.Tensor, group_size: int, minimum: int) -> torch.Tensor
     return scores.float().view(-1, group_size)
 
 
-def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _kept(keep: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``keep`` (a bool per rollout) as a 0/1 float mask shaped like the groups ``like``; None when every
+    rollout is kept, so the plain formulas run unchanged."""
+    if keep is None or bool(keep.all()):
+        return None
+    return keep.float().view_as(like)
+
+
+def rloo_advantages(scores: torch.Tensor, k: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024) per sequence.
 
         ``A_i = r_i - 1/(k-1) Σ_{j != i} r_j`` over the k rollouts of the same prompt
 
-    ``scores``: ``[num_prompts * k]``, each prompt's k rollouts consecutive.
+    ``scores``: ``[num_prompts * k]``, each prompt's k rollouts consecutive. ``keep`` (bool per rollout):
+    a rollout the rewards skipped is no sample of the prompt: the baseline is over the kept ones only (k is
+    their number), a skipped rollout's advantage is 0, and so is every advantage of a group with fewer than
+    2 kept rollouts (no one to leave out).
     """
     groups = _groups(scores, k, minimum=2)
-    others = (groups.sum(-1, keepdim=True) - groups) / (k - 1)
-    return (groups - others).flatten()
+    mask = _kept(keep, groups)
+    if mask is None:
+        others = (groups.sum(-1, keepdim=True) - groups) / (k - 1)
+        return (groups - others).flatten()
+    kept = mask.sum(-1, keepdim=True)
+    others = ((groups * mask).sum(-1, keepdim=True) - groups * mask) / (kept - 1).clamp(min=1)
+    return torch.where(kept >= 2, (groups - others) * mask, torch.zeros_like(groups)).flatten()
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, normalize_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GRPO's group-relative advantage per sequence (Shao et al. 2024).
 
         ``A_i = (r_i - mean(r)) / (std(r) + eps)``; Dr. GRPO (``normalize_std=False``): ``r_i - mean(r)``
 
     over the G = ``group_size`` rollouts of a prompt; ``std`` is the *sample* standard
-    deviation (``/(G - 1)``, ``torch.std``'s default, as TRL's GRPO trainer).
+    deviation (``/(G - 1)``, ``torch.std``'s default, as TRL's GRPO trainer). ``keep`` (bool per
+    rollout): the mean and std are over the kept rollouts only (G is their number); a skipped rollout's
+    advantage is 0, and so is every advantage of a group with fewer than 2 kept rollouts.
     """
     groups = _groups(scores, group_size, minimum=2)
-    centred = groups - groups.mean(-1, keepdim=True)
+    mask = _kept(keep, groups)
+    if mask is None:
+        centred = groups - groups.mean(-1, keepdim=True)
+        if normalize_std:
+            centred = centred / (groups.std(-1, keepdim=True) + eps)
+        return centred.flatten()
+    kept = mask.sum(-1, keepdim=True)
+    centred = (groups - (groups * mask).sum(-1, keepdim=True) / kept.clamp(min=1)) * mask
     if normalize_std:
-        centred = centred / (groups.std(-1, keepdim=True) + eps)
-    return centred.flatten()
+        centred = centred / ((centred.pow(2).sum(-1, keepdim=True) / (kept - 1).clamp(min=1)).sqrt() + eps)
+    return torch.where(kept >= 2, centred, torch.zeros_like(groups)).flatten()
 
 
-def dynamic_sampling_filter(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def dynamic_sampling_filter(scores: torch.Tensor, group_size: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DAPO dynamic sampling (Yu et al. 2025): keep a group unless all its rewards are equal.
 
-    A group whose rollouts are all right (or all wrong) has zero advantage and no gradient.
-    Returns a bool ``[num_groups]``, True for the groups to keep.
+    A group whose rollouts are all right (or all wrong) has zero advantage and no gradient; so has one whose
+    kept rollouts (``keep``, bool per rollout) are. Returns a bool ``[num_groups]``, True for the groups to keep.
     """
     groups = _groups(scores, group_size, minimum=1)
-    return groups.amax(-1) > groups.amin(-1)
+    mask = _kept(keep, groups)
+    if mask is None:
+        return groups.amax(-1) > groups.amin(-1)
+    high = torch.where(mask > 0, groups, torch.full_like(groups, -math.inf)).amax(-1)
+    low = torch.where(mask > 0, groups, torch.full_like(groups, math.inf)).amin(-1)
+    return high > low
 
 
 @dataclass

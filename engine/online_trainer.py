@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from engine.advantages import dynamic_sampling_filter
 from engine.algorithms.logprobs import response_logprobs
 from engine.algorithms.online import PHASES, Iteration, OnlineStep, rollout_micro_batches
 from engine.data.batching import length_multiple
@@ -80,7 +81,7 @@ class OnlineTrainer(Trainer):
     def _fill_groups(self, first: Iteration, step_number: int, dynamic: Any) -> Iteration:
         """DAPO's dynamic sampling: keep groups whose rewards differ, sample more rounds until the iteration's
         groups are full (at most ``max_rounds``); a batch still short is topped up with dropped groups."""
-        from engine.advantages import DynamicSampling, dynamic_sampling_filter
+        from engine.advantages import DynamicSampling
 
         size = self.config.rollout.samples_per_prompt
         target = self.config.rollout.prompts_per_iteration
@@ -88,7 +89,7 @@ class OnlineTrainer(Trainer):
         rounds, kept, dropped = [first], [], []
         while True:
             it = rounds[-1]
-            keep = dynamic_sampling_filter(it.scores, size).tolist()
+            keep = dynamic_sampling_filter(it.scores, size, torch.tensor(it.keep)).tolist()
             joined = book.add_round(keep)
             kept += [(len(rounds) - 1, g) for g in joined]
             dropped += [(len(rounds) - 1, g) for g, k in enumerate(keep) if not k]
@@ -160,7 +161,8 @@ class OnlineTrainer(Trainer):
             values = self.critic.values(it.rollouts.sequences(), [len(p) for p in it.prompts],
                                         self.config.data.micro_batch_size)
         it.times["logprobs"] = time.perf_counter() - began
-        per_token: dict[str, list[list[float]]] = dict(self.step.advantages(it.scores, it.rollouts, logps, ref_logps, values))
+        per_token: dict[str, list[list[float]]] = dict(self.step.advantages(it.scores, it.rollouts, logps, ref_logps, values,
+                                                                                   keep=it.keep))
         per_token.update(old_logps=logps, ref_logps=ref_logps,
                          keep=[[1.0 if keep else 0.0] * len(t) for keep, t in zip(it.keep, it.rollouts.tokens, strict=True)])
         began = time.perf_counter()
@@ -197,15 +199,17 @@ class OnlineTrainer(Trainer):
 
     def _rollout_metrics(self, it: Iteration, logps: list[list[float]], ref_logps: list[list[float]]) -> dict[str, float]:
         lengths = it.rollouts.lengths
-        values = {"reward": float(it.scores.mean()), "response_length": sum(lengths) / len(lengths),
+        kept = [i for i, keep in enumerate(it.keep) if keep]  # a skipped rollout's reward is a placeholder 0
+        mean = lambda column: sum(column[i] for i in kept) / len(kept) if kept else math.nan  # noqa: E731
+        values = {"reward": mean(it.scores.tolist()), "response_length": sum(lengths) / len(lengths),
                   "stopped": it.rollouts.finish_reasons.count("stop") / len(lengths),
                   "skipped": float(it.keep.count(False))}
         for name, column in it.components.items():
-            values[f"reward_{name}"] = sum(column) / len(column)
+            values[f"reward_{name}"] = mean(column)
         per_prompt = self.config.rollout.samples_per_prompt
-        if per_prompt > 1:  # groups whose samples all scored alike teach a group-relative advantage nothing
-            groups = it.scores.view(-1, per_prompt)
-            values["tied_groups"] = float((groups.amax(1) == groups.amin(1)).float().mean())
+        if per_prompt > 1:  # groups whose (kept) samples all scored alike teach a group-relative advantage nothing
+            differ = dynamic_sampling_filter(it.scores, per_prompt, torch.tensor(it.keep))
+            values["tied_groups"] = float((~differ).float().mean())
         tokens = [(a, b) for row, ref in zip(logps, ref_logps, strict=True) for a, b in zip(row, ref, strict=True)]
         values["kl"] = sum(a - b for a, b in tokens) / max(len(tokens), 1)
         backend = [abs(a - b) for row, mine in zip(it.rollouts.logprobs, logps, strict=True) for a, b in zip(row, mine, strict=True)]

@@ -89,7 +89,8 @@ class GRPOStep(OnlineStep):
         return METRICS
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
-                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
+                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None,
+                   keep: Optional[list[bool]] = None) -> dict[str, list[list[float]]]:
         from engine.advantages import group_advantages, overlong_penalty, sequence_kl
 
         rewards = scores.clone().float()
@@ -99,7 +100,8 @@ class GRPOStep(OnlineStep):
         if self.grpo.kl == "reward" and self.uses_reference:
             kl = sequence_kl(logps, ref_logps)
             rewards = rewards - self.grpo.kl_coef * kl
-        advantage = group_advantages(rewards, self.config.rollout.samples_per_prompt, self.grpo.normalize_std)
+        advantage = group_advantages(rewards, self.config.rollout.samples_per_prompt, self.grpo.normalize_std,
+                                     keep=None if keep is None else torch.tensor(keep))
         cut = [r == "length" for r in rollouts.finish_reasons]
         return {"advantages": [[0.0 if (self.grpo.overlong == "filter" and cut[i]) else float(advantage[i])] * len(tokens)
                                for i, tokens in enumerate(rollouts.tokens)]}

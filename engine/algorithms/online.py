@@ -290,9 +290,11 @@ class OnlineStep(PromptSampling, Step):
         return ("reward", *self.reward_metrics(), "kl", "response_length")
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
-                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
+                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None,
+                   keep: Optional[list[bool]] = None) -> dict[str, list[list[float]]]:
         """Per-token ``advantages`` of every rollout (rows grouped by prompt, ``samples_per_prompt`` each), and
-        any other per-token value the loss reads (PPO: ``returns``, ``old_values``)."""
+        any other per-token value the loss reads (PPO: ``returns``, ``old_values``). ``keep``: False for a
+        rollout the rewards skipped (its score is a placeholder 0): it takes no part in any baseline."""
         raise NotImplementedError
 
     def build_critic(self, config: Any, parallel: Any) -> Any:

@@ -100,7 +100,8 @@ class PPOStep(OnlineStep):
         return Critic(config, parallel)
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
-                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
+                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None,
+                   keep: Optional[list[bool]] = None) -> dict[str, list[list[float]]]:
         from engine.advantages import gae, token_rewards, whiten
 
         assert values is not None, "PPO needs the critic's values"
@@ -112,7 +113,8 @@ class PPOStep(OnlineStep):
                 out[i, : len(row)] = torch.tensor(row)
             return out
 
-        mask = padded([[1.0] * n for n in rollouts.lengths])
+        kept = keep or [True] * len(rollouts.lengths)  # a skipped rollout (placeholder reward) is out of the whitening
+        mask = padded([[1.0 if k else 0.0] * n for n, k in zip(rollouts.lengths, kept, strict=True)])
         kl = padded(logps) - padded(ref_logps)
         rewards = token_rewards(scores.float(), mask, kl, self.ppo.kl_coef)
         advantage, returns = gae(rewards, padded(values), mask, self.ppo.gamma, self.ppo.lam)

@@ -64,14 +64,16 @@ class ReinforceStep(GRPOStep):
         self.uses_reference = self.grpo.kl != "none"
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
-                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None) -> dict[str, list[list[float]]]:
+                   ref_logps: list[list[float]], values: Optional[list[list[float]]] = None,
+                   keep: Optional[list[bool]] = None) -> dict[str, list[list[float]]]:
         from engine.advantages import rloo_advantages, sequence_kl
 
         rewards = scores.clone().float()
         if self.uses_reference:
             kl = sequence_kl(logps, ref_logps)
             rewards = rewards - self.grpo.kl_coef * kl
-        advantage = rloo_advantages(rewards, self.config.rollout.samples_per_prompt)
+        advantage = rloo_advantages(rewards, self.config.rollout.samples_per_prompt,
+                                    keep=None if keep is None else torch.tensor(keep))
         return {"advantages": [[float(advantage[i])] * len(tokens) for i, tokens in enumerate(rollouts.tokens)]}
 
 

@@ -278,6 +278,27 @@ def test_group_advantages_with_and_without_std() -> None:
         group_advantages(torch.zeros(6), 4)
 
 
+def test_skipped_rollouts_take_no_part_in_a_group_baseline() -> None:
+    """A rollout the rewards skipped (on_error: skip, or a response the reward model cannot score) carries a
+    placeholder 0. It entered the GRPO and RLOO baselines: a tied group of kept rollouts [skip, -0.3, -0.3,
+    -0.3] got GRPO advantages [1.5, -0.5, -0.5, -0.5], pushing the policy away from every real sample.
+    Expected values: the formulas over the kept rollouts alone, written out by hand."""
+    scores = torch.tensor([0.0, -0.3, -0.3, -0.3, 0.0, 1.0, 0.0, 0.5, 7.0, 0.0, 0.0, 0.0])
+    keep = torch.tensor([False, True, True, True, False, True, True, True, True, False, False, False])
+    # group 1: kept all equal; group 2: kept (1, 0, 0.5), mean 0.5, sample std 0.5; group 3: one kept, no baseline
+    eps = 1e-6
+    grpo = [0.0, 0.0, 0.0, 0.0, 0.0, 0.5 / (0.5 + eps), -0.5 / (0.5 + eps), 0.0, 0.0, 0.0, 0.0, 0.0]
+    _approx(group_advantages(scores, 4, keep=keep), grpo)
+    _approx(group_advantages(scores, 4, normalize_std=False, keep=keep), [0.0] * 5 + [0.5, -0.5] + [0.0] * 5)
+    # RLOO: 1 - (0 + 0.5)/2, 0 - (1 + 0.5)/2, 0.5 - (1 + 0)/2
+    _approx(rloo_advantages(scores, 4, keep=keep), [0.0] * 5 + [0.75, -0.75, 0.0] + [0.0] * 4)
+    # the tied group and the one with a single kept rollout teach nothing: DAPO drops them
+    assert dynamic_sampling_filter(scores, 4, keep).tolist() == [False, True, False]
+    everything = torch.ones(12, dtype=torch.bool)  # all kept: exactly the plain formulas
+    assert torch.equal(group_advantages(scores, 4, keep=everything), group_advantages(scores, 4))
+    assert torch.equal(rloo_advantages(scores, 4, keep=everything), rloo_advantages(scores, 4))
+
+
 # --- DAPO ----------------------------------------------------------------------------------
 
 
