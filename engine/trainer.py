@@ -35,6 +35,7 @@ from engine.data.batching import (  # noqa: F401  (cut_to_length, group_by_lengt
     padded_length,
     to_device,
 )
+from engine.data.errors import DataError
 from engine.data.sampler import GlobalBatchSampler
 from engine.data.tokenizers import load_tokenizer, warn_if_foreign
 from engine.faults import maybe_fail
@@ -93,6 +94,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # a bad tokenizer file is refused before the build
         # the data too: a bad row costs seconds here, not the minutes of building the models at scale first
         self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)
+        self._refuse_an_empty_training_set()
         step.check_datasets(config, self.tokenizer, self.train_data, self.valid_data)
         self.model = ModelRunner.trained(config, parallel, step.model_class())
         preset = self.model.preset
@@ -112,6 +114,17 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, parallel.is_main, config.logging.tensorboard)
         self.best_validation: Optional[tuple[int, float]] = None  # (step, loss) of the best checkpoint
         self._told_validation = False  # what a validation reads is logged once
+
+    def _refuse_an_empty_training_set(self) -> None:
+        """No training sample left (every row dropped for length, say) is a one-line :class:`DataError` that says
+        why, before the models are built; an empty validation set only skips validation."""
+        if len(self.train_data):
+            return
+        drops = getattr(self.train_data, "drops", None)
+        if drops is not None and drops.rows:
+            raise drops.empty_error()
+        raise DataError(None, "<rows>", "at least one training sample, got none", source=self.config.data.source,
+                        hint="check the data; raise data.seq_length if its rows were dropped for length")
 
     # ------------------------------------------------------------------ one schedule
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:

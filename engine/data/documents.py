@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from engine.data.chat import render_chat, render_text
+from engine.data.errors import DataError
 from engine.data.tokenizers import Tokenizer
 
 # The name of the module these helpers came from, so log lines read as before.
@@ -29,6 +30,8 @@ class DropCounts:
     no_loss_tokens: int = 0  # dropped: no loss token within the sequence
     truncated: int = 0  # kept, cut to their first seq_length + 1 tokens (data.overlong=truncate)
     source: str = "<data>"
+    rows: int = 0  # rows read (set by build_documents)
+    seq_length: int = 0
 
     def log(self, total: int, seq_length: int) -> None:
         if not total:
@@ -40,11 +43,23 @@ class DropCounts:
         if self.overlong:
             logger.warning("%s: dropped %d of %d rows longer than seq_length+1=%d tokens (data.overlong=drop)",
                            self.source, self.overlong, total, limit)
-        if not (self.truncated or self.overlong):
+        if not (self.truncated or self.overlong or self.no_loss_tokens):
             logger.info("%s: all %d rows fit seq_length+1=%d tokens", self.source, total, limit)
         if self.no_loss_tokens:
             logger.warning("%s: dropped %d of %d rows with no loss token within seq_length=%d (prompt too long)",
                            self.source, self.no_loss_tokens, total, seq_length)
+
+
+    def empty_error(self) -> DataError:
+        """The one-line error for a source whose rows were all dropped, saying how many and why."""
+        limit = self.seq_length + 1
+        why = [f"{n} {reason}" for n, reason in (
+            (self.overlong, f"longer than seq_length+1={limit} tokens, data.overlong=drop"),
+            (self.no_loss_tokens, f"with no loss token within seq_length={self.seq_length}: prompt too long")) if n]
+        hint = "raise data.seq_length" + (", or set data.overlong=truncate" if self.overlong else "") + \
+            ", or shorten the rows"
+        return DataError(None, "<rows>", f"at least one row that fits data.seq_length={self.seq_length}, got none: "
+                         f"all {self.rows} rows were dropped ({'; '.join(why)})", source=self.source, hint=hint)
 
 
 def render_row(row: dict[str, Any], tokenizer: Tokenizer, fmt: str = "chat",
@@ -78,15 +93,17 @@ def fit_document(ids: list[int], mask: list[int], limit: int, overlong: str,
 
 def build_documents(rows: list[dict[str, Any]], tokenizer: Tokenizer, seq_length: int, fmt: str = "chat",
                     loss_on: str = "assistant", template: str = "plain",
-                    overlong: str = "truncate", source: str = "<data>") -> list[tuple[list[int], list[int]]]:
+                    overlong: str = "truncate", source: str = "<data>",
+                    drops: Optional[DropCounts] = None) -> list[tuple[list[int], list[int]]]:
     """Rendered, length-checked (ids, mask) documents of at most ``seq_length + 1`` tokens; what the
-    over-long policy did is logged for ``source`` (the rows' file or data-set name)."""
+    over-long policy did is logged for ``source`` (the rows' file or data-set name) and counted in ``drops``."""
     if loss_on not in ("assistant", "all"):
         raise ValueError(f"loss_on={loss_on!r}: choose 'assistant' or 'all'")
     if fmt == "chat" and template != "nemotron" and any(row.get("attributes") for row in rows[:1000]):
         logger.info("rows carry attributes; only the nemotron template writes them, template=%s ignores them",
                     template)
-    drops = DropCounts(source=source)
+    drops = drops if drops is not None else DropCounts(source=source)
+    drops.source, drops.rows, drops.seq_length = source, len(rows), seq_length
     documents = []
     for row in rows:
         ids, mask = render_row(row, tokenizer, fmt, template)

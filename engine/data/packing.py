@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engine.data.documents import build_documents
+from engine.data.documents import DropCounts, build_documents
 from engine.data.tokenizers import Tokenizer
 
 
@@ -70,7 +70,9 @@ class PackedSFTDataset:
                  overlong: str = "truncate", source: str = "<data>"):
         self.tokenizer = tokenizer
         self.seq_length = seq_length
-        self.documents = build_documents(rows, tokenizer, seq_length, fmt, loss_on, template, overlong, source)
+        self.drops = DropCounts(source=source)  # an empty set says why (DropCounts.empty_error)
+        self.documents = build_documents(rows, tokenizer, seq_length, fmt, loss_on, template, overlong, source,
+                                         self.drops)
         self.bins = pack_lengths([len(ids) - 1 for ids, _ in self.documents], seq_length)
 
     def __len__(self) -> int:

@@ -37,7 +37,9 @@ class SFTDataset:
                  overlong: str = "truncate", source: str = "<data>"):
         self.tokenizer = tokenizer
         self.seq_length = seq_length
-        self.samples = build_documents(rows, tokenizer, seq_length, fmt, loss_on, template, overlong, source)
+        self.drops = DropCounts(source=source)  # an empty set says why (DropCounts.empty_error)
+        self.samples = build_documents(rows, tokenizer, seq_length, fmt, loss_on, template, overlong, source,
+                                       self.drops)
 
     def __len__(self) -> int:
         return len(self.samples)

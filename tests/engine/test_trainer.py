@@ -406,6 +406,27 @@ def test_a_bad_tokenizer_is_refused_before_the_model_is_built(tmp_path: Path, mo
         _trainer(tmp_path, parallel, f"data.tokenizer={tmp_path / 'nope.model'}")
 
 
+def test_rows_all_dropped_for_length_are_one_error_before_the_model_is_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row's prompt fills data.seq_length: a DataError naming the file, how many rows were dropped and why,
+    and data.seq_length, before the models are built (it was the sampler's "the data set is empty" after)."""
+    from engine import trainer as trainer_module
+    from engine.data.errors import DataError
+
+    def never(*args: object) -> None:
+        raise AssertionError("the model was built for an empty training set")
+
+    path = tmp_path / "long.jsonl"
+    row = {"messages": [{"role": "user", "content": "a long prompt " * 50}, {"role": "assistant", "content": "ok"}]}
+    path.write_text("".join(json.dumps(row) + "\n" for _ in range(20)))
+    monkeypatch.setattr(trainer_module.ModelRunner, "trained", never)
+    with single_process_parallel() as parallel, pytest.raises(DataError) as refused:
+        _trainer(tmp_path, parallel, f"data.source={path}", "data.seq_length=128")
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ") and "all 19 rows were dropped (19 with no loss token" in message, message
+    assert "raise data.seq_length" in message
+
+
 def test_validation_says_what_it_reads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A validation reads run.eval_batches global batches in a fixed order: it wrapped around a 3-pair set
     (accuracies of 0.3125 and 0.34375 on 3 pairs) and read 32 rows of a large one, without a word. A small set

@@ -41,6 +41,23 @@ def test_overlong_policy_and_prompt_too_long(caplog: pytest.LogCaptureFixture) -
         SFTDataset(rows, TOK, 32, overlong="wrap")
 
 
+@pytest.mark.parametrize("dataset", [SFTDataset, PackedSFTDataset])
+def test_rows_cut_to_no_loss_token_do_not_fit_and_an_empty_set_says_why(
+        dataset: type, caplog: pytest.LogCaptureFixture) -> None:
+    """A row cut to seq_length + 1 that keeps no loss token did not fit: "all rows fit" is not logged beside
+    "dropped N of N rows"; the empty set's error names the source, the count and the reason, and the remedy."""
+    rows = [_chat("y" * 60, "ok")] * 3
+    with caplog.at_level(logging.INFO):
+        data = dataset(rows, TOK, 32, source="long.jsonl")
+    assert len(data) == 0 and "rows fit" not in caplog.text, caplog.text
+    assert "long.jsonl: dropped 3 of 3 rows with no loss token within seq_length=32" in caplog.text
+    message = str(data.drops.empty_error())
+    assert message.startswith("long.jsonl: ") and "all 3 rows were dropped (3 with no loss token within " \
+        "seq_length=32: prompt too long)" in message and "raise data.seq_length" in message, message
+    dropped = dataset([_chat("Hi", "x" * 60)], TOK, 32, overlong="drop", source="long.jsonl")
+    assert "1 longer than seq_length+1=33 tokens" in str(dropped.drops.empty_error())
+
+
 def test_templates_and_attributes() -> None:
     row = {**_chat("Hi", "Hello."), "attributes": {"helpfulness": 4}}
     plain = SFTDataset([row], TOK, 96)
