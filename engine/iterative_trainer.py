@@ -68,6 +68,28 @@ class IterativeTrainer(Trainer):
         self.prompt_sampler = self.sampler  # what checkpoints record (a round's sampler changes every iteration)
         self.new_chunks = 0  # chunks this process generated (the in-sample fault point counts them)
 
+    def maybe_resume(self) -> int:
+        """As :meth:`Trainer.maybe_resume`; a fresh run (``checkpoint.resume=none``) also moves the earlier run's
+        samples aside, which its first iteration would otherwise take up as its own, made by another policy."""
+        if self.config.checkpoint.resume == "none":
+            self._set_aside_samples()
+        return super().maybe_resume()
+
+    def _set_aside_samples(self) -> None:
+        import os
+        from pathlib import Path
+
+        import torch.distributed as dist
+
+        samples = Path(self.run_dir) / "iterations"
+        earlier = samples.is_dir() and any(samples.iterdir())
+        dist.barrier()  # every rank has looked before rank 0 moves anything
+        if earlier and self.parallel.is_main:
+            target = samples.with_name(f"iterations.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(samples, target)
+            logger.warning("checkpoint.resume=none: moved the earlier run's samples %s to %s", samples, target)
+        dist.barrier()
+
     # ------------------------------------------------------------------ sampling
     def iteration_prompts(self, iteration: int) -> list[int]:
         """Indices of iteration ``iteration``'s prompts: window ``iteration`` of a seeded permutation (wrapping)."""

@@ -91,6 +91,14 @@ def test_iterative_dpo_at_tp2_and_killed_in_sampling_resumes_to_the_same_pairs(t
     assert [r for r in _records(killed, "validation") if r["step"] == 2][-1]["sampled_reward"] == validation[2][
         "sampled_reward"]
 
+    # a fresh run in the same directory (checkpoint.resume=none) samples afresh: it took up the earlier run's
+    # iter_1 chunks as its own, made by another policy (here the same settings, so nothing else would tell)
+    keel_train(1, [*DPO, f"run.output_dir={killed}", "checkpoint.resume=none", "iterative.iterations=1"],
+               algo="iterative-dpo")
+    summary = json.loads((killed / "iterations" / "iter_1" / "summary.json").read_text())
+    assert (summary["chunks_reused"], summary["chunks_generated"]) == (0, 2)
+    assert [p.name.split("-")[0] for p in killed.glob("iterations.earlier-*")] == ["iterations.earlier"]
+
     # SIGTERM (pre-emption) after the first chunk of iteration 1: a clean stop, then the same pairs
     stopped = tmp_path / "stopped"
     proc = keel_train(2, [*args, f"run.output_dir={stopped}"], env={"KEEL_FAULT": "in-sample:1:TERM"},
