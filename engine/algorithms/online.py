@@ -239,6 +239,7 @@ class PromptSampling:
         from engine.rewards.config import check_judged
 
         rows = [*train, *valid]
+        check_imports(config.reward_functions or [])
         check_judged(config.reward_functions or [], rows)
         limit, template = config.data.seq_length, config.data.chat_template
         for row in rows:
@@ -321,6 +322,30 @@ class Iteration:
     keep: list[bool]
     responses: list[str] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
+
+
+def check_imports(functions: list[Any]) -> None:
+    """Import each ``module:function`` reward on global rank 0 (where its workers run) before the models are
+    built, and raise what went wrong as one :class:`ConfigError` on every rank: a typo in a module name was
+    reported after the models were built and the weights resharded (minutes at scale)."""
+    from engine.rewards.registry import resolve_reward
+
+    problem: Optional[str] = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for function in functions:
+            if ":" not in function.name:
+                continue
+            try:
+                resolve_reward(function.name)
+            except ConfigError as exc:
+                problem = str(exc)
+            except Exception as exc:  # the user's module failed while it was imported
+                problem = f"reward function {function.name!r}: importing it raised {type(exc).__name__}: {exc}"
+            if problem:
+                break
+    problem = broadcast_from_first(problem)
+    if problem:
+        raise ConfigError(problem)
 
 
 def broadcast_from_first(value: Any) -> Any:

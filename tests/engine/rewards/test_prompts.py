@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -211,6 +212,22 @@ def test_prompts_that_cannot_be_answered_or_judged_are_refused_before_the_models
         trainer("data.seq_length=31", "reward_functions=[{name: math_answer}]")
     with pytest.raises(DataError, match=rf"{re.escape(path)}, line 1: field 'prompt': expected one of the built-in "):
         trainer("data.seq_length=40", "reward_functions=[{name: synthetic_check}]")
+
+    # a module:function reward that does not import, or fails while it imports (it was found only after the
+    # models were built and the weights resharded)
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward function 'nosuch_reward_module:fn': cannot import module"):
+        trainer("data.seq_length=40", "reward_functions=[{name: nosuch_reward_module:fn}]")
+    with pytest.raises(ConfigError, match="module 'tests.distributed.online_rewards' has no 'nofn'"):
+        trainer("data.seq_length=40", "reward_functions=[{name: tests.distributed.online_rewards:nofn}]")
+    broken = Path(path).parent / "broken_reward_module.py"
+    broken.write_text("raise RuntimeError('a typo at import')\n")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    with pytest.raises(ConfigError, match="importing it raised RuntimeError: a typo at import"):
+        trainer("data.seq_length=40", "reward_functions=[{name: broken_reward_module:fn}]")
+    with pytest.raises(AssertionError, match="models were built"):  # one that imports passes on to the build
+        trainer("data.seq_length=40", "reward_functions=[{name: tests.distributed.online_rewards:digit_share}]")
 
 
 def test_a_reward_function_that_can_judge_no_prompt_is_refused_before_any_work(
