@@ -100,8 +100,10 @@ def build_documents(rows: list[dict[str, Any]], tokenizer: Tokenizer, seq_length
     if loss_on not in ("assistant", "all"):
         raise ValueError(f"loss_on={loss_on!r}: choose 'assistant' or 'all'")
     if fmt == "chat" and template != "nemotron" and any(row.get("attributes") for row in rows[:1000]):
-        logger.info("rows carry attributes; only the nemotron template writes them, template=%s ignores them",
-                    template)
+        named = "auto (the tokenizer's own template)" if template == "auto" else template
+        logger.warning("%s: rows carry SteerLM attributes, which only data.chat_template=nemotron writes into the "
+                       "prompt: with data.chat_template=%s the model never sees them (set data.chat_template=nemotron "
+                       "to train an attribute-conditioned model)", source, named)
     drops = drops if drops is not None else DropCounts(source=source)
     drops.source, drops.rows, drops.seq_length = source, len(rows), seq_length
     documents = []

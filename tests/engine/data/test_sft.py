@@ -58,9 +58,13 @@ def test_rows_cut_to_no_loss_token_do_not_fit_and_an_empty_set_says_why(
     assert "1 longer than seq_length+1=33 tokens" in str(dropped.drops.empty_error())
 
 
-def test_templates_and_attributes() -> None:
+def test_templates_and_attributes(caplog: pytest.LogCaptureFixture) -> None:
     row = {**_chat("Hi", "Hello."), "attributes": {"helpfulness": 4}}
-    plain = SFTDataset([row], TOK, 96)
+    with caplog.at_level(logging.WARNING, logger="engine.data.documents"):
+        plain = SFTDataset([row], TOK, 96, source="steer.jsonl")
+    # SteerLM rows under another template trained without their attributes, said only at INFO (a new-user trial)
+    assert "steer.jsonl: rows carry SteerLM attributes, which only data.chat_template=nemotron writes into the " \
+        "prompt: with data.chat_template=plain the model never sees them" in caplog.text, caplog.text
     steer = SFTDataset([row], TOK, 96, template="nemotron")
     assert "helpfulness:4" in TOK.decode(steer[0]["tokens"].tolist())
     assert "helpfulness" not in TOK.decode(plain[0]["tokens"].tolist())
