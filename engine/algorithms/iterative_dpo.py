@@ -59,8 +59,8 @@ class IterativeDPOTrainConfig(IterativeTrainConfig):
     """``keel train iterative-dpo``: the sampling sections, ``iterative`` and ``dpo`` (its loss settings)."""
 
     ALGORITHM: ClassVar[str] = "iterative-dpo"
+    GROUP_NEEDS: ClassVar[str] = "iterative DPO pairs the best and the worst response of a prompt"
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")  # a pair's responses stay whole
-
 
     rollout: RolloutConfig = field(default_factory=lambda: recipe_rollout(epochs=3))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=1e-3))

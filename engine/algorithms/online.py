@@ -138,8 +138,7 @@ class OnlineTrainConfig(TrainConfig):
             self.run.output_dir = f"runs/{self.ALGORITHM}"
             self.checkpoint.dir = f"runs/{self.ALGORITHM}/checkpoints"
         self.refuse_unread_data()
-        if self.GROUP_NEEDS and self.rollout.samples_per_prompt < 2:
-            raise ConfigError(f"{self.GROUP_NEEDS}: rollout.samples_per_prompt must be >= 2")
+        self.refuse_identical_groups()
         if self.reward_functions is None:  # the synthetic checker only knows the built-in tasks' phrasing
             builtin = self.rollout.prompts.startswith("builtin:prompts") and not self.reward_model
             self.reward_functions = [RewardFunctionConfig("synthetic_check")] if builtin else []
@@ -163,6 +162,20 @@ class OnlineTrainConfig(TrainConfig):
             if value != getattr(defaults, field_name):
                 raise ConfigError(f"{name}={value} is not read by {self.ALGORITHM}, which samples from prompts: "
                                   f"set {instead}={value} instead")
+
+    def refuse_identical_groups(self) -> None:
+        """Where the rollouts of a prompt are compared, one rollout or greedy decoding (all of a prompt's rollouts
+        the same) leaves nothing to compare: every run would train on zero advantages or no pairs."""
+        if not self.GROUP_NEEDS:
+            return
+        rollout = self.rollout
+        if rollout.samples_per_prompt < 2:
+            raise ConfigError(f"{self.GROUP_NEEDS}: rollout.samples_per_prompt={rollout.samples_per_prompt} must be >= 2")
+        greedy = ("rollout.temperature=0 (greedy)" if rollout.temperature == 0
+                  else "rollout.top_k=1" if rollout.top_k == 1 else None)
+        if greedy:
+            raise ConfigError(f"{greedy} makes every rollout of a prompt the same, and {self.GROUP_NEEDS}: sample "
+                              "(e.g. rollout.temperature=1.0, rollout.top_k=0)")
 
     def check_reward(self) -> None:
         """Some reward is configured (when the config is built)."""

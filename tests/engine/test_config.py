@@ -105,3 +105,24 @@ def test_sft_refuses_formats_it_cannot_train_on() -> None:
                                           r"'text', got 'pairs'"):
         load_config(SFT, None, ["data.format=pairs"])
     assert load_config(SFT, None, ["data.format=text"]).data_formats() == ("chat", "text")
+
+
+@pytest.mark.parametrize("algorithm, setting", [("grpo", "rollout.temperature=0"), ("reinforce", "rollout.top_k=1"),
+                                                ("iterative-dpo", "rollout.temperature=0.0"),
+                                                ("iterative-dpo", "rollout.samples_per_prompt=1")])
+def test_comparing_algorithms_refuse_rollouts_that_cannot_differ(algorithm: str, setting: str) -> None:
+    """Greedy rollouts, or one per prompt, leave GRPO / RLOO nothing but zero advantages and iterative DPO no pair."""
+    from engine.cli import _algorithm
+
+    config_class = _algorithm(algorithm).CONFIG
+    with pytest.raises(ConfigError) as err:
+        load_config(config_class, None, [setting])
+    assert setting.split("=")[0] in str(err.value)
+    load_config(config_class, None, [])  # the defaults sample several rollouts per prompt
+
+
+def test_ppo_may_roll_out_greedily_and_once() -> None:
+    from engine.cli import _algorithm
+
+    config = load_config(_algorithm("ppo").CONFIG, None, ["rollout.temperature=0", "rollout.samples_per_prompt=1"])
+    assert config.rollout.temperature == 0 and config.rollout.samples_per_prompt == 1
