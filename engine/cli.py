@@ -290,9 +290,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     except Exception as exc:
         from engine.checkpoint.dist import CheckpointError
+        from engine.rewards.worker import RewardError
         from engine.trainer import TrainingError
 
-        if isinstance(exc, (CheckpointError, TrainingError)):
+        # raised alike on every rank; a reward function's with on_error: raise names it, the row and the fix
+        if isinstance(exc, (CheckpointError, TrainingError, RewardError)):
             print(f"keel: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         raise

@@ -206,7 +206,9 @@ class IterativeTrainer(Trainer):
         """Sample, make the round's data, train, evaluate; returns the iteration's summary."""
         store = SampleStore(self.run_dir, iteration, self.parallel.is_main)
         self.model.set_training(False)
+        self.phase.take_failures()
         samples, times = self.sample(iteration, store)
+        failures = self.phase.take_failures()  # of the chunks generated now (none for chunks read back from disk)
         dataset, rows, file_name, round_summary = self.step.round_data(self, samples)
         store.write_jsonl(file_name, rows)
         self.step.begin_round(self)
@@ -214,7 +216,7 @@ class IterativeTrainer(Trainer):
         trained = self.train_round(iteration, dataset)
         times["train"] = time.perf_counter() - began
         summary: dict[str, Any] = {"iteration": iteration, "samples": len(samples),
-                                   **self.step.sample_summary(samples), **round_summary, **trained,
+                                   **self.step.sample_summary(samples), **failures, **round_summary, **trained,
                                    **{f"time_{k}" if not k.startswith("chunks") else k: v for k, v in times.items()}}
         self.metrics.write(iteration, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
         summary["held_out"] = self._evaluate(iteration)

@@ -203,7 +203,7 @@ class OnlineTrainer(Trainer):
         mean = lambda column: sum(column[i] for i in kept) / len(kept) if kept else math.nan  # noqa: E731
         values = {"reward": mean(it.scores.tolist()), "response_length": sum(lengths) / len(lengths),
                   "stopped": it.rollouts.finish_reasons.count("stop") / len(lengths),
-                  "skipped": float(it.keep.count(False))}
+                  "skipped": float(it.keep.count(False)), **self.phase.take_failures()}
         for name, column in it.components.items():
             values[f"reward_{name}"] = mean(column)
         per_prompt = self.config.rollout.samples_per_prompt

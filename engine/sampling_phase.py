@@ -57,6 +57,7 @@ class SamplingPhase:
         self.resharder = Resharder(policy.chunks, self.backend, rollout.bucket_mib * 2**20, rollout.refit_transport)
         self.rewards = step.reward_runner(config) if parallel.is_main else None
         self.reward_model = step.reward_model(config)
+        self.failures: dict[str, float] = {}  # reward_{errors,timeouts}_<function>: calls since take_failures()
 
     # ------------------------------------------------------------------ generation
     def sampling(self, seed: int, greedy: bool = False) -> Any:
@@ -93,32 +94,60 @@ class SamplingPhase:
         """(total reward per rollout, per-component values, keep mask) on every rank.
 
         The reward model scores on every rank (a collective); the reward functions run on global
-        rank 0, which adds the model's component and broadcasts the result.
+        rank 0, which adds the model's component and broadcasts the result. Their failed and timed-out
+        calls are added to :attr:`failures`; a function with ``on_error: raise`` that failed raises its
+        :class:`~engine.rewards.worker.RewardError` on every rank (not on rank 0 alone, the others left
+        waiting for the broadcast).
         """
+        from engine.rewards.worker import RewardError
+
         rm_scores = self.reward_model_scores(rows, responses)
-        result = None
+        result: Any = None
         if self.parallel.is_main:
-            if self.rewards is not None:
-                metadata = [{**r.reward_metadata(), "response_tokens": n} for r, n in zip(rows, lengths, strict=True)]
-                scored = self.rewards.score([r.text for r in rows], responses, metadata)
-                totals, components, keep = scored.totals, scored.components, scored.keep
-            else:
-                totals, components, keep = [0.0] * len(rows), {}, [True] * len(rows)
-            if rm_scores is not None:
-                keep = [k and not math.isnan(v) for k, v in zip(keep, rm_scores, strict=True)]  # response did not fit
-                column = [0.0 if math.isnan(v) else v for v in rm_scores]
-                weight = self.config.reward_model_weight
-                totals = [t + weight * v if k else 0.0 for t, v, k in zip(totals, column, keep, strict=True)]
-                components = {**components, REWARD_MODEL_COMPONENT: column}
-            result = (totals, components, keep)
-        totals, components, keep = broadcast_from_first(result)
+            try:
+                result = self._score_on_main(rows, responses, lengths, rm_scores)
+            except RewardError as exc:
+                result = str(exc)
+        result = broadcast_from_first(result)
+        if isinstance(result, str):
+            raise RewardError(result)
+        totals, components, keep, failures = result
+        for name, count in failures.items():
+            self.failures[name] = self.failures.get(name, 0.0) + count
         return torch.tensor(totals, dtype=torch.float32), components, list(keep)
+
+    def _score_on_main(self, rows: list[Any], responses: list[str], lengths: list[int],
+                       rm_scores: Optional[list[float]]) -> tuple[list[float], dict[str, list[float]], list[bool],
+                                                                  dict[str, float]]:
+        """(totals, components, keep, failure counts) of the reward functions plus the reward model's column."""
+        failures: dict[str, float] = {}
+        if self.rewards is not None:
+            metadata = [{**r.reward_metadata(), "response_tokens": n} for r, n in zip(rows, lengths, strict=True)]
+            scored = self.rewards.score([r.text for r in rows], responses, metadata)
+            totals, components, keep = scored.totals, scored.components, scored.keep
+            for kind, counts in (("errors", scored.errors), ("timeouts", scored.timeouts)):
+                failures.update({f"reward_{kind}_{name}": float(count) for name, count in counts.items()})
+        else:
+            totals, components, keep = [0.0] * len(rows), {}, [True] * len(rows)
+        if rm_scores is not None:
+            keep = [k and not math.isnan(v) for k, v in zip(keep, rm_scores, strict=True)]  # response did not fit
+            column = [0.0 if math.isnan(v) else v for v in rm_scores]
+            weight = self.config.reward_model_weight
+            totals = [t + weight * v if k else 0.0 for t, v, k in zip(totals, column, keep, strict=True)]
+            components = {**components, REWARD_MODEL_COMPONENT: column}
+        return totals, components, keep, failures
+
+    def take_failures(self) -> dict[str, float]:
+        """The reward functions' failed / timed-out calls per function since the last take (metrics)."""
+        taken, self.failures = self.failures, {}
+        return taken
 
     def evaluate_held_out(self, rows: list[Any]) -> dict[str, float]:
         """Refit, then answer the held-out ``rows`` greedily, and ``rollout.eval_samples_per_prompt`` times
         each by sampling, scored like the samples: the greedy answers' mean reward, mean response length and
         each reward component's mean; the sampled ones' under ``sampled_``."""
         self.refit()
+        training = self.take_failures()  # the evaluation's failed reward calls are its own metrics
         prompts = [self.render(r) for r in rows]
         values = self._scored(rows, *self.generate(prompts, 0, greedy=True))
         per_prompt = self.config.rollout.eval_samples_per_prompt
@@ -126,6 +155,8 @@ class SamplingPhase:
             repeated = [r for r in rows for _ in range(per_prompt)]
             rollouts, responses = self.generate([p for p in prompts for _ in range(per_prompt)], EVAL_SEED)
             values.update({f"sampled_{k}": v for k, v in self._scored(repeated, rollouts, responses).items()})
+        values.update(self.take_failures())
+        self.failures = training
         return values
 
     def _scored(self, rows: list[Any], rollouts: Any, responses: list[str]) -> dict[str, float]:

@@ -21,3 +21,8 @@ def flaky(prompt: str, response: str, metadata: dict[str, Any]) -> float:
     if kind == 3:
         time.sleep(30)
     return 1.0
+
+
+def refuses(prompt: str, response: str, metadata: dict[str, Any]) -> float:
+    """Fails on every response (with ``on_error: raise`` the run ends at its first scoring)."""
+    raise ValueError("refuses to score anything")

@@ -72,6 +72,9 @@ def test_iterative_dpo_at_tp2_and_killed_in_sampling_resumes_to_the_same_pairs(t
         component = [v for k, v in record.items() if k.startswith("sampled_reward_")]  # the total is float32
         assert component == [pytest.approx(record["sampled_reward"], rel=1e-6)]
     assert (whole / "curves.png").stat().st_size > 0
+    failed = [r[f"reward_{kind}_tests.distributed.online_rewards:digit_share"] for r in train + validation
+              for kind in ("errors", "timeouts")]  # counted for the samples and the held-out answers alike
+    assert failed == [0.0] * 10
 
     # killed after the first chunk of iteration 2 (chunks 1-2 are iteration 1's), then the same command
     proc = keel_train(2, [*args, f"run.output_dir={killed}"], env={"KEEL_FAULT": "in-sample:3:KILL"}, check=False,

@@ -6,8 +6,9 @@
   trainer's within 1e-5.
 * SIGKILL in the middle of an iteration (rollouts made, nothing trained), then the same command:
   the following losses equal an uninterrupted run's, bitwise.
-* A reward function that raises, returns NaN or hangs past its timeout is reported and handled per
-  ``on_error`` while the run goes on; RLOO trains with a KL reference.
+* A reward function that raises, returns NaN or hangs past its timeout is reported, counted in the
+  metrics and handled per ``on_error`` while the run goes on (``raise``: one line on every rank, the
+  run ends); RLOO trains with a KL reference.
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ def test_reinforce_goes_on_through_misbehaving_reward_functions(tmp_path: Path) 
     assert sum(r["skipped"] for r in records) > 0  # raised, NaN and hung rows were dropped from training
     assert "flaky" in proc.stderr  # each failure is reported with its function
     assert all(r["kl"] == r["kl"] for r in records)
+    # every skipped rollout is a counted failure of flaky's; digit_share never failed
+    flaky, digits = "tests.distributed.online_rewards:flaky", "tests.distributed.online_rewards:digit_share"
+    failed = [r[f"reward_errors_{flaky}"] + r[f"reward_timeouts_{flaky}"] for r in records]
+    assert failed == [r["skipped"] for r in records], records
+    assert all(r[f"reward_errors_{digits}"] == r[f"reward_timeouts_{digits}"] == 0 for r in records)
+
+    # on_error: raise ends the run on every rank with one line naming the function, the row and the fix
+    refuses = "reward_functions=[{name: tests.distributed.online_rewards:refuses, on_error: raise}]"
+    proc = keel_train(2, [*BASE, refuses, "run.train_steps=1", f"run.output_dir={tmp_path / 'raises'}"],
+                      algo="reinforce", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("keel: RewardError: reward function 'tests.distributed.online_rewards:refuses' "
+                             "failed on row 0 (error): ValueError") == 2, proc.stderr[-3000:]
+    assert "/engine/" not in proc.stderr and "set its on_error to 'zero' or 'skip'" in proc.stderr  # no traceback of ours
 
 
 def test_grpo_scores_with_a_reward_model_and_ppo_trains_a_critic_from_it(tmp_path: Path) -> None:
