@@ -41,6 +41,7 @@ from engine.data.tokenizers import load_tokenizer, warn_if_foreign
 from engine.faults import maybe_fail
 from engine.metrics import MetricsWriter
 from engine.parallel.collectives import any_rank, from_last_stage, sum_over_data_parallel
+from engine.run_lock import lock_run_dir
 from engine.runner import ModelRunner, build_model, fuse_cpu_adamw  # noqa: F401  (build_model: re-exported)
 from engine.stop_signals import StopSignals
 
@@ -91,6 +92,7 @@ class Trainer:
         self.run_dir = config.run.output_dir
         self.signals = StopSignals()
         self._check_load_before_building()
+        lock_run_dir(self.run_dir, parallel.is_main)  # one run per directory, refused before any work
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # a bad tokenizer file is refused before the build
         # the data too: a bad row costs seconds here, not the minutes of building the models at scale first
         self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)

@@ -203,8 +203,8 @@ def test_prompts_that_cannot_be_answered_or_judged_are_refused_before_the_models
     def trainer(*overrides: str) -> None:
         config = load_config(GRPOTrainConfig, None, [f"rollout.prompts={path}", "data.tokenizer=byte",
                                                      "data.chat_template=plain", "rollout.eval_prompts=none",
-                                                     *overrides])
-        trainer_module.Trainer(config, create(config), SimpleNamespace(layout=None))
+                                                     f"run.output_dir={Path(path).parent / 'run'}", *overrides])
+        trainer_module.Trainer(config, create(config), SimpleNamespace(layout=None, is_main=True))
 
     with pytest.raises(AssertionError, match="models were built"):  # 19 + 20 ids leave room at 40
         trainer("data.seq_length=40", "reward_functions=[{name: math_answer}]")

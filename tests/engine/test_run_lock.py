@@ -1,0 +1,66 @@
+"""One run per run directory: a live run's lock refuses a second one on every rank, before any work; the lock of
+a run that is gone (killed on this host, or the same Slurm job requeued) is taken over; a run releases its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.run_lock import LOCK_NAME, acquire, gone_because, holder_record
+from tests.helpers import keel_train
+
+ARGS = ["data.num_samples=16", "data.seq_length=64", "data.micro_batch_size=2", "data.global_batch_size=4",
+        "run.train_steps=1", "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=none"]
+
+
+def _lock(run: Path, pid: int, host: str = "", job: str | None = None) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    record = {"host": host or socket.gethostname(), "pid": pid, "slurm_job": job, "started": "2026-12-04 09:00:00",
+              "command": "keel train sft run.output_dir=elsewhere"}
+    (run / LOCK_NAME).write_text(json.dumps(record) + "\n")
+
+
+def test_a_live_runs_directory_is_refused_and_a_dead_runs_lock_taken_over(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _lock(run, holder.pid)
+        proc = keel_train(2, [*ARGS, f"run.output_dir={run}"], check=False)
+        expected = (f"keel: configuration error: run.output_dir={run} is in use by another run: process {holder.pid} "
+                    f"on host {socket.gethostname()}, started 2026-12-04 09:00:00, command: keel train sft")
+        assert proc.returncode != 0 and proc.stderr.count(expected) == 2, proc.stderr[-3000:]  # on both ranks
+        assert f"delete {run / LOCK_NAME}" in proc.stderr and "/engine/" not in proc.stderr
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    proc = keel_train(1, [*ARGS, f"run.output_dir={run}"])  # its holder has ended since
+    assert f"taking over the lock of an earlier run (process {holder.pid} of this host has ended)" in proc.stderr
+    assert (run / "metrics.jsonl").is_file() and not (run / LOCK_NAME).exists()  # released at exit
+
+
+def test_who_may_take_a_lock_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    me = holder_record()
+    parent = {**me, "pid": os.getppid()}  # alive
+    assert gone_because(parent, me) is None
+    assert gone_because({**parent, "host": "another-node"}, me) is None  # cannot be checked from here
+    assert gone_because(me, me) == "this process"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    requeued = holder_record()
+    assert gone_because({**parent, "host": "another-node", "slurm_job": "4242"}, requeued) == \
+        "the same Slurm job 4242, started again"
+    assert gone_because({**parent, "slurm_job": "4243"}, requeued) is None
+
+    assert acquire(tmp_path) is None and acquire(tmp_path) is None  # a process may enter its own run again
+    _lock(tmp_path / "other", os.getppid(), host="another-node")
+    assert "process" in str(acquire(tmp_path / "other")) and "on host another-node" in str(acquire(tmp_path / "other"))
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / LOCK_NAME).write_text('{"host": ')  # a writer killed mid-write: nobody's lock
+    assert acquire(tmp_path / "torn") is None
+    assert json.loads((tmp_path / "torn" / LOCK_NAME).read_text())["pid"] == os.getpid()
