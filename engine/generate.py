@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from engine.config import ConfigError
 from engine.data.chat import TEMPLATES, prompt_messages, render_prompt, stop_token_ids
-from engine.data.errors import DataError
+from engine.data.errors import Absent, DataError
 from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import ATTRIBUTES, check_messages, check_row
 from engine.files import PartialOutput
@@ -151,7 +151,7 @@ def _prompt_row(where: Any, row: Any) -> dict[str, Any]:
     if "prompt" not in row and "messages" in row:
         row = _sft_prompt(row, where)
     elif "prompt" not in row:
-        raise DataError(where, "prompt", "a string or messages (or SFT 'messages')", "missing")
+        raise DataError(where, "prompt", "a string or messages (or SFT 'messages')", Absent(row))
     else:
         check_row("prompts", {"prompt": row["prompt"]}, where)  # the prompt only: other fields pass through
     return row

@@ -13,7 +13,23 @@ from typing import Any, Optional
 HINT = "fix the row, or set data.on_error=skip to drop bad rows"
 
 
+class Absent:
+    """What a row holds where a required field is not there: shown as the fields the row has, which is
+    what tells ``question`` from ``prompt`` at a glance."""
+
+    def __init__(self, row: Any, shown: int = 10):
+        names = [repr(str(name)) for name in row] if isinstance(row, dict) else []
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        self.text = f"no such field (the row has {', '.join(names[:shown]) + more})" if names \
+            else "no such field (the row has no fields)"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _short(value: Any, limit: int = 80) -> str:
+    if isinstance(value, Absent):
+        return repr(value)
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

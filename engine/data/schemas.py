@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from engine.data.errors import DataError, Where
+from engine.data.errors import Absent, DataError, Where
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 MISSING = -100
@@ -44,7 +44,7 @@ def _fail(where: Optional[Where], field: str, expected: str, got: Any = None) ->
 def _string(row: Row, field: str, where: Optional[Where], allow_empty: bool = False) -> str:
     value = row.get(field)
     if not isinstance(value, str):
-        raise _fail(where, field, "a string", "missing" if field not in row else value)
+        raise _fail(where, field, "a string", Absent(row) if field not in row else value)
     if not allow_empty and not value.strip():
         raise _fail(where, field, "a non-empty string", value)
     return value

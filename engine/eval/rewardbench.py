@@ -43,7 +43,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from engine.data.errors import DataError, Where, empty_dataset
+from engine.data.errors import Absent, DataError, Where, empty_dataset
 from engine.data.loaders import ReadStats, Unparsable, checked_records, iter_records
 from engine.data.schemas import MISSING, check_messages
 
@@ -118,7 +118,8 @@ def _check_eval_row(raw: Any, where: Where) -> Row:
         raise DataError(where, "<row>", "a JSON object with prompt, chosen, rejected and subset", raw, hint=HINT)
     for field in ("prompt", "chosen", "rejected"):
         if raw.get(field) is None:
-            raise DataError(where, field, "a value (the field is required)", "missing", hint=HINT)
+            raise DataError(where, field, "a value (the field is required)",
+                            Absent(raw) if field not in raw else "null", hint=HINT)
     prompt = raw["prompt"]
     if isinstance(prompt, list):
         prompt = check_messages(prompt, where, "prompt", last="user")

@@ -32,7 +32,7 @@ def test_rows_keep_answer_and_metadata(write_jsonl: Callable[..., str]) -> None:
 
 
 @pytest.mark.parametrize("bad, field, expected", [
-    ({"answer": 3}, "prompt", "a string, got 'missing'"),
+    ({"answer": 3}, "prompt", "a string, got no such field (the row has 'answer')"),
     ({"prompt": 7}, "prompt", "a string, got 7"),
     ({"prompt": "  "}, "prompt", "a non-empty string"),
     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "prompt[1].role",
