@@ -106,29 +106,40 @@ def _reward_text(run_dir: str, result: Any) -> str:
     return f"; reward {rewards[0]:.4f} -> {rewards[-1]:.4f}" if rewards else ""
 
 
-def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
-    preset = trainer.model.preset
+def _progress(config: Any, trainer: Any, result: Any) -> tuple[str, str]:
+    """(what the run trained on, the summary's progress line: steps or iterations, loss, reward)."""
     losses = result.losses
     steps = sorted(losses)
     first = _loss_text(losses[steps[0]]) if steps else "n/a"
     last = _loss_text(losses[steps[-1]]) if steps else "n/a"
-    if getattr(trainer.step, "iterative", False):
-        iterations = config.iterative.iterations  # type: ignore[attr-defined]
-        source = config.rollout.prompts  # type: ignore[attr-defined]
+    iterative = getattr(trainer.step, "iterative", False)
+    # online RL and the iterative recipes train on their prompts' samples, not on data.source
+    source = config.rollout.prompts if hasattr(config, "rollout") else config.data.source
+    if result.end_step == result.start_step and not result.stopped_by:  # a finished run started again
+        unit, total, setting = (("iteration", config.iterative.iterations, "iterative.iterations") if iterative
+                                else ("step", config.run.train_steps, "run.train_steps"))
+        return source, (f"  nothing to train: the run resumed at {unit} {result.start_step} of {total}, its last; "
+                        f"raise {setting} to train on, or start afresh with checkpoint.resume=none")
+    if iterative:
         untrained = sum(math.isnan(losses[s]) for s in steps)
-        progress = f"  iterations {result.start_step + 1}..{result.end_step} of {iterations}; " \
+        progress = f"  iterations {result.start_step + 1}..{result.end_step} of {config.iterative.iterations}; " \
                    f"mean {trainer.step.loss_name} per round {first} -> {last}; samples, pairs/weights and summaries " \
                    f"in {os.path.join(os.path.abspath(config.run.output_dir), 'iterations')}"
         if untrained:
             progress += f"\n  {untrained} of {len(steps)} rounds trained nothing: every prompt's samples scored " \
                         "alike (see the warnings and each iteration's summary.json)"
-    else:  # online RL trains on rollouts of its prompts, not on data.source
-        source = config.rollout.prompts if getattr(trainer.step, "online", False) else config.data.source  # type: ignore[attr-defined]
-        progress = f"  steps {result.start_step + 1}..{result.end_step} of {config.run.train_steps}" \
-                   f"{f' (stopped by {result.stopped_by})' if result.stopped_by else ''}; {trainer.step.loss_name} {first} -> " \
-                   f"{last}; {result.tokens_per_second:,.0f} tokens/s"
-        if getattr(trainer.step, "online", False):
-            progress += _reward_text(config.run.output_dir, result)
+        return source, progress
+    progress = f"  steps {result.start_step + 1}..{result.end_step} of {config.run.train_steps}" \
+               f"{f' (stopped by {result.stopped_by})' if result.stopped_by else ''}; {trainer.step.loss_name} {first} -> " \
+               f"{last}; {result.tokens_per_second:,.0f} tokens/s"
+    if getattr(trainer.step, "online", False):
+        progress += _reward_text(config.run.output_dir, result)
+    return source, progress
+
+
+def _summary(algo: str, config: TrainConfig, trainer: Any, result: Any) -> str:
+    preset = trainer.model.preset
+    source, progress = _progress(config, trainer, result)
     lines = [
         "",
         f"Keel {algo}: trained {preset.name} ({preset.parameter_label()} parameters) "
