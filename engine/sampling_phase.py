@@ -219,15 +219,16 @@ class SampleStore:
         if self.writes:
             stored = json.loads(path.read_text()) if path.is_file() else None
             if stored is not None and stored != inputs:
-                differs = sorted(k for k in {*stored, *inputs} if stored.get(k) != inputs.get(k))
+                differs = changed_settings(stored, inputs)
             elif stored is None:
                 write_text_atomic(path, json.dumps(inputs, indent=2, sort_keys=True) + "\n")
         differs = broadcast_from_first(differs)
         if differs:
             from engine.errors import ConfigError
 
-            raise ConfigError(f"{self.dir} holds samples made with other {', '.join(differs)} than this run's; rerun "
-                              "with the settings it was started with, or delete that directory to sample it again")
+            raise ConfigError(f"{self.dir} holds samples made with other settings than this run's ({'; '.join(differs)}): "
+                              "rerun with the settings it was started with, or delete that directory to sample it "
+                              "again")
 
     def chunk_path(self, chunk: int) -> Path:
         return self.dir / "chunks" / f"chunk_{chunk:05d}.jsonl"
@@ -267,3 +268,34 @@ def _finite(value: Any) -> Any:
         return [_finite(v) for v in value]
     return value
 
+
+# the settings behind each entry of an iteration's inputs.json (IterativeTrainer.sampling_inputs), in order
+INPUT_SETTINGS = {
+    "prompts": "the prompts (rollout.prompts, rollout.num_prompts, the steerlm2 targets)",
+    "sampling": ("rollout.samples_per_prompt", "rollout.max_new_tokens", "rollout.temperature", "rollout.top_p",
+                 "rollout.top_k", "iterative.chunk_prompts", "run.seed"),
+    "template": ("data.tokenizer", "data.chat_template", "data.seq_length"),
+    "rewards": ("reward_functions", "reward_model", "reward_model_weight", "reward_model_mean", "reward_model_std"),
+}
+
+
+def changed_settings(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``setting: then -> now`` for each setting whose value differs between two inputs records."""
+    changed = []
+    for key in sorted({*stored, *now}):
+        then, value = stored.get(key), now.get(key)
+        if then == value:
+            continue
+        names = INPUT_SETTINGS.get(key, key)
+        if isinstance(names, str) or not (isinstance(then, list) and isinstance(value, list)
+                                          and len(then) == len(value) == len(names)):
+            changed.append(names if isinstance(names, str) else key)
+            continue
+        changed += [f"{name}: {_brief(a)} -> {_brief(b)}" for name, a, b in zip(names, then, value, strict=True)
+                    if a != b]
+    return changed
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

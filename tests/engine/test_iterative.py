@@ -118,8 +118,12 @@ def test_sample_store_refuses_chunks_that_other_inputs_made(tmp_path: Path) -> N
     store.check_inputs(inputs)
     store.write_chunk(0, [{"prompt_index": 4}])
     store.check_inputs(dict(inputs))  # the same run started again
-    with pytest.raises(ConfigError, match=r"iter_1 holds samples made with other prompts, rewards than this run's"):
-        store.check_inputs(dict(inputs, prompts="def", rewards=[[], "runs/rm2", 1.0, 0.0, 1.0]))
+    with pytest.raises(ConfigError) as err:  # each setting named, with its two values
+        store.check_inputs(dict(inputs, prompts="def", rewards=[[], "runs/rm2", 1.0, 0.0, 1.0],
+                                sampling=[4, 8, 1.0, 0.9, 0, 8, 1234]))
+    assert "iter_1 holds samples made with other settings than this run's (the prompts (rollout.prompts, " \
+           "rollout.num_prompts, the steerlm2 targets); reward_model: \"runs/rm\" -> \"runs/rm2\"; " \
+           "rollout.temperature: 0.7 -> 1.0): rerun with the settings it was started with" in str(err.value)
     assert json.loads((store.dir / "inputs.json").read_text()) == inputs  # the first run's record stays
 
 
