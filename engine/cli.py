@@ -13,10 +13,12 @@ import logging
 import math
 import os
 import sys
+import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
-from engine.config import ConfigError, TrainConfig, describe, load_config
+from engine.config import ConfigError, TrainConfig, UnknownKeyError, describe, load_config
 from engine.data.errors import DataError
 from engine.parallel import failures
 from engine.runtime import quiet_cpu_fallback_warnings, setup_logging
@@ -43,11 +45,51 @@ def _algorithm(algo: str) -> Any:
     return __import__(ALGORITHMS[algo][0], fromlist=["create"])
 
 
+def _load_train_config(algo: str, config_path: Optional[str], overrides: list[str]) -> Any:
+    """``algo``'s config; a key only other algorithms have (a GRPO file given to ``keel train sft``) says whose."""
+    try:
+        return load_config(_algorithm(algo).CONFIG, config_path, overrides)
+    except UnknownKeyError as exc:
+        owners = [name for name in ALGORITHMS if name != algo and has_key(_algorithm(name).CONFIG, exc.key)]
+        if not owners:
+            raise
+        fitting = [name for name in owners if all(has_key(_algorithm(name).CONFIG, k) for k in _top_keys(config_path))]
+        command = f"keel train {'|'.join(fitting or owners)}" + (f" --config {config_path}" if config_path else "")
+        raise ConfigError(f"{exc}: '{exc.key}' is a setting of {', '.join(owners)}, not of {algo}; "
+                          f"did you mean `{command}`?") from None
+
+
+def _top_keys(config_path: Optional[str]) -> list[str]:
+    """The sections of a YAML config file (none without one, or when it does not read as a mapping)."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(Path(config_path).read_text()) if config_path else None
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(key) for key in tree] if isinstance(tree, dict) else []
+
+
+def has_key(config_class: type, key: str) -> bool:
+    """Whether the config dataclass has the dotted ``key`` (a section or a field of one)."""
+    import dataclasses
+
+    current: Any = config_class
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(current):
+            return False
+        known = {f.name: f for f in dataclasses.fields(current)}
+        if part not in known:
+            return False
+        current = typing.get_type_hints(current).get(part)
+    return True
+
+
 def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> int:
     from engine.parallel.layout import ParallelLayout, ParallelState, read_launch_env
 
     module = _algorithm(algo)
-    config = load_config(module.CONFIG, config_path, overrides)
+    config = _load_train_config(algo, config_path, overrides)
     env = read_launch_env()
     config.validate(env.world_size)  # before any process group exists
     setup_logging(config.logging.level)
@@ -114,7 +156,7 @@ def _progress(config: Any, trainer: Any, result: Any) -> tuple[str, str]:
     last = _loss_text(losses[steps[-1]]) if steps else "n/a"
     iterative = getattr(trainer.step, "iterative", False)
     # online RL and the iterative recipes train on their prompts' samples, not on data.source
-    source = config.rollout.prompts if hasattr(config, "rollout") else config.data.source
+    source = config.rollout.prompts if iterative or getattr(trainer.step, "online", False) else config.data.source
     if result.end_step == result.start_step and not result.stopped_by:  # a finished run started again
         unit, total, setting = (("iteration", config.iterative.iterations, "iterative.iterations") if iterative
                                 else ("step", config.run.train_steps, "run.train_steps"))

@@ -20,6 +20,7 @@ import yaml
 # Defined in engine.errors (so modules imported below in validate() need not import
 # this one back); re-exported here, where every existing caller imports it from.
 from engine.errors import ConfigError as ConfigError
+from engine.errors import UnknownKeyError
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -368,7 +369,7 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: s
         if key not in known:
             close = [k for k in known if k.startswith(str(key)[:3])]
             hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
-            raise ConfigError(f"{source}: unknown config key '{prefix}{key}'{hint}")
+            raise UnknownKeyError(f"{source}: unknown config key '{prefix}{key}'{hint}", f"{prefix}{key}")
         tp = hints[key]
         where = f"{source}: {prefix}{key}"
         if is_dataclass(tp):

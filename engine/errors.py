@@ -11,3 +11,11 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid."""
+
+
+class UnknownKeyError(ConfigError):
+    """A config key the schema does not have; ``key`` is its dotted name (``rollout.temperature``)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key

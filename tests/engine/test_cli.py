@@ -28,6 +28,22 @@ def test_config_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], 
     assert err.count("\n") == 1 and "unknown config key 'data.sequence_length'" in err and str(bad) in err
 
 
+def test_another_algorithms_config_names_the_algorithm(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A GRPO file given to keel train sft said only 'unknown config key rollout'."""
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text("rollout:\n  temperature: 0.9\ngrpo:\n  eps_high: 0.28\n")
+    assert main(["train", "sft", "--config", str(grpo)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"keel: configuration error: {grpo}: unknown config key 'rollout': 'rollout' is a setting of grpo, "
+                   "reinforce, ppo, iterative-dpo, steerlm2, not of sft; did you mean `keel train grpo --config "
+                   f"{grpo}`?\n")
+    assert main(["train", "rm", "dpo.beta=0.1"]) == 2
+    assert "key 'dpo': 'dpo' is a setting of dpo, iterative-dpo, not of rm; did you mean `keel train dpo|iterative-dpo`?" \
+        in capsys.readouterr().err
+    assert main(["train", "dpo", "dpo.betta=0.1"]) == 2  # nobody's key: the plain message
+    assert capsys.readouterr().err.endswith("unknown config key 'dpo.betta' (did you mean dpo.beta?)\n")
+
+
 def test_config_show_resolves_every_algorithms_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """It resolved every file with the shared fields only: `keel config show examples/dpo_tiny.yaml` said
     "unknown config key 'dpo'", and no algorithm's own fields could be listed."""
