@@ -111,10 +111,25 @@ class SteerLM2TrainConfig(IterativeTrainConfig):
         super().__post_init__()
         if self.data.chat_template != "nemotron":
             raise ConfigError(f"steerlm2: data.chat_template={self.data.chat_template!r}; SteerLM writes the "
-                              "attributes into the prompt with the 'nemotron' template")
+                              "attributes into the prompt with the 'nemotron' template (a policy trained under "
+                              "another has never seen them: start from a SteerLM SFT model, or set "
+                              "data.chat_template=nemotron to start from this one anyway)")
         if self.rollout.eval_samples_per_prompt:
             raise ConfigError(f"rollout.eval_samples_per_prompt={self.rollout.eval_samples_per_prompt} does not apply "
                               "to steerlm2: its held-out evaluation answers every prompt greedily at each target")
+
+
+def warn_if_not_steerlm(load: Optional[str]) -> None:
+    """A policy trained under another template than nemotron has never seen the attribute line that SteerLM 2.0
+    conditions its proposal on: a warning naming the checkpoint and how a SteerLM SFT model is made."""
+    from engine.checkpoint.inherit import checkpoint_config
+
+    template = (checkpoint_config(load).get("data") or {}).get("chat_template") if load else None
+    if template is not None and template != "nemotron":
+        logger.warning("steerlm2: checkpoint.load=%s was trained with data.chat_template=%s, not nemotron: it has "
+                       "never seen the attribute line the targets are written into, so its samples ignore them. "
+                       "SteerLM 2.0 starts from a SteerLM SFT model (keel data convert-steerlm, then keel train "
+                       "sft data.chat_template=nemotron)", load, template)
 
 
 class WeightedSamples:
@@ -191,6 +206,8 @@ class SteerLM2Step(PromptSampling, Step):
         from engine.runner import ModelRunner
 
         self.parallel = parallel
+        if parallel.is_main:
+            warn_if_not_steerlm(config.checkpoint.load)
         checkpoint = None if config.reference == "init" else config.reference
         self.prior = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
         logger.info("steerlm2: prior P(y|x) = %s prompted with %s", checkpoint or "the policy's initialisation",

@@ -91,6 +91,26 @@ def test_an_error_in_a_taken_value_says_where_it_came_from(tmp_path: Path) -> No
         load_config(SteerLM2TrainConfig, None, [f"checkpoint.load={plain}", "reward_model=runs/rm"])
 
 
+def test_steerlm2_from_a_policy_of_another_template_is_warned_about(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Set to nemotron by hand, a plain SFT policy was taken as SteerLM's proposal without a word."""
+    import logging
+
+    from engine.algorithms.steerlm2 import SteerLM2TrainConfig, warn_if_not_steerlm
+
+    plain = _fake_checkpoint(tmp_path / "sft", data={"chat_template": "auto"})
+    config = load_config(SteerLM2TrainConfig, None, [f"checkpoint.load={plain}", "data.chat_template=nemotron"])
+    with caplog.at_level(logging.WARNING):
+        warn_if_not_steerlm(config.checkpoint.load)
+    assert f"checkpoint.load={plain} was trained with data.chat_template=auto, not nemotron" in caplog.text
+    caplog.clear()
+    steerlm = _fake_checkpoint(tmp_path / "steerlm", data={"chat_template": "nemotron"})
+    with caplog.at_level(logging.WARNING):
+        warn_if_not_steerlm(str(steerlm))
+        warn_if_not_steerlm(None)
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("algorithm", ["rm", "critic"])
 def test_a_policy_does_not_start_from_a_scorer(tmp_path: Path, algorithm: str) -> None:
     """``keel train dpo checkpoint.load=<reward model>`` trained a policy whose LM head was left random (the
