@@ -72,7 +72,8 @@ def main() -> int:
 
     seconds = _stage(args.nproc, "dpo", dpo, [
         "dpo.reference=null", f"checkpoint.load={sft / 'checkpoints'}", f"run.train_steps={steps['dpo']}",
-        f"run.eval_interval={steps['dpo']}", "run.eval_at_start=true", "data.seq_length=256"], "examples/dpo_tiny.yaml")
+        f"run.eval_interval={steps['dpo']}", "run.eval_at_start=true", "data.seq_length=256",
+        "data.tokenizer=byte"], "examples/dpo_tiny.yaml")  # the SFT model's tokenizer, not the example's
     before, after = _first_last(dpo, "accuracy", "validation")
     print(f"[3/4] dpo (reference = the SFT model): held-out implicit-reward accuracy {before:.3f} -> {after:.3f} "
           f"({seconds:.0f} s) -> {dpo}", flush=True)
