@@ -4,8 +4,9 @@
 transformers loads it: a HF ``tokenizer.json`` is copied, the byte-level BPE tokenizer built from a GGUF
 file's metadata is saved as one, and ``tokenizer_config.json`` names the BOS/EOS/pad tokens Keel uses and
 carries the chat template. The special ids go into ``config.json`` and ``generation_config.json`` for any
-tokenizer, so ``generate`` stops at EOS. Byte and sentencepiece tokenizers have no ``tokenizer.json``
-form here: a log line says that none is written.
+tokenizer, so ``generate`` stops at EOS. A sentencepiece model (``builtin-sp``, a ``.model`` file) is written
+as the ``tokenizer.json`` of :mod:`engine.convert.sentencepiece_json`, checked to give the model's ids first.
+The byte tokenizer has no ``tokenizer.json`` form: a log line says that none is written.
 
 ``hf-to-keel`` records the tokenizer a converted checkpoint is used with, as an absolute path.
 """
@@ -33,6 +34,7 @@ def special_ids(tokenizer: Any) -> dict[str, int]:
 def export_tokenizer(spec: Optional[str], out_dir: Path) -> Optional[dict[str, int]]:
     """Write tokenizer ``spec`` (a checkpoint's ``data.tokenizer``) into ``out_dir`` for transformers where it
     has a HF form; the special ids for ``config.json``, or None when the tokenizer cannot be loaded here."""
+    from engine.data.tokenizer_types import SentencePieceTokenizer
     from engine.data.tokenizers import HFTokenizer, load_tokenizer
 
     spec = spec or "byte"
@@ -44,29 +46,58 @@ def export_tokenizer(spec: Optional[str], out_dir: Path) -> Optional[dict[str, i
         return None
     if isinstance(tokenizer, HFTokenizer):
         _write_hf_tokenizer(spec, tokenizer, out_dir)
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        _write_sentencepiece(spec, tokenizer, out_dir)
     else:
         logger.warning("data.tokenizer=%s has no Hugging Face tokenizer.json form: no tokenizer is written to %s "
                        "(config.json and generation_config.json carry its BOS/EOS/pad ids)", spec, out_dir)
     return special_ids(tokenizer)
 
 
+def _write_sentencepiece(spec: str, tokenizer: Any, out_dir: Path) -> None:
+    """``tokenizer.json`` (see :mod:`engine.convert.sentencepiece_json`) and ``tokenizer_config.json`` of a
+    sentencepiece tokenizer, written only when the conversion gives Keel's ids on the probe texts."""
+    from engine.convert.sentencepiece_json import mismatches, to_hf_tokenizer
+
+    try:
+        raw = to_hf_tokenizer(tokenizer.serialized())
+    except ValueError as exc:
+        logger.warning("data.tokenizer=%s: no tokenizer is written to %s: %s", spec, out_dir, exc)
+        return
+    wrong = mismatches(tokenizer, raw)
+    if wrong:
+        logger.warning("data.tokenizer=%s: its tokenizers form gives other ids than the model on %r: no tokenizer is "
+                       "written to %s (config.json carries its BOS/EOS/pad ids)", spec, wrong[0], out_dir)
+        return
+    _write_files(spec, tokenizer, raw, _with_bos_template(raw, tokenizer).to_str(pretty=True), {}, out_dir)
+
+
 def _write_hf_tokenizer(spec: str, tokenizer: Any, out_dir: Path) -> None:
     """``tokenizer.json`` and ``tokenizer_config.json`` of an :class:`~engine.data.tokenizers.HFTokenizer`."""
-    import json
-
     from engine.data.tokenizer_types import _tokenizer_config
     from engine.data.tokenizers import tokenizer_file
-    from engine.files import write_text_atomic
 
     source = tokenizer_file(spec)
     raw = tokenizer._tok  # the tokenizers.Tokenizer it wraps
-    config: dict[str, Any] = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
     if source is not None and source.endswith(".json"):
+        out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, out_dir / "tokenizer.json")
-        config = _tokenizer_config(str(Path(source).resolve().parent))
+        _write_files(spec, tokenizer, raw, None, _tokenizer_config(str(Path(source).resolve().parent)), out_dir)
     else:  # built from a GGUF file's metadata
-        write_text_atomic(out_dir / "tokenizer.json", _with_bos_template(raw, tokenizer).to_str(pretty=True))
+        _write_files(spec, tokenizer, raw, _with_bos_template(raw, tokenizer).to_str(pretty=True), {}, out_dir)
+
+
+def _write_files(spec: str, tokenizer: Any, raw: Any, tokenizer_json: Optional[str], config: dict[str, Any],
+                 out_dir: Path) -> None:
+    """``tokenizer.json`` (unless None: already there) and ``tokenizer_config.json``: ``config`` with the special
+    tokens Keel uses, whether it adds BOS, and the chat template."""
+    import json
+
+    from engine.files import write_text_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_json is not None:
+        write_text_atomic(out_dir / "tokenizer.json", tokenizer_json)
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     config.update({"bos_token": raw.id_to_token(tokenizer.bos_id), "eos_token": raw.id_to_token(tokenizer.eos_id),
                    "pad_token": raw.id_to_token(tokenizer.pad_id), "add_bos_token": bool(tokenizer.add_bos),

@@ -1,7 +1,7 @@
 """What ``keel convert`` writes besides the weights, and what it refuses.
 
-``keel-to-hf`` writes the checkpoint's tokenizer (a tokenizer.json copied, or the one built from a GGUF
-file saved) so that transformers loads it, and the special ids into config.json and generation_config.json
+``keel-to-hf`` writes the checkpoint's tokenizer (a tokenizer.json copied, the one built from a GGUF
+file or a sentencepiece model saved) so that transformers loads it and gives the same ids, and the special ids into config.json and generation_config.json
 (without them HF ``generate`` ran past ``<|im_end|>``); it refuses reward models and critics, whose value
 head it would have dropped. ``hf-to-keel`` records the tokenizer as an absolute path. Missing or non-GGUF
 files are one-line errors. The weights file gets the usual permissions (safetensors creates it 0600).
@@ -111,13 +111,56 @@ def test_gguf_tokenizer_export_adds_bos_as_llama_cpp_does(tmp_path: Path) -> Non
         assert hf(text).input_ids == [1, *keel.encode(text)]
 
 
-@pytest.mark.parametrize("spec", ["byte", "builtin-sp"])
-def test_tokenizers_without_a_hf_form_are_said_so(tmp_path: Path, spec: str, caplog: Any) -> None:
-    keel = load_tokenizer(spec)
+def test_the_byte_tokenizer_has_no_hf_form_and_says_so(tmp_path: Path, caplog: Any) -> None:
+    keel = load_tokenizer("byte")
     with caplog.at_level(logging.WARNING, logger="engine.convert.hf_tokenizer"):
-        ids = export_tokenizer(spec, tmp_path)
+        ids = export_tokenizer("byte", tmp_path)
     assert ids == {"bos_token_id": keel.bos_id, "eos_token_id": keel.eos_id, "pad_token_id": keel.pad_id}
-    assert f"data.tokenizer={spec} has no Hugging Face tokenizer.json form" in caplog.text
+    assert "data.tokenizer=byte has no Hugging Face tokenizer.json form" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def _sentencepiece_model(directory: Path, kind: str) -> Path:
+    """A small sentencepiece model with the trainer's defaults (NFKC, dummy prefix, extra whitespace removed)."""
+    import random
+
+    import sentencepiece as spm
+
+    draw = random.Random(0)
+    words = ["lantern", "river", "seven", "twelve", "apple", "answer", "reverse", "count", "letters", "sum"]
+    corpus = [" ".join(draw.choice(words) for _ in range(10)) + f" {draw.randint(0, 999)}?" for _ in range(2000)]
+    directory.mkdir(parents=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(directory / "sp"), vocab_size=400,
+                                   model_type=kind, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                                   minloglevel=2)
+    return directory / "sp.model"
+
+
+@pytest.mark.parametrize("kind", ["builtin-sp", "unigram", "bpe"])
+def test_sentencepiece_export_gives_the_models_ids_in_transformers(tmp_path: Path, kind: str) -> None:
+    """transformers' own conversion of a tokenizer.model prepends a space piece, which builtin-sp (trained
+    without sentencepiece's dummy prefix) does not: the export writes a tokenizer.json from the model's settings."""
+    spec = kind if kind == "builtin-sp" else str(_sentencepiece_model(tmp_path / "src", kind))
+    keel = load_tokenizer(spec)
+    assert export_tokenizer(spec, tmp_path / "out") == {"bos_token_id": keel.bos_id, "eos_token_id": keel.eos_id,
+                                                        "pad_token_id": keel.pad_id}
+    hf, back = _hf_tokenizer(tmp_path / "out"), load_tokenizer(str(tmp_path / "out"))
+    texts = [*TEXTS, "  Leading and trailing  ", "ＦＵＬＬ width ① and 🙂 (bytes)", "reverse 'lantern': nretnal"]
+    for text in texts:
+        ids = keel.encode(text)
+        assert hf(text).input_ids == [keel.bos_id, *ids] and back.encode(text) == ids, text
+        assert hf.decode(ids) == keel.decode(ids)
+    assert (hf.eos_token_id, back.eos_id, back.bos_id, back.add_bos) == (keel.eos_id, keel.eos_id, keel.bos_id, True)
+
+
+def test_a_sentencepiece_conversion_that_differs_is_not_written(tmp_path: Path, caplog: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.convert import sentencepiece_json
+
+    monkeypatch.setattr(sentencepiece_json, "mismatches", lambda keel, hf: ["What is 12 + 30?"])
+    with caplog.at_level(logging.WARNING, logger="engine.convert.hf_tokenizer"):
+        assert export_tokenizer("builtin-sp", tmp_path)["eos_token_id"] == load_tokenizer("builtin-sp").eos_id
+    assert "gives other ids than the model on 'What is 12 + 30?': no tokenizer is written" in caplog.text
     assert not list(tmp_path.iterdir())
 
 
