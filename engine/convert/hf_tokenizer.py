@@ -66,8 +66,8 @@ def _write_sentencepiece(spec: str, tokenizer: Any, out_dir: Path) -> None:
         return
     wrong = mismatches(tokenizer, raw)
     if wrong:
-        logger.warning("data.tokenizer=%s: its tokenizers form gives other ids than the model on %r: no tokenizer is "
-                       "written to %s (config.json carries its BOS/EOS/pad ids)", spec, wrong[0], out_dir)
+        logger.warning("data.tokenizer=%s: its tokenizers form gives other ids or text than the model on %r: no "
+                       "tokenizer is written to %s (config.json carries its BOS/EOS/pad ids)", spec, wrong[0], out_dir)
         return
     _write_files(spec, tokenizer, raw, _with_bos_template(raw, tokenizer).to_str(pretty=True), {}, out_dir)
 

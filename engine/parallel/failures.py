@@ -44,6 +44,10 @@ def explain(exc: BaseException, rank: int, timeout_minutes: float, where: str) -
     """A :class:`RankFailure` for ``exc`` when it is another rank's failure, else ``None``."""
     import torch.distributed as dist
 
+    from engine.rewards.worker import RewardError
+
+    if isinstance(exc, RewardError):  # a reward function's own error ("connection reset" by a remote judge...)
+        return None
     if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and _PEER_ERROR.search(str(exc)))):
         return None
     return RankFailure(

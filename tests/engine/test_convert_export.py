@@ -120,19 +120,19 @@ def test_the_byte_tokenizer_has_no_hf_form_and_says_so(tmp_path: Path, caplog: A
     assert not list(tmp_path.iterdir())
 
 
-def _sentencepiece_model(directory: Path, kind: str) -> Path:
+def _sentencepiece_model(directory: Path, kind: str, **options: Any) -> Path:
     """A small sentencepiece model with the trainer's defaults (NFKC, dummy prefix, extra whitespace removed)."""
     import random
 
     import sentencepiece as spm
 
     draw = random.Random(0)
-    words = ["lantern", "river", "seven", "twelve", "apple", "answer", "reverse", "count", "letters", "sum"]
+    words = ["lantern", "river", "seven", "twelve", "apple", "answer", "kite", "<b>x</b>", "bird", "count", "letters"]
     corpus = [" ".join(draw.choice(words) for _ in range(10)) + f" {draw.randint(0, 999)}?" for _ in range(2000)]
     directory.mkdir(parents=True)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(directory / "sp"), vocab_size=400,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(directory / "sp"), vocab_size=300,
                                    model_type=kind, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-                                   minloglevel=2)
+                                   minloglevel=2, **options)
     return directory / "sp.model"
 
 
@@ -153,15 +153,18 @@ def test_sentencepiece_export_gives_the_models_ids_in_transformers(tmp_path: Pat
     assert (hf.eos_token_id, back.eos_id, back.bos_id, back.add_bos) == (keel.eos_id, keel.eos_id, keel.bos_id, True)
 
 
-def test_a_sentencepiece_conversion_that_differs_is_not_written(tmp_path: Path, caplog: Any,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.convert import sentencepiece_json
-
-    monkeypatch.setattr(sentencepiece_json, "mismatches", lambda keel, hf: ["What is 12 + 30?"])
+@pytest.mark.parametrize("options, said", [
+    ({"remove_extra_whitespaces": False}, "gives other ids or text than the model on 'a\\r\\nb'"),  # NFKC of CRLF
+    ({"user_defined_symbols": ["<sep>"]}, "the model has user-defined pieces (<sep>)"),
+])
+def test_a_sentencepiece_model_without_an_exact_conversion_is_not_written(tmp_path: Path, caplog: Any,
+                                                                         options: dict[str, Any], said: str) -> None:
+    """Nothing is written rather than a tokenizer.json that gives other ids than the checkpoint was trained on."""
+    model = str(_sentencepiece_model(tmp_path / "src", "bpe", **options))
     with caplog.at_level(logging.WARNING, logger="engine.convert.hf_tokenizer"):
-        assert export_tokenizer("builtin-sp", tmp_path)["eos_token_id"] == load_tokenizer("builtin-sp").eos_id
-    assert "gives other ids than the model on 'What is 12 + 30?': no tokenizer is written" in caplog.text
-    assert not list(tmp_path.iterdir())
+        assert export_tokenizer(model, tmp_path / "out")["eos_token_id"] == load_tokenizer(model).eos_id
+    assert said in caplog.text and "no tokenizer is written" in caplog.text
+    assert not (tmp_path / "out").exists()
 
 
 def _recorded_tokenizer(monkeypatch: Any, model_dir: Path, overrides: list[str]) -> str:

@@ -153,3 +153,13 @@ def test_builtins_cost_little_per_row() -> None:
         elapsed = time.monotonic() - started
     assert result.means()["synthetic_check"] == result.means()["math_answer"] == 1.0
     assert elapsed < 2.0, f"{rows} rows x 4 built-ins took {elapsed:.2f} s"
+
+
+def test_a_reward_functions_connection_error_is_not_a_lost_rank() -> None:
+    """A remote judge's 'Connection reset by peer' raised with on_error: raise read as another rank lost."""
+    from engine.parallel.failures import explain
+
+    judged = RewardError("reward function 'judge' failed on row 0 (error): ConnectionResetError: [Errno 104] "
+                         "Connection reset by peer")
+    assert explain(judged, 0, 30, "during training") is None
+    assert explain(RuntimeError("[Errno 104] Connection reset by peer"), 0, 30, "during training") is not None
