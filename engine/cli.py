@@ -21,6 +21,7 @@ from typing import Any, Optional
 from engine.config import ConfigError, TrainConfig, UnknownKeyError, describe, load_config
 from engine.data.errors import DataError
 from engine.parallel import failures
+from engine.run_lock import release_held
 from engine.runtime import quiet_cpu_fallback_warnings, setup_logging
 from engine.runtime import shutdown as _shutdown
 
@@ -115,11 +116,14 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
         from engine.online_trainer import OnlineTrainer
 
         trainer_class = OnlineTrainer
-    trainer = trainer_class(config, step, parallel)
-    with failures.translated(env.rank, timeout, "during training"):
-        result = trainer.fit()
-    if parallel.is_main:
-        print(_summary(algo, config, trainer, result), flush=True)
+    try:
+        trainer = trainer_class(config, step, parallel)
+        with failures.translated(env.rank, timeout, "during training"):
+            result = trainer.fit()
+        if parallel.is_main:
+            print(_summary(algo, config, trainer, result), flush=True)
+    finally:
+        release_held()  # the run directory is free once the run is over, also when keel runs in-process
     _shutdown()
     return 0
 

@@ -3,9 +3,10 @@
 Two runs started on one ``run.output_dir`` (a second terminal, a job submitted twice) wrote into each
 other's ``metrics.jsonl`` and checkpoints, and the resume of either read the other's state. The lock
 is ``<run dir>/.keel-run.lock``, a JSON line naming who holds it. A lock is taken over, with a warning,
-when its holder is known to be gone: a process of this host that no longer runs (a run killed with
-SIGKILL), or the same Slurm job (requeued after preemption, maybe on another node). Any other lock
-refuses the run before any work, saying who holds it and how to go on.
+when its holder is known to be gone: a process of this host (and PID namespace: containers may share a
+host name) that no longer runs (a run killed with SIGKILL), or the same Slurm job with a higher
+``SLURM_RESTART_COUNT`` (requeued after preemption, maybe on another node; the steps of one allocation
+share the job id). Any other lock refuses the run before any work, saying who holds it and how to go on.
 """
 
 from __future__ import annotations
@@ -29,9 +30,20 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".keel-run.lock"
 
 
+_HELD: list[Path] = []  # the locks this process holds (released at exit, or by release_held)
+
+
+def _pid_namespace() -> Optional[str]:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # containers sharing the host name see other processes
+    except OSError:
+        return None
+
+
 def holder_record() -> dict[str, Any]:
     """What this process writes into the lock."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
 
 
@@ -47,12 +59,15 @@ def _running(pid: int) -> bool:
 
 def gone_because(holder: dict[str, Any], me: dict[str, Any]) -> Optional[str]:
     """Why the lock's ``holder`` no longer runs (so the lock may be taken over), or None when it may."""
-    if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+    here = holder.get("host") == me["host"] and holder.get("pid_namespace") == me["pid_namespace"]
+    if here and holder.get("pid") == me["pid"]:
         return "this process"
-    if me["slurm_job"] and holder.get("slurm_job") == me["slurm_job"]:
-        return f"the same Slurm job {me['slurm_job']}, started again"
+    restart = holder.get("slurm_restart")
+    if me["slurm_job"] and holder.get("slurm_job") == me["slurm_job"] and isinstance(restart, int) \
+            and me["slurm_restart"] > restart:  # steps of one allocation share the job id, not its restart count
+        return f"the same Slurm job {me['slurm_job']}, requeued"
     pid = holder.get("pid")
-    if holder.get("host") == me["host"] and isinstance(pid, int) and not _running(pid):
+    if here and isinstance(pid, int) and not _running(pid):
         return f"process {pid} of this host has ended"
     return None
 
@@ -60,28 +75,43 @@ def gone_because(holder: dict[str, Any], me: dict[str, Any]) -> Optional[str]:
 def acquire(run_dir: str | Path) -> Optional[str]:
     """Take the lock of ``run_dir`` for this process (released when it exits); the reason it cannot, else None."""
     path = Path(run_dir) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     me = holder_record()
     try:
-        with open(path, "x") as handle:
-            handle.write(json.dumps(me) + "\n")
-    except FileExistsError:
-        try:
-            holder = json.loads(path.read_text() or "{}")
-        except (OSError, ValueError):
-            holder = {}
-        if not isinstance(holder, dict):
-            holder = {}
-        reason = gone_because(holder, me) if holder else "the lock file is unreadable"
-        if reason is None:
-            return refusal(path, holder)
-        if reason != "this process":
-            logger.warning("run directory %s: taking over the lock of an earlier run (%s)", path.parent, reason)
-        partial = path.with_name(f"{LOCK_NAME}.{me['pid']}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{LOCK_NAME}.{me['host']}.{me['pid']}")
         partial.write_text(json.dumps(me) + "\n")
-        os.replace(partial, path)
-    atexit.register(release, path, me["pid"])
+        try:
+            os.link(partial, path)  # created whole or not at all: a reader never sees an empty lock
+        except FileExistsError:
+            holder = _read(path)
+            reason = gone_because(holder, me) if holder else "the lock file is unreadable"
+            if reason is None:
+                partial.unlink(missing_ok=True)
+                return refusal(path, holder)
+            if reason != "this process":
+                logger.warning("run directory %s: taking over the lock of an earlier run (%s)", path.parent, reason)
+            os.replace(partial, path)
+        partial.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"run.output_dir={path.parent}: cannot take its lock {path}: {exc.strerror or exc}"
+    if path not in _HELD:
+        _HELD.append(path)
+        atexit.register(release, path, me["pid"])
     return None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def release_held() -> None:
+    """Release every lock this process holds (a run that ends without Python's exit handlers, or in-process)."""
+    while _HELD:
+        release(_HELD.pop(), os.getpid())
 
 
 def refusal(path: Path, holder: dict[str, Any]) -> str:
@@ -95,12 +125,13 @@ def refusal(path: Path, holder: dict[str, Any]) -> str:
 
 def release(path: Path, pid: int) -> None:
     """Remove the lock if this process still holds it."""
-    try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(holder, dict) and holder.get("pid") == pid and holder.get("host") == socket.gethostname():
-        path.unlink(missing_ok=True)
+    holder = _read(path)
+    if holder.get("pid") == pid and holder.get("host") == socket.gethostname() \
+            and holder.get("pid_namespace") == _pid_namespace():
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def lock_run_dir(run_dir: str | Path, is_main: bool) -> None:

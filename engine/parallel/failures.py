@@ -73,11 +73,18 @@ def watch_launcher(rank: int, poll_seconds: float = 1.0) -> threading.Thread:
 
 
 def _exit_now(line: str, code: int = 1) -> Any:
-    """Write ``line`` to stderr and end the process at once (no atexit, no process-group teardown)."""
+    """Write ``line`` to stderr and end the process at once (no atexit, no process-group teardown); the run
+    directory's lock is released first, so that a restart (on any node) takes the directory."""
     try:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):  # stderr was a pipe to the dead launcher
+        pass
+    try:
+        from engine.run_lock import release_held
+
+        release_held()
+    except Exception:  # ending matters more than the lock: a restart on this host takes a dead process's lock
         pass
     os._exit(code)
 

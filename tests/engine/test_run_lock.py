@@ -21,8 +21,8 @@ ARGS = ["data.num_samples=16", "data.seq_length=64", "data.micro_batch_size=2", 
 
 def _lock(run: Path, pid: int, host: str = "", job: str | None = None) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    record = {"host": host or socket.gethostname(), "pid": pid, "slurm_job": job, "started": "2026-12-04 09:00:00",
-              "command": "keel train sft run.output_dir=elsewhere"}
+    record = {**holder_record(), "host": host or socket.gethostname(), "pid": pid, "slurm_job": job,
+              "started": "2026-12-04 09:00:00", "command": "keel train sft run.output_dir=elsewhere"}
     (run / LOCK_NAME).write_text(json.dumps(record) + "\n")
 
 
@@ -55,16 +55,36 @@ def test_who_may_take_a_lock_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert gone_because(parent, me) is None
     assert gone_because({**parent, "host": "another-node"}, me) is None  # cannot be checked from here
     assert gone_because(me, me) == "this process"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ended = {**me, "pid": int(dead.stdout)}
+    assert gone_because(ended, me) == f"process {ended['pid']} of this host has ended"
+    # a container with the same host name but its own PID namespace: its processes are not visible from here
+    assert gone_because({**ended, "pid_namespace": "pid:[1]"}, me) is None
+    assert gone_because({**me, "pid_namespace": "pid:[1]"}, me) is None  # its PID 1 is not this PID 1
+
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    step = holder_record()  # another step of the same allocation (salloc, a second srun): not a requeue
+    assert gone_because({**parent, "host": "another-node", "slurm_job": "4242", "slurm_restart": 0}, step) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     requeued = holder_record()
-    assert gone_because({**parent, "host": "another-node", "slurm_job": "4242"}, requeued) == \
-        "the same Slurm job 4242, started again"
-    assert gone_because({**parent, "slurm_job": "4243"}, requeued) is None
+    assert gone_because({**parent, "host": "another-node", "slurm_job": "4242", "slurm_restart": 0}, requeued) == \
+        "the same Slurm job 4242, requeued"
+    assert gone_because({**parent, "slurm_job": "4243", "slurm_restart": 0}, requeued) is None
+
+
+def test_acquire_release_and_a_directory_that_cannot_be_locked(tmp_path: Path) -> None:
+    from engine.run_lock import release_held
 
     assert acquire(tmp_path) is None and acquire(tmp_path) is None  # a process may enter its own run again
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    release_held()  # the end of an in-process run: another process may take the directory now
+    assert not (tmp_path / LOCK_NAME).exists() and not list(tmp_path.iterdir())
     _lock(tmp_path / "other", os.getppid(), host="another-node")
     assert "process" in str(acquire(tmp_path / "other")) and "on host another-node" in str(acquire(tmp_path / "other"))
     (tmp_path / "torn").mkdir()
-    (tmp_path / "torn" / LOCK_NAME).write_text('{"host": ')  # a writer killed mid-write: nobody's lock
+    (tmp_path / "torn" / LOCK_NAME).write_text('{"host": ')  # written by hand, half: nobody's lock
     assert acquire(tmp_path / "torn") is None
     assert json.loads((tmp_path / "torn" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    (tmp_path / "a-file").write_text("")
+    assert f"run.output_dir={tmp_path / 'a-file' / 'run'}: cannot take its lock" in str(acquire(tmp_path / "a-file" / "run"))
+    release_held()
