@@ -164,8 +164,10 @@ def _progress(config: Any, trainer: Any, result: Any) -> tuple[str, str]:
     if result.end_step == result.start_step and not result.stopped_by:  # a finished run started again
         unit, total, setting = (("iteration", config.iterative.iterations, "iterative.iterations") if iterative
                                 else ("step", config.run.train_steps, "run.train_steps"))
-        return source, (f"  nothing to train: the run resumed at {unit} {result.start_step} of {total}, its last; "
-                        f"raise {setting} to train on, or start afresh with checkpoint.resume=none")
+        where = f"{result.start_step} of {total}, its last" if result.start_step <= total else \
+            f"{result.start_step}, past {setting}={total}"
+        return source, (f"  nothing to train: the run resumed at {unit} {where}; raise {setting} to train on, or "
+                        "start afresh with checkpoint.resume=none")
     if iterative:
         untrained = sum(math.isnan(losses[s]) for s in steps)
         progress = f"  iterations {result.start_step + 1}..{result.end_step} of {config.iterative.iterations}; " \

@@ -271,7 +271,8 @@ def _finite(value: Any) -> Any:
 
 # the settings behind each entry of an iteration's inputs.json (IterativeTrainer.sampling_inputs), in order
 INPUT_SETTINGS = {
-    "prompts": "the prompts (rollout.prompts, rollout.num_prompts, the steerlm2 targets)",
+    "prompts": "the prompts (rollout.prompts, rollout.num_prompts, rollout.prompts_per_iteration, run.seed, the "
+               "steerlm2 targets)",
     "sampling": ("rollout.samples_per_prompt", "rollout.max_new_tokens", "rollout.temperature", "rollout.top_p",
                  "rollout.top_k", "iterative.chunk_prompts", "run.seed"),
     "template": ("data.tokenizer", "data.chat_template", "data.seq_length"),
@@ -291,8 +292,8 @@ def changed_settings(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
                                           and len(then) == len(value) == len(names)):
             changed.append(names if isinstance(names, str) else key)
             continue
-        changed += [f"{name}: {_brief(a)} -> {_brief(b)}" for name, a, b in zip(names, then, value, strict=True)
-                    if a != b]
+        changed += [f"{name}: {_brief(a)} -> {_brief(b)}" if _brief(a) != _brief(b) else f"{name} (in its details)"
+                    for name, a, b in zip(names, then, value, strict=True) if a != b]
     return changed
 
 

@@ -111,9 +111,9 @@ class SteerLM2TrainConfig(IterativeTrainConfig):
         super().__post_init__()
         if self.data.chat_template != "nemotron":
             raise ConfigError(f"steerlm2: data.chat_template={self.data.chat_template!r}; SteerLM writes the "
-                              "attributes into the prompt with the 'nemotron' template (a policy trained under "
-                              "another has never seen them: start from a SteerLM SFT model, or set "
-                              "data.chat_template=nemotron to start from this one anyway)")
+                              "attributes into the prompt with the 'nemotron' template: set data.chat_template="
+                              "nemotron (a checkpoint.load trained under another template has never seen them: "
+                              "SteerLM 2.0 starts from a SteerLM SFT model)")
         if self.rollout.eval_samples_per_prompt:
             raise ConfigError(f"rollout.eval_samples_per_prompt={self.rollout.eval_samples_per_prompt} does not apply "
                               "to steerlm2: its held-out evaluation answers every prompt greedily at each target")

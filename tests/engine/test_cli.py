@@ -254,3 +254,20 @@ def test_overrides_may_follow_the_options() -> None:
     for wrong in (["train", "sft", "--bogus"], ["data", "validate", "rows.jsonl", "a.b=1"]):
         with pytest.raises(SystemExit):
             parse_command_line(wrong)
+
+
+def test_a_finished_run_started_again_says_so_also_past_its_end(tmp_path: Path) -> None:
+    """Fewer iterative.iterations than the checkpoint's said 'resumed at iteration 3 of 2, its last'."""
+    from types import SimpleNamespace
+
+    from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
+    from engine.cli import _progress
+    from engine.trainer import FitResult
+
+    config = load_config(IterativeDPOTrainConfig, None, ["iterative.iterations=2"])
+    trainer = SimpleNamespace(step=SimpleNamespace(iterative=True, loss_name="dpo_loss"))
+    _, past = _progress(config, trainer, FitResult(start_step=3, end_step=3))
+    assert past == ("  nothing to train: the run resumed at iteration 3, past iterative.iterations=2; raise "
+                    "iterative.iterations to train on, or start afresh with checkpoint.resume=none")
+    _, last = _progress(config, trainer, FitResult(start_step=2, end_step=2))
+    assert "resumed at iteration 2 of 2, its last;" in last

@@ -122,8 +122,14 @@ def test_sample_store_refuses_chunks_that_other_inputs_made(tmp_path: Path) -> N
         store.check_inputs(dict(inputs, prompts="def", rewards=[[], "runs/rm2", 1.0, 0.0, 1.0],
                                 sampling=[4, 8, 1.0, 0.9, 0, 8, 1234]))
     assert "iter_1 holds samples made with other settings than this run's (the prompts (rollout.prompts, " \
-           "rollout.num_prompts, the steerlm2 targets); reward_model: \"runs/rm\" -> \"runs/rm2\"; " \
-           "rollout.temperature: 0.7 -> 1.0): rerun with the settings it was started with" in str(err.value)
+           "rollout.num_prompts, rollout.prompts_per_iteration, run.seed, the steerlm2 targets); reward_model: " \
+           "\"runs/rm\" -> \"runs/rm2\"; rollout.temperature: 0.7 -> 1.0): rerun with the settings it was started " \
+           "with" in str(err.value)
+    named = {"name": "tests.distributed.online_rewards:digit_share", "weight": 1.0, "on_error": "zero"}
+    other = SampleStore(str(tmp_path), 2, writes=True)
+    other.check_inputs(dict(inputs, rewards=[[named], "runs/rm", 1.0, 0.0, 1.0]))
+    with pytest.raises(ConfigError, match=r"\(reward_functions \(in its details\)\)"):  # equal first 60 characters
+        other.check_inputs(dict(inputs, rewards=[[{**named, "on_error": "skip"}], "runs/rm", 1.0, 0.0, 1.0]))
     assert json.loads((store.dir / "inputs.json").read_text()) == inputs  # the first run's record stays
 
 
