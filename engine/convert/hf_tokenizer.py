@@ -38,6 +38,7 @@ def export_tokenizer(spec: Optional[str], out_dir: Path) -> Optional[dict[str, i
     from engine.data.tokenizers import HFTokenizer, load_tokenizer
 
     spec = spec or "byte"
+    _remove_earlier_tokenizer(out_dir)
     try:
         tokenizer = load_tokenizer(spec)
     except ConfigError as exc:
@@ -52,6 +53,20 @@ def export_tokenizer(spec: Optional[str], out_dir: Path) -> Optional[dict[str, i
         logger.warning("data.tokenizer=%s has no Hugging Face tokenizer.json form: no tokenizer is written to %s "
                        "(config.json and generation_config.json carry its BOS/EOS/pad ids)", spec, out_dir)
     return special_ids(tokenizer)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def _remove_earlier_tokenizer(out_dir: Path) -> None:
+    """An earlier export's tokenizer files in ``out_dir`` go: beside other weights, with another tokenizer (or
+    none) written now, transformers and ``hf-to-keel`` would read them as this model's."""
+    stale = [out_dir / name for name in TOKENIZER_FILES if (out_dir / name).is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        logger.info("removed an earlier export's tokenizer files from %s: %s", out_dir, ", ".join(p.name for p in stale))
 
 
 def _write_sentencepiece(spec: str, tokenizer: Any, out_dir: Path) -> None:

@@ -113,6 +113,8 @@ def test_gguf_tokenizer_export_adds_bos_as_llama_cpp_does(tmp_path: Path) -> Non
 
 def test_the_byte_tokenizer_has_no_hf_form_and_says_so(tmp_path: Path, caplog: Any) -> None:
     keel = load_tokenizer("byte")
+    export_tokenizer("builtin-sp", tmp_path)  # an earlier export into the same directory: its files must go
+    assert (tmp_path / "tokenizer.json").is_file()
     with caplog.at_level(logging.WARNING, logger="engine.convert.hf_tokenizer"):
         ids = export_tokenizer("byte", tmp_path)
     assert ids == {"bos_token_id": keel.bos_id, "eos_token_id": keel.eos_id, "pad_token_id": keel.pad_id}
