@@ -329,10 +329,26 @@ def parse_command_line(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def check_output_file(args: argparse.Namespace) -> None:
+    """A command's output file (``output`` / ``--out``) that is a directory, or its own input, is refused before
+    any work: the file is written at the end (a rename), so the work was done and then lost, or the input gone."""
+    output = getattr(args, "output", None) or getattr(args, "out", None)
+    if not isinstance(output, str):
+        return
+    if os.path.isdir(output):
+        raise ConfigError(f"output {output} is a directory: give the path of the file to write (e.g. "
+                          f"{os.path.join(output, 'out.jsonl')})")
+    for name in ("input", "prompts", "source", "data"):
+        given = getattr(args, name, None)
+        if isinstance(given, str) and os.path.exists(given) and os.path.abspath(given) == os.path.abspath(output):
+            raise ConfigError(f"output {output} is this command's input: write to another file")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_command_line(argv)
     quiet_cpu_fallback_warnings()
     try:
+        check_output_file(args)
         return int(args.func(args))
     except ConfigError as exc:
         print(f"keel: configuration error: {exc}", file=sys.stderr)

@@ -271,3 +271,16 @@ def test_a_finished_run_started_again_says_so_also_past_its_end(tmp_path: Path) 
                     "iterative.iterations to train on, or start afresh with checkpoint.resume=none")
     _, last = _progress(config, trainer, FitResult(start_step=2, end_step=2))
     assert "resumed at iteration 2 of 2, its last;" in last
+
+
+def test_an_output_that_is_a_directory_or_the_input_is_refused_before_any_work(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The output is renamed into place at the end: a directory there lost the whole job's work, and the
+    input given as output was overwritten (keel data label drops the rows it cannot label)."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "hi", "response": "yes"}\n')
+    assert main(["data", "synth", "sft", str(tmp_path), "--num", "3"]) == 2
+    assert f"output {tmp_path} is a directory: give the path of the file to write" in capsys.readouterr().err
+    assert main(["data", "label", str(rows), str(rows), "--rm", str(tmp_path / "no-rm")]) == 2
+    assert f"output {rows} is this command's input: write to another file" in capsys.readouterr().err
+    assert rows.read_text() == '{"prompt": "hi", "response": "yes"}\n' and sorted(tmp_path.iterdir()) == [rows]
