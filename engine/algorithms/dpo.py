@@ -99,7 +99,11 @@ class DPOTrainConfig(TrainConfig):
         if self.data.format not in self.FORMATS:
             raise ConfigError(f"keel train dpo reads data.format 'pairs', 'attributes' (paired by helpfulness) or "
                               f"'helpsteer2_preference', got {self.data.format!r}")
-        if self.dpo.reference is None:
+        if self.dpo.reference_logprobs and self.dpo.reference is not None:
+            raise ConfigError(f"dpo.reference={self.dpo.reference} and dpo.reference_logprobs="
+                              f"{self.dpo.reference_logprobs}: the file's log-probs replace the reference model (the "
+                              "file records which one made them); set only one of the two")
+        if self.dpo.reference is None and not self.dpo.reference_logprobs:
             self.dpo.reference = self.checkpoint.load
 
     def validate(self, world_size: int) -> None:

@@ -126,3 +126,14 @@ def test_ppo_may_roll_out_greedily_and_once() -> None:
 
     config = load_config(_algorithm("ppo").CONFIG, None, ["rollout.temperature=0", "rollout.samples_per_prompt=1"])
     assert config.rollout.temperature == 0 and config.rollout.samples_per_prompt == 1
+
+
+def test_dpo_takes_a_reference_model_or_its_log_probs_not_both() -> None:
+    """Both set, the stored log-probs were used and config.yaml named the other reference."""
+    from engine.algorithms.dpo import DPOTrainConfig
+
+    with pytest.raises(ConfigError, match="dpo.reference=runs/sft and dpo.reference_logprobs=ref.jsonl: the file's"):
+        load_config(DPOTrainConfig, None, ["dpo.reference=runs/sft", "dpo.reference_logprobs=ref.jsonl"])
+    stored = load_config(DPOTrainConfig, None, ["checkpoint.load=runs/sft", "dpo.reference_logprobs=ref.jsonl"])
+    assert stored.dpo.reference is None  # not checkpoint.load: the run's config names only what it used
+    assert load_config(DPOTrainConfig, None, ["checkpoint.load=runs/sft"]).dpo.reference == "runs/sft"
