@@ -225,7 +225,7 @@ class IterativeTrainer(Trainer):
 
     def fit(self) -> FitResult:
         cfg = self.config
-        start = self._begin()  # iterations after the checkpoint are logged again
+        start = self._begin(cfg.iterative.iterations)  # iterations after the checkpoint are logged again
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
         self.signals.install()
         progress = self._progress(start, cfg.iterative.iterations, "iteration")

@@ -309,12 +309,16 @@ class Trainer:
         """Whether any rank got SIGTERM or Ctrl-C (:mod:`engine.stop_signals`): all stop after the same step."""
         return any_rank(self.signals.requested)
 
-    def _begin(self) -> int:
-        """Write the resolved config, resume, trim ``metrics.jsonl`` to the start; returns the start step."""
-        if self.parallel.is_main:
+    def _begin(self, total: Optional[int] = None) -> int:
+        """Resume, write the resolved config, trim ``metrics.jsonl`` to the start; returns the start step.
+
+        The config is written once the resume is known to go ahead, and only when there is something left to
+        train (``total`` steps or iterations): a refused resume or a finished run started again with other
+        settings rewrote ``config.yaml`` with settings no step was trained with."""
+        start = self.maybe_resume()
+        if self.parallel.is_main and start < (self.config.run.train_steps if total is None else total):
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
-        start = self.maybe_resume()
         self.metrics.keep_until(start)  # steps after the checkpoint are logged again
         return start
 

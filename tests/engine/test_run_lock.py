@@ -44,7 +44,9 @@ def test_a_live_runs_directory_is_refused_and_a_dead_runs_lock_taken_over(tmp_pa
     assert f"taking over the lock of an earlier run (process {holder.pid} of this host has ended)" in proc.stderr
     assert (run / "metrics.jsonl").is_file() and not (run / LOCK_NAME).exists()  # released at exit
     # the same command again: the run is finished (it said 'steps 2..1 of 1')
-    again = keel_train(1, [*ARGS[:-1], f"run.output_dir={run}"]).stdout
+    config = (run / "config.yaml").read_text()
+    again = keel_train(1, [*ARGS[:-1], f"run.output_dir={run}", "optimizer.lr=0.5"]).stdout
+    assert (run / "config.yaml").read_text() == config  # no step trained at lr 0.5: the run's record stays
     assert "  nothing to train: the run resumed at step 1 of 1, its last; raise run.train_steps to train on, or " \
            "start afresh with checkpoint.resume=none" in again, again
 
