@@ -54,11 +54,15 @@ FINGERPRINT = {"checkpoint": "the checkpoint", "prompts_sha256": "the prompts fi
 def parse_attributes(text: Optional[str]) -> dict[str, int]:
     """``"verbosity=4,complexity=1"`` over :data:`STEERLM_DEFAULTS`; names and 0..4 values checked."""
     attributes = dict(STEERLM_DEFAULTS)
+    given: set[str] = set()
     for item in filter(None, (text or "").split(",")):
         name, _, value = item.partition("=")
         name = name.strip()
         if name not in ATTRIBUTES or not value.strip().isdigit() or not 0 <= int(value) <= 4:
             raise ConfigError(f"--attributes: {item!r} is not NAME=0..4 with NAME one of {', '.join(ATTRIBUTES)}")
+        if name in given:
+            raise ConfigError(f"--attributes: {name} is given twice ({text})")
+        given.add(name)
         attributes[name] = int(value)
     return attributes
 

@@ -165,6 +165,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
         return 1
     if args.split != "train":
         name = f"{name}:{args.split}"
+    if args.num < 1:
+        print(f"keel: --num {args.num}: give the number of rows to write (>= 1)", file=sys.stderr)
+        return 1
     count = write_jsonl(builtin_rows(name, args.num, args.seed), args.output)
     print(f"wrote {count} synthetic {builtin_format(name)} rows ({name}, seed {args.seed}) to {args.output}")
     return 0

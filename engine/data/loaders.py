@@ -132,6 +132,9 @@ def iter_records(source: str, num: int = 512, seed: int = 0) -> Iterator[tuple[W
     elif os.path.isfile(source):
         raise DataError(None, "<source>", "a .jsonl, .json or .parquet file", got=source, source=source,
                         hint="rename or convert the file")
+    elif os.path.isdir(source):
+        raise DataError(None, "<source>", "a .jsonl, .json or .parquet file", got=source, source=source,
+                        hint="it is a directory: name a file in it")
     else:
         raise DataError(None, "<source>", "an existing file, hf:<org>/<name> or builtin:<name>", got=source,
                         source=source, hint=f"no such file (a relative path starts from {os.getcwd()})")

@@ -43,6 +43,18 @@ def test_synth_writes_a_split(tmp_path: Path) -> None:
     assert [json.loads(line) for line in path.read_text().splitlines()] == helpsteer_rows(20, 3, "eval")
 
 
+def test_synth_refuses_no_rows_and_validate_names_a_directory(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--num -3 wrote an empty file with exit 0; a directory given as data said 'no such file'."""
+    assert _run(["synth", "sft", str(tmp_path / "x.jsonl"), "--num", "-3"]) == 1
+    assert "keel: --num -3: give the number of rows to write (>= 1)" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+    assert _run(["validate", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"field '<source>': expected a .jsonl, .json or .parquet file, got '{tmp_path}'" in out
+    assert "no such file" not in out
+
+
 def test_validate_reports_bad_rows_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')

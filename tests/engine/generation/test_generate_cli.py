@@ -295,3 +295,15 @@ def test_generate_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -
         assert described and described.group(1).endswith(f"(default: {default})"), (option, text)
     assert "(default: the model's context" in text and "data.seq_length" not in text, text
     assert "a run directory" in text and "'best'" in text, text
+
+
+def test_attributes_are_checked_and_a_name_given_twice_is_refused() -> None:
+    """--attributes verbosity=2,verbosity=3 was taken silently (the last one won)."""
+    from engine.config import ConfigError
+    from engine.generate import parse_attributes
+
+    assert parse_attributes("verbosity=4,complexity=1")["verbosity"] == 4
+    with pytest.raises(ConfigError, match=r"--attributes: verbosity is given twice \(verbosity=2,verbosity=3\)"):
+        parse_attributes("verbosity=2,verbosity=3")
+    with pytest.raises(ConfigError, match="'kindness=3' is not NAME=0..4"):
+        parse_attributes("kindness=3")
