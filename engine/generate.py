@@ -10,9 +10,10 @@ a warning); row ``i`` draws from ``--seed + i``. An SFT ``{messages}`` row is co
 before the last assistant reply, which its output row keeps as ``reference``; every output row keeps
 its input row's other fields (``id``, ``answer``...). Under torchrun,
 ``--tensor G`` splits the model over ``G`` ranks and the world's ``world / G`` replicas share
-the prompts. SteerLM policies (``nemotron`` template) take target attributes:
-``--attributes helpfulness=4,verbosity=1`` over the defaults of HelpSteer2-era models
-(helpfulness, correctness, coherence 4; complexity, verbosity 2).
+the prompts. SteerLM policies (``nemotron`` template) take target attributes: a prompt row's own
+``attributes`` (a dict or ``'verbosity:4,...'``), else the defaults of HelpSteer2-era models
+(helpfulness, correctness, coherence 4; complexity, verbosity 2); ``--attributes helpfulness=4,verbosity=1``
+over those defaults sets the targets of every row.
 
 Completed batches are appended to ``OUTPUT.partial``; ``OUTPUT.partial.meta`` records what they
 depend on (the resolved checkpoint, a hash of the prompts file, every generation option). A run
@@ -172,6 +173,22 @@ def _sft_prompt(row: dict[str, Any], where: Any) -> dict[str, Any]:
     return {**row, "prompt": messages}
 
 
+def row_attributes(row: dict[str, Any], where: Any, default: dict[str, int], forced: bool) -> dict[str, int]:
+    """The targets of a prompt row for a SteerLM policy: its ``attributes`` field (a dict or a
+    ``'helpfulness:4,...'`` string, over :data:`STEERLM_DEFAULTS`), else ``default``; ``forced`` (``--attributes``
+    given) sets ``default`` for every row."""
+    from engine.data.schemas import parse_attributes as parse_row_attributes
+
+    if forced or row.get("attributes") is None:
+        return default
+    return {**STEERLM_DEFAULTS, **parse_row_attributes(row["attributes"], where)}
+
+
+def _targets(row: dict[str, Any], attributes: Optional[dict[str, int]]) -> Optional[dict[str, int]]:
+    """The attributes a row is rendered with: its resolved own for a SteerLM policy, none otherwise."""
+    return row["attributes"] if attributes is not None and isinstance(row.get("attributes"), dict) else attributes
+
+
 def complete(backend: Any, tokenizer: Any, template: str, rows: list[dict[str, Any]], sampling: SamplingParams,
              attributes: Optional[dict[str, int]], batch_size: int = 64,
              progress: bool = False) -> list[dict[str, Any]]:
@@ -183,14 +200,16 @@ def complete(backend: Any, tokenizer: Any, template: str, rows: list[dict[str, A
     bar = _progress(len(rows), progress)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        prompts = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in chunk]
+        prompts = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, _targets(r, attributes))
+                   for r in chunk]
         seeds = [sampling.seed + start + i for i in range(len(chunk))]
         rollouts = backend.generate(prompts, sampling, seeds=seeds)
         for row, ids, reason in zip(chunk, rollouts.tokens, rollouts.finish_reasons, strict=True):
             text = tokenizer.decode(ids[:-1] if reason == "stop" else ids)
             kept = {k: v for k, v in row.items() if k != "messages"}  # id, answer...: to join results back
+            targets = _targets(row, attributes)
             out.append({**kept, "prompt": row["prompt"], "completion": text, "finish_reason": reason,
-                        "tokens": len(ids), **({"attributes": attributes} if attributes else {})})
+                        "tokens": len(ids), **({"attributes": targets} if targets else {})})
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -273,7 +292,11 @@ def _check_inputs(args: argparse.Namespace) -> Job:
                               max_length=args.max_length or context)
     tokenizer = load_tokenizer(config.data.tokenizer)
     warn_if_foreign(tokenizer, config.data.tokenizer, preset.name, preset.vocab_size)
-    rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, attributes) for r in rows]
+    if attributes is not None:  # a SteerLM policy: each row's own targets unless --attributes sets them for all
+        rows = [{**row, "attributes": row_attributes(row, where, attributes, bool(args.attributes))}
+                for where, row in placed]
+    rendered = [render_prompt(prompt_messages(r["prompt"]), tokenizer, template, _targets(r, attributes))
+                for r in rows]
     names = [f"{where}: field 'prompt'" for where, _ in placed]
     check_prompts(rendered, sampling, context, names=names, option="--max-length")
     warn_of_cut_completions([len(prompt) for prompt in rendered], sampling, context)
@@ -378,7 +401,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("output", help="output JSONL (written atomically)")
     parser.add_argument("--attributes", default=None,
                         help="SteerLM targets NAME=0..4,... over helpfulness/correctness/coherence 4, "
-                        "complexity/verbosity 2")
+                        "complexity/verbosity 2, for every row (default: each row's own 'attributes', else those)")
     parser.add_argument("--template", default=None,
                         help=f"chat template, one of {', '.join(TEMPLATE_NAMES)} (default: the checkpoint's)")
     parser.add_argument("--max-new-tokens", type=int, default=64,

@@ -307,3 +307,35 @@ def test_attributes_are_checked_and_a_name_given_twice_is_refused() -> None:
         parse_attributes("verbosity=2,verbosity=3")
     with pytest.raises(ConfigError, match="'kindness=3' is not NAME=0..4"):
         parse_attributes("kindness=3")
+
+
+def test_a_steerlm_prompt_row_keeps_its_own_targets(checkpoint: Path, tmp_path: Path) -> None:
+    """Each row's 'attributes' were replaced by the defaults (or --attributes), in the prompt and the output."""
+    from engine.data.errors import DataError
+    from engine.generate import _check_inputs, complete
+    from engine.generation.base import Rollouts, SamplingParams
+
+    prompts = tmp_path / "steer.jsonl"
+    rows = [{"prompt": "hi", "attributes": {"verbosity": 0}}, {"prompt": "yo", "attributes": "helpfulness:1"},
+            {"prompt": "no targets"}]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job = _check_inputs(_args(checkpoint, tmp_path / "o.jsonl", "--template", "nemotron", prompts=prompts))
+    assert [(r["attributes"]["verbosity"], r["attributes"]["helpfulness"]) for r in job.rows] == [(0, 4), (2, 1), (2, 4)]
+
+    seen: list[list[int]] = []
+
+    class Backend:  # records the prompts it is given
+        def generate(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollouts:
+            seen.extend(prompts)
+            return Rollouts(prompts, [[65]] * len(prompts), [[0.0]] * len(prompts), ["length"] * len(prompts))
+
+    out = complete(Backend(), job.tokenizer, job.template, job.rows, job.sampling, job.attributes)
+    assert [row["attributes"]["verbosity"] for row in out] == [0, 2, 2]
+    assert "verbosity:0" in job.tokenizer.decode(seen[0]) and "helpfulness:1" in job.tokenizer.decode(seen[1])
+
+    forced = _check_inputs(_args(checkpoint, tmp_path / "o.jsonl", "--template", "nemotron", "--attributes",
+                                 "verbosity=4", prompts=prompts))
+    assert [r["attributes"]["verbosity"] for r in forced.rows] == [4, 4, 4]  # --attributes sets every row's
+    prompts.write_text(json.dumps({"prompt": "x", "attributes": {"kindness": 3}}) + "\n")
+    with pytest.raises(DataError, match=r"steer.jsonl, line 1: field 'attributes.kindness': expected an attribute"):
+        _check_inputs(_args(checkpoint, tmp_path / "o.jsonl", "--template", "nemotron", prompts=prompts))
