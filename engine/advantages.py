@@ -10,9 +10,9 @@ these are in ``engine/losses.py``; reference tests in ``tests/engine/test_rl_los
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -111,15 +111,19 @@ def _groups(scores: torch.Tensor, group_size: int, minimum: int) -> torch.Tensor
     return scores.float().view(-1, group_size)
 
 
-def _kept(keep: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """``keep`` (a bool per rollout) as a 0/1 float mask shaped like the groups ``like``; None when every
-    rollout is kept, so the plain formulas run unchanged."""
-    if keep is None or bool(keep.all()):
+Keep = Optional[Union[torch.Tensor, Sequence[bool]]]  # a bool per rollout: False for one the rewards skipped
+
+
+def _kept(keep: Keep, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``keep`` (a bool per rollout, a tensor or a list) as a 0/1 float mask shaped like the groups ``like``;
+    None when every rollout is kept, so the plain formulas run unchanged."""
+    if keep is None:
         return None
-    return keep.float().view_as(like)
+    mask = torch.as_tensor(keep, dtype=torch.bool)
+    return None if bool(mask.all()) else mask.float().view_as(like)
 
 
-def rloo_advantages(scores: torch.Tensor, k: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+def rloo_advantages(scores: torch.Tensor, k: int, keep: Keep = None) -> torch.Tensor:
     """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024) per sequence.
 
         ``A_i = r_i - 1/(k-1) Σ_{j != i} r_j`` over the k rollouts of the same prompt
@@ -140,7 +144,7 @@ def rloo_advantages(scores: torch.Tensor, k: int, keep: Optional[torch.Tensor] =
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, normalize_std: bool = True,
-                     eps: float = 1e-6, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     eps: float = 1e-6, keep: Keep = None) -> torch.Tensor:
     """GRPO's group-relative advantage per sequence (Shao et al. 2024).
 
         ``A_i = (r_i - mean(r)) / (std(r) + eps)``; Dr. GRPO (``normalize_std=False``): ``r_i - mean(r)``
@@ -164,7 +168,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, normalize_std: bool 
     return torch.where(kept >= 2, centred, torch.zeros_like(groups)).flatten()
 
 
-def dynamic_sampling_filter(scores: torch.Tensor, group_size: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dynamic_sampling_filter(scores: torch.Tensor, group_size: int, keep: Keep = None) -> torch.Tensor:
     """DAPO dynamic sampling (Yu et al. 2025): keep a group unless all its rewards are equal.
 
     A group whose rollouts are all right (or all wrong) has zero advantage and no gradient; so has one whose

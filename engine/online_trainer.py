@@ -89,7 +89,7 @@ class OnlineTrainer(Trainer):
         rounds, kept, dropped = [first], [], []
         while True:
             it = rounds[-1]
-            keep = dynamic_sampling_filter(it.scores, size, torch.tensor(it.keep)).tolist()
+            keep = dynamic_sampling_filter(it.scores, size, it.keep).tolist()
             joined = book.add_round(keep)
             kept += [(len(rounds) - 1, g) for g in joined]
             dropped += [(len(rounds) - 1, g) for g, k in enumerate(keep) if not k]
@@ -208,7 +208,7 @@ class OnlineTrainer(Trainer):
             values[f"reward_{name}"] = mean(column)
         per_prompt = self.config.rollout.samples_per_prompt
         if per_prompt > 1:  # groups whose (kept) samples all scored alike teach a group-relative advantage nothing
-            differ = dynamic_sampling_filter(it.scores, per_prompt, torch.tensor(it.keep))
+            differ = dynamic_sampling_filter(it.scores, per_prompt, it.keep)
             values["tied_groups"] = float((~differ).float().mean())
         tokens = [(a, b) for row, ref in zip(logps, ref_logps, strict=True) for a, b in zip(row, ref, strict=True)]
         values["kl"] = sum(a - b for a, b in tokens) / max(len(tokens), 1)

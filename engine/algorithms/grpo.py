@@ -101,7 +101,7 @@ class GRPOStep(OnlineStep):
             kl = sequence_kl(logps, ref_logps)
             rewards = rewards - self.grpo.kl_coef * kl
         advantage = group_advantages(rewards, self.config.rollout.samples_per_prompt, self.grpo.normalize_std,
-                                     keep=None if keep is None else torch.tensor(keep))
+                                     keep=keep)
         cut = [r == "length" for r in rollouts.finish_reasons]
         return {"advantages": [[0.0 if (self.grpo.overlong == "filter" and cut[i]) else float(advantage[i])] * len(tokens)
                                for i, tokens in enumerate(rollouts.tokens)]}

@@ -73,7 +73,7 @@ class ReinforceStep(GRPOStep):
             kl = sequence_kl(logps, ref_logps)
             rewards = rewards - self.grpo.kl_coef * kl
         advantage = rloo_advantages(rewards, self.config.rollout.samples_per_prompt,
-                                    keep=None if keep is None else torch.tensor(keep))
+                                    keep=keep)
         return {"advantages": [[float(advantage[i])] * len(tokens) for i, tokens in enumerate(rollouts.tokens)]}
 
 
