@@ -49,7 +49,6 @@ class DropCounts:
             logger.warning("%s: dropped %d of %d rows with no loss token within seq_length=%d (prompt too long)",
                            self.source, self.no_loss_tokens, total, seq_length)
 
-
     def empty_error(self) -> DataError:
         """The one-line error for a source whose rows were all dropped, saying how many and why."""
         limit = self.seq_length + 1
