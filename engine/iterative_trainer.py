@@ -206,9 +206,9 @@ class IterativeTrainer(Trainer):
         """Sample, make the round's data, train, evaluate; returns the iteration's summary."""
         store = SampleStore(self.run_dir, iteration, self.parallel.is_main)
         self.model.set_training(False)
-        self.phase.take_failures()
         samples, times = self.sample(iteration, store)
-        failures = self.phase.take_failures()  # of the chunks generated now (none for chunks read back from disk)
+        # the chunks generated now (none for chunks read back from disk); evaluations keep theirs apart
+        failures = self.phase.take_failures()
         dataset, rows, file_name, round_summary = self.step.round_data(self, samples)
         store.write_jsonl(file_name, rows)
         self.step.begin_round(self)

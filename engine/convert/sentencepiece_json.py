@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 SPACE = "\u2581"  # ▁
 UNIGRAM, BPE = 1, 2  # sentencepiece's ModelProto.TrainerSpec.ModelType
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # ModelProto.SentencePiece.Type
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # ModelProto.SentencePiece.Type
 
 
 def to_hf_tokenizer(serialized: bytes) -> Any:
