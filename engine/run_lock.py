@@ -58,7 +58,7 @@ def _running(pid: int) -> bool:
 
 
 def gone_because(holder: dict[str, Any], me: dict[str, Any]) -> Optional[str]:
-    """Why the lock's ``holder`` no longer runs (so the lock may be taken over), or None when it may."""
+    """Why the lock's ``holder`` no longer runs (so the lock may be taken over), or None when it may still run."""
     here = holder.get("host") == me["host"] and holder.get("pid_namespace") == me["pid_namespace"]
     if here and holder.get("pid") == me["pid"]:
         return "this process"
@@ -96,7 +96,6 @@ def acquire(run_dir: str | Path) -> Optional[str]:
         return f"run.output_dir={path.parent}: cannot take its lock {path}: {exc.strerror or exc}"
     if path not in _HELD:
         _HELD.append(path)
-        atexit.register(release, path, me["pid"])
     return None
 
 
@@ -109,9 +108,13 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def release_held() -> None:
-    """Release every lock this process holds (a run that ends without Python's exit handlers, or in-process)."""
+    """Release every lock this process holds: at exit, and where a run ends without Python's exit handlers
+    (:func:`engine.parallel.failures._exit_now`) or returns in-process."""
     while _HELD:
         release(_HELD.pop(), os.getpid())
+
+
+atexit.register(release_held)
 
 
 def refusal(path: Path, holder: dict[str, Any]) -> str:
