@@ -36,6 +36,7 @@ import torch
 
 from engine.data.sampler import GlobalBatchSampler
 from engine.faults import maybe_fail
+from engine.parallel import failures
 from engine.sampling_phase import SampleStore
 from engine.trainer import FitResult, Trainer
 
@@ -229,6 +230,7 @@ class IterativeTrainer(Trainer):
         result = FitResult(start_step=start, end_step=start, run_dir=self.run_dir)
         self.signals.install()
         progress = self._progress(start, cfg.iterative.iterations, "iteration")
+        peer_failed = False
         try:
             if start == 0:
                 self._evaluate(0)
@@ -246,10 +248,13 @@ class IterativeTrainer(Trainer):
         except _Stopped as stopped:
             result.stopped_by = self.signals.received or "a signal on another rank"
             logger.warning("stopped on %s %s; the same command resumes", result.stopped_by, stopped)
+        except Exception as exc:
+            peer_failed = failures.is_peer_failure(exc)
+            raise
         finally:
             if progress is not None:
                 progress.close()
             self.phase.close()
             self.metrics.close()
-            self.signals.restore()
+            self.signals.restore(ignore=peer_failed)  # the CLI prints another rank's failure and exits
         return result  # curves.png was drawn with each iteration's checkpoint

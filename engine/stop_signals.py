@@ -49,9 +49,12 @@ class StopSignals:
             except ValueError:  # not the main thread: the caller's handlers stay
                 break
 
-    def restore(self) -> None:
+    def restore(self, ignore: bool = False) -> None:
+        """Put the previous handlers back; with ``ignore``, ignore the signals instead: the process is about to
+        print another rank's failure and exit, and the launcher's SIGTERM that follows a rank's death must not
+        end it first (SIGTERM's default) nor announce a checkpoint that will not come."""
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            signal.signal(signum, signal.SIG_IGN if ignore else previous)
         self._previous.clear()
 
     def __enter__(self) -> StopSignals:

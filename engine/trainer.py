@@ -40,6 +40,7 @@ from engine.data.sampler import GlobalBatchSampler
 from engine.data.tokenizers import load_tokenizer, warn_if_foreign
 from engine.faults import maybe_fail
 from engine.metrics import MetricsWriter
+from engine.parallel import failures
 from engine.parallel.collectives import any_rank, from_last_stage, sum_over_data_parallel
 from engine.run_lock import lock_run_dir
 from engine.runner import ModelRunner, build_model, fuse_cpu_adamw  # noqa: F401  (build_model: re-exported)
@@ -330,7 +331,7 @@ class Trainer:
         if cfg.run.eval_at_start and start == 0:
             self._log_validation(0, result)
         progress = self._progress(start)
-        tokens_total, time_total = 0.0, 0.0
+        tokens_total, time_total, peer_failed = 0.0, 0.0, False
         try:
             for step_number in range(start + 1, cfg.run.train_steps + 1):
                 began = time.perf_counter()
@@ -362,11 +363,14 @@ class Trainer:
                     logger.warning("stopped on %s after step %d; checkpoint %s", result.stopped_by, step_number,
                                    result.checkpoint)
                     break
+        except Exception as exc:
+            peer_failed = failures.is_peer_failure(exc)
+            raise
         finally:
             if progress is not None:
                 progress.close()
             self.metrics.close()
-            self.signals.restore()
+            self.signals.restore(ignore=peer_failed)  # the CLI prints another rank's failure and exits
         result.tokens_per_second = tokens_total / time_total if time_total else 0.0
         return result
 

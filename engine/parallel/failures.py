@@ -40,15 +40,20 @@ def _short_reason(exc: BaseException) -> str:
     return text.split(". This is typically")[0].rstrip(". ")
 
 
-def explain(exc: BaseException, rank: int, timeout_minutes: float, where: str) -> Optional[RankFailure]:
-    """A :class:`RankFailure` for ``exc`` when it is another rank's failure, else ``None``."""
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's (or the store's) error: another rank, or the rendezvous, failed."""
     import torch.distributed as dist
 
     from engine.rewards.worker import RewardError
 
     if isinstance(exc, RewardError):  # a reward function's own error ("connection reset" by a remote judge...)
-        return None
-    if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and _PEER_ERROR.search(str(exc)))):
+        return False
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_PEER_ERROR.search(str(exc))))
+
+
+def explain(exc: BaseException, rank: int, timeout_minutes: float, where: str) -> Optional[RankFailure]:
+    """A :class:`RankFailure` for ``exc`` when it is another rank's failure, else ``None``."""
+    if not is_peer_failure(exc):
         return None
     return RankFailure(
         f"rank {rank}: lost another rank {where} ({_short_reason(exc)}): it died, hung for longer than "

@@ -344,6 +344,40 @@ def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_put_back(monkeypatch
     assert signal.getsignal(signal.SIGINT) is before
 
 
+class _PeerLostAtStep2(SFTStep):
+    calls = 0
+
+    def loss(self, batch, output):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls > 2:  # what gloo raises when the rank at the other end of a collective died
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+        return super().loss(batch, output)
+
+
+@pytest.mark.parametrize("peer", [True, False], ids=["peer-lost", "own-error"])
+def test_after_a_peer_is_lost_the_launchers_sigterm_cannot_end_the_rank_before_its_line(
+        tmp_path: Path, peer: bool) -> None:
+    """torchrun SIGTERMs the survivors as soon as one rank exits; SIGTERM's default (the handlers put back as
+    training ends) would end a rank before the CLI printed its one line. After another rank's failure the
+    stop signals stay ignored until the process exits; after its own error, the handlers are put back."""
+    import signal
+
+    from engine.trainer import Trainer, TrainingError
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with single_process_parallel() as parallel:
+            config = load_config(TrainConfig, None, BASE + [f"run.output_dir={tmp_path}", "run.train_steps=3"])
+            trainer = Trainer(config, _PeerLostAtStep2() if peer else _NaNAtStep2(), parallel)
+            with pytest.raises(RuntimeError if peer else TrainingError):
+                trainer.fit()
+        after = {signum: signal.getsignal(signum) for signum in before}
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert after == ({signum: signal.SIG_IGN for signum in before} if peer else before)
+
+
 def test_ctrl_c_outside_training_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from engine import cli
 
