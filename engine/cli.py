@@ -370,7 +370,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         # raised alike on every rank; a reward function's with on_error: raise names it, the row and the fix
         if isinstance(exc, (CheckpointError, TrainingError, RewardError)):
-            print(f"keel: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"keel: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            _wait_for_the_other_ranks()
             return 1
         raise
 
