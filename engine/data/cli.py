@@ -32,6 +32,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"tokens: {summary['tokens']} total, mean {summary['mean_length']:.1f}, max {summary['max_length']} "
           f"(seq_length {summary['seq_length']}); over-long rows: {summary['overlong']}, "
           f"prompt fills the sequence: {summary['prompt_too_long']}")
+    if summary["overlong_policy"] != "none":
+        cut = "truncated to seq_length+1" if summary["overlong_policy"] == "truncate" else "their prompt cut"
+        room = "no loss token left" if summary["format"] in ("chat", "text") else "the response alone does not fit"
+        print(f"training with data.overlong={summary['overlong_policy']}: keeps {summary['cut']} rows {cut}, drops "
+              f"{summary['dropped_by_policy']} over-long rows by the policy and {summary['dropped_no_room']} with "
+              f"{room} (a problem)")
     print("length histogram:")
     for bucket, count in summary["histogram"].items():
         print(f"  {bucket:>12}: {count}")
@@ -41,7 +47,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 VALIDATE_DEFAULTS = {"tokenizer": "byte", "seq_length": 128, "template": "auto"}  # keel train sft's
-VALIDATE_FROM_RUN = {"format": "format", "tokenizer": "tokenizer", "seq_length": "seq_length", "template": "chat_template"}
+VALIDATE_FROM_RUN = {"format": "format", "tokenizer": "tokenizer", "seq_length": "seq_length", "template": "chat_template",
+                     "overlong": "overlong"}
 
 
 def algorithm_of_run(path: str, tree: dict[str, Any], named: str = "--config ") -> str:
@@ -130,7 +137,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     fmt = args.format
     try:
         summary = validate_file(args.source, fmt, args.tokenizer, args.seq_length, template=args.template,
-                                on_error=args.on_error, num=args.num, seed=args.seed)
+                                on_error=args.on_error, num=args.num, seed=args.seed, overlong=args.overlong)
         if summary["ok"]:
             check_run_rewards(args)
     except (DataError, ValueError) as error:
@@ -213,8 +220,9 @@ def register(subparsers: Any) -> None:
                                      description="Validate and tokenise every row; exit 1 if anything is wrong.")
     validate.add_argument("source", help="data file, hf:<org>/<name> or builtin:<name>")
     validate.add_argument("--config", default=None,
-                          help="a training config (YAML): its data.format, tokenizer, seq_length and chat_template, "
-                               "and the tokenizer its checkpoint.load carries, are the defaults of the options below")
+                          help="a training config (YAML): its data.format, tokenizer, seq_length, chat_template and "
+                               "overlong, and the tokenizer its checkpoint.load carries, are the defaults of the "
+                               "options below")
     validate.add_argument("--algorithm", default=None, choices=tuple(ALGORITHMS),
                           help="the keel train algorithm of --config (default: the one its sections name)")
     validate.add_argument("--format", choices=FORMATS, default=None,
@@ -224,6 +232,9 @@ def register(subparsers: Any) -> None:
                           help="sequence length used in training (default 128, keel train sft's; the run's with --config)")
     validate.add_argument("--template", choices=TEMPLATE_CHOICES, default=None,
                           help="chat template (default auto: the tokenizer's own when it carries one, else plain)")
+    validate.add_argument("--overlong", choices=("truncate", "drop", "cut_prompt"), default=None,
+                          help="data.overlong that training applies to rows over seq_length (default: the run's "
+                               "with --config, else truncate for chat/text rows and cut_prompt for the others)")
     validate.add_argument("--on-error", choices=("raise", "skip"), default="skip",
                           help="skip: list every bad row (default); raise: stop at the first")
     validate.add_argument("--num", type=int, default=512, help="rows of a builtin: source")

@@ -35,7 +35,7 @@ from engine.data.schemas import ATTRIBUTES, MISSING
 from engine.data.tokenizers import Tokenizer
 
 
-class _Fitter:
+class PromptFitter:
     """Applies the over-long policy to (prompt, replies) and counts what it cut and dropped."""
 
     def __init__(self, tokenizer: Tokenizer, template: str, seq_length: int, overlong: str, source: str):
@@ -85,7 +85,7 @@ class PreferenceDataset:
                  template: str = "plain", overlong: str = "cut_prompt", source: str = "<data>"):
         self.tokenizer = tokenizer
         self.seq_length = seq_length
-        fitter = _Fitter(tokenizer, template, seq_length, overlong, source)
+        fitter = PromptFitter(tokenizer, template, seq_length, overlong, source)
         self.pairs: list[tuple[tuple[list[int], int], tuple[list[int], int], dict[str, float]]] = []
         for row in rows:
             chosen = render_reply(row["chosen"], tokenizer, template)
@@ -145,7 +145,7 @@ class AttributeDataset:
                  template: str = "plain", overlong: str = "cut_prompt", source: str = "<data>"):
         self.tokenizer = tokenizer
         self.seq_length = seq_length
-        fitter = _Fitter(tokenizer, template, seq_length, overlong, source)
+        fitter = PromptFitter(tokenizer, template, seq_length, overlong, source)
         self.samples: list[tuple[tuple[list[int], int], list[float]]] = []
         self.row_index: list[int] = []  # position in ``rows`` of each sample (over-long rows may be dropped)
         for i, row in enumerate(rows):

@@ -3,7 +3,12 @@
 :func:`validate_file` streams the file once, so it works on files larger than memory,
 and returns a summary: row counts, bad rows (with file, line and field, the first
 :data:`engine.data.loaders.MAX_PROBLEMS` of them), total tokens, a length histogram,
-and how many rows exceed ``seq_length`` or have a prompt that leaves no room for a reply.
+how many rows exceed ``seq_length``, and what training's over-long policy
+(``data.overlong``) does with them: the same code that builds the training samples says
+which rows are cut and which are dropped. Rows dropped because nothing is left to learn
+(an SFT prompt that leaves no loss token, a reward model's response that does not fit
+even after the shortest prompt) are problems; rows cut, or dropped because the policy
+asked for it (``drop``), are reported, as training logs them.
 """
 
 from __future__ import annotations
@@ -11,12 +16,18 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from engine.data.chat import prompt_messages, render_chat, render_prompt, render_reply, render_text
+from engine.data.documents import DropCounts, fit_document, render_row
 from engine.data.errors import DataError
 from engine.data.loaders import ReadStats, iter_rows
+from engine.data.preference import PromptFitter
 from engine.data.schemas import Row
 from engine.data.tokenizers import Tokenizer, load_tokenizer
 
 HISTOGRAM_BINS = 8
+SFT_FORMATS = ("chat", "text")
+REPLIES = {"attributes": ("response",), "helpsteer2_preference": ("response_1", "response_2"),
+           "pairs": ("chosen", "rejected"), "prompts": ()}
+OVERLONG_DEFAULT = {"chat": "truncate", "text": "truncate"}  # the rest: cut_prompt; prompt sets have no policy
 
 
 def row_lengths(row: Row, fmt: str, tokenizer: Tokenizer, template: str = "plain") -> tuple[int, int]:
@@ -30,9 +41,7 @@ def row_lengths(row: Row, fmt: str, tokenizer: Tokenizer, template: str = "plain
         return len(ids), mask.index(1) if 1 in mask else len(ids)
     attributes = row.get("attributes") if template == "nemotron" and fmt == "prompts" else None
     prompt = len(render_prompt(prompt_messages(row["prompt"]), tokenizer, template, attributes))
-    replies = {"attributes": ("response",), "helpsteer2_preference": ("response_1", "response_2"),
-               "pairs": ("chosen", "rejected"), "prompts": ()}[fmt]
-    longest = max((len(render_reply(row[name], tokenizer, template)) for name in replies), default=0)
+    longest = max((len(render_reply(row[name], tokenizer, template)) for name in REPLIES[fmt]), default=0)
     return prompt + longest, prompt
 
 
@@ -56,37 +65,76 @@ class _Lengths:
         return dict(zip(keys, self.bins, strict=True))
 
 
+class _Policy:
+    """Training's over-long policy applied to each row, as the samples are built: counts of the rows kept cut,
+    dropped by the policy (``drop``), and dropped with no room left to learn from."""
+
+    def __init__(self, fmt: str, overlong: Optional[str], tokenizer: Tokenizer, template: str, seq_length: int):
+        self.fmt, self.name = fmt, overlong or OVERLONG_DEFAULT.get(fmt, "cut_prompt")
+        self.tokenizer, self.template, self.seq_length = tokenizer, template, seq_length
+        allowed = ("truncate", "drop") if fmt in SFT_FORMATS else ("cut_prompt", "drop")
+        if fmt == "prompts":
+            self.name = "none"
+        elif self.name not in allowed:
+            raise ValueError(f"--overlong {self.name}: {fmt} rows take {' or '.join(allowed)} (data.overlong of "
+                             "the algorithms that train on them)")
+        self.drops = DropCounts()
+        self.fitter = PromptFitter(tokenizer, template, seq_length, self.name, "<validate>") if fmt not in (
+            *SFT_FORMATS, "prompts") else None
+
+    def apply(self, row: Row) -> None:
+        if self.fmt in SFT_FORMATS:
+            ids, mask = render_row(row, self.tokenizer, self.fmt, self.template)
+            fit_document(ids, mask, self.seq_length + 1, self.name, self.drops)
+        elif self.fitter is not None:
+            replies = [render_reply(row[name], self.tokenizer, self.template) for name in REPLIES[self.fmt]]
+            self.fitter.prompt(row["prompt"], replies)
+
+    def counts(self) -> dict[str, Any]:
+        if self.fitter is not None:
+            dropped, by_policy = self.fitter.counts.dropped, self.name == "drop"
+            return {"overlong_policy": self.name, "cut": self.fitter.counts.prompt_cut,
+                    "dropped_by_policy": dropped if by_policy else 0, "dropped_no_room": 0 if by_policy else dropped}
+        return {"overlong_policy": self.name, "cut": self.drops.truncated, "dropped_by_policy": self.drops.overlong,
+                "dropped_no_room": self.drops.no_loss_tokens}
+
+
 def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: int, template: str = "plain",
-                  on_error: str = "skip", num: int = 512, seed: int = 0) -> dict[str, Any]:
+                  on_error: str = "skip", num: int = 512, seed: int = 0,
+                  overlong: Optional[str] = None) -> dict[str, Any]:
     """Validate and tokenise every row of ``path``; returns the summary (see module docstring).
 
     ``on_error="skip"`` collects bad rows into ``problems``; ``"raise"`` raises
-    :class:`DataError` at the first. ``ok`` is True when no row is bad, none is over-long
-    and none has a prompt that fills the sequence.
+    :class:`DataError` at the first. ``overlong`` is training's ``data.overlong`` (default: the
+    format's, ``truncate`` for SFT rows and ``cut_prompt`` for reward and preference rows). ``ok``
+    is True when no row is bad and training would drop none for want of room (a prompt over
+    ``seq_length`` fails it for prompt sets, which have no policy).
     """
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    sft = fmt in ("chat", "text")
-    limit = seq_length + 1 if sft else seq_length  # SFT samples hold seq_length + 1 ids before the shift
+    policy = _Policy(fmt, overlong, tok, template, seq_length)
+    limit = seq_length + 1 if fmt in SFT_FORMATS else seq_length  # SFT samples hold seq_length + 1 ids
     stats = ReadStats()
     lengths = _Lengths(seq_length)
-    overlong = prompt_too_long = 0
+    overlong_rows = prompt_too_long = 0
     fatal: Optional[str] = None
     try:
         for row in iter_rows(path, fmt, on_error, stats=stats, num=num, seed=seed):
             total, prompt = row_lengths(row, fmt, tok, template)
             lengths.add(total)
-            overlong += total > limit
+            overlong_rows += total > limit
             prompt_too_long += fmt != "prompts" and prompt + 1 > limit
+            policy.apply(row)
     except DataError as error:
         if on_error == "raise" or stats.valid:
             raise
         fatal = error.brief
     problems = stats.problems + ([fatal] if fatal else [])
+    counts = policy.counts()
     return {
         "source": path, "format": fmt, "template": template, "seq_length": seq_length,
         "rows": stats.records, "valid": stats.valid, "skipped": stats.skipped, "problems": problems,
         "tokens": lengths.total, "max_length": lengths.max,
         "mean_length": lengths.total / lengths.count if lengths.count else 0.0,
-        "overlong": overlong, "prompt_too_long": prompt_too_long, "histogram": lengths.histogram(),
-        "ok": not problems and not overlong and not prompt_too_long,
+        "overlong": overlong_rows, "prompt_too_long": prompt_too_long, **counts, "histogram": lengths.histogram(),
+        "ok": not problems and not counts["dropped_no_room"] and not (fmt == "prompts" and overlong_rows),
     }

@@ -134,3 +134,22 @@ def test_validate_checks_a_sampling_runs_prompts_against_its_reward_functions(
                 "tasks" in out, out
         else:
             assert "1 valid of 1 rows" in out and "format=prompts" in out and out.rstrip().endswith("OK"), out
+
+
+def test_validate_judges_over_long_rows_by_the_runs_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A row over seq_length that keel train sft keeps, truncated, made validate exit 1 ("PROBLEMS FOUND");
+    it now says what training does with it, under the run's data.overlong."""
+    data = tmp_path / "chat.jsonl"
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x" * 200}]}
+    data.write_text(json.dumps(row) + "\n")
+    assert _run(["validate", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "training with data.overlong=truncate: keeps 1 rows truncated to seq_length+1" in out
+    assert out.rstrip().endswith("OK")
+    run = tmp_path / "sft.yaml"
+    run.write_text("data:\n  overlong: drop\n  seq_length: 64\n")
+    assert _run(["validate", str(data), "--config", str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["overlong_policy"], summary["dropped_by_policy"], summary["seq_length"]) == ("drop", 1, 64)
+    assert _run(["validate", str(data), "--overlong", "cut_prompt"]) == 1
+    assert "error: --overlong cut_prompt: chat rows take truncate or drop" in capsys.readouterr().out

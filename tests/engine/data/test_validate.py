@@ -42,3 +42,36 @@ def test_clean_pairs_file_is_ok(write_jsonl: Any) -> None:
 def test_all_rows_bad_is_reported_not_raised(write_jsonl: Any) -> None:
     summary = validate_file(write_jsonl([{"text": 3}]), "text", "byte", 32)
     assert not summary["ok"] and summary["valid"] == 0 and "all 1 rows were bad" in summary["problems"][-1]
+
+
+def _verdict(summary: dict[str, Any]) -> tuple[Any, ...]:
+    return (summary["overlong_policy"], summary["overlong"], summary["cut"], summary["dropped_by_policy"],
+            summary["dropped_no_room"], summary["ok"])
+
+
+def test_over_long_rows_are_judged_by_the_policy_training_applies(write_jsonl: Any) -> None:
+    """An over-long SFT row that data.overlong=truncate keeps (cut) failed validation although training took it
+    with a warning; a row training drops for want of room (its prompt fills the sequence) is the problem."""
+    fits = {"messages": [USER, {"role": "assistant", "content": "Hello."}]}
+    long_reply = {"messages": [USER, {"role": "assistant", "content": "x" * 100}]}
+    long_prompt = {"messages": [{"role": "user", "content": "y" * 80}, {"role": "assistant", "content": "z"}]}
+    kept = write_jsonl([fits, long_reply], "kept.jsonl")
+    assert _verdict(validate_file(kept, "chat", "byte", 64)) == ("truncate", 1, 1, 0, 0, True)
+    assert _verdict(validate_file(kept, "chat", "byte", 64, overlong="drop")) == ("drop", 1, 0, 1, 0, True)
+    both = write_jsonl([fits, long_reply, long_prompt], "both.jsonl")
+    assert _verdict(validate_file(both, "chat", "byte", 64)) == ("truncate", 2, 1, 0, 1, False)
+    assert _verdict(validate_file(both, "chat", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, True)
+    with pytest.raises(ValueError, match="--overlong cut_prompt: chat rows take truncate or drop"):
+        validate_file(kept, "chat", "byte", 64, overlong="cut_prompt")
+
+
+def test_reward_rows_keep_their_response_whole_and_fail_only_when_it_cannot_fit(write_jsonl: Any) -> None:
+    long_prompt = {"prompt": "p" * 100, "chosen": "a", "rejected": "b"}  # the prompt is cut from the left
+    long_response = {"prompt": "q", "chosen": "c" * 80, "rejected": "d"}  # no prompt cut makes room for it
+    cut = write_jsonl([long_prompt], "cut.jsonl")
+    assert _verdict(validate_file(cut, "pairs", "byte", 64)) == ("cut_prompt", 1, 1, 0, 0, True)
+    both = write_jsonl([long_prompt, long_response], "both.jsonl")
+    assert _verdict(validate_file(both, "pairs", "byte", 64)) == ("cut_prompt", 2, 1, 0, 1, False)
+    assert _verdict(validate_file(both, "pairs", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, True)
+    prompts = write_jsonl([{"prompt": "r" * 100}], "prompts.jsonl")
+    assert _verdict(validate_file(prompts, "prompts", "byte", 64, overlong="truncate")) == ("none", 1, 0, 0, 0, False)
