@@ -33,11 +33,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
           f"(seq_length {summary['seq_length']}); over-long rows: {summary['overlong']}, "
           f"prompt fills the sequence: {summary['prompt_too_long']}")
     if summary["overlong_policy"] != "none":
-        cut = "truncated to seq_length+1" if summary["overlong_policy"] == "truncate" else "their prompt cut"
-        room = "no loss token left" if summary["format"] in ("chat", "text") else "the response alone does not fit"
-        print(f"training with data.overlong={summary['overlong_policy']}: keeps {summary['cut']} rows {cut}, drops "
-              f"{summary['dropped_by_policy']} over-long rows by the policy and {summary['dropped_no_room']} with "
-              f"{room} (a problem)")
+        sft = summary["format"] in ("chat", "text")
+        cut = "truncated to seq_length+1" if sft else "with their prompt cut from the left"
+        room = "no loss token left" if sft else "a response that does not fit"
+        print(f"training (data.overlong={summary['overlong_policy']}): keeps {summary['cut']} over-long rows {cut}; "
+              f"drops {summary['dropped_by_policy']} by the policy, {summary['dropped_no_room']} with {room} "
+              "(a problem)")
+        if summary["valid"] and summary["dropped_by_policy"] >= summary["valid"]:
+            print("every row is dropped: training refuses a source with none left (raise --seq-length, or "
+                  "keep over-long rows cut)")
     print("length histogram:")
     for bucket, count in summary["histogram"].items():
         print(f"  {bucket:>12}: {count}")

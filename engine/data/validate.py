@@ -136,5 +136,6 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
         "tokens": lengths.total, "max_length": lengths.max,
         "mean_length": lengths.total / lengths.count if lengths.count else 0.0,
         "overlong": overlong_rows, "prompt_too_long": prompt_too_long, **counts, "histogram": lengths.histogram(),
-        "ok": not problems and not counts["dropped_no_room"] and not (fmt == "prompts" and overlong_rows),
+        "ok": not problems and not counts["dropped_no_room"] and not (fmt == "prompts" and overlong_rows)
+        and stats.valid > counts["dropped_by_policy"],  # training refuses a source whose rows it all drops
     }

@@ -141,10 +141,11 @@ def test_validate_judges_over_long_rows_by_the_runs_policy(tmp_path: Path, capsy
     it now says what training does with it, under the run's data.overlong."""
     data = tmp_path / "chat.jsonl"
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x" * 200}]}
-    data.write_text(json.dumps(row) + "\n")
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    data.write_text(json.dumps(row) + "\n" + json.dumps(short) + "\n")
     assert _run(["validate", str(data)]) == 0
     out = capsys.readouterr().out
-    assert "training with data.overlong=truncate: keeps 1 rows truncated to seq_length+1" in out
+    assert "training (data.overlong=truncate): keeps 1 over-long rows truncated to seq_length+1; drops 0" in out
     assert out.rstrip().endswith("OK")
     run = tmp_path / "sft.yaml"
     run.write_text("data:\n  overlong: drop\n  seq_length: 64\n")

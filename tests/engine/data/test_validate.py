@@ -61,6 +61,8 @@ def test_over_long_rows_are_judged_by_the_policy_training_applies(write_jsonl: A
     both = write_jsonl([fits, long_reply, long_prompt], "both.jsonl")
     assert _verdict(validate_file(both, "chat", "byte", 64)) == ("truncate", 2, 1, 0, 1, False)
     assert _verdict(validate_file(both, "chat", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, True)
+    only_long = write_jsonl([long_reply], "only_long.jsonl")  # training refuses a source it drops whole
+    assert _verdict(validate_file(only_long, "chat", "byte", 64, overlong="drop")) == ("drop", 1, 0, 1, 0, False)
     with pytest.raises(ValueError, match="--overlong cut_prompt: chat rows take truncate or drop"):
         validate_file(kept, "chat", "byte", 64, overlong="cut_prompt")
 
@@ -72,6 +74,8 @@ def test_reward_rows_keep_their_response_whole_and_fail_only_when_it_cannot_fit(
     assert _verdict(validate_file(cut, "pairs", "byte", 64)) == ("cut_prompt", 1, 1, 0, 0, True)
     both = write_jsonl([long_prompt, long_response], "both.jsonl")
     assert _verdict(validate_file(both, "pairs", "byte", 64)) == ("cut_prompt", 2, 1, 0, 1, False)
-    assert _verdict(validate_file(both, "pairs", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, True)
+    assert _verdict(validate_file(both, "pairs", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, False)
+    three = write_jsonl([long_prompt, long_response, {"prompt": "s", "chosen": "e", "rejected": "f"}], "three.jsonl")
+    assert _verdict(validate_file(three, "pairs", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, True)
     prompts = write_jsonl([{"prompt": "r" * 100}], "prompts.jsonl")
     assert _verdict(validate_file(prompts, "prompts", "byte", 64, overlong="truncate")) == ("none", 1, 0, 0, 0, False)
