@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 from engine.algorithms.dpo_reference import register as register_ref_logprobs
-from engine.data.convert import convert_file
+from engine.data.convert import CONVERTERS, convert_file
 from engine.data.errors import HINT, DataError
 from engine.data.loaders import write_jsonl
 from engine.data.schemas import FORMATS
@@ -32,7 +32,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"tokens: {summary['tokens']} total, mean {summary['mean_length']:.1f}, max {summary['max_length']} "
           f"(seq_length {summary['seq_length']}); over-long rows: {summary['overlong']}, "
           f"prompt fills the sequence: {summary['prompt_too_long']}")
-    if summary["overlong_policy"] != "none":
+    if summary["overlong_policy"] != "none" and summary["overlong"]:
         sft = summary["format"] in ("chat", "text")
         cut = "truncated to seq_length+1" if sft else "with their prompt cut from the left"
         room = "no loss token left" if sft else "a response that does not fit"
@@ -125,11 +125,23 @@ def _validate_settings(args: argparse.Namespace) -> None:
         args.format = builtin_format(args.source) if args.source.startswith("builtin:") else "chat"
 
 
-def _with_option_hint(error: Exception) -> Exception:
-    """A bad row's hint names these commands' ``--on-error skip``, not the training config's ``data.on_error``."""
-    if isinstance(error, DataError) and str(error).endswith(f"({HINT})"):
+def _with_option_hint(error: Exception, other_format: Optional[Callable[[str], str]] = None) -> Exception:
+    """A bad row's hint names these commands' options, not the training config's: ``--on-error skip`` for
+    ``data.on_error``, and ``other_format(format)`` for a row with another format's fields (whose hint would
+    say ``set data.format=...``)."""
+    if not isinstance(error, DataError):
+        return error
+    if error.looks_like and other_format is not None:
+        return error.with_hint(other_format(error.looks_like))
+    if str(error).endswith(f"({HINT})"):
         return error.with_hint("fix the row, or pass --on-error skip to drop bad rows")
     return error
+
+
+# what the commands that read one row format read, in words
+READS = {"attributes": "HelpSteer attribute rows (prompt, response and its ratings)",
+         "helpsteer2_preference": "HelpSteer2-Preference rows (prompt, response_1, response_2, preference_strength)"}
+CONVERTS_TO = {"helpsteer2-dpo": "pairs", "helpsteer2-preference-bt": "pairs", "steerlm": "chat"}
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -144,8 +156,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                 on_error=args.on_error, num=args.num, seed=args.seed, overlong=args.overlong)
         if summary["ok"]:
             check_run_rewards(args)
-    except (DataError, ValueError) as error:
-        print(f"error: {_with_option_hint(error)}")
+    except (DataError, ValueError) as error:  # with --config the format is the run's data.format, as the hint says
+        print(f"error: {_with_option_hint(error, None if args.config else _pass_format)}")
         return 1
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -154,12 +166,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
+def _pass_format(fmt: str) -> str:
+    return f"the row has the fields of {fmt} rows: pass --format {fmt}"
+
+
 def _convert(kind: str) -> Any:
+    def other_format(fmt: str) -> str:
+        done = f"; {fmt} rows need no conversion: train on them as they are" if fmt == CONVERTS_TO[kind] else ""
+        return f"the row has the fields of {fmt} rows, and convert-{kind} reads {READS[CONVERTERS[kind][0]]}{done}"
+
     def run(args: argparse.Namespace) -> int:
         try:
             counts = convert_file(kind, args.input, args.output, on_error=args.on_error)
         except (DataError, ValueError) as error:
-            print(f"error: {_with_option_hint(error)}")
+            print(f"error: {_with_option_hint(error, other_format)}")
             return 1
         print(f"wrote {counts['written']} rows to {args.output}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return 0
@@ -184,6 +204,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diverging_reads(fmt: str) -> str:
+    return (f"the row has the fields of {fmt} rows, and diverging reads pairs or helpsteer2_preference rows (a "
+            "preference with its annotators' own ratings)")
+
+
 def cmd_diverging(args: argparse.Namespace) -> int:
     from engine.data.loaders import iter_records, load_rows
     from engine.eval.diverging import describe_rule, list_diverging
@@ -195,7 +220,7 @@ def cmd_diverging(args: argparse.Namespace) -> int:
             fmt = "helpsteer2_preference" if isinstance(first, dict) and "response_1" in first else "pairs"
         rows, counts = list_diverging(load_rows(args.source, fmt, on_error=args.on_error), args.threshold)
     except (DataError, ValueError) as error:
-        print(f"error: {_with_option_hint(error)}")
+        print(f"error: {_with_option_hint(error, _diverging_reads)}")
         return 1
     share = counts["diverging"] / counts["with_annotators"] if counts["with_annotators"] else 0.0
     print(f"{args.source} ({fmt}): {counts['rows']} rows, {counts['with_annotators']} with annotators: "

@@ -61,13 +61,16 @@ class DataError(ValueError):
         self.field = field
         self.expected = expected
         self.got = got
+        self.looks_like: Optional[str] = None  # the data format whose fields the row has (set by check_row)
         place = str(where) if where else self.source
         got_text = "" if got is None else f", got {_short(got)}"
         super().__init__(f"{place}: field '{field}': expected {expected}{got_text} ({hint})")
 
     def with_hint(self, hint: str) -> DataError:
         """The same error with another hint: a command that does not read ``data.on_error`` names its own remedy."""
-        return DataError(self.where, self.field, self.expected, self.got, self.source, hint=hint)
+        error = DataError(self.where, self.field, self.expected, self.got, self.source, hint=hint)
+        error.looks_like = self.looks_like
+        return error
 
     @property
     def brief(self) -> str:

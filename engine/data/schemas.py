@@ -250,7 +250,9 @@ def check_row(fmt: str, row: Any, where: Optional[Where] = None, formats: Option
                 f"data.format={usable[0]}" if usable else
                 f"the row has the fields of data.format={guesses[0]}, which this run does not train on; it reads "
                 f"{_either(formats or ())}")
-        raise exc.with_hint(hint) from None
+        error = exc.with_hint(hint)
+        error.looks_like = guesses[0]
+        raise error from None
 
 
 def _either(names: Sequence[str]) -> str:

@@ -154,3 +154,25 @@ def test_validate_judges_over_long_rows_by_the_runs_policy(tmp_path: Path, capsy
     assert (summary["overlong_policy"], summary["dropped_by_policy"], summary["seq_length"]) == ("drop", 1, 64)
     assert _run(["validate", str(data), "--overlong", "cut_prompt"]) == 1
     assert "error: --overlong cut_prompt: chat rows take truncate or drop" in capsys.readouterr().out
+
+
+def test_a_file_of_another_format_gets_the_commands_own_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """These commands have no data.format: a pairs file given to a converter was told "set data.format=pairs"."""
+    pairs, ratings = tmp_path / "pairs.jsonl", tmp_path / "ratings.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    ratings.write_text(json.dumps({"prompt": "a", "response": "b", "helpfulness": 3}) + "\n")
+    expected = {
+        ("convert-steerlm", str(pairs), str(tmp_path / "o.jsonl")):
+            "(the row has the fields of pairs rows, and convert-steerlm reads HelpSteer attribute rows",
+        ("convert-helpsteer2-dpo", str(pairs), str(tmp_path / "o.jsonl")):
+            "; pairs rows need no conversion: train on them as they are)",
+        ("convert-helpsteer2-preference-bt", str(pairs), str(tmp_path / "o.jsonl")):
+            "convert-helpsteer2-preference-bt reads HelpSteer2-Preference rows",
+        ("diverging", str(ratings)): "(the row has the fields of attributes rows, and diverging reads pairs or",
+        ("validate", str(ratings), "--format", "pairs", "--on-error", "raise"):
+            "(the row has the fields of attributes rows: pass --format attributes)",
+    }
+    for argv, hint in expected.items():
+        assert _run(list(argv)) == 1
+        out = capsys.readouterr().out
+        assert hint in out and "data.format" not in out, (argv, out)
