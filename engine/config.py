@@ -387,6 +387,14 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: s
         raise ConfigError(f"{source}: {exc}") from None
 
 
+def checked_overrides(cls: type, overrides: list[str]) -> dict[str, Any]:
+    """:func:`parse_overrides`, checked against ``cls``'s schema on their own: an unknown key or a bad value is
+    named as the command line's, not as that of the file or checkpoint they are merged into."""
+    tree = parse_overrides(overrides)
+    from_dict(cls, merge_dicts(_defaults_as_dict(cls), tree), "command-line overrides")
+    return tree
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=x"]`` into a nested dict, values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -437,9 +445,7 @@ def load_config(cls: type, path: Optional[str] = None, overrides: Optional[list[
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     if overrides:
-        override_tree = parse_overrides(overrides)
-        # Overrides are checked against the schema with their own source name.
-        from_dict(cls, merge_dicts(_defaults_as_dict(cls), override_tree), "command-line overrides")
+        override_tree = checked_overrides(cls, overrides)
         data = merge_dicts(data, override_tree)
         source = f"{source} + command-line overrides" if path else "command-line overrides"
     from engine.checkpoint.inherit import fine_tuning_lr, inherit_from_checkpoint

@@ -157,7 +157,9 @@ class RewardScorer:
 def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple[Path, RewardTrainConfig]:
     """(resolved path, saved config with ``overrides``) of a reward-model checkpoint; nothing is built."""
     from engine.checkpoint import dist as ckpt
-    from engine.config import from_dict, merge_dicts, parse_overrides
+    from engine.config import checked_overrides, from_dict, merge_dicts
+
+    override_tree = checked_overrides(RewardTrainConfig, list(overrides))
     path = ckpt.locate(checkpoint, "reward model")
     meta = ckpt.read_meta(path)
     if meta.get("algorithm") != "rm":  # its saved config would fail as a reward model's, naming a data format
@@ -166,7 +168,7 @@ def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple
     saved["parallel"] = dict(saved["parallel"], data=None)
     if saved.get("data", {}).get("overlong") == "truncate":  # runs saved before reward data refused it
         saved["data"] = dict(saved["data"], overlong="cut_prompt")
-    config = from_dict(RewardTrainConfig, merge_dicts(saved, parse_overrides(list(overrides))), f"{path}/{ckpt.META}")
+    config = from_dict(RewardTrainConfig, merge_dicts(saved, override_tree), f"{path}/{ckpt.META}")
     return path, config
 
 

@@ -77,6 +77,10 @@ def test_the_commands_read_a_run_directory(tmp_path: Path) -> None:
     assert resolve_checkpoint(str(policy)) == tmp_path / "policy" / "checkpoints" / "step_0000001"
     assert _reward_model(str(rm)) == str(best)
     assert reward_model_config(str(rm))[0] == best
+    # an override no config has is the command line's fault, not the checkpoint's keel.json
+    with pytest.raises(ConfigError, match=r"^command-line overrides: unknown config key 'data.bogus'"):
+        reward_model_config(str(rm), ["data.bogus=1"])
+    assert reward_model_config(str(rm), ["data.seq_length=48"])[1].data.seq_length == 48
     with pytest.raises(CheckpointError, match="step_0000001 is a reward model checkpoint"):
         keel_to_hf(rm, tmp_path / "hf")  # read as far as the checkpoint's kind: the run directory was found
     with pytest.raises(ConfigError, match=r"--rm .*nothing does not exist"):
