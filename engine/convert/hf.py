@@ -41,7 +41,28 @@ def read_hf_state(model_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         state.update(load_file(str(file)))
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied checkpoints omit it
-    return json.loads(config_path.read_text()), state
+    return read_hf_config(config_path), state
+
+
+ARCHITECTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """A model directory's ``config.json``, refused in one line when it is not JSON, not an object, or not a
+    model's config (none of the architecture fields a Llama-family config has)."""
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object of model settings, got a {type(config).__name__}")
+    missing = [key for key in ARCHITECTURE_KEYS if key not in config]
+    if missing:
+        raise ConfigError(f"{path}: no {', '.join(missing)}: not the config.json of a Hugging Face Llama-family or "
+                          "Nemotron model (save the model with save_pretrained)")
+    return config
 
 
 def write_hf_state(out_dir: Path, preset: ModelPreset, state: dict[str, torch.Tensor],

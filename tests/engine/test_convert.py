@@ -171,6 +171,23 @@ def test_config_mismatch_is_reported() -> None:
         check_hf_config(nemotron, PRESET)
 
 
+def test_a_config_json_that_is_no_model_config_is_one_line(tmp_path: Path) -> None:
+    """A corrupt config.json ended hf-to-keel in a JSONDecodeError traceback; a list, in an AttributeError."""
+    from engine.config import ConfigError
+    from engine.convert.hf import read_hf_config
+
+    path = tmp_path / "config.json"
+    for text, message in (("{not json", r"config.json: not valid JSON \(line 1, column 2: Expecting property"),
+                          ("[1, 2]", r"config.json: expected a JSON object of model settings, got a list"),
+                          ('{"model_type": "llama"}', r"config.json: no num_hidden_layers, hidden_size, "
+                                                      r"num_attention_heads, vocab_size: not the config.json of")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_hf_config(path)
+    path.write_text(json.dumps(_random_hf().config.to_dict()))
+    check_hf_config(read_hf_config(path), PRESET)
+
+
 def test_hf_to_keel_at_tp2_pp2_matches_transformers_and_converts_back(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
