@@ -235,8 +235,12 @@ def _config_show(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from None
     elif args.overrides:
         config = load_config(cls, None, args.overrides)
-    else:
+    elif args.algorithm:
         print(describe(cls))
+        return 0
+    else:  # the fields every algorithm shares, each algorithm's default where they differ
+        print("# the fields every keel train algorithm shares; --algorithm NAME lists one algorithm's own as well")
+        print(describe(cls, {name: _algorithm(name).CONFIG for name in ALGORITHMS}))
         return 0
     print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     return 0

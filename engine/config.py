@@ -492,11 +492,24 @@ def iter_fields(cls: type, prefix: str = "", instance: Any = None) -> Iterator[t
         yield f"{prefix}{f.name}", tname, value, f.metadata.get("doc", "")
 
 
-def describe(cls: type) -> str:
-    """Human-readable listing of every field, its type, default and documentation."""
+def _defaults_by_algorithm(classes: dict[str, type]) -> dict[str, str]:
+    """For each field whose default differs among ``classes`` (algorithm name -> config class): the defaults,
+    e.g. ``"sft 'runs/sft-demo', rm 'runs/rm-demo'"`` (algorithms of one default grouped)."""
+    values: dict[str, dict[str, list[str]]] = {}
+    for algorithm, cls in classes.items():
+        for name, _, default, _ in iter_fields(cls):
+            values.setdefault(name, {}).setdefault(repr(default), []).append(algorithm)
+    return {name: "; ".join(f"{', '.join(names)} {value}" for value, names in by_value.items())
+            for name, by_value in values.items() if len(by_value) > 1}
+
+
+def describe(cls: type, algorithms: Optional[dict[str, type]] = None) -> str:
+    """Human-readable listing of every field, its type, default and documentation; with ``algorithms``
+    (name -> config class), a field whose default differs among them lists each one's."""
     lines = []
     section = None
     unread, fine_tune = getattr(cls, "UNREAD", {}), getattr(cls, "FINE_TUNE_LR", None)
+    differ = _defaults_by_algorithm(algorithms) if algorithms else {}
     for name, tname, default, text in iter_fields(cls):
         head = name.split(".")[0]
         if head != section:
@@ -506,5 +519,6 @@ def describe(cls: type) -> str:
             text = f"Not read by this algorithm: set {unread[name]}."
         if name == "optimizer.lr" and fine_tune is not None:
             text += f" With checkpoint.load and no optimizer.lr: {fine_tune:g} (fine-tuning a model)."
-        lines.append(f"  {name} ({tname}, default {default!r})\n      {text}")
+        shown = f"defaults: {differ[name]}" if name in differ else f"default {default!r}"
+        lines.append(f"  {name} ({tname}, {shown})\n      {text}")
     return "\n".join(lines).lstrip("\n")

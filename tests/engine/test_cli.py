@@ -16,6 +16,10 @@ def test_config_show_and_presets(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "show"]) == 0
     out = capsys.readouterr().out
     assert "parallel.distributed_optimizer" in out and "Shard optimizer state" in out
+    # the shared fields: each algorithm's default where they differ (it showed SFT's run.output_dir as the default)
+    assert "run.output_dir (str, defaults: sft 'runs/sft-demo'; rm 'runs/rm'; dpo 'runs/dpo';" in out
+    assert "data.seq_length (int, defaults: sft, grpo, reinforce, ppo 128; rm, dpo, iterative-dpo, steerlm2 256)" in out
+    assert "run.seed (int, default 1234)" in out
     assert main(["config", "presets"]) == 0
     assert "nemotron4-340b" in capsys.readouterr().out
 
