@@ -125,7 +125,9 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
     finally:
         release_held()  # the run directory is free once the run is over, also when keel runs in-process
     _shutdown()
-    return 0
+    # Ctrl-C: checkpointed, but interrupted, so that `keel train sft && keel train dpo ...` stops there as after any
+    # interrupted command; SIGTERM (pre-emption) is a planned stop, 0 as in NeMo (docker/slurm/job.sh requeues)
+    return 130 if result.stopped_by == "SIGINT" else 0
 
 
 def _loss_text(value: float) -> str:

@@ -327,6 +327,20 @@ def test_ctrl_c_checkpoints_after_the_step_and_the_run_resumes(tmp_path: Path, m
     assert _steps(tmp_path) == [1, 2, 3, 4, 5, 6]
 
 
+def test_keel_train_stopped_by_ctrl_c_exits_130_and_by_sigterm_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """It exited 0 after Ctrl-C, so that `keel train sft && keel train dpo ...` went on from a part-trained model.
+    Pre-emption (SIGTERM) stays a planned stop: 0, and the job script requeues."""
+    from engine.cli import main
+
+    argv = ["train", "sft", *BASE, "run.train_steps=4", "data.tokenizer=byte"]
+    for signal_name, code in (("INT", 130), ("TERM", 0)):
+        monkeypatch.setenv("KEEL_FAULT", f"after:2:{signal_name}")
+        assert main([*argv, f"run.output_dir={tmp_path / signal_name}"]) == code
+        assert f"steps 1..2 of 4 (stopped by SIG{signal_name})" in capsys.readouterr().out
+        assert (tmp_path / signal_name / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
 def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
     import signal
