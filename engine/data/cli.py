@@ -241,8 +241,7 @@ def _add_convert(subparsers: Any, name: str, kind: str, help_text: str) -> None:
     parser.set_defaults(func=_convert(kind))
 
 
-def register(subparsers: Any) -> None:
-    """Add ``validate``, ``convert-*``, ``synth`` and ``diverging`` to ``subparsers`` (from ``add_subparsers``)."""
+def _add_validate(subparsers: Any) -> None:
     from engine.cli import ALGORITHMS
 
     validate = subparsers.add_parser("validate", help="check every row of a data file and report lengths",
@@ -271,6 +270,10 @@ def register(subparsers: Any) -> None:
     validate.add_argument("--json", action="store_true", help="print the summary as JSON")
     validate.set_defaults(func=cmd_validate)
 
+
+def register(subparsers: Any) -> None:
+    """Add ``validate``, ``convert-*``, ``synth`` and ``diverging`` to ``subparsers`` (from ``add_subparsers``)."""
+    _add_validate(subparsers)
     _add_convert(subparsers, "convert-helpsteer2-dpo", "helpsteer2-dpo",
                  "HelpSteer2 ratings -> DPO pairs (higher helpfulness chosen, ties dropped)")
     _add_convert(subparsers, "convert-helpsteer2-preference-bt", "helpsteer2-preference-bt",
