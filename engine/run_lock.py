@@ -7,6 +7,8 @@ when its holder is known to be gone: a process of this host (and PID namespace: 
 host name) that no longer runs (a run killed with SIGKILL), or the same Slurm job with a higher
 ``SLURM_RESTART_COUNT`` (requeued after preemption, maybe on another node; the steps of one allocation
 share the job id). Any other lock refuses the run before any work, saying who holds it and how to go on.
+Two runs that judge the same dead lock at once take it over one at a time (:func:`_take_over`): the
+second finds the first one's lock and is refused by it.
 """
 
 from __future__ import annotations
@@ -89,14 +91,56 @@ def acquire(run_dir: str | Path) -> Optional[str]:
                 partial.unlink(missing_ok=True)
                 return refusal(path, holder)
             if reason != "this process":
-                logger.warning("run directory %s: taking over the lock of an earlier run (%s)", path.parent, reason)
-            os.replace(partial, path)
+                problem = _take_over(path, partial, holder)
+                if problem:
+                    partial.unlink(missing_ok=True)
+                    return problem
+                logger.warning("run directory %s: took over the lock of an earlier run (%s)", path.parent, reason)
+            else:
+                os.replace(partial, path)
         partial.unlink(missing_ok=True)
     except OSError as exc:
         return f"run.output_dir={path.parent}: cannot take its lock {path}: {exc.strerror or exc}"
     if path not in _HELD:
         _HELD.append(path)
     return None
+
+
+TAKEOVER_STALE_S = 30.0  # a takeover takes milliseconds: its mark left this long is a crashed one's
+
+
+def _take_over(path: Path, partial: Path, seen: dict[str, Any]) -> Optional[str]:
+    """Replace the lock ``path`` of a gone holder (``seen`` as read) with ``partial``; the reason it cannot, else
+    None. Two runs that found the same dead lock would both replace it: the one that creates
+    ``<lock>.takeover`` first does, after checking that the lock is still the one it judged; the other then
+    finds the winner's lock and is refused by it."""
+    mark = path.with_name(f"{LOCK_NAME}.takeover")
+    try:
+        os.link(partial, mark)
+    except FileExistsError:
+        try:
+            stale = time.time() - mark.stat().st_mtime > TAKEOVER_STALE_S
+        except FileNotFoundError:
+            stale = True  # finished meanwhile: the lock is judged again below
+        if not stale:
+            return (f"run.output_dir={path.parent}: another run is taking over its lock right now ({mark}); "
+                    "start this one again in a moment")
+        mark.unlink(missing_ok=True)
+        os.link(partial, mark)
+    try:
+        if not path.exists():  # deleted by hand since it was read: a fresh lock, unless another run's is first
+            try:
+                os.link(partial, path)
+                return None
+            except FileExistsError:
+                pass
+        current = _read(path)
+        if current != seen:  # another run took it over since it was read
+            return refusal(path, current)
+        os.replace(partial, path)
+        return None
+    finally:
+        mark.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def test_a_live_runs_directory_is_refused_and_a_dead_runs_lock_taken_over(tmp_pa
         holder.kill()
         holder.wait()
     proc = keel_train(1, [*ARGS, f"run.output_dir={run}"])  # its holder has ended since
-    assert f"taking over the lock of an earlier run (process {holder.pid} of this host has ended)" in proc.stderr
+    assert f"took over the lock of an earlier run (process {holder.pid} of this host has ended)" in proc.stderr
     assert (run / "metrics.jsonl").is_file() and not (run / LOCK_NAME).exists()  # released at exit
     # the same command again: the run is finished (it said 'steps 2..1 of 1')
     config = (run / "config.yaml").read_text()
@@ -90,3 +90,34 @@ def test_acquire_release_and_a_directory_that_cannot_be_locked(tmp_path: Path) -
     (tmp_path / "a-file").write_text("")
     assert f"run.output_dir={tmp_path / 'a-file' / 'run'}: cannot take its lock" in str(acquire(tmp_path / "a-file" / "run"))
     release_held()
+
+
+def test_two_runs_taking_over_one_dead_lock_do_not_both_go_ahead(tmp_path: Path) -> None:
+    """Both found the same dead holder; each replaced the lock with its own, and both trained. The takeover
+    now happens under ``<lock>.takeover`` and only while the lock is still the one that was judged."""
+    from engine.run_lock import _read, _take_over
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _lock(tmp_path, int(dead.stdout))
+    lock, mark = tmp_path / LOCK_NAME, tmp_path / f"{LOCK_NAME}.takeover"
+    seen = _read(lock)
+
+    def partial() -> Path:
+        path = tmp_path / "mine"
+        path.write_text(json.dumps(holder_record()) + "\n")
+        return path
+
+    _lock(tmp_path, os.getppid())  # the other run took it over first, between this one's look and its takeover
+    refused = _take_over(lock, partial(), seen)
+    assert refused is not None and f"in use by another run: process {os.getppid()}" in refused
+    assert _read(lock)["pid"] == os.getppid() and not mark.exists()
+
+    _lock(tmp_path, int(dead.stdout))
+    mark.write_text("")  # the other run is in the middle of its takeover
+    assert "another run is taking over its lock right now" in str(_take_over(lock, partial(), seen))
+    os.utime(mark, (0, 0))  # ... or crashed in it, long ago
+    assert _take_over(lock, partial(), seen) is None
+    assert _read(lock)["pid"] == os.getpid() and not mark.exists()
+
+    lock.unlink()  # deleted by hand meanwhile: taken as a fresh lock
+    assert _take_over(lock, partial(), seen) is None and _read(lock)["pid"] == os.getpid()
