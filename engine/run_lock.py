@@ -74,8 +74,9 @@ def gone_because(holder: dict[str, Any], me: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def acquire(run_dir: str | Path) -> Optional[str]:
-    """Take the lock of ``run_dir`` for this process (released when it exits); the reason it cannot, else None."""
+def acquire(run_dir: str | Path, setting: str = "run.output_dir") -> Optional[str]:
+    """Take the lock of ``run_dir`` for this process (released when it exits); the reason it cannot, else None.
+    Messages name the directory as ``setting``."""
     path = Path(run_dir) / LOCK_NAME
     me = holder_record()
     try:
@@ -89,9 +90,9 @@ def acquire(run_dir: str | Path) -> Optional[str]:
             reason = gone_because(holder, me) if holder else "the lock file is unreadable"
             if reason is None:
                 partial.unlink(missing_ok=True)
-                return refusal(path, holder)
+                return refusal(path, holder, setting)
             if reason != "this process":
-                problem = _take_over(path, partial, holder)
+                problem = _take_over(path, partial, holder, setting)
                 if problem:
                     partial.unlink(missing_ok=True)
                     return problem
@@ -100,7 +101,7 @@ def acquire(run_dir: str | Path) -> Optional[str]:
                 os.replace(partial, path)
         partial.unlink(missing_ok=True)
     except OSError as exc:
-        return f"run.output_dir={path.parent}: cannot take its lock {path}: {exc.strerror or exc}"
+        return f"{setting}={path.parent}: cannot take its lock {path}: {exc.strerror or exc}"
     if path not in _HELD:
         _HELD.append(path)
     return None
@@ -109,7 +110,7 @@ def acquire(run_dir: str | Path) -> Optional[str]:
 TAKEOVER_STALE_S = 30.0  # a takeover takes milliseconds: its mark left this long is a crashed one's
 
 
-def _take_over(path: Path, partial: Path, seen: dict[str, Any]) -> Optional[str]:
+def _take_over(path: Path, partial: Path, seen: dict[str, Any], setting: str = "run.output_dir") -> Optional[str]:
     """Replace the lock ``path`` of a gone holder (``seen`` as read) with ``partial``; the reason it cannot, else
     None. Two runs that found the same dead lock would both replace it: the one that creates
     ``<lock>.takeover`` first does, after checking that the lock is still the one it judged; the other then
@@ -123,7 +124,7 @@ def _take_over(path: Path, partial: Path, seen: dict[str, Any]) -> Optional[str]
         except FileNotFoundError:
             stale = True  # finished meanwhile: the lock is judged again below
         if not stale:
-            return (f"run.output_dir={path.parent}: another run is taking over its lock right now ({mark}); "
+            return (f"{setting}={path.parent}: another run is taking over its lock right now ({mark}); "
                     "start this one again in a moment")
         mark.unlink(missing_ok=True)
         os.link(partial, mark)
@@ -136,7 +137,7 @@ def _take_over(path: Path, partial: Path, seen: dict[str, Any]) -> Optional[str]
                 pass
         current = _read(path)
         if current != seen:  # another run took it over since it was read
-            return refusal(path, current)
+            return refusal(path, current, setting)
         os.replace(partial, path)
         return None
     finally:
@@ -161,12 +162,12 @@ def release_held() -> None:
 atexit.register(release_held)
 
 
-def refusal(path: Path, holder: dict[str, Any]) -> str:
+def refusal(path: Path, holder: dict[str, Any], setting: str = "run.output_dir") -> str:
     """The one-line reason a run cannot use ``path``'s run directory."""
     who = (f"process {holder.get('pid')} on host {holder.get('host')}"
            + (f" (Slurm job {holder['slurm_job']})" if holder.get("slurm_job") else ""))
-    return (f"run.output_dir={path.parent} is in use by another run: {who}, started {holder.get('started')}, "
-            f"command: {holder.get('command')}. Wait for it to end or set another run.output_dir; if that run "
+    return (f"{setting}={path.parent} is in use by another run: {who}, started {holder.get('started')}, "
+            f"command: {holder.get('command')}. Wait for it to end or set another {setting}; if that run "
             f"is gone (its host was lost), delete {path}")
 
 
@@ -181,13 +182,23 @@ def release(path: Path, pid: int) -> None:
             pass
 
 
-def lock_run_dir(run_dir: str | Path, is_main: bool) -> None:
-    """Global rank 0 takes the run directory's lock; every rank raises the same :class:`ConfigError` when it
-    cannot (a collective where a process group is up)."""
+def lock_run_dir(run_dir: str | Path, is_main: bool, checkpoint_dir: Optional[str | Path] = None) -> None:
+    """Global rank 0 takes the run directory's lock, and ``checkpoint_dir``'s when it lies outside the run
+    directory (two runs of their own output directories but one checkpoint.dir would write and resume each
+    other's checkpoints); every rank raises the same :class:`ConfigError` when it cannot (a collective where a
+    process group is up)."""
     problem = acquire(run_dir) if is_main else None
+    if is_main and problem is None and checkpoint_dir is not None and not _inside(checkpoint_dir, run_dir):
+        problem = acquire(checkpoint_dir, "checkpoint.dir")
+        if problem:
+            release_held()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [problem]
         dist.broadcast_object_list(box, src=0)
         problem = box[0]
     if problem:
         raise ConfigError(problem)
+
+
+def _inside(path: str | Path, root: str | Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(root).resolve())

@@ -93,7 +93,7 @@ class Trainer:
         self.run_dir = config.run.output_dir
         self.signals = StopSignals()
         self._check_load_before_building()
-        lock_run_dir(self.run_dir, parallel.is_main)  # one run per directory, refused before any work
+        lock_run_dir(self.run_dir, parallel.is_main, config.checkpoint.dir)  # one run per directory, before any work
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # a bad tokenizer file is refused before the build
         # the data too: a bad row costs seconds here, not the minutes of building the models at scale first
         self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)

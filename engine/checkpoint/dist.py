@@ -33,6 +33,7 @@ import torch.distributed as dist
 from engine.checkpoint import CHECKPOINT_FORMS
 from engine.faults import maybe_fail
 from engine.files import write_text_atomic
+from engine.run_lock import LOCK_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +292,10 @@ def set_aside(root: str, load: Optional[str], parallel: Any) -> Optional[Path]:
     target = base.with_name(f"{base.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
     if parallel.is_main:
         os.replace(base, target)
+        held = target / LOCK_NAME  # this run's lock of a checkpoint.dir outside its run directory stays with it
+        if held.exists():
+            base.mkdir()
+            os.replace(held, base / LOCK_NAME)
         logger.warning("checkpoint.resume=none: moved the earlier run's checkpoints %s to %s", base, target)
     dist.barrier()
     return target

@@ -121,3 +121,35 @@ def test_two_runs_taking_over_one_dead_lock_do_not_both_go_ahead(tmp_path: Path)
 
     lock.unlink()  # deleted by hand meanwhile: taken as a fresh lock
     assert _take_over(lock, partial(), seen) is None and _read(lock)["pid"] == os.getpid()
+
+
+def test_a_checkpoint_dir_outside_the_run_directory_is_locked_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of their own run.output_dir but one checkpoint.dir wrote and resumed each other's checkpoints."""
+    from types import SimpleNamespace
+
+    from engine.checkpoint.dist import set_aside
+    from engine.errors import ConfigError
+    from engine.run_lock import lock_run_dir, release_held
+
+    shared = tmp_path / "shared-checkpoints"
+    _lock(shared, os.getppid())  # a live run of another run directory holds it
+    with pytest.raises(ConfigError, match=rf"^checkpoint.dir={shared} is in use by another run: process "
+                                          rf"{os.getppid()} .* set another checkpoint.dir;"):
+        lock_run_dir(tmp_path / "run-b", True, shared)
+    assert not (tmp_path / "run-b" / LOCK_NAME).exists(), "the run directory's lock is given back"
+    (shared / LOCK_NAME).unlink()
+
+    lock_run_dir(tmp_path / "run-b", True, shared)
+    assert json.loads((shared / LOCK_NAME).read_text())["pid"] == os.getpid()
+    (shared / "step_0000002").mkdir()  # an earlier run's checkpoint: a fresh run moves the directory aside...
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: None)  # one process, no process group
+    earlier = set_aside(str(shared), None, SimpleNamespace(is_main=True))
+    assert earlier is not None and (earlier / "step_0000002").is_dir()
+    assert json.loads((shared / LOCK_NAME).read_text())["pid"] == os.getpid()  # ... and keeps its lock
+    release_held()
+    assert not (shared / LOCK_NAME).exists() and not (tmp_path / "run-b" / LOCK_NAME).exists()
+    lock_run_dir(tmp_path / "run-c", True, tmp_path / "run-c" / "checkpoints")  # inside: one lock is enough
+    assert not (tmp_path / "run-c" / "checkpoints").exists()
+    release_held()
