@@ -151,6 +151,15 @@ def fuse_cpu_adamw(optimizer: Any) -> None:
             group.update(fused=True, foreach=False)
 
 
+def starting_weights(reference: Optional[str], load: Optional[str]) -> Optional[str]:
+    """The checkpoint a frozen reference (or prior) loads for ``reference``: ``init`` means the weights the policy
+    starts from, ``checkpoint.load`` when the run has one (a reference at random weights beside a policy loaded
+    from a checkpoint was never what was meant), else the seeded initialisation (None: nothing to load)."""
+    if reference == "init":
+        return load or None
+    return reference
+
+
 class ModelRunner:
     """One model on this rank. Trained runners own DDP, optimizer and schedule; frozen ones only chunks."""
 

@@ -52,7 +52,8 @@ class DPOConfig:
                                       None)
     reference: Optional[str] = doc(
         "Checkpoint of the frozen reference model (None = checkpoint.load, recorded in the run's config so a "
-        "resumed run keeps it; 'init' = the policy's own seeded initialisation).", None)
+        "resumed run keeps it; 'init' = the weights the policy starts from: checkpoint.load when given, else "
+        "the seeded initialisation).", None)
     reference_logprobs: Optional[str] = doc(
         "File of reference log-probs written by `keel data ref-logprobs` (then no reference model is built).", None)
 
@@ -127,13 +128,13 @@ class DPOStep(Step):
         return METRICS
 
     def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
-        from engine.runner import ModelRunner
+        from engine.runner import ModelRunner, starting_weights
 
         self.parallel = parallel
         if self.dpo.reference_logprobs:
             logger.info("dpo: reference log-probs from %s (no reference model)", self.dpo.reference_logprobs)
             return
-        checkpoint = None if self.dpo.reference == "init" else self.dpo.reference
+        checkpoint = starting_weights(self.dpo.reference, config.checkpoint.load)
         self.reference = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
         logger.info("dpo: frozen reference model from %s", checkpoint or "the policy's initialisation")
 

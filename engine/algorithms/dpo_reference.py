@@ -79,9 +79,10 @@ def _write_split(step: Any, dataset: DPOPairs, split: str, todo: list[int], conf
 def reference_identity(config: Any) -> str:
     """Which reference the log-probs come from: its resolved checkpoint directory, or the seeded initialisation."""
     from engine.checkpoint import dist as ckpt
+    from engine.runner import starting_weights
 
-    reference = config.dpo.reference or config.checkpoint.load
-    if reference in (None, "init"):
+    reference = starting_weights(config.dpo.reference or config.checkpoint.load, config.checkpoint.load)
+    if reference is None:
         return f"init (model.init={config.model.init}, run.seed={config.run.seed})"
     path = ckpt.resolve(reference)
     return str((ckpt.find_latest(str(path)) if not ckpt.is_complete(path) else path) or path)

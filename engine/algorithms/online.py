@@ -130,7 +130,8 @@ class OnlineTrainConfig(TrainConfig):
     reward_model_mean: float = doc("Stored mean subtracted from the reward model's score (normalisation).", 0.0)
     reward_model_std: float = doc("Stored std the centred reward-model score is divided by.", 1.0)
     reference: Optional[str] = doc(
-        "Checkpoint of the frozen KL reference (None = checkpoint.load; 'init' = the policy's initialisation).", None)
+        "Checkpoint of the frozen KL reference (None = checkpoint.load; 'init' = the weights the policy starts "
+        "from: checkpoint.load when given, else the seeded initialisation).", None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -278,11 +279,11 @@ class OnlineStep(PromptSampling, Step):
 
     def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
         """The frozen KL reference (when the algorithm uses one)."""
-        from engine.runner import ModelRunner
+        from engine.runner import ModelRunner, starting_weights
 
         self.parallel = parallel
         if self.uses_reference:
-            checkpoint = None if config.reference == "init" else config.reference
+            checkpoint = starting_weights(config.reference, config.checkpoint.load)
             self.reference = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
             if config.reference is None:  # neither reference nor checkpoint.load given: say what that means
                 logger.warning("%s: no checkpoint.load, so the policy and its KL reference start from the seeded "

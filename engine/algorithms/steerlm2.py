@@ -203,12 +203,12 @@ class SteerLM2Step(PromptSampling, Step):
 
     def setup(self, config: Any, parallel: Any, tokenizer: Any) -> None:
         """The prior P(y|x): the frozen initial policy (``reference``)."""
-        from engine.runner import ModelRunner
+        from engine.runner import ModelRunner, starting_weights
 
         self.parallel = parallel
         if parallel.is_main:
             warn_if_not_steerlm(config.checkpoint.load)
-        checkpoint = None if config.reference == "init" else config.reference
+        checkpoint = starting_weights(config.reference, config.checkpoint.load)
         self.prior = ModelRunner.frozen(config, parallel, self.model_class(), checkpoint)
         logger.info("steerlm2: prior P(y|x) = %s prompted with %s", checkpoint or "the policy's initialisation",
                     self.settings.prior_attributes or "no attributes")

@@ -132,3 +132,22 @@ def test_a_partial_reference_file_of_another_reference_is_refused(tmp_path: Path
     _check_partial(partial, [{"index": 0, "reference": sft}, {"index": 1}], sft)  # its own, and files from before
     with pytest.raises(ConfigError, match=r"holds log-probs of reference init .*this run's is .*step_0000003"):
         _check_partial(partial, [{"index": 0, "reference": init}], sft)
+
+
+def test_reference_init_with_checkpoint_load_is_the_loaded_policy(tmp_path: Path) -> None:
+    """examples/dpo_tiny.yaml sets dpo.reference=init; with checkpoint.load=<SFT> the reference was the random
+    seeded initialisation beside a policy loaded from the SFT checkpoint (first loss 0.777, no warning). 'init'
+    is the weights the policy starts from: at the first step the policy is its reference, and the loss log 2."""
+    import math
+
+    from engine.cli import main
+    from engine.runner import starting_weights
+    from tests.helpers import REPO, train_losses
+
+    quiet = ["logging.progress=false", "logging.tensorboard=false", "data.num_samples=64"]
+    assert main(["train", "sft", *quiet, "run.train_steps=2", "optimizer.lr=0.01", "data.tokenizer=builtin-sp",
+                 f"run.output_dir={tmp_path / 'sft'}"]) == 0
+    assert main(["train", "dpo", "--config", str(REPO / "examples" / "dpo_tiny.yaml"), *quiet, "run.train_steps=1",
+                 "run.eval_interval=0", f"checkpoint.load={tmp_path / 'sft'}", f"run.output_dir={tmp_path / 'dpo'}"]) == 0
+    assert train_losses(tmp_path / "dpo", "dpo_loss")[1] == pytest.approx(math.log(2), abs=1e-6)
+    assert starting_weights("init", None) is None and starting_weights("runs/ref", "runs/sft") == "runs/ref"
