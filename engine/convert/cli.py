@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import CHECKPOINT_FORMS
@@ -48,9 +49,27 @@ def register(subparsers: Any) -> None:
     from_gguf.set_defaults(func=_gguf_to_keel)
 
 
+def _check_arguments(args: argparse.Namespace, command: str, source: str, allowed: tuple[str, ...]) -> None:
+    """Refused before any work: an output directory that is a file or the input itself, and an override that
+    the command does not read (it was accepted and ignored)."""
+    from engine.config import ConfigError
+
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} is a file: give a directory to write into (it is created if missing)")
+    if out.resolve() == Path(source).resolve():
+        raise ConfigError(f"out_dir {out} is this command's input: write to another directory")
+    for item in args.overrides:
+        key = item.partition("=")[0].strip()
+        if not any(key == name or key.startswith(name) for name in allowed):
+            raise ConfigError(f"override {item!r}: keel convert {command} reads only "
+                              f"{', '.join(name + '*' if name.endswith('.') else name for name in allowed)}")
+
+
 def _hf_to_keel(args: argparse.Namespace) -> int:
     from engine.convert.hf import hf_to_keel
 
+    _check_arguments(args, "hf-to-keel", args.model_dir, ("model.", "data.tokenizer"))
     path = hf_to_keel(args.model_dir, args.out_dir, args.overrides)
     print(f"Keel checkpoint: {path}\n  use it with checkpoint.load={path}")
     return 0
@@ -59,6 +78,7 @@ def _hf_to_keel(args: argparse.Namespace) -> int:
 def _gguf_to_keel(args: argparse.Namespace) -> int:
     from engine.convert.gguf import gguf_to_keel
 
+    _check_arguments(args, "gguf-to-keel", args.gguf_file, ("model.", "data.tokenizer"))
     path = gguf_to_keel(args.gguf_file, args.out_dir, args.overrides)
     print(f"Keel checkpoint: {path}\n  use it with checkpoint.load={path}")
     return 0
@@ -67,6 +87,7 @@ def _gguf_to_keel(args: argparse.Namespace) -> int:
 def _keel_to_hf(args: argparse.Namespace) -> int:
     from engine.convert.hf import keel_to_hf
 
+    _check_arguments(args, "keel-to-hf", args.checkpoint, ("model.",))
     path = keel_to_hf(args.checkpoint, args.out_dir, args.overrides)
     print(f"Hugging Face model: {path}")
     return 0

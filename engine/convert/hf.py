@@ -117,8 +117,32 @@ def hf_to_keel(model_dir: str | Path, out_dir: str | Path, overrides: Optional[l
     # runs from this checkpoint tokenize as the model was trained (engine.checkpoint.inherit)
     overrides = tokenizer_override(list(overrides or []), tokenizer_file(str(model_dir)))
     hf_config, hf_state = read_hf_state(Path(model_dir))
-    check_hf_config(hf_config, resolve_preset(load_config(TrainConfig, None, overrides).model))
+    given = any(item.startswith("model.") for item in overrides)
+    preset = None if given else matching_hf_preset(hf_config)  # the preset of config.json's shape, if one is
+    if preset is not None:
+        logger.info("%s: config.json has the shape of model preset %s", model_dir, preset)
+        overrides.append(f"model.preset={preset}")
+    try:
+        check_hf_config(hf_config, resolve_preset(load_config(TrainConfig, None, overrides).model))
+    except ConfigError as exc:
+        if given:
+            raise
+        raise ConfigError(f"{exc}. No model.* override was given, and no preset has config.json's shape: pass the "
+                          "nearest model.preset (keel config presets) with model.* overrides for the rest") from None
     return write_keel_checkpoint(hf_state, out_dir, overrides, source=str(model_dir))
+
+
+def matching_hf_preset(hf_config: dict[str, Any]) -> Optional[str]:
+    """The first model preset that ``config.json`` describes (used when no model.* override is given), if any."""
+    from engine.models.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        try:
+            check_hf_config(hf_config, preset)
+        except ConfigError:
+            continue
+        return name
+    return None
 
 
 def write_keel_checkpoint(hf_state: dict[str, torch.Tensor], out_dir: str | Path, overrides: list[str],

@@ -188,6 +188,35 @@ def test_a_config_json_that_is_no_model_config_is_one_line(tmp_path: Path) -> No
     check_hf_config(read_hf_config(path), PRESET)
 
 
+def test_hf_to_keel_takes_the_preset_of_config_json_and_refuses_what_it_cannot_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Nemotron directory without model.preset was refused as "does not match tiny-llama", the default; an
+    out_dir that is a file ended in a FileExistsError traceback; run.seed=3 was accepted and ignored."""
+    from engine.cli import main
+    from engine.convert.hf import matching_hf_preset
+
+    nemotron = _random_hf(PRESETS["tiny-nemotron"]).config.to_dict()
+    assert matching_hf_preset(nemotron) == "tiny-nemotron"
+    assert matching_hf_preset(_random_hf().config.to_dict()) == PRESET.name
+    assert matching_hf_preset(dict(nemotron, hidden_size=48)) is None
+    hf_dir = tmp_path / "hf"
+    _random_hf(PRESETS["tiny-nemotron"]).save_pretrained(hf_dir, safe_serialization=True)
+    (tmp_path / "a-file").write_text("")
+    capsys.readouterr()  # transformers' own progress bar
+    for argv, message in (
+            (["hf-to-keel", str(hf_dir), str(tmp_path / "a-file")], "out_dir " + str(tmp_path / "a-file") + " is a file"),
+            (["hf-to-keel", str(hf_dir), str(hf_dir)], "is this command's input"),
+            (["hf-to-keel", str(hf_dir), str(tmp_path / "k"), "run.seed=3"],
+             "override 'run.seed=3': keel convert hf-to-keel reads only model.*, data.tokenizer"),
+            (["keel-to-hf", str(tmp_path / "k"), str(tmp_path / "a-file")], "is a file")):
+        assert main(["convert", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main(["convert", "hf-to-keel", str(hf_dir), str(tmp_path / "k")]) == 0
+    assert json.loads((tmp_path / "k" / "step_0000000" / "keel.json").read_text())["config"]["model"]["preset"] == \
+        "tiny-nemotron"
+
+
 def test_hf_to_keel_at_tp2_pp2_matches_transformers_and_converts_back(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
