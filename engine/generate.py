@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from engine.config import ConfigError
 from engine.data.chat import TEMPLATES, prompt_messages, render_prompt, stop_token_ids
-from engine.data.errors import Absent, DataError
+from engine.data.errors import Absent, DataError, empty_dataset
 from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import ATTRIBUTES, check_messages, check_row
 from engine.files import PartialOutput
@@ -144,9 +144,14 @@ def placed_prompts(path: str) -> list[tuple[Any, dict[str, Any]]]:
         raise DataError(None, "<source>", "an existing .jsonl, .json or .parquet file", got=path, source=path,
                         hint="check keel generate's prompts argument")
     try:
-        return [(where, _prompt_row(where, row)) for where, row in parsed_records(path)]
+        placed = [(where, _prompt_row(where, row)) for where, row in parsed_records(path)]
     except DataError as exc:  # the loaders' hint offers data.on_error, which keel generate does not read
+        if exc.where is None:  # the file itself (its kind, its path), not a row of it
+            raise exc.with_hint("check keel generate's prompts argument") from None
         raise exc.with_hint("fix the row in the prompts file; keel generate completes every row") from None
+    if not placed:
+        raise empty_dataset(path).with_hint("keel generate completes each row of the prompts file, and it has none")
+    return placed
 
 
 def _prompt_row(where: Any, row: Any) -> dict[str, Any]:

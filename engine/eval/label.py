@@ -25,7 +25,7 @@ import math
 from typing import Any, NamedTuple
 
 from engine.config import ConfigError
-from engine.data.errors import DataError
+from engine.data.errors import DataError, empty_dataset
 from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import attribute_string
 from engine.files import PartialOutput
@@ -65,10 +65,14 @@ def read_rows(path: str) -> list[SftRow]:
     """Each row of ``path`` with its prompt, response and place; a bad row is reported with its line (the
     shared reader's hint, data.on_error=skip, is not an option here)."""
     try:
-        return [SftRow(row, *_prompt_and_response(row, str(where)), str(where))
-                for where, row in parsed_records(path)]
+        rows = [SftRow(row, *_prompt_and_response(row, str(where)), str(where)) for where, row in parsed_records(path)]
     except DataError as error:
+        if error.where is None:  # the file itself (its kind, its path), not a row of it
+            raise error.with_hint("check keel data label's input argument") from None
         raise error.with_hint("fix the row; keel data label labels every row") from None
+    if not rows:
+        raise empty_dataset(path).with_hint("keel data label labels each row of its input, and it has none")
+    return rows
 
 
 def split_fitting(scorer: Any, rows: list[SftRow]) -> tuple[list[SftRow], list[str]]:
@@ -198,7 +202,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         print(f"labelled {result.written} rows with {', '.join(scorer.step.rm.attributes)} into {args.output}"
               + (f"; {note}" if note else ""), flush=True)
     shutdown()
-    return 0
+    return 0 if result.written else 1  # nothing labelled: a next step on the empty file would fail further on
 
 
 def register(subparsers: Any) -> None:

@@ -197,3 +197,26 @@ def test_a_bad_json_line_is_not_told_to_set_data_on_error(tmp_path: Path) -> Non
     with pytest.raises(DataError, match=r"sft\.jsonl, line 2: field '<json>'") as caught:
         read_rows(str(source))
     assert "data.on_error" not in str(caught.value) and str(caught.value).endswith("labels every row)")
+
+
+def test_an_empty_or_missing_input_or_nothing_labelled_is_not_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty input gave "labelled 0 rows" and exit 0; a missing one was told to "fix the row"; a file whose
+    every response is too long for the reward model exited 0 with an empty output."""
+    import engine.eval.label
+    import engine.eval.scoring
+    from engine.data.errors import DataError
+    from engine.eval.label import read_rows
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl: field '<rows>': expected at least one row, found none"):
+        read_rows(str(empty))
+    with pytest.raises(DataError, match=r"\(check keel data label's input argument\)$"):
+        read_rows(str(tmp_path / "nope.jsonl"))
+    monkeypatch.setattr(engine.eval.scoring, "load_scorer", lambda checkpoint: _Scorer())
+    monkeypatch.setattr(engine.eval.label, "_reward_model", lambda checkpoint: checkpoint)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "q", "response": "x" * 100}) + "\n")
+    assert main(["data", "label", str(long), str(tmp_path / "o.jsonl"), "--rm", "RM", "--quiet"]) == 1
+    assert "labelled 0 rows" in capsys.readouterr().out

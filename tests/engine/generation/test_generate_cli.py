@@ -204,6 +204,18 @@ def test_a_missing_prompts_file_names_the_argument(tmp_path: Path, capsys: pytes
     assert "data.source" not in err and "keel generate's prompts argument" in err, err
 
 
+def test_an_empty_prompts_file_or_one_of_another_kind_is_refused(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty file gave "wrote 0 completions" and exit 0; a .txt file was told to "fix the row"."""
+    empty, text = tmp_path / "empty.jsonl", tmp_path / "prompts.txt"
+    empty.write_text("")
+    text.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    code, err = _main(capsys, str(tmp_path / "no-checkpoint"), str(empty), str(tmp_path / "o.jsonl"))
+    assert code == 1 and "empty.jsonl: field '<rows>': expected at least one row, found none" in err, err
+    code, err = _main(capsys, str(tmp_path / "no-checkpoint"), str(text), str(tmp_path / "o.jsonl"))
+    assert code == 1 and "expected a .jsonl, .json or .parquet file" in err and "fix the row" not in err, err
+
+
 @pytest.mark.parametrize("max_length, message", [
     (10, "p.jsonl, line 1: field 'prompt': the prompt has 12 tokens, which leaves no room to generate within "
          "--max-length 10; shorten the prompt or raise --max-length (at most the model's context of 64 tokens)"),
