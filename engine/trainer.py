@@ -98,6 +98,7 @@ class Trainer:
         # the data too: a bad row costs seconds here, not the minutes of building the models at scale first
         self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)
         self._refuse_an_empty_training_set()
+        self._warn_of_no_validation()
         step.check_datasets(config, self.tokenizer, self.train_data, self.valid_data)
         self.model = ModelRunner.trained(config, parallel, step.model_class())
         preset = self.model.preset
@@ -128,6 +129,18 @@ class Trainer:
             raise drops.empty_error()
         raise DataError(None, "<rows>", "at least one training sample, got none", source=self.config.data.source,
                         hint="check the data; raise data.seq_length if its rows were dropped for length")
+
+    def _warn_of_no_validation(self) -> None:
+        """Validation asked for (run.eval_interval, run.eval_at_start) and no validation row to do it: said once,
+        with the fix (a small file's held-out fraction rounds to none, and validation was skipped silently)."""
+        run, data = self.config.run, self.config.data
+        sampled = getattr(self.step, "online", False) or getattr(self.step, "iterative", False)  # their own
+        if sampled or not (run.eval_interval or run.eval_at_start) or len(self.valid_data or ()) \
+                or not self.parallel.is_main:
+            return
+        held = data.validation_source or f"data.validation_fraction={data.validation_fraction:g} of {data.source}"
+        logger.warning("no validation rows (%s holds out none): validation is skipped and no best checkpoint is "
+                       "kept; set data.validation_source, or raise data.validation_fraction", held)
 
     # ------------------------------------------------------------------ one schedule
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:

@@ -50,6 +50,8 @@ class OverlongCounts:
 
     def log(self, what: str, seq_length: int, policy: str) -> None:
         """One line per source: how many items had their prompt cut, how many were dropped."""
+        if not self.total:
+            return
         if not (self.prompt_cut or self.dropped):
             logger.info("%s: all %d %s fit seq_length=%d", self.source, self.total, what, seq_length)
             return

@@ -501,3 +501,22 @@ def test_validation_says_what_it_reads(tmp_path: Path, caplog: pytest.LogCapture
         trainer.evaluate()
     assert f"each validation reads the first 8 of the {len(trainer.valid_data)} validation rows (run.eval_batches=2" \
         in caplog.text and len(trainer.valid_data) > 8, caplog.text
+
+
+def test_validation_asked_for_and_none_held_out_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A small file's 5% held out rounds to no row: run.eval_interval then validated nothing, silently."""
+    from engine.trainer import Trainer
+
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
+                                                     {"role": "assistant", "content": f"{i}."}]}) + "\n"
+                            for i in range(6)))
+    with single_process_parallel() as parallel:
+        for fraction, warned in (("0.05", True), ("0.5", False)):
+            caplog.clear()
+            config = load_config(TrainConfig, None, BASE + [f"run.output_dir={tmp_path / fraction}", "run.eval_interval=1",
+                                                            f"data.source={rows}", f"data.validation_fraction={fraction}"])
+            with caplog.at_level(logging.WARNING, logger="engine.trainer"):
+                Trainer(config, SFTStep(), parallel)
+            assert (f"no validation rows (data.validation_fraction={fraction} of {rows} holds out none): validation "
+                    "is skipped and no best checkpoint is kept" in caplog.text) is warned, caplog.text
