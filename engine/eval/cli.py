@@ -113,7 +113,7 @@ def cmd_rewardbench(args: argparse.Namespace) -> int:
         from engine.eval.scoring import score_pairs_from_checkpoint
 
         chosen, rejected, attributes, fits = score_pairs_from_checkpoint(args.checkpoint, rows, args.weights,
-                                                                         overrides)
+                                                                         overrides, progress=not args.quiet)
         report = rewardbench_report(rows, chosen, rejected, args.spread_threshold, fits, attributes)
         report["bad_rows"] = {"records": stats.records, "skipped": stats.skipped, "first": stats.problems,
                               "rule": f"--on-error {on_error}: bad rows " + ("are left out of every accuracy"
@@ -144,6 +144,7 @@ def register(subparsers: Any) -> None:
         "not fit is dropped; both are counted per subset. Cross-prompt calibration compares chosen responses "
         "with other prompts' rejected ones. Runs alone or under torchrun.")
     bench.add_argument("--checkpoint", required=True, help="reward-model checkpoint directory")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_argument("--data", required=True, help="rows: .jsonl/.json/.parquet file or hf:<org>/<name>[:<split>]")
     bench.add_argument("--weights", type=parse_weights, default=None,
                        help="attribute weights of a multi-attribute model, e.g. "

@@ -220,8 +220,28 @@ def pair_fit(scorer: RewardScorer, row: dict[str, Any]) -> tuple[str, int]:
     return ("dropped" if fitted is None else "prompt_cut" if fitted[1] else "whole"), room
 
 
+SCORE_CHUNK = 512  # responses scored between two updates of the progress bar
+
+
+def score_in_chunks(scorer: RewardScorer, rows: Sequence[tuple[Any, ...]], progress: bool = False) -> torch.Tensor:
+    """:meth:`RewardScorer.score` of ``rows``, :data:`SCORE_CHUNK` at a time, with a progress bar on rank 0."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(rows), desc="scoring", unit="response", dynamic_ncols=True) \
+        if progress and scorer.parallel.is_main else None
+    parts = []
+    for start in range(0, len(rows), SCORE_CHUNK):
+        parts.append(scorer.score(rows[start: start + SCORE_CHUNK]))
+        if bar is not None:
+            bar.update(len(parts[-1]))
+    if bar is not None:
+        bar.close()
+    return torch.cat(parts) if parts else torch.empty(0, scorer.step.head_size)
+
+
 def score_pairs_from_checkpoint(
     checkpoint: str, rows: list[dict[str, Any]], weights: Optional[dict[str, float]], overrides: Sequence[str] = (),
+    progress: bool = False,
 ) -> tuple[list[float], list[float], Optional[dict[str, Any]], list[str]]:
     """(chosen scores, rejected scores, attributes, fit status per pair), on every rank.
 
@@ -229,7 +249,7 @@ def score_pairs_from_checkpoint(
     per-attribute rewards of each response.
 
     Status per pair (see :func:`pair_fit`); a ``"dropped"`` pair is not scored (NaN scores). ``weights``
-    the model cannot use are refused (:func:`check_weights`) before it is built.
+    the model cannot use are refused (:func:`check_weights`) before it is built. ``progress``: a bar on rank 0.
     """
     owns_group = not dist.is_initialized()
     scorer = load_scorer(checkpoint, overrides, weights)
@@ -238,7 +258,7 @@ def score_pairs_from_checkpoint(
             if status != "dropped" for side in ("chosen", "rejected")]
     kept = torch.tensor([status != "dropped" for status, _ in fits], dtype=torch.bool)
     rewards = torch.full((2 * len(rows), scorer.step.head_size), float("nan"))
-    rewards[kept.repeat_interleave(2)] = scorer.score(flat) if flat else rewards[:0]
+    rewards[kept.repeat_interleave(2)] = score_in_chunks(scorer, flat, progress)
     scores = scorer.scalar(rewards, weights if weights is not None else None)
     chosen, rejected = scores[0::2].tolist(), scores[1::2].tolist()
     attributes = ({"names": list(scorer.step.rm.attributes), "chosen": rewards[0::2].tolist(),

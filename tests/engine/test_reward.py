@@ -63,6 +63,15 @@ def _check_scoring_of_over_long_pairs(checkpoint: Path) -> None:
     assert fits == ["whole", "prompt_cut", "dropped"]
     assert all(math.isfinite(v) for v in chosen[:2] + rejected[:2]) and math.isnan(chosen[2])
     assert attributes is not None and attributes["names"] == ["helpfulness"] and len(attributes["rejected"]) == 3
+    # scored a few responses at a time under a progress bar (keel eval rewardbench sat silent): the same scores
+    import engine.eval.scoring
+
+    engine.eval.scoring.SCORE_CHUNK, chunk = 1, engine.eval.scoring.SCORE_CHUNK
+    try:
+        again = score_pairs_from_checkpoint(str(checkpoint), rows, None, progress=True)
+    finally:
+        engine.eval.scoring.SCORE_CHUNK = chunk
+    assert again[0][:2] == pytest.approx(chosen[:2], abs=1e-6) and again[1][:2] == pytest.approx(rejected[:2], abs=1e-6)
 
 
 def test_combined_recipe_regression_then_scaled_bt(tmp_path: Path) -> None:

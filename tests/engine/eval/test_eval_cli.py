@@ -31,7 +31,7 @@ def fake_scorer(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
 
     def score(checkpoint: str, rows: list[dict[str, Any]], weights: Optional[dict[str, float]],
-              overrides: list[str]) -> tuple[list[float], list[float], None, list[str]]:
+              overrides: list[str], progress: bool = False) -> tuple[list[float], list[float], None, list[str]]:
         calls.append({"checkpoint": checkpoint, "rows": len(rows), "weights": weights, "overrides": overrides})
         fits = FITS.get(len(rows), ["whole"] * len(rows))
         nan = float("nan")
