@@ -259,13 +259,16 @@ def estimate_training(
 
 def estimate_generation(
     preset: ModelPreset, tp: int, gpus: int, *, batch: int = 64, seq_len: Optional[int] = None, fp8: bool = False,
+    dtype: str = "bf16",
 ) -> GenerationEstimate:
-    """Per-GPU bytes of a generation instance: weights + KV cache for ``batch`` sequences of ``seq_len``."""
+    """Per-GPU bytes of a generation instance: weights + KV cache for ``batch`` sequences of ``seq_len``, in
+    ``dtype`` (FP8 linears and an FP8 cache with ``fp8``)."""
     seq_len = seq_len or preset.max_sequence_length
+    e = PARAM_BYTES[dtype]
     params, linear = stage_parameters(preset, tp, 1, 0)
-    weights = params * 2 - (linear if fp8 else 0)  # bf16, FP8 linears with fp8
+    weights = params * e - (linear * (e - 1) if fp8 else 0)
     kv_heads = max(preset.num_query_groups // tp, 1)  # KV heads replicate when tp > groups
-    kv_cache = 2 * preset.num_layers * kv_heads * preset.kv_channels * seq_len * batch * (1 if fp8 else 2)
+    kv_cache = 2 * preset.num_layers * kv_heads * preset.kv_channels * seq_len * batch * (1 if fp8 else e)
     logits = batch * preset.vocab_size // tp * 4
     return GenerationEstimate(tensor=tp, instances=gpus // tp, weights=weights, kv_cache=kv_cache, logits=logits)
 
@@ -311,7 +314,7 @@ def plan(
     for t in _divisors(min(gpus, gpus_per_node)):
         if _valid_tp(preset, t):
             result.generation.append(
-                estimate_generation(preset, t, gpus, batch=generation_batch, seq_len=seq_len, fp8=fp8)
+                estimate_generation(preset, t, gpus, batch=generation_batch, seq_len=seq_len, fp8=fp8, dtype=dtype)
             )
     result.training.sort(key=lambda e: (not result.fits(e), e.tensor * e.pipeline, e.tensor, e.total))
     return result
@@ -389,6 +392,9 @@ def check_args(args: argparse.Namespace) -> None:
     so an empty table is never mistaken for "does not fit in memory"."""
     _check_sizes(args)
     preset, gpus = PRESETS[args.preset], args.gpus
+    if args.seq_len and args.seq_len > preset.max_sequence_length:
+        raise ConfigError(f"--seq-len {args.seq_len} is beyond {preset.name}'s context of "
+                          f"{preset.max_sequence_length} tokens (training refuses a data.seq_length above it)")
     given = [(option, value) for option, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp)) if value]
     for option, value in given:
         if gpus % value:
@@ -427,6 +433,15 @@ def _run(args: argparse.Namespace) -> int:
         result.training = result.training_fits or result.training[:3]
     print(result.format())
     if not result.training_fits:
-        print("\nno training layout fits; try --recompute full, --fp8, a smaller --micro-batch or more GPUs")
+        print(f"\nno training layout fits; try {_what_to_try(args)}")
         return 1
     return 0
+
+
+def _what_to_try(args: argparse.Namespace) -> str:
+    """The memory savers not yet used, then more GPUs (a hint that suggested what was already given)."""
+    untried = [flag for flag, used in (
+        ("--recompute full", args.recompute == "full"), ("--fp8", args.fp8), ("a smaller --micro-batch", args.micro_batch <= 1),
+        ("the distributed optimizer (drop --no-distributed-optimizer)", not args.no_distributed_optimizer),
+        ("a shorter --seq-len", False)) if not used]
+    return ", ".join(untried) + f", or more GPUs or GPU memory than {args.gpus} x {args.gpu_memory_gb:g} GiB"

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from engine.models.presets import PRESETS
 
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of one weight moved
+
 
 def _meta_models(args: argparse.Namespace) -> tuple[list[Any], Any, int]:
     from engine.models.builder import build_gpt_chunks, meta_transformer_config
@@ -57,8 +59,9 @@ def check_layouts(args: argparse.Namespace) -> int:
     world = args.train_tensor * args.train_pipeline * args.data
     try:
         ParallelLayout(args.train_tensor, args.train_pipeline, args.data).check_model(preset)
-    except LayoutError as exc:
-        raise ConfigError(f"--train-tensor/--train-pipeline: {exc}") from None
+    except LayoutError as exc:  # named by this command's options, not the training config's fields
+        text = str(exc).replace("parallel.tensor", "--train-tensor").replace("parallel.pipeline", "--train-pipeline")
+        raise ConfigError(f"--train-tensor/--train-pipeline: {text}") from None
     try:
         GenerationLayout.for_world(args.generation_tensor, world).check_model(preset)
     except LayoutError as exc:
@@ -85,10 +88,12 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, shards)
     plan = make_plan([s for t, _, _ in gathered for s in t], [s for _, g, _ in gathered for s in g],
-                     [t for _, _, t in gathered], args.bucket_mib * 2**20, 4, args.transport == "shared")
+                     [t for _, _, t in gathered], args.bucket_mib * 2**20, ELEMENT_SIZE[args.dtype],
+                     args.transport == "shared")
     if rank == 0:
         print(f"{args.model}: training TP{args.train_tensor}×PP{args.train_pipeline}×DP{args.data} -> "
-              f"generation TP{args.generation_tensor} ({world // args.generation_tensor} replicas)")
+              f"generation TP{args.generation_tensor} ({world // args.generation_tensor} replicas); sizes of "
+              f"{args.dtype} weights (--dtype)")
         print(plan.describe(limit=args.limit), flush=True)
     dist.destroy_process_group()
     return 0
@@ -115,6 +120,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--transport", choices=("collective", "shared"), default="collective",
                         help="refit transport to plan for: point-to-point sends (collective), or host-shared "
                         "copies written once (shared) (default: %(default)s)")
+    parser.add_argument("--dtype", choices=tuple(ELEMENT_SIZE), default="bf16",
+                        help="dtype of the weights moved, for the sizes: a GPU run's bf16 or fp16, a CPU run's fp32 "
+                        "(default: %(default)s)")
     parser.add_argument("--limit", type=int, default=40,
                         help="pieces to list; the summary counts all (default: %(default)s)")
     parser.set_defaults(func=cmd_reshard_plan)

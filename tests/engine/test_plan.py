@@ -115,6 +115,8 @@ def test_generation_weights_plus_kv_cache() -> None:
     result = plan("llama3-8b", gpus=8, gpu_memory_gb=80, seq_len=8192)
     assert [g.tensor for g in result.generation] == [1, 2, 4, 8]
     assert [g.tensor for g in result.generation_fits] == [2, 4, 8]  # TP1: 16 GB weights + 64 GiB cache
+    fp32 = estimate_generation(preset, 2, 8, batch=64, seq_len=4096, dtype="fp32")  # --dtype left it at bf16
+    assert (fp32.weights, fp32.kv_cache) == (2 * g.weights, 2 * g.kv_cache)
 
 
 def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,6 +131,13 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert "tiny-llama: 217.7K parameters on 2 GPU(s)" in capsys.readouterr().out  # was "0.000B parameters"
     args = parser.parse_args(["plan", "--model", "nemotron4-340b", "--gpu-memory", "80", "--gpus", "8"])
     assert args.func(args) == 1
+    assert "no training layout fits; try --recompute full, --fp8, a shorter --seq-len, or more GPUs or GPU memory " \
+           "than 8 x 80 GiB" in capsys.readouterr().out
+    args = parser.parse_args(["plan", "--model", "nemotron4-340b", "--gpus", "8", "--recompute", "full", "--fp8",
+                              "--micro-batch", "2", "--no-distributed-optimizer"])
+    assert args.func(args) == 1  # the hint offers what is not given yet, not what is
+    assert "try a smaller --micro-batch, the distributed optimizer (drop --no-distributed-optimizer), a shorter " \
+           "--seq-len" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("options, message", [
@@ -143,6 +152,7 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     (["--gpus", "8", "--tp", "1", "--dp", "1"], "no tensor x pipeline x data split of --gpus 8 suits tiny-llama "
                                                 "with --tp 1, --dp 1"),
     (["--gpus", "8", "--reserve", "1"], "--reserve 1.0: must be a fraction in [0, 1)"),
+    (["--gpus", "1", "--seq-len", "100000"], "--seq-len 100000 is beyond tiny-llama's context of 256 tokens"),
 ])
 def test_cli_refuses_impossible_input(options: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "tiny-llama", *options]) == 2
@@ -163,8 +173,9 @@ def test_reshard_plan_refuses_an_unknown_preset(capsys: pytest.CaptureFixture[st
      "--generation-tensor (over TP x PP x DP = 2 ranks): generation tensor-parallel size 3 does not divide the "
      "world size 2"),
     (["--train-tensor", "4"], "--train-tensor/--train-pipeline: model tiny-llama: num_query_groups (KV heads)=2"),
-    (["--train-pipeline", "3", "--data", "2"], "num_layers=4 is not divisible by parallel.pipeline=3"),
+    (["--train-pipeline", "3", "--data", "2"], "num_layers=4 is not divisible by --train-pipeline=3"),
     (["--data", "0"], "--data 0: must be at least 1"),
+    (["--train-tensor", "3"], "is not divisible by --train-tensor=3; pick a --train-tensor that divides 4"),
 ])
 def test_reshard_plan_checks_layouts_before_relaunching(options: list[str], message: str,
                                                         monkeypatch: pytest.MonkeyPatch,
@@ -264,3 +275,21 @@ def test_readme_says_where_the_planner_parameter_counts_come_from() -> None:
     source = inspect.getsource(engine.plan.stage_parameters) + inspect.getsource(engine.plan.Plan.format)
     assert "count_parameters_on_meta" not in source and "parameter_label()" in source
     assert "_layer_parameters(preset, tp)" in source
+
+
+def test_reshard_plan_sizes_are_of_the_weights_dtype(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The sizes were of fp32 weights without saying so; a GPU run moves bf16, half of that."""
+    import re
+
+    import torch
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    copied = {}
+    for dtype in ("fp32", "bf16"):
+        assert main(["reshard-plan", "--model", "tiny-llama", "--dtype", dtype, "--limit", "0"]) == 0
+        out = capsys.readouterr().out
+        assert f"sizes of {dtype} weights (--dtype)" in out
+        copied[dtype] = float(re.search(r"([\d.]+) MiB copied in-process", out).group(1))  # type: ignore[union-attr]
+    assert copied["fp32"] == pytest.approx(2 * copied["bf16"], rel=0.05) and copied["bf16"] > 0
