@@ -69,7 +69,7 @@ def _check_arguments(args: argparse.Namespace, command: str, source: str, allowe
 def _hf_to_keel(args: argparse.Namespace) -> int:
     from engine.convert.hf import hf_to_keel
 
-    _check_arguments(args, "hf-to-keel", args.model_dir, ("model.", "data.tokenizer"))
+    _check_arguments(args, "hf-to-keel", args.model_dir, ("model.", "data.tokenizer", "data.chat_template"))
     path = hf_to_keel(args.model_dir, args.out_dir, args.overrides)
     print(f"Keel checkpoint: {path}\n  use it with checkpoint.load={path}")
     return 0

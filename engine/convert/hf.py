@@ -66,13 +66,14 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 
 def write_hf_state(out_dir: Path, preset: ModelPreset, state: dict[str, torch.Tensor],
-                   token_ids: Optional[dict[str, int]] = None) -> None:
+                   token_ids: Optional[dict[str, int]] = None, extra: Optional[dict[str, Any]] = None) -> None:
     """``config.json`` (with the tokenizer's special ``token_ids`` when given, and then a
-    ``generation_config.json`` that stops at EOS) and ``model.safetensors``."""
+    ``generation_config.json`` that stops at EOS, and ``extra`` keys) and ``model.safetensors``."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.json", json.dumps({**hf_config_for(preset), **(token_ids or {})}, indent=2))
+    config = {**hf_config_for(preset), **(token_ids or {}), **(extra or {})}
+    write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2))
     if token_ids:
         write_text_atomic(out_dir / "generation_config.json", json.dumps(token_ids, indent=2))
     weights = out_dir / "model.safetensors"
@@ -117,6 +118,9 @@ def hf_to_keel(model_dir: str | Path, out_dir: str | Path, overrides: Optional[l
     # runs from this checkpoint tokenize as the model was trained (engine.checkpoint.inherit)
     overrides = tokenizer_override(list(overrides or []), tokenizer_file(str(model_dir)))
     hf_config, hf_state = read_hf_state(Path(model_dir))
+    template = hf_config.get(BUILTIN_TEMPLATE_KEY)  # exported by keel-to-hf from a built-in template's model
+    if isinstance(template, str) and not any(item.startswith("data.chat_template=") for item in overrides):
+        overrides.append(f"data.chat_template={template}")
     given = any(item.startswith("model.") for item in overrides)
     preset = None if given else matching_hf_preset(hf_config)  # the preset of config.json's shape, if one is
     if preset is not None:
@@ -184,6 +188,23 @@ def keel_to_hf(checkpoint: str | Path, out_dir: str | Path, overrides: Optional[
     finally:
         _teardown(parallel)
     out = Path(out_dir)
-    write_hf_state(out, preset, state, export_tokenizer(saved.get("data", {}).get("tokenizer"), out))
+    token_ids = export_tokenizer(saved.get("data", {}).get("tokenizer"), out)
+    write_hf_state(out, preset, state, token_ids, _builtin_template(saved.get("data", {}).get("chat_template"), out))
     logger.info("wrote %s", out_dir)
     return out
+
+
+BUILTIN_TEMPLATE_KEY = "keel_chat_template"  # config.json: the Keel template a model was trained with
+
+
+def _builtin_template(template: Optional[str], out: Path) -> dict[str, str]:
+    """A model trained with one of Keel's own templates (``data.chat_template`` chatml, llama3, nemotron, plain,
+    rendered by Keel, with no Jinja form written): said in a warning, and kept in ``config.json`` so that
+    ``hf-to-keel`` gives the checkpoint the same template back (it would read ``auto``)."""
+    if not template or template == "auto":
+        return {}
+    logger.warning("%s: the model was trained with Keel's built-in %r chat template, which is not written as a "
+                   "Jinja chat_template (transformers' apply_chat_template does not render it; a chat_template in "
+                   "tokenizer_config.json is the tokenizer's own): format prompts as Keel does; config.json keeps "
+                   "it as %s, which hf-to-keel reads back", out, template, BUILTIN_TEMPLATE_KEY)
+    return {BUILTIN_TEMPLATE_KEY: template}

@@ -237,3 +237,22 @@ def test_keel_to_hf_writes_the_checkpoint_tokenizer(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     generation = json.loads((tmp_path / "back" / "generation_config.json").read_text())
     assert config["eos_token_id"] == generation["eos_token_id"] == keel.eos_id == hf.eos_token_id
+
+
+def test_a_builtin_chat_template_is_said_and_survives_the_round_trip(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A model trained with data.chat_template=chatml was exported with no word about its template, and
+    hf-to-keel of the export recorded 'auto': prompts would then be formatted otherwise."""
+    from engine.cli import main
+
+    assert main(["train", "sft", "run.train_steps=1", "data.num_samples=32", "data.tokenizer=builtin-sp",
+                 "data.chat_template=chatml", "logging.progress=false", "logging.tensorboard=false",
+                 f"run.output_dir={tmp_path / 'sft'}"]) == 0
+    capsys.readouterr()
+    assert main(["convert", "keel-to-hf", str(tmp_path / "sft"), str(tmp_path / "hf")]) == 0
+    assert "trained with Keel's built-in 'chatml' chat template, which is not written as a Jinja" in \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["keel_chat_template"] == "chatml"
+    assert main(["convert", "hf-to-keel", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    saved = json.loads((tmp_path / "back" / "step_0000000" / "keel.json").read_text())["config"]
+    assert saved["data"]["chat_template"] == "chatml" and saved["model"]["preset"] == "tiny-llama"
