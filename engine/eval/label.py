@@ -3,10 +3,10 @@
 SteerLM's data step: every response of an SFT set is labelled with the attributes a
 regression reward model predicts for it (rounded to 0..4), so attribute-conditioned SFT
 (``data.chat_template=nemotron``) trains on them. Rows are ``{"messages": [...]}`` whose last
-turn is the assistant's response (the turns before it are the prompt), or
-``{"prompt", "response"}``. Each output row is the input row plus ``attributes``, the
-SteerLM string (``helpfulness:4,correctness:3,...``), and ``predicted`` with the raw
-predictions. A row whose response alone is longer than the reward model's ``seq_length`` gets
+turn is the assistant's response (the turns before it are the prompt), or ``{"prompt", "response"}``
+(or TRL's ``"completion"``), checked as ``keel train sft`` checks them. Each output row is the input
+row plus ``attributes``, the SteerLM string (``helpfulness:4,correctness:3,...``), and ``predicted``
+with the raw predictions. A row whose response alone is longer than the reward model's ``seq_length`` gets
 no score (no reward is read from a cut response, as in ``keel eval rewardbench``): it is left
 out of the output, and the count and the first such file and line are logged and printed.
 
@@ -25,9 +25,9 @@ import math
 from typing import Any, NamedTuple
 
 from engine.config import ConfigError
-from engine.data.errors import DataError, empty_dataset
+from engine.data.errors import Absent, DataError, Where, empty_dataset
 from engine.data.loaders import make_parent_dir, parsed_records
-from engine.data.schemas import attribute_string
+from engine.data.schemas import attribute_string, check_row
 from engine.files import PartialOutput
 from engine.runtime import shutdown
 
@@ -50,22 +50,24 @@ class LabelResult(NamedTuple):
     skipped: list[str]
 
 
-def _prompt_and_response(row: dict[str, Any], where: str) -> tuple[Any, str]:
-    if "messages" in row:
-        messages = row["messages"]
-        if not messages or messages[-1].get("role") != "assistant":
-            raise ConfigError(f"{where}: field 'messages': the last turn must be the assistant's response")
-        return messages[:-1], str(messages[-1]["content"])
-    if "prompt" in row and "response" in row:
-        return row["prompt"], str(row["response"])
-    raise ConfigError(f"{where}: expected 'messages' (chat) or 'prompt' and 'response' fields")
+def _prompt_and_response(row: Any, where: Where) -> tuple[Any, str]:
+    """(prompt turns, response) of a row that keel train sft reads: ``messages`` ending with the assistant's
+    turn, or ``prompt`` with ``response`` or ``completion``; checked as training checks it."""
+    if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
+        raise DataError(where, "<row>", "'messages' (chat), or 'prompt' with 'response' or 'completion'",
+                        Absent(row) if isinstance(row, dict) else row)
+    messages = check_row("chat", row, where)["messages"]
+    if messages[-1]["role"] != "assistant":
+        raise DataError(where, f"messages[{len(messages) - 1}].role", "'assistant': the last turn is the response "
+                        "that is labelled", messages[-1]["role"])
+    return messages[:-1], str(messages[-1]["content"])
 
 
 def read_rows(path: str) -> list[SftRow]:
     """Each row of ``path`` with its prompt, response and place; a bad row is reported with its line (the
     shared reader's hint, data.on_error=skip, is not an option here)."""
     try:
-        rows = [SftRow(row, *_prompt_and_response(row, str(where)), str(where)) for where, row in parsed_records(path)]
+        rows = [SftRow(row, *_prompt_and_response(row, where), str(where)) for where, row in parsed_records(path)]
     except DataError as error:
         if error.where is None:  # the file itself (its kind, its path), not a row of it
             raise error.with_hint("check keel data label's input argument") from None

@@ -63,8 +63,30 @@ def test_label_names_the_bad_line(tmp_path: Path) -> None:
     source.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     proc = launch(1, ["-m", "engine", "data", "label", str(source), str(tmp_path / "o.jsonl"), "--rm", "x"],
                   check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert "bad.jsonl, line 1: field 'messages'" in proc.stderr  # before the (missing) checkpoint is read
+    assert proc.returncode == 1, proc.stderr  # a data error (it was filed as a configuration error)
+    assert "keel: data error: " in proc.stderr and "bad.jsonl, line 1: field 'messages[0].role'" in proc.stderr
+    # before the (missing) checkpoint is read
+
+
+def test_label_reads_the_rows_keel_train_sft_reads(tmp_path: Path) -> None:
+    """TRL's prompt-completion rows, which keel train sft reads, were refused ("expected 'messages' (chat) or
+    'prompt' and 'response' fields", as a configuration error)."""
+    from engine.data.errors import DataError
+    from engine.eval.label import read_rows
+
+    source = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "Capital of France?", "completion": "Paris."}, {"prompt": "2 + 2?", "response": "4."},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}]}]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    read = read_rows(str(source))
+    assert [(r.prompt[-1]["content"], r.response) for r in read] == [("Capital of France?", "Paris."),
+                                                                      ("2 + 2?", "4."), ("Hi", "Hello.")]
+    assert read[0].record == rows[0] and len(read[2].prompt) == 2  # the row is written back as it was read
+    source.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: field '<row>': expected 'messages' \(chat\), or 'prompt' with "
+                                        r"'response' or 'completion', got no such field \(the row has 'question'"):
+        read_rows(str(source))
 
 
 class _Scorer:
