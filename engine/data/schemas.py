@@ -95,7 +95,8 @@ def check_messages(messages: Any, where: Optional[Where], field: str = "messages
             expected_role = "assistant" if role == "user" else "user"
         out.append({"role": role, "content": content})
     if out[-1]["role"] != last:
-        raise _fail(where, f"{field}[{len(out) - 1}].role", f"the conversation to end with a '{last}' turn",
+        article = "an" if last == "assistant" else "a"
+        raise _fail(where, f"{field}[{len(out) - 1}].role", f"the conversation to end with {article} '{last}' turn",
                     out[-1]["role"])
     return out
 
@@ -128,7 +129,12 @@ def _prompt(row: Row, where: Optional[Where]) -> str | list[dict[str, str]]:
 
 
 def _response(row: Row, field: str, where: Optional[Where]) -> str:
+    """A reply: text, a whole conversation ending with it, or TRL's conversational form (the reply's turn
+    alone, ``[{"role": "assistant", "content": ...}]``, beside a separate prompt)."""
     value = row.get(field)
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
+        return value[0]["content"]
     if isinstance(value, list):
         return check_messages(value, where, field, last="assistant")[-1]["content"]
     return _string(row, field, where)

@@ -34,7 +34,7 @@ BAD = [
     ("chat", {"messages": [USER, ASSISTANT, {"role": "system", "content": "x"}, ASSISTANT]}, "messages[2].role",
      "first turn"),
     ("chat", {"messages": [ASSISTANT]}, "messages[0].role", "starting with user"),
-    ("chat", {"messages": [USER]}, "messages[0].role", "end with a 'assistant'"),
+    ("chat", {"messages": [USER]}, "messages[0].role", "end with an 'assistant'"),
     ("chat", {"messages": [USER, {"role": "assistant", "content": 4}]}, "messages[1].content", "a string"),
     ("chat", {"messages": []}, "messages", "non-empty list"),
     ("chat", {"conversation": []}, "messages", "non-empty list"),
@@ -115,6 +115,9 @@ def test_normal_forms() -> None:
     assert pref["individual_preference"] == [-2, -1, -3]
     pair = check_row("pairs", {"prompt": "p", "chosen": [USER, ASSISTANT], "rejected": "no", "margin": 1})
     assert pair["chosen"] == "4." and pair["margin"] == 1.0
+    # TRL's conversational preference rows: the prompt's turns, and each reply's own turn alone
+    trl = check_row("pairs", {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{**ASSISTANT, "content": "5."}]})
+    assert (trl["chosen"], trl["rejected"]) == ("4.", "5.")
     prompt = check_row("prompts", GOOD["prompts"])
     assert prompt["attributes"] == {"helpfulness": 4, "verbosity": 2}
 

@@ -194,7 +194,7 @@ def test_bad_rows_hint_names_what_rewardbench_reads_and_skip_counts_them(write_j
     assert [row["_where"].rsplit(" ", 1)[1] for row in rows] == ["1", "4"]
     assert (stats.records, stats.skipped, stats.valid) == (4, 2, 2)
     assert stats.problems[0].endswith("mixed.jsonl, line 2: field 'chosen[0].role': expected the conversation to "
-                                      "end with a 'assistant' turn, got 'user'")
+                                      "end with an 'assistant' turn, got 'user'")
     assert "line 3: field '<json>'" in stats.problems[1]
     with pytest.raises(DataError, match=r"all 2 rows were bad"):
         load_rows(write_jsonl([bad_turns, bad_turns], "all_bad.jsonl"), "skip")
