@@ -270,6 +270,13 @@ def _check_options(args: argparse.Namespace) -> None:
                           ("--tensor", args.tensor)):
         if value < 1:
             raise ConfigError(f"{option} {value}: must be at least 1")
+    unused = [f"{option} {value:g}" for option, value, off in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0))
+              if value != off]
+    from engine.parallel.layout import read_launch_env
+
+    if args.temperature == 0 and unused and read_launch_env().rank == 0:  # greedy takes the argmax: no filter acts
+        logger.warning("%s %s no effect with --temperature 0 (greedy, the default): give a --temperature above 0 "
+                       "to sample", " and ".join(unused), "have" if len(unused) > 1 else "has")
 
 
 def _check_inputs(args: argparse.Namespace) -> Job:

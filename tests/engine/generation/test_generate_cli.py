@@ -351,3 +351,21 @@ def test_a_steerlm_prompt_row_keeps_its_own_targets(checkpoint: Path, tmp_path: 
     prompts.write_text(json.dumps({"prompt": "x", "attributes": {"kindness": 3}}) + "\n")
     with pytest.raises(DataError, match=r"steer.jsonl, line 1: field 'attributes.kindness': expected an attribute"):
         _check_inputs(_args(checkpoint, tmp_path / "o.jsonl", "--template", "nemotron", prompts=prompts))
+
+
+def test_a_sampling_filter_without_a_temperature_is_told(caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--top-k 5 at the default --temperature 0 stayed greedy without a word."""
+    import argparse
+    import logging
+
+    from engine.generate import _check_options
+
+    monkeypatch.delenv("RANK", raising=False)
+    common = {"template": None, "batch_size": 1, "max_new_tokens": 8, "tensor": 1}
+    with caplog.at_level(logging.WARNING, logger="engine.generate"):
+        _check_options(argparse.Namespace(**common, temperature=0.0, top_k=5, top_p=0.9))
+        _check_options(argparse.Namespace(**common, temperature=0.7, top_k=5, top_p=0.9))
+    assert [r.getMessage() for r in caplog.records] == [
+        "--top-k 5 and --top-p 0.9 have no effect with --temperature 0 (greedy, the default): give a --temperature "
+        "above 0 to sample"]
