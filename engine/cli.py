@@ -343,7 +343,7 @@ def check_output_file(args: argparse.Namespace) -> None:
         return
     if os.path.isdir(output):
         raise ConfigError(f"output {output} is a directory: give the path of the file to write (e.g. "
-                          f"{os.path.join(output, 'out.jsonl')})")
+                          f"{os.path.join(output, getattr(args, 'out_example', 'out.jsonl'))})")
     for name in ("input", "prompts", "source", "data"):
         given = getattr(args, name, None)
         if isinstance(given, str) and os.path.exists(given) and os.path.abspath(given) == os.path.abspath(output):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from engine.data.errors import DataError
 from engine.data.loaders import ReadStats
+from engine.errors import ConfigError
 from engine.eval.diverging import annotator_strengths, split_accuracy
 from engine.eval.rewardbench import (
     ON_ERROR,
@@ -101,7 +102,14 @@ def on_error_of(args: argparse.Namespace) -> tuple[str, list[str]]:
     if given and given[-1] not in ON_ERROR:
         raise DataError(None, "data.on_error", f"one of {', '.join(ON_ERROR)}", given[-1], source="command line",
                         hint="pass --on-error skip to leave bad rows out")
+    unread = [item for item in overrides if item.partition(".")[0].strip() not in SCORING_SECTIONS]
+    if unread:  # run.*, optimizer.*, ... were accepted and did nothing
+        raise ConfigError(f"override {unread[0]!r}: scoring reads only the "
+                          f"{', '.join(section + '.*' for section in SCORING_SECTIONS)} settings of the model")
     return (given[-1] if given else args.on_error), overrides
+
+
+SCORING_SECTIONS = ("model", "data", "rm", "parallel", "precision")  # what loading and running the model reads
 
 
 def cmd_rewardbench(args: argparse.Namespace) -> int:
@@ -156,4 +164,4 @@ def register(subparsers: Any) -> None:
                        "and counts it in the report (default: %(default)s)")
     bench.add_argument("--out", default=None, help="write the report as JSON here")
     bench.add_argument("overrides", nargs="*", help="section.field=value overrides for loading the model")
-    bench.set_defaults(func=cmd_rewardbench)
+    bench.set_defaults(func=cmd_rewardbench, out_example="report.json")  # what an --out directory is told to hold

@@ -288,3 +288,5 @@ def test_an_output_that_is_a_directory_or_the_input_is_refused_before_any_work(
     assert main(["data", "label", str(rows), str(rows), "--rm", str(tmp_path / "no-rm")]) == 2
     assert f"output {rows} is this command's input: write to another file" in capsys.readouterr().err
     assert rows.read_text() == '{"prompt": "hi", "response": "yes"}\n' and sorted(tmp_path.iterdir()) == [rows]
+    assert main(["eval", "rewardbench", "--checkpoint", "c", "--data", str(rows), "--out", str(tmp_path)]) == 2
+    assert f"(e.g. {tmp_path / 'report.json'})" in capsys.readouterr().err  # the report is JSON, not JSONL

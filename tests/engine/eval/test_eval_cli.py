@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import pytest
 
+from engine.errors import ConfigError
 from engine.eval.cli import parse_weights, register
 from tests.engine.eval.conftest import SCORED_ROWS
 
@@ -135,6 +136,8 @@ def test_rewardbench_skips_bad_rows_on_request(write_jsonl: Callable[..., str], 
     assert fake_scorer[-1]["overrides"] == []  # not passed on to the model
     assert _run(["rewardbench", "--checkpoint", "c", "--data", path, "data.on_error=skp"]) == 1
     assert "field 'data.on_error': expected one of raise, skip, got 'skp'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"override 'run.train_steps=5': scoring reads only the model.\*, data.\*"):
+        _run(["rewardbench", "--checkpoint", "c", "--data", path, "run.train_steps=5"])  # accepted and ignored
 
 
 def test_parse_weights() -> None:
