@@ -99,6 +99,7 @@ class Trainer:
         self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)
         self._refuse_an_empty_training_set()
         self._warn_of_no_validation()
+        self._warn_of_repeats()
         step.check_datasets(config, self.tokenizer, self.train_data, self.valid_data)
         self.model = ModelRunner.trained(config, parallel, step.model_class())
         preset = self.model.preset
@@ -141,6 +142,14 @@ class Trainer:
         held = data.validation_source or f"data.validation_fraction={data.validation_fraction:g} of {data.source}"
         logger.warning("no validation rows (%s holds out none): validation is skipped and no best checkpoint is "
                        "kept; set data.validation_source, or raise data.validation_fraction", held)
+
+    def _warn_of_repeats(self) -> None:
+        """Fewer training samples than one global batch: every step holds some of them more than once."""
+        samples, batch = len(self.train_data), self.config.data.global_batch_size
+        sampled = getattr(self.step, "online", False) or getattr(self.step, "iterative", False)  # their own data
+        if samples < batch and self.parallel.is_main and not sampled:
+            logger.warning("%d training samples for data.global_batch_size=%d: each step repeats samples; lower "
+                           "data.global_batch_size or add rows", samples, batch)
 
     # ------------------------------------------------------------------ one schedule
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:

@@ -520,3 +520,5 @@ def test_validation_asked_for_and_none_held_out_is_warned(tmp_path: Path, caplog
                 Trainer(config, SFTStep(), parallel)
             assert (f"no validation rows (data.validation_fraction={fraction} of {rows} holds out none): validation "
                     "is skipped and no best checkpoint is kept" in caplog.text) is warned, caplog.text
+    # 3 rows left to train on, for a global batch of 4: every step repeats some (it went unsaid)
+    assert "3 training samples for data.global_batch_size=4: each step repeats samples" in caplog.text
