@@ -131,12 +131,16 @@ class Trainer:
         raise DataError(None, "<rows>", "at least one training sample, got none", source=self.config.data.source,
                         hint="check the data; raise data.seq_length if its rows were dropped for length")
 
+    @property
+    def _samples_its_data(self) -> bool:
+        """Online RL and iterative recipes make their training and held-out data by sampling, per iteration."""
+        return bool(getattr(self.step, "online", False) or getattr(self.step, "iterative", False))
+
     def _warn_of_no_validation(self) -> None:
         """Validation asked for (run.eval_interval, run.eval_at_start) and no validation row to do it: said once,
         with the fix (a small file's held-out fraction rounds to none, and validation was skipped silently)."""
         run, data = self.config.run, self.config.data
-        sampled = getattr(self.step, "online", False) or getattr(self.step, "iterative", False)  # their own
-        if sampled or not (run.eval_interval or run.eval_at_start) or len(self.valid_data or ()) \
+        if self._samples_its_data or not (run.eval_interval or run.eval_at_start) or len(self.valid_data or ()) \
                 or not self.parallel.is_main:
             return
         held = data.validation_source or f"data.validation_fraction={data.validation_fraction:g} of {data.source}"
@@ -146,8 +150,7 @@ class Trainer:
     def _warn_of_repeats(self) -> None:
         """Fewer training samples than one global batch: every step holds some of them more than once."""
         samples, batch = len(self.train_data), self.config.data.global_batch_size
-        sampled = getattr(self.step, "online", False) or getattr(self.step, "iterative", False)  # their own data
-        if samples < batch and self.parallel.is_main and not sampled:
+        if samples < batch and self.parallel.is_main and not self._samples_its_data:
             logger.warning("%d training samples for data.global_batch_size=%d: each step repeats samples; lower "
                            "data.global_batch_size or add rows", samples, batch)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from engine.data.chat import prompt_messages, render_chat, render_prompt, render_reply, render_text
+from engine.data.chat import prompt_messages, render_prompt, render_reply
 from engine.data.documents import DropCounts, fit_document, render_row
 from engine.data.errors import DataError
 from engine.data.loaders import ReadStats, iter_rows
@@ -28,21 +28,6 @@ SFT_FORMATS = ("chat", "text")
 REPLIES = {"attributes": ("response",), "helpsteer2_preference": ("response_1", "response_2"),
            "pairs": ("chosen", "rejected"), "prompts": ()}
 OVERLONG_DEFAULT = {"chat": "truncate", "text": "truncate"}  # the rest: cut_prompt; prompt sets have no policy
-
-
-def row_lengths(row: Row, fmt: str, tokenizer: Tokenizer, template: str = "plain") -> tuple[int, int]:
-    """(total tokens, tokens before the first loss token) of one validated row."""
-    if fmt == "text":
-        ids, mask = render_text(row["text"], tokenizer)
-        return len(ids), mask.index(1) if 1 in mask else len(ids)
-    if fmt == "chat":
-        attributes = row.get("attributes") if template == "nemotron" else None
-        ids, mask = render_chat(row["messages"], tokenizer, template, attributes)
-        return len(ids), mask.index(1) if 1 in mask else len(ids)
-    attributes = row.get("attributes") if template == "nemotron" and fmt == "prompts" else None
-    prompt = len(render_prompt(prompt_messages(row["prompt"]), tokenizer, template, attributes))
-    longest = max((len(render_reply(row[name], tokenizer, template)) for name in REPLIES[fmt]), default=0)
-    return prompt + longest, prompt
 
 
 class _Lengths:
@@ -82,13 +67,19 @@ class _Policy:
         self.fitter = PromptFitter(tokenizer, template, seq_length, self.name, "<validate>") if fmt not in (
             *SFT_FORMATS, "prompts") else None
 
-    def apply(self, row: Row) -> None:
+    def apply(self, row: Row) -> tuple[int, int]:
+        """(total tokens, tokens before the first loss token) of one validated row, rendered once, and the
+        policy's counts of it."""
         if self.fmt in SFT_FORMATS:
             ids, mask = render_row(row, self.tokenizer, self.fmt, self.template)
             fit_document(ids, mask, self.seq_length + 1, self.name, self.drops)
-        elif self.fitter is not None:
-            replies = [render_reply(row[name], self.tokenizer, self.template) for name in REPLIES[self.fmt]]
+            return len(ids), mask.index(1) if 1 in mask else len(ids)
+        attributes = row.get("attributes") if self.template == "nemotron" and self.fmt == "prompts" else None
+        prompt = len(render_prompt(prompt_messages(row["prompt"]), self.tokenizer, self.template, attributes))
+        replies = [render_reply(row[name], self.tokenizer, self.template) for name in REPLIES[self.fmt]]
+        if self.fitter is not None:
             self.fitter.prompt(row["prompt"], replies)
+        return prompt + max((len(reply) for reply in replies), default=0), prompt
 
     def counts(self) -> dict[str, Any]:
         if self.fitter is not None:
@@ -119,11 +110,10 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
     fatal: Optional[str] = None
     try:
         for row in iter_rows(path, fmt, on_error, stats=stats, num=num, seed=seed):
-            total, prompt = row_lengths(row, fmt, tok, template)
+            total, prompt = policy.apply(row)
             lengths.add(total)
             overlong_rows += total > limit
             prompt_too_long += fmt != "prompts" and prompt + 1 > limit
-            policy.apply(row)
     except DataError as error:
         if on_error == "raise" or stats.valid:
             raise
