@@ -232,10 +232,13 @@ class OnlineTrainer(Trainer):
 
     def maybe_resume(self) -> int:
         start = super().maybe_resume()
-        if self.critic is not None and start > 0:
+        if self.critic is not None and self.resumed_from is not None:
             from engine.checkpoint import dist as ckpt
 
-            path = ckpt.resolve(os.path.join(str(self.config.checkpoint.dir), "critic", f"step_{start:07d}"))
+            path = self.resumed_from.parent / "critic" / self.resumed_from.name  # saved beside the policy's
+            if not ckpt.is_complete(path):
+                raise ckpt.CheckpointError(f"{self.resumed_from} has no critic beside it ({path} is no complete "
+                                           "checkpoint): resume a PPO run's checkpoint, whose critic is saved with it")
             self.critic.runner.load(path)
             logger.info("critic resumed from %s", path)
         return start

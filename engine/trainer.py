@@ -26,6 +26,7 @@ import torch
 
 from engine.algorithms.base import Batch, Step
 from engine.checkpoint import dist as ckpt
+from engine.checkpoint.resume import carried_best, changed_data_settings, check_resume
 from engine.config import save_config
 from engine.data.batching import (  # noqa: F401  (cut_to_length, group_by_length, padded_length: re-exported)
     ReadOnce,
@@ -118,6 +119,7 @@ class Trainer:
         )
         self.metrics = MetricsWriter(self.run_dir, parallel.is_main, config.logging.tensorboard)
         self.best_validation: Optional[tuple[int, float]] = None  # (step, loss) of the best checkpoint
+        self.resumed_from: Optional[Path] = None  # the checkpoint this run resumed, if it did
         self._told_validation = False  # what a validation reads is logged once
 
     def _refuse_an_empty_training_set(self) -> None:
@@ -292,11 +294,12 @@ class Trainer:
                 raise ckpt.CheckpointError(
                     f"{path} is step {step}, past run.train_steps={self.config.run.train_steps}: raise "
                     "run.train_steps to train on, or start a new run (another run.output_dir, or checkpoint.resume=none)")
+            check_resume(path, saved, self.config, self.step.name)
             self._check_resumed_data(path, saved)
             meta = self.model.load(path)
             self.sampler.load_state_dict(meta["sampler"])
-            best = meta.get("best_validation")
-            self.best_validation = (int(best[0]), float(best[1])) if best else None
+            self.best_validation = carried_best(path, meta, str(chk.dir))
+            self.resumed_from = path
             logger.info("resumed from %s at step %d", path, meta["step"])
             return int(meta["step"])
         if chk.load:
@@ -314,17 +317,17 @@ class Trainer:
                 "a resumed run reads the same data: to train on this data, start afresh in this run directory "
                 f"(checkpoint.resume=none), or keep the weights with checkpoint.load={path} and another "
                 "run.output_dir")
-        old = (meta.get("config") or {}).get("data") or {}
-        changed = [f"data.{key}: {old[key]} -> {getattr(self.config.data, key)}" for key in ("global_batch_size",
-                   "seq_length") if key in old and old[key] != getattr(self.config.data, key)]
+        changed = changed_data_settings(meta, self.config)
         if changed:
             logger.warning("resuming %s with this run's data settings, not the checkpoint's: %s", path,
                            "; ".join(changed))
 
     # ------------------------------------------------------------------ the loop
     def _check_load_before_building(self) -> None:
-        """A ``checkpoint.load`` that a fresh start would need and that is not a complete checkpoint is refused
-        before the models are built (minutes at scale), not after. A run that resumes does not read it."""
+        """A ``checkpoint.load`` that a fresh start would need and that is not a complete checkpoint, and the other
+        checkpoints the run names that are of the wrong kind (``config.check_checkpoints``), are refused before the
+        models are built (minutes at scale), not after. A run that resumes does not read ``checkpoint.load``."""
+        self.config.check_checkpoints()
         chk = self.config.checkpoint
         if not chk.load or (chk.resume == "auto" and ckpt.find_latest(chk.dir) is not None):
             return

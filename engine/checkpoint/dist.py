@@ -153,6 +153,19 @@ def refuse_scorer(path: Path, meta: dict[str, Any], use: str) -> None:
                               f"so it cannot be {use}; use a policy checkpoint (SFT, DPO, converted)")
 
 
+def refuse_scorer_policy(value: Optional[str], setting: str) -> None:
+    """A checkpoint that ``setting`` names as a policy (a reference, a prior) and that is a reward model's or a
+    critic's is refused before any model is built, naming ``setting`` (``init`` names no checkpoint)."""
+    if not value or value == "init":
+        return
+    path = locate(value, setting)
+    kind = scorer_kind(read_meta(path))
+    if kind is not None:
+        raise CheckpointError(f"{setting}={value}: {path} is a {kind} checkpoint, and {setting} names a policy: a "
+                              f"{kind} scores responses and has no language-model head; use a policy checkpoint "
+                              "(SFT, DPO, converted)")
+
+
 def _rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
@@ -308,6 +321,13 @@ def mark_best(root: str, step: int, parallel: Any) -> None:
     dist.barrier()
 
 
+def weights_alone(path: Path) -> str:
+    """The remedy for a checkpoint a run cannot resume: a new run that loads its weights (and a run directory
+    of its own, since a fresh run moves the earlier checkpoints aside, :func:`set_aside`)."""
+    return (f"start a new run from its weights alone: checkpoint.load={path} checkpoint.resume=none, in a "
+            "run.output_dir other than the checkpoint's")
+
+
 def check_compatible(path: Path, meta: dict[str, Any], signature: dict[str, Any]) -> None:
     saved = meta.get("model_signature")
     if saved is None:
@@ -327,7 +347,7 @@ def _check_optimizer_kind(path: Path, meta: dict[str, Any], distributed: bool) -
     if saved != distributed:
         raise CheckpointError(
             f"{path} holds the optimizer state of parallel.distributed_optimizer={str(saved).lower()}: resume with "
-            f"that setting, or start from its weights alone with checkpoint.load={path} checkpoint.resume=none")
+            f"that setting, or {weights_alone(path)}")
 
 
 def _prepare_distributed_load(optimizer: Any) -> None:
@@ -382,6 +402,7 @@ def load(
     meta = read_meta(path)
     check_compatible(path, meta, signature)
     state = model_sharded_state_dict(chunks)
+    _refuse_other_shapes(path, state)
     want_optimizer = load_optimizer and optimizer is not None and meta.get("has_optimizer", False)
     if want_optimizer:
         _check_optimizer_kind(path, meta, parallel.layout.distributed_optimizer)
@@ -399,6 +420,24 @@ def load(
         _set_rng_state(loaded["rng_state"])
     logger.info("loaded checkpoint %s (step %s%s)", path, meta.get("step"), "" if same_layout else ", resharded")
     return meta
+
+
+def _refuse_other_shapes(path: Path, state: dict[str, Any]) -> None:
+    """A tensor the checkpoint holds with another shape than this model's (a reward head of other
+    ``rm.attributes``, a critic's head) is a one-line error before loading, not megatron's exception."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    available = dist_checkpointing.load_tensors_metadata(str(path))
+    for tensor in nested_values(state):
+        saved = available.get(tensor.key) if isinstance(tensor, ShardedTensor) else None
+        if saved is not None and tuple(saved.global_shape) != tuple(tensor.global_shape):
+            raise CheckpointError(
+                f"{path} holds {tensor.key} with shape {list(saved.global_shape)}, and this model's is "
+                f"{list(tensor.global_shape)}: the checkpoint was written with other settings (for a reward or "
+                "value head, rm.type and rm.attributes set its shape); resume with the checkpoint's settings, or "
+                f"{weights_alone(path)}")
 
 
 def _filter_to_checkpoint(state: Any, available: dict[str, Any], skipped: list[str]) -> Any:

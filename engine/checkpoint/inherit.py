@@ -81,11 +81,13 @@ def fine_tuning_lr(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dic
     return dict(data, optimizer=optimizer), {"optimizer.lr": lr}
 
 
-def refuse_other_tokenizer(load: str, mine: Optional[str], theirs: Optional[str]) -> None:
+def refuse_other_tokenizer(load: str, mine: Optional[str], theirs: Optional[str],
+                           setting: str = "checkpoint.load") -> None:
     """A ``data.tokenizer`` the user set that is not the one ``checkpoint.load`` was trained with is refused:
     its ids would stand for other tokens, and the run would train on, with a loss that only looks high.
     The same file under another path or name counts as the same; a checkpoint whose tokenizer file is not
-    on this machine (moved with the weights to another place) cannot be compared and is let through."""
+    on this machine (moved with the weights to another place) cannot be compared and is let through.
+    ``setting`` names the option that names the checkpoint: a run that resumes takes nothing from it."""
     if mine is None or theirs is None or mine == theirs:
         return
     from engine.data.tokenizers import tokenizer_file
@@ -95,9 +97,10 @@ def refuse_other_tokenizer(load: str, mine: Optional[str], theirs: Optional[str]
         return
     if mine_file is not None and theirs_file is not None and filecmp.cmp(mine_file, theirs_file, shallow=False):
         return
-    raise ConfigError(f"data.tokenizer={mine} is not the tokenizer checkpoint.load={load} was trained with "
-                      f"({theirs}): its token ids would mean other tokens. Leave data.tokenizer unset to take the "
-                      "checkpoint's")
+    remedy = "Leave data.tokenizer unset to take the checkpoint's" if setting == "checkpoint.load" else \
+        f"Set data.tokenizer={theirs}"
+    raise ConfigError(f"data.tokenizer={mine} is not the tokenizer {setting}={load} was trained with "
+                      f"({theirs}): its token ids would mean other tokens. {remedy}")
 
 
 def describe_inherited(load: str, taken: dict[str, Any]) -> str:

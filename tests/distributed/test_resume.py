@@ -103,4 +103,4 @@ def test_the_distributed_optimizer_saves_and_resumes_bitwise_and_at_other_layout
     plain = keel_train(1, BASE + ["run.train_steps=6", f"run.output_dir={tmp_path / 'plain'}",
                                   f"checkpoint.resume={step3}"], check=False)
     assert plain.returncode == 1 and "holds the optimizer state of parallel.distributed_optimizer=true: resume " \
-        f"with that setting, or start from its weights alone with checkpoint.load={step3}" in plain.stderr, plain.stderr
+        f"with that setting, or start a new run from its weights alone: checkpoint.load={step3}" in plain.stderr, plain.stderr
