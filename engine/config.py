@@ -272,6 +272,8 @@ class TrainConfig:
     # data.format values this algorithm trains on (see data_formats)
     FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS
     UNREAD: ClassVar[dict[str, str]] = {}  # fields this run does not read: the field that does their work instead
+    # data fields this run has no use for: why (a value other than the default is refused, not silently dropped)
+    IGNORED: ClassVar[dict[str, str]] = {}
     # optimizer.lr of a run that starts from checkpoint.load without one (the field's default trains from scratch;
     # it wrecks a pretrained model); None keeps the default (engine.checkpoint.inherit.fine_tuning_lr)
     FINE_TUNE_LR: ClassVar[Optional[float]] = None
@@ -284,6 +286,23 @@ class TrainConfig:
                               f"{', '.join(map(repr, self.OVERLONG))} for this algorithm")
         if self.checkpoint.dir is None:
             self.checkpoint.dir = os.path.join(self.run.output_dir, "checkpoints")
+        self.refuse_ignored()
+
+    def check_checkpoints(self) -> None:
+        """Checks of the checkpoints this run names besides ``checkpoint.load`` (a reference, a reward model),
+        run by the trainer before any model is built: :meth:`validate` reads no file."""
+
+    def refuse_ignored(self) -> None:
+        """A setting of :attr:`IGNORED` given another value than this algorithm's default is a one-line error:
+        ``data.pack=true`` on a reward model or DPO run was accepted and did nothing."""
+        factory = type(self).__dataclass_fields__["data"].default_factory
+        defaults = factory()  # type: ignore[misc,operator]
+        for name, why in self.IGNORED.items():
+            key = name.split(".", 1)[1]
+            value = getattr(self.data, key)
+            if value != getattr(defaults, key):
+                value = str(value).lower() if isinstance(value, bool) else value
+                raise ConfigError(f"{name}={value} does nothing in this run: {why}; leave {name} unset")
 
     def data_formats(self) -> tuple[str, ...]:
         """The data.format values this run trains on; a row's format hint names no other."""
@@ -517,6 +536,8 @@ def describe(cls: type, algorithms: Optional[dict[str, type]] = None) -> str:
             lines.append(f"\n[{section}]")
         if name in unread:
             text = f"Not read by this algorithm: set {unread[name]}."
+        elif name in getattr(cls, "IGNORED", {}):
+            text = f"Not read by this algorithm: {cls.IGNORED[name]}."  # type: ignore[attr-defined]
         if name == "optimizer.lr" and fine_tune is not None:
             text += f" With checkpoint.load and no optimizer.lr: {fine_tune:g} (fine-tuning a model)."
         shown = f"defaults: {differ[name]}" if name in differ else f"default {default!r}"

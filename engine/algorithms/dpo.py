@@ -91,6 +91,10 @@ class DPOTrainConfig(TrainConfig):
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")
     FORMATS: ClassVar[tuple[str, ...]] = ("pairs", "attributes", "helpsteer2_preference")
     FINE_TUNE_LR: ClassVar[Optional[float]] = 1e-6
+    IGNORED: ClassVar[dict[str, str]] = {
+        "data.pack": "DPO reads each pair's two responses as samples of their own, never packed with others",
+        "data.loss_on": "DPO's loss is on the log-probabilities of the responses' tokens",
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +116,12 @@ class DPOTrainConfig(TrainConfig):
         if self.dpo.reference is None and self.dpo.reference_logprobs is None:
             raise ConfigError("keel train dpo needs a reference: set dpo.reference=<checkpoint> (or checkpoint.load), "
                               "dpo.reference=init, or dpo.reference_logprobs=<file from keel data ref-logprobs>")
+
+    def check_checkpoints(self) -> None:
+        from engine.checkpoint.dist import refuse_scorer_policy
+
+        if self.dpo.reference != self.checkpoint.load:  # checkpoint.load is checked as the policy's start
+            refuse_scorer_policy(self.dpo.reference, "dpo.reference")
 
 
 class DPOStep(Step):

@@ -114,6 +114,10 @@ class OnlineTrainConfig(TrainConfig):
     # the other algorithms' data settings, and the rollout settings that do their work when sampling from prompts
     UNREAD: ClassVar[dict[str, str]] = {"data.source": "rollout.prompts", "data.validation_source": "rollout.eval_prompts",
                                         "data.num_samples": "rollout.num_prompts"}
+    IGNORED: ClassVar[dict[str, str]] = {
+        "data.pack": "each rollout is its own sample, never packed with others",
+        "data.loss_on": "the loss is on the tokens each rollout generated",
+    }
 
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward_functions: Optional[list[RewardFunctionConfig]] = field(
@@ -152,6 +156,12 @@ class OnlineTrainConfig(TrainConfig):
             raise ConfigError(f"reward_model_std={self.reward_model_std} must be > 0")
         if self.reference is None:
             self.reference = self.checkpoint.load
+
+    def check_checkpoints(self) -> None:
+        from engine.checkpoint.dist import refuse_scorer_policy
+
+        if self.reference != self.checkpoint.load:  # checkpoint.load is checked as the policy's start
+            refuse_scorer_policy(self.reference, "reference")
 
     def refuse_unread_data(self) -> None:
         """A ``data`` setting these runs do not read is refused, naming the ``rollout`` one they do: a user coming

@@ -163,7 +163,9 @@ class Critic:
         else:
             path = ckpt.locate(config.ppo.critic, "ppo.critic")
             saved = dict(ckpt.read_meta(path)["config"])
-            rm_config = from_dict(RewardTrainConfig, {"model": saved["model"], "rm": saved.get("rm", {})}, str(path))
+            rm = dict(saved.get("rm") or {})  # the data format only has to suit the head's type (nothing is read)
+            data = {"format": "pairs" if rm.get("type") == "bt" else "attributes"}
+            rm_config = from_dict(RewardTrainConfig, {"model": saved["model"], "rm": rm, "data": data}, str(path))
             source = str(path)
         optimizer = dataclasses.replace(config.optimizer, lr=config.ppo.critic_lr or config.optimizer.lr)
         assert isinstance(optimizer, OptimizerConfig)

@@ -92,6 +92,12 @@ class RewardTrainConfig(TrainConfig):
     rm: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=_rm_data_defaults)
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")  # a reward is never read from a cut response
+    TYPE_FORMATS: ClassVar[dict[str, tuple[str, ...]]] = {"regression": ("attributes",),
+                                                           "bt": ("pairs", "helpsteer2_preference")}
+    IGNORED: ClassVar[dict[str, str]] = {
+        "data.pack": "a reward model scores each response (or pair) as its own sample, never packed with others",
+        "data.loss_on": "a reward model's loss is on the score read at each response's last token",
+    }
     FINE_TUNE_LR: ClassVar[Optional[float]] = 1e-5
 
     def __post_init__(self) -> None:
@@ -101,11 +107,20 @@ class RewardTrainConfig(TrainConfig):
             self.checkpoint.dir = "runs/rm/checkpoints"
         expected = self.data_formats()
         if self.data.format not in expected:
-            raise ConfigError(f"rm.type={self.rm.type} trains on data.format in {expected}, got {self.data.format!r}")
+            other = "bt" if self.rm.type == "regression" else "regression"
+            hint = f"; data.format={self.data.format} trains rm.type={other}" \
+                if self.data.format in self.TYPE_FORMATS[other] else ""
+            default = _rm_data_defaults()
+            if self.data.format == default.format:  # the user set rm.type=bt and not the data's format
+                source = " and data.source to your pairs file" if self.data.source == default.source else ""
+                hint = (f" (the default, for rated rows); set data.format=pairs or helpsteer2_preference{source}, "
+                        f"or rm.type={other} for rated rows")
+            raise ConfigError(f"rm.type={self.rm.type} trains on data.format in {expected}, got "
+                              f"{self.data.format!r}{hint}")
 
     def data_formats(self) -> tuple[str, ...]:
         """Regression reads attribute rows; Bradley-Terry reads pairs."""
-        return ("attributes",) if self.rm.type == "regression" else ("pairs", "helpsteer2_preference")
+        return self.TYPE_FORMATS[self.rm.type]
 
 
 class PairedAttributes:
@@ -198,7 +213,10 @@ class RewardStep(Step):
 
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
         data = config.data
-        train_rows, valid_rows = paired_rows(data, config.run.seed, config.data_formats())
+        try:
+            train_rows, valid_rows = paired_rows(data, config.run.seed, config.data_formats())
+        except DataError as exc:
+            raise self._other_type_hint(exc) from None
         train_source, valid_source = data.source, data.validation_source or data.source
         if self.rm.type == "regression":
             train = AttributeDataset(train_rows, tokenizer, data.seq_length, template=data.chat_template,
@@ -213,6 +231,15 @@ class RewardStep(Step):
         make = lambda rows, name: PreferenceDataset(rows, tokenizer, data.seq_length,  # noqa: E731
                                                     template=data.chat_template, overlong=data.overlong, source=name)
         return make(train_rows, train_source), make(valid_rows, f"{valid_source} (validation)")
+
+    def _other_type_hint(self, error: DataError) -> DataError:
+        """Rows of the other reward-model type's format name the ``rm.type`` that trains on them."""
+        other = "bt" if self.rm.type == "regression" else "regression"
+        if error.looks_like not in RewardTrainConfig.TYPE_FORMATS[other]:
+            return error
+        kind = "preference pairs train a Bradley-Terry" if other == "bt" else "rated rows train a regression"
+        return error.with_hint(f"the row has the fields of data.format={error.looks_like}: {kind} reward model; "
+                               f"set rm.type={other} data.format={error.looks_like}")
 
     def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
         tokens = batch["tokens"]

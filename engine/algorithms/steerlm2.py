@@ -54,8 +54,9 @@ def parse_target(text: str, field_name: str) -> dict[str, int]:
 
     try:
         return parse_attributes(text, None, field_name)
-    except DataError as exc:
-        raise ConfigError(f"{field_name}={text!r}: {exc}") from exc
+    except DataError as exc:  # a setting, not a data row: the row's hint (data.on_error) does not apply
+        got = "" if exc.got is None else f", got {exc.got!r}"
+        raise ConfigError(f"{field_name}={text!r}: {exc.field}: expected {exc.expected}{got}") from None
 
 
 @dataclass
@@ -106,6 +107,19 @@ class SteerLM2TrainConfig(IterativeTrainConfig):
             raise ConfigError("steerlm2 needs a regression reward model: set reward_model=<checkpoint of keel train rm "
                               "with rm.type=regression>")
         super().validate(world_size)
+
+    def check_checkpoints(self) -> None:
+        """The reward model predicts attributes (a regression model's keel.json, read before any model is built)."""
+        super().check_checkpoints()
+        from engine.checkpoint.dist import CheckpointError
+        from engine.eval.scoring import reward_model_config
+
+        assert self.reward_model is not None  # validate
+        _, rm_config = reward_model_config(self.reward_model)
+        if rm_config.rm.type != "regression":
+            raise CheckpointError(f"reward_model={self.reward_model} is a Bradley-Terry reward model (rm.type="
+                                  f"{rm_config.rm.type}): steerlm2 reads the attributes a regression reward model "
+                                  "predicts; set reward_model=<checkpoint of keel train rm with rm.type=regression>")
 
     def __post_init__(self) -> None:
         super().__post_init__()

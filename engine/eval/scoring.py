@@ -168,6 +168,7 @@ def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple
     saved["parallel"] = dict(saved["parallel"], data=None)
     if saved.get("data", {}).get("overlong") == "truncate":  # runs saved before reward data refused it
         saved["data"] = dict(saved["data"], overlong="cut_prompt")
+    saved["data"] = {k: v for k, v in saved.get("data", {}).items() if f"data.{k}" not in RewardTrainConfig.IGNORED}
     config = from_dict(RewardTrainConfig, merge_dicts(saved, override_tree), f"{path}/{ckpt.META}")
     return path, config
 
