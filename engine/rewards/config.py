@@ -42,7 +42,8 @@ class RewardFunctionConfig:
         "past it is abandoned (its worker replaced if it does not stop) and handled per on_error.")})
     on_error: str = field(default="zero", metadata={"doc": (
         "A call that raises, times out or returns NaN/inf/a non-number: 'zero' scores the component 0.0, "
-        "'skip' drops the row from training, 'raise' stops the run with the row and the error.")})
+        "'skip' drops the row from training, 'raise' stops the run with the row and the error. With 'zero', a "
+        "function that fails on every row of a batch stops the run too: it is broken, not unlucky.")})
     label: Optional[str] = field(default=None, metadata={"doc": (
         "Name the component is reported under (default: name); needed when one function is listed twice.")})
 

@@ -196,7 +196,21 @@ class RewardRunner:
             raise RewardError(f"reward function {raised.component!r} failed on row {raised.row} ({raised.kind}): "
                               f"{raised.message}. Fix the function, or set its on_error to 'zero' or 'skip' "
                               "to carry on past such rows")
+        self._refuse_broken(result, size)
         return result
+
+    def _refuse_broken(self, result: RewardResult, size: int) -> None:
+        """A function with ``on_error: zero`` that failed on every row of a batch of several is broken (an
+        import, a signature, a missing field), not unlucky: scored 0 everywhere, a run trained on nothing
+        from it and exited 0. Timeouts are not counted here: a slow machine is no broken function."""
+        for config in self.configs:
+            if config.on_error != "zero" or size < 2 or result.errors[config.component] < size:
+                continue
+            first = next(f for f in result.failures if f.component == config.component and f.kind != "timeout")
+            raise RewardError(f"reward function {config.component!r} failed on every one of the {size} rows scored "
+                              f"together (row {first.row}, {first.kind}: {first.message}); with on_error=zero it "
+                              "would score them all 0, a reward that teaches nothing. Fix the function: a response "
+                              "it means to score 0 returns 0")
 
     def _apply_failures(self, result: RewardResult, failures: list[Failure]) -> Optional[RowFailure]:
         """Count, log and apply each failure per its function's on_error; the first ``raise`` one is returned."""

@@ -75,3 +75,11 @@ def pid(prompt: str, response: str, metadata: dict[str, Any]) -> float:
 
 def lambda_holder() -> Any:
     return lambda prompt, response, metadata: 1.0
+
+
+def raises_always(prompt: str, response: str, metadata: dict[str, Any]) -> float:
+    raise KeyError("answer_field")
+
+
+def returns_nan_always(prompt: str, response: str, metadata: dict[str, Any]) -> float:
+    return float("nan")

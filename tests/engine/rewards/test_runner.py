@@ -163,3 +163,17 @@ def test_a_reward_functions_connection_error_is_not_a_lost_rank() -> None:
                          "Connection reset by peer")
     assert explain(judged, 0, 30, "during training") is None
     assert explain(RuntimeError("[Errno 104] Connection reset by peer"), 0, 30, "during training") is not None
+
+
+@pytest.mark.parametrize("function", ["raises_always", "returns_nan_always"])
+def test_a_function_that_fails_on_every_row_stops_even_with_on_error_zero(function: str) -> None:
+    """Scored 0 on every row, a broken function (an import, a signature) trained a run on nothing and the run
+    exited 0. One that fails on some rows goes on (above); a batch of one row says nothing of the function."""
+    configs = [RewardFunctionConfig(f"{SAMPLE}:{function}", label="broken"), RewardFunctionConfig("synthetic_check")]
+    with pytest.raises(RewardError, match=r"'broken' failed on every one of the 5 rows scored together \(row 0, "
+                                          r"(error|invalid): .*with on_error=zero it would score them all 0"):
+        score(configs, workers=0)
+    with RewardRunner(configs, workers=0) as runner:
+        assert runner.score(PROMPTS[:1], RESPONSES[:1], metadata()[:1]).errors["broken"] == 1
+    skipped = score([RewardFunctionConfig(f"{SAMPLE}:{function}", label="broken", on_error="skip")], workers=0)
+    assert not any(skipped.keep)  # on_error=skip drops the rows (a run with none left stops on its own)
