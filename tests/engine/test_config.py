@@ -137,3 +137,19 @@ def test_dpo_takes_a_reference_model_or_its_log_probs_not_both() -> None:
     stored = load_config(DPOTrainConfig, None, ["checkpoint.load=runs/sft", "dpo.reference_logprobs=ref.jsonl"])
     assert stored.dpo.reference is None  # not checkpoint.load: the run's config names only what it used
     assert load_config(DPOTrainConfig, None, ["checkpoint.load=runs/sft"]).dpo.reference == "runs/sft"
+
+
+@pytest.mark.parametrize("algorithm, setting", [("rm", "data.pack=true"), ("rm", "data.loss_on=all"),
+                                                ("dpo", "data.pack=true"), ("dpo", "data.loss_on=all"),
+                                                ("grpo", "data.pack=true"), ("steerlm2", "data.loss_on=all")])
+def test_a_data_setting_the_algorithm_never_reads_is_refused(algorithm: str, setting: str) -> None:
+    """data.pack and data.loss_on were accepted by reward-model, DPO and online runs and did nothing."""
+    from engine.cli import _algorithm
+
+    cls = _algorithm(algorithm).CONFIG
+    name, value = setting.split("=")
+    with pytest.raises(ConfigError, match=rf"^command-line overrides: {name}={value} does nothing in this run: .*; "
+                                          rf"leave {name} unset$"):
+        load_config(cls, None, [setting])
+    assert f"{name} (" in describe(cls) and "Not read by this algorithm" in describe(cls).split(f"{name} (")[1][:200]
+    load_config(TrainConfig, None, [setting])  # SFT reads both

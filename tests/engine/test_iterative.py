@@ -141,8 +141,11 @@ def test_configs_have_the_recipe_defaults_and_refuse_bad_fields() -> None:
     assert (steer.iterative.iterations, steer.rollout.epochs, steer.optimizer.lr) == (2, 2, 1e-7)
     with pytest.raises(ConfigError, match="dpo.reference"):
         load_config(IterativeDPOTrainConfig, None, ["dpo.reference=runs/x"])
-    with pytest.raises(ConfigError, match=r"steerlm2.targets\[1\]"):
+    with pytest.raises(ConfigError) as bad_target:  # a setting: not phrased as a data row's error
         load_config(SteerLM2TrainConfig, None, ["reward_model=x", "steerlm2.targets=[verbosity:2, loudness:3]"])
+    assert str(bad_target.value).endswith("steerlm2.targets[1]='loudness:3': steerlm2.targets[1].loudness: expected "
+                                          "an attribute among helpfulness, correctness, coherence, complexity, "
+                                          "verbosity, got 'loudness'"), bad_target.value
     with pytest.raises(ConfigError, match="attribute_sigma"):
         load_config(SteerLM2TrainConfig, None, ["reward_model=x", "steerlm2.attribute_sigma=0"])
     with pytest.raises(ConfigError, match="nemotron"):

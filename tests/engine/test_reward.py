@@ -176,8 +176,12 @@ def test_rm_config_errors() -> None:
         load_config(RewardTrainConfig, None, ["rm.type=ranking"])
     with pytest.raises(ConfigError, match=r"rm.attributes=\['honesty'\]"):
         load_config(RewardTrainConfig, None, ["rm.attributes=[honesty]"])
-    with pytest.raises(ConfigError, match=r"rm.type=bt trains on data.format in"):
+    with pytest.raises(ConfigError, match=r"rm.type=bt trains on data.format in .* got 'attributes' \(the default, "
+                                          r"for rated rows\); set data.format=pairs or helpsteer2_preference and "
+                                          r"data.source to your pairs file, or rm.type=regression for rated rows"):
         load_config(RewardTrainConfig, None, ["rm.type=bt"])
+    with pytest.raises(ConfigError, match=r"got 'pairs'; data.format=pairs trains rm.type=bt$"):
+        load_config(RewardTrainConfig, None, ["data.format=pairs", "data.source=pairs.jsonl"])
     # a reward is read at the response's last token: reward data never truncate it; SFT has no prompt to cut
     assert load_config(RewardTrainConfig, None, []).data.overlong == "cut_prompt"
     with pytest.raises(ConfigError, match=r"data.overlong='truncate' is not one of 'cut_prompt', 'drop'"):

@@ -137,3 +137,17 @@ def test_pair_weights_follow_a_batch_on_the_gpu(mode: str) -> None:
     weights = RewardStep(config.rm)._pair_weights({"diverging": diverging, "annotator_spread": torch.zeros(4, device="cuda")})
     expected = [0.0, 1.0, 0.0, 1.0] if mode == "drop" else [0.25, 1.0, 0.25, 1.0]
     assert weights.device.type == "cuda" and weights.tolist() == expected
+
+
+def test_pairs_given_to_a_regression_model_name_the_type_that_trains_on_them(tmp_path: Path) -> None:
+    """`keel train rm data.source=pairs.jsonl` (the default rm.type is regression) said the rows have the
+    fields of data.format=pairs, which the run does not train on, without naming rm.type=bt."""
+    from engine.trainer import Trainer
+
+    source = _write(tmp_path / "pairs.jsonl", _pairs(8))
+    config = load_config(RewardTrainConfig, None, [*BASE[2:], f"data.source={source}",
+                                                   f"run.output_dir={tmp_path / 'run'}"])
+    with single_process_parallel() as parallel, pytest.raises(DataError) as error:
+        Trainer(config, RewardStep(config.rm), parallel)
+    assert str(error.value).endswith("(the row has the fields of data.format=pairs: preference pairs train a "
+                                     "Bradley-Terry reward model; set rm.type=bt data.format=pairs)"), error.value
