@@ -65,8 +65,22 @@ def test_config_show_resolves_every_algorithms_file(capsys: pytest.CaptureFixtur
     shared.write_text("rollout:\n  max_new_tokens: 8\n")  # GRPO, REINFORCE and PPO all have it
     assert main(["config", "show", str(shared)]) == 2
     assert "suits grpo, ppo, reinforce: say which with --algorithm" in capsys.readouterr().err
-    assert main(["config", "show", str(shared), "--algorithm", "ppo"]) == 0
+    assert main(["config", "show", str(shared), "--algorithm", "ppo", "ppo.critic=init"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["rollout"]["max_new_tokens"] == 8
+
+
+def test_config_show_makes_the_checks_keel_train_makes(capsys: pytest.CaptureFixture[str]) -> None:
+    """`keel config show FILE parallel.tensor=3` printed a layout that keel train refuses (4 heads)."""
+    import yaml
+
+    assert main(["config", "show", str(REPO / "examples" / "sft.yaml"), "parallel.tensor=3"]) == 2
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["parallel"]["tensor"] == 3  # shown all the same, to see what was resolved
+    assert "keel train would refuse this config on 3 ranks: model tiny-llama: num_attention_heads=4 is not " \
+           "divisible by parallel.tensor=3" in err, err
+    assert main(["config", "show", "--algorithm", "ppo"]) == 0  # the listing of fields is no config to check
+    assert main(["config", "show", "parallel.data=2", "data.global_batch_size=3"]) == 2
+    assert "on 2 ranks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
