@@ -26,7 +26,7 @@ TEMPLATE_CHOICES = ("auto", "plain", "llama3", "chatml", "nemotron")
 SYNTH_NAMES = tuple(name.split(":", 1)[1] for name in BUILTIN)
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], remedy: Callable[[str], str]) -> None:
     print(f"{summary['source']}: {summary['valid']} valid of {summary['rows']} rows "
           f"({summary['skipped']} bad), format={summary['format']}, template={summary['template']}")
     print(f"tokens: {summary['tokens']} total, mean {summary['mean_length']:.1f}, max {summary['max_length']} "
@@ -47,6 +47,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"  {bucket:>12}: {count}")
     for problem in summary["problems"]:
         print(f"bad row: {problem}")
+    for fmt, count in summary["looks_like"].items():  # the hint a raised error carries, once for all such rows
+        print(f"{count} bad row{'s have' if count > 1 else ' has'} the fields of {fmt} rows: {remedy(fmt)}")
     print("OK" if summary["ok"] else "PROBLEMS FOUND")
 
 
@@ -162,12 +164,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        _print_summary(summary)
+        _print_summary(summary, _set_format if args.config else _format_option)
     return 0 if summary["ok"] else 1
 
 
 def _pass_format(fmt: str) -> str:
-    return f"the row has the fields of {fmt} rows: pass --format {fmt}"
+    return f"the row has the fields of {fmt} rows: {_format_option(fmt)}"
+
+
+def _format_option(fmt: str) -> str:
+    return f"pass --format {fmt}"
+
+
+def _set_format(fmt: str) -> str:
+    return f"set data.format={fmt} in the run's config"
 
 
 def _convert(kind: str) -> Any:

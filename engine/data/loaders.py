@@ -54,6 +54,7 @@ class ReadStats:
     valid: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    looks_like: dict[str, int] = field(default_factory=dict)  # bad rows with another format's fields, per format
 
 
 def parse_hub_source(source: str) -> tuple[str, Optional[str], str]:
@@ -150,6 +151,8 @@ def parsed_records(source: str) -> Iterator[tuple[Where, Any]]:
 
 def _note(stats: ReadStats, error: DataError) -> None:
     stats.skipped += 1
+    if error.looks_like:
+        stats.looks_like[error.looks_like] = stats.looks_like.get(error.looks_like, 0) + 1
     if len(stats.problems) < MAX_PROBLEMS:
         stats.problems.append(error.brief)
 

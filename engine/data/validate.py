@@ -123,6 +123,7 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
     return {
         "source": path, "format": fmt, "template": template, "seq_length": seq_length,
         "rows": stats.records, "valid": stats.valid, "skipped": stats.skipped, "problems": problems,
+        "looks_like": stats.looks_like,
         "tokens": lengths.total, "max_length": lengths.max,
         "mean_length": lengths.total / lengths.count if lengths.count else 0.0,
         "overlong": overlong_rows, "prompt_too_long": prompt_too_long, **counts, "histogram": lengths.histogram(),

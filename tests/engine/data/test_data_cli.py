@@ -176,3 +176,7 @@ def test_a_file_of_another_format_gets_the_commands_own_hint(tmp_path: Path, cap
         assert _run(list(argv)) == 1
         out = capsys.readouterr().out
         assert hint in out and "data.format" not in out, (argv, out)
+    # the default --on-error skip lists the bad rows without their hints: the hint comes once, with their count
+    assert _run(["validate", str(ratings), "--format", "pairs"]) == 1
+    out = capsys.readouterr().out
+    assert "1 bad row has the fields of attributes rows: pass --format attributes\nPROBLEMS FOUND" in out, out
