@@ -164,11 +164,14 @@ atexit.register(release_held)
 
 def refusal(path: Path, holder: dict[str, Any], setting: str = "run.output_dir") -> str:
     """The one-line reason a run cannot use ``path``'s run directory."""
-    who = (f"process {holder.get('pid')} on host {holder.get('host')}"
-           + (f" (Slurm job {holder['slurm_job']})" if holder.get("slurm_job") else ""))
-    return (f"{setting}={path.parent} is in use by another run: {who}, started {holder.get('started')}, "
+    return (f"{setting}={path.parent} is in use by another run: {_who(holder)}, started {holder.get('started')}, "
             f"command: {holder.get('command')}. Wait for it to end or set another {setting}; if that run "
             f"is gone (its host was lost), delete {path}")
+
+
+def _who(holder: dict[str, Any]) -> str:
+    return (f"process {holder.get('pid')} on host {holder.get('host')}"
+            + (f" (Slurm job {holder['slurm_job']})" if holder.get("slurm_job") else ""))
 
 
 def release(path: Path, pid: int) -> None:
@@ -190,14 +193,33 @@ def lock_run_dir(run_dir: str | Path, is_main: bool, checkpoint_dir: Optional[st
     problem = acquire(run_dir) if is_main else None
     if is_main and problem is None and checkpoint_dir is not None and not _inside(checkpoint_dir, run_dir):
         problem = acquire(checkpoint_dir, "checkpoint.dir")
-        if problem:
-            release_held()
+    if is_main and problem is None and checkpoint_dir is not None:
+        problem = _live_lock_above(Path(checkpoint_dir))
+    if problem:
+        release_held()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [problem]
         dist.broadcast_object_list(box, src=0)
         problem = box[0]
     if problem:
         raise ConfigError(problem)
+
+
+def _live_lock_above(checkpoint_dir: Path) -> Optional[str]:
+    """The refusal when ``checkpoint_dir`` or a directory above it is another live run's (its run directory, or
+    its checkpoint.dir): a checkpoint.dir inside a running run's directory took that run's checkpoints aside
+    (``checkpoint.resume=none``) or wrote among them, since each run locked only its own directories."""
+    me = holder_record()
+    for directory in (checkpoint_dir.resolve(), *checkpoint_dir.resolve().parents):
+        lock = directory / LOCK_NAME
+        holder = _read(lock) if lock.is_file() else {}
+        if holder and gone_because(holder, me) is None:
+            if directory == checkpoint_dir.resolve():
+                return refusal(lock, holder, "checkpoint.dir")
+            return (f"checkpoint.dir={checkpoint_dir} lies in {directory}, which another run holds: {_who(holder)}, "
+                    f"started {holder.get('started')}, command: {holder.get('command')}. Set a checkpoint.dir of "
+                    f"this run's own; if that run is gone (its host was lost), delete {lock}")
+    return None
 
 
 def _inside(path: str | Path, root: str | Path) -> bool:

@@ -153,3 +153,24 @@ def test_a_checkpoint_dir_outside_the_run_directory_is_locked_too(tmp_path: Path
     lock_run_dir(tmp_path / "run-c", True, tmp_path / "run-c" / "checkpoints")  # inside: one lock is enough
     assert not (tmp_path / "run-c" / "checkpoints").exists()
     release_held()
+
+
+def test_a_checkpoint_dir_in_a_live_runs_directory_is_refused(tmp_path: Path) -> None:
+    """Run B with checkpoint.dir=<run A>/checkpoints (A running) locked only that directory, which A never had
+    locked: with checkpoint.resume=none B moved A's checkpoints aside and wrote its own among A's."""
+    from engine.errors import ConfigError
+    from engine.run_lock import lock_run_dir, release_held
+
+    run_a = tmp_path / "run-a"
+    _lock(run_a, os.getppid())  # A is alive and holds its run directory
+    with pytest.raises(ConfigError, match=rf"^checkpoint.dir={run_a / 'checkpoints'} lies in {run_a}, which another "
+                                          rf"run holds: process {os.getppid()} .*Set a checkpoint.dir of this run's own"):
+        lock_run_dir(tmp_path / "run-b", True, run_a / "checkpoints")
+    assert not (tmp_path / "run-b" / LOCK_NAME).exists() and not (run_a / "checkpoints" / LOCK_NAME).exists()
+    # B's checkpoint.dir is A's own run directory's default, and B uses it as its own: also A's
+    with pytest.raises(ConfigError, match="which another run holds"):
+        lock_run_dir(run_a / "nested-b", True, run_a / "nested-b" / "checkpoints")
+    release_held()
+    (run_a / LOCK_NAME).unlink()  # A has ended: B may use the directory
+    lock_run_dir(tmp_path / "run-b", True, run_a / "checkpoints")
+    release_held()
