@@ -332,7 +332,9 @@ class Trainer:
         if not chk.load or (chk.resume == "auto" and ckpt.find_latest(chk.dir) is not None):
             return
         if chk.resume in ("auto", "none"):
-            ckpt.locate(chk.load, "checkpoint.load")  # a one-line error naming the forms it takes
+            path = ckpt.locate(chk.load, "checkpoint.load")  # a one-line error naming the forms it takes
+            if self.step.name != "rm":  # before resume=none sets the earlier run's checkpoints aside
+                ckpt.refuse_scorer(path, ckpt.read_meta(path), "a policy's weights")
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got SIGTERM or Ctrl-C (:mod:`engine.stop_signals`): all stop after the same step."""

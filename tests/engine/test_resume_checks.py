@@ -59,6 +59,11 @@ def test_a_run_resumes_only_its_own_algorithms_checkpoints_of_its_shape(tmp_path
     assert "is a `keel train rm` run's checkpoint, and this is `keel train sft`" in message, message
     assert "has no language-model head" in message and "checkpoint.load" not in message
 
+    # a fresh start from a reward model's weights: refused before the earlier checkpoints are set aside
+    message = _refused(sft, "run.train_steps=4", f"checkpoint.load={rm_step}", "checkpoint.resume=none")
+    assert "is a reward model checkpoint" in message and sorted(p.name for p in sft.iterdir()
+                                                                  if p.name.startswith("checkpoints")) == ["checkpoints"]
+
     message = _refused(rm, "run.train_steps=4", "rm.attributes=[helpfulness]", rm=True)
     assert f"{rm_step} holds reward_head.weight with shape [5, 64], and this model's is [1, 64]" in message, message
     assert "rm.attributes" in message
