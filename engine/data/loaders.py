@@ -43,6 +43,8 @@ class Unparsable:
     """Stands in for a record that is not valid JSON."""
 
     message: str
+    field: str = "<json>"
+    expected: str = "a valid JSON object"
 
 
 @dataclass
@@ -69,13 +71,27 @@ def parse_hub_source(source: str) -> tuple[str, Optional[str], str]:
     return "/".join(parts[:2]), data_dir, split or "train"
 
 
+def _not_utf8(exc: UnicodeDecodeError, column_of: bytes = b"") -> str:
+    """What a line or file that is not UTF-8 text gets: the byte, where it is, and the remedy."""
+    at = f" at column {len(column_of[:exc.start].decode('utf-8', 'replace')) + 1}" if column_of else ""
+    return (f"UTF-8 text, got byte 0x{exc.object[exc.start]:02x}{at} (saved in another encoding, e.g. Latin-1 or "
+            "cp1252: re-save the file as UTF-8)")
+
+
 def _jsonl_records(path: str) -> Iterator[tuple[Where, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    """Each line decoded on its own: a line that is not UTF-8 is one bad row (per data.on_error), not a
+    traceback for the file; a byte-order mark at the start (a Windows export) is dropped."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            record: Any
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield Where(path, number, "line"), Unparsable("", "<text>", _not_utf8(exc, raw))
+                continue
             text = line.rstrip("\r\n")  # parsed with its newline, an error at the end reads "column 1" (of the next line)
             if not text.strip():
                 continue
-            record: Any
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
@@ -84,11 +100,18 @@ def _jsonl_records(path: str) -> Iterator[tuple[Where, Any]]:
 
 
 def _json_records(path: str) -> Iterator[tuple[Where, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError:
-            data = None
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(Where(path, line, "line"), "<text>", _not_utf8(exc), source=path,
+                        hint="the whole file is read at once: fix the encoding to read any row") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
     if data is None:  # maybe JSON lines in a .json file
         yield from _jsonl_records(path)
         return
@@ -144,9 +167,7 @@ def iter_records(source: str, num: int = 512, seed: int = 0) -> Iterator[tuple[W
 def parsed_records(source: str) -> Iterator[tuple[Where, Any]]:
     """Records of ``source`` (file or hub set) with their position; one that is not JSON is a :class:`DataError`."""
     for where, raw in iter_records(source):
-        if isinstance(raw, Unparsable):
-            raise DataError(where, "<json>", "a valid JSON object", got=raw.message)
-        yield where, raw
+        yield where, parsed(raw, where)
 
 
 def _note(stats: ReadStats, error: DataError) -> None:
@@ -160,7 +181,7 @@ def _note(stats: ReadStats, error: DataError) -> None:
 def parsed(raw: Any, where: Where) -> Any:
     """``raw`` as read, or the :class:`DataError` of a record that is not valid JSON."""
     if isinstance(raw, Unparsable):
-        raise DataError(where, "<json>", "a valid JSON object", got=raw.message)
+        raise DataError(where, raw.field, raw.expected, got=raw.message or None)
     return raw
 
 

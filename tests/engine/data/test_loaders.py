@@ -56,3 +56,27 @@ def test_a_missing_file_is_named_without_blaming_data_source(tmp_path: Any, monk
         load_rows("prompts/mine.jsonl", "prompts")
     assert "prompts/mine.jsonl" in str(caught.value) and f"a relative path starts from {tmp_path}" in str(caught.value)
     assert "data.source" not in str(caught.value)
+
+
+def test_a_file_that_is_not_utf8_names_its_line_and_a_bom_is_read(tmp_path: Any) -> None:
+    """A Latin-1 byte in one row was a UnicodeDecodeError traceback for the whole file (data.on_error=skip did
+    not help), and a Windows export's byte-order mark made row 1 bad."""
+    from engine.data.loaders import ReadStats
+
+    good = b'{"text": "fine"}\n'
+    lines = tmp_path / "rows.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + good + b'{"text": "caf\xe9"}\n' + good)
+    with pytest.raises(DataError) as error:
+        load_rows(str(lines), "text")
+    assert str(error.value).startswith(f"{lines}, line 2: field '<text>': expected UTF-8 text, got byte 0xe9 at "
+                                       "column 14 (saved in another encoding, e.g. Latin-1 or cp1252: re-save the "
+                                       "file as UTF-8)"), error.value
+    stats = ReadStats()
+    assert [r["text"] for r in load_rows(str(lines), "text", on_error="skip", stats=stats)] == ["fine", "fine"]
+    assert stats.skipped == 1
+    array = tmp_path / "rows.json"
+    array.write_bytes(b'[{"text": "fine"},\n {"text": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"rows.json, line 2: field '<text>': expected UTF-8 text, got byte 0xe9 "):
+        load_rows(str(array), "text", on_error="skip")  # read at once: no row can be read
+    array.write_bytes(b'\xef\xbb\xbf[{"text": "fine"}]')
+    assert load_rows(str(array), "text") == [{"text": "fine"}]
