@@ -129,8 +129,8 @@ def _prompt(row: Row, where: Optional[Where]) -> str | list[dict[str, str]]:
 
 
 def _response(row: Row, field: str, where: Optional[Where]) -> str:
-    """A reply: text, a whole conversation ending with it, or TRL's conversational form (the reply's turn
-    alone, ``[{"role": "assistant", "content": ...}]``, beside a separate prompt)."""
+    """A reply: text, or TRL's conversational form (the reply's turn alone, ``[{"role": "assistant",
+    "content": ...}]``, beside a separate prompt). Whole conversations are read by :func:`_pair_context`."""
     value = row.get(field)
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
             and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
@@ -138,6 +138,39 @@ def _response(row: Row, field: str, where: Optional[Where]) -> str:
     if isinstance(value, list):
         return check_messages(value, where, field, last="assistant")[-1]["content"]
     return _string(row, field, where)
+
+
+def _conversation(row: Row, field: str, where: Optional[Where]) -> Optional[list[dict[str, str]]]:
+    """``row[field]`` when it is a whole conversation (turns before the reply), checked; else None."""
+    value = row.get(field)
+    if not isinstance(value, list) or len(value) < 2:
+        return None
+    return check_messages(value, where, field, last="assistant")
+
+
+def _pair_prompt(row: Row, where: Optional[Where]) -> str | list[dict[str, str]]:
+    """The prompt of a pair: ``prompt``, or the turns before the replies when chosen and rejected are whole
+    conversations (TRL's implicit-prompt form). The reply alone used to be kept and the turns before it
+    dropped, so a multi-turn pair trained without its context; conversations whose earlier turns differ
+    from each other or from ``prompt`` are refused, not guessed at."""
+    contexts = {field: turns[:-1] for field in ("chosen", "rejected")
+                if (turns := _conversation(row, field, where)) is not None}
+    if "chosen" in contexts and "rejected" in contexts and contexts["chosen"] != contexts["rejected"]:
+        raise _fail(where, "rejected", "a conversation whose turns before the reply are chosen's",
+                    "turns that differ from chosen's")
+    if "prompt" not in row and contexts:
+        return next(iter(contexts.values()))
+    if "prompt" not in row:
+        raise _fail(where, "prompt", "a string or a list of turns ending with the user's (or chosen and rejected "
+                    "as whole conversations, whose turns before the reply are the prompt)", row.get("prompt"))
+    prompt = _prompt(row, where)
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    for field, context in contexts.items():
+        if context != turns:
+            raise _fail(where, field, "a reply, or a whole conversation whose turns before the reply are the "
+                        "prompt's (give the whole context as prompt, or leave prompt out)",
+                        f"a conversation of {len(context)} earlier turns that differ from 'prompt'")
+    return prompt
 
 
 def check_chat(row: Row, where: Optional[Where]) -> Row:
@@ -196,7 +229,7 @@ def check_helpsteer2_preference(row: Row, where: Optional[Where]) -> Row:
 
 
 def check_pairs(row: Row, where: Optional[Where]) -> Row:
-    out = dict(row, prompt=_prompt(row, where))
+    out = dict(row, prompt=_pair_prompt(row, where))
     out["chosen"] = _response(row, "chosen", where)
     out["rejected"] = _response(row, "rejected", where)
     if out["chosen"] == out["rejected"]:

@@ -113,13 +113,35 @@ def test_missing_ratings_become_the_sentinel() -> None:
 def test_normal_forms() -> None:
     pref = check_row("helpsteer2_preference", GOOD["helpsteer2_preference"])
     assert pref["individual_preference"] == [-2, -1, -3]
-    pair = check_row("pairs", {"prompt": "p", "chosen": [USER, ASSISTANT], "rejected": "no", "margin": 1})
-    assert pair["chosen"] == "4." and pair["margin"] == 1.0
+    pair = check_row("pairs", {"prompt": USER["content"], "chosen": [USER, ASSISTANT], "rejected": "no", "margin": 1})
+    assert pair["chosen"] == "4." and pair["margin"] == 1.0 and pair["prompt"] == USER["content"]
     # TRL's conversational preference rows: the prompt's turns, and each reply's own turn alone
     trl = check_row("pairs", {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{**ASSISTANT, "content": "5."}]})
     assert (trl["chosen"], trl["rejected"]) == ("4.", "5.")
     prompt = check_row("prompts", GOOD["prompts"])
     assert prompt["attributes"] == {"helpfulness": 4, "verbosity": 2}
+
+
+def test_pairs_of_whole_conversations_keep_their_context() -> None:
+    """chosen/rejected as whole conversations kept only the last reply: the turns before it were dropped, so a
+    multi-turn pair trained without its context, and a prompt that contradicted them was accepted. TRL's
+    implicit-prompt rows (no prompt) were refused."""
+    story = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time."},
+             {"role": "user", "content": "Shorter"}]
+    row = {"chosen": [*story, {"role": "assistant", "content": "ok"}],
+           "rejected": [*story, {"role": "assistant", "content": "no"}]}
+    implicit = check_row("pairs", row)
+    assert (implicit["prompt"], implicit["chosen"], implicit["rejected"]) == (story, "ok", "no")
+    assert check_row("pairs", {**row, "prompt": story})["prompt"] == story  # the same context, said twice
+    with pytest.raises(DataError, match=r"field 'chosen': expected a reply, or a whole conversation whose turns "
+                                        r"before the reply are the prompt's .* got .a conversation of 3 earlier turns"):
+        check_row("pairs", {**row, "prompt": "Shorter"})  # the last turn only: which context is meant?
+    with pytest.raises(DataError, match=r"field 'rejected': expected a conversation whose turns before the reply "
+                                        r"are chosen's"):
+        check_row("pairs", {**row, "rejected": [story[0], {"role": "assistant", "content": "no"}]})
+    with pytest.raises(DataError, match=r"field 'prompt': expected a string or a list of turns .*or chosen and "
+                                        r"rejected as whole conversations"):
+        check_row("pairs", {"chosen": "ok", "rejected": "no"})
 
 
 def test_json_array_rows_are_numbered(tmp_path: Path) -> None:
