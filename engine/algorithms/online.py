@@ -266,12 +266,34 @@ class PromptSampling:
         check_imports(config.reward_functions or [])
         check_judged(config.reward_functions or [], rows)
         limit, template = config.data.seq_length, config.data.chat_template
+        lengths = []
         for row in rows:
             length = len(render_prompt(row.messages, tokenizer, template))
             if length >= limit:
                 raise DataError(row.where, "prompt", f"fewer than data.seq_length={limit} tokens with the "
                                 f"{template!r} template, to leave room to generate", f"{length} tokens",
                                 hint="shorten or drop it, or raise data.seq_length")
+            lengths.append(length)
+        self._check_room(config, lengths)
+
+    @staticmethod
+    def _check_room(config: Any, lengths: list[int]) -> None:
+        """Prompts that leave fewer than ``rollout.max_new_tokens`` tokens within ``data.seq_length`` have their
+        responses cut by the sequence: said once. GRPO's overlong filter or penalty judges by max_new_tokens,
+        which such responses never reach (81% cut, none penalised, and nothing said): refused."""
+        limit, wanted = config.data.seq_length, config.rollout.max_new_tokens
+        short = [length for length in lengths if limit - length < wanted]
+        if not short:
+            return
+        what = (f"{len(short)} of {len(lengths)} prompts leave fewer than rollout.max_new_tokens={wanted} tokens "
+                f"within data.seq_length={limit} (as few as {limit - max(short)}), so their responses are cut at "
+                f"the sequence's end; data.seq_length={max(lengths) + wanted} lets every response reach "
+                "max_new_tokens")
+        overlong = getattr(getattr(config, "grpo", None), "overlong", "keep")
+        if overlong != "keep":
+            raise ConfigError(f"grpo.overlong={overlong} judges responses by rollout.max_new_tokens, and {what}: "
+                              "raise data.seq_length, or lower rollout.max_new_tokens")
+        logger.warning(what)
 
 
 class OnlineStep(PromptSampling, Step):

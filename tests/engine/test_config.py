@@ -153,3 +153,27 @@ def test_a_data_setting_the_algorithm_never_reads_is_refused(algorithm: str, set
         load_config(cls, None, [setting])
     assert f"{name} (" in describe(cls) and "Not read by this algorithm" in describe(cls).split(f"{name} (")[1][:200]
     load_config(TrainConfig, None, [setting])  # SFT reads both
+
+
+def test_rollouts_that_the_sequence_cuts_are_said_and_refused_where_grpo_judges_their_length(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """data.seq_length=64 with rollout.max_new_tokens=100: 81% of responses were cut by the sequence with no
+    word, and grpo.overlong=penalty (judging by max_new_tokens, never reached) penalised none."""
+    from types import SimpleNamespace
+
+    from engine.algorithms.online import PromptSampling
+
+    config = SimpleNamespace(data=SimpleNamespace(seq_length=120), rollout=SimpleNamespace(max_new_tokens=100),
+                             grpo=SimpleNamespace(overlong="penalty"))
+    with pytest.raises(ConfigError, match=r"^grpo.overlong=penalty judges responses by rollout.max_new_tokens, and "
+                                          r"2 of 3 prompts leave fewer than rollout.max_new_tokens=100 tokens within "
+                                          r"data.seq_length=120 \(as few as 80\), .* data.seq_length=140 lets every"):
+        PromptSampling._check_room(config, [40, 10, 30])
+    config.grpo.overlong = "keep"
+    with caplog.at_level("WARNING", logger="engine.algorithms.online"):
+        PromptSampling._check_room(config, [40, 10, 30])
+    assert "2 of 3 prompts leave fewer than" in caplog.text
+    config.data.seq_length = 140
+    caplog.clear()
+    PromptSampling._check_room(config, [40, 10, 30])
+    assert not caplog.text
