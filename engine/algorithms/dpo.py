@@ -47,7 +47,7 @@ METRICS = ("dpo_loss", "accuracy", "margin", "chosen_logps", "rejected_logps", "
 class DPOConfig:
     loss: str = doc("'dpo' (sigmoid), 'ipo' (squared, toward 1/(2 beta)) or 'rpo' (dpo + NLL on the chosen).", "dpo")
     beta: float = doc("KL strength beta (HelpSteer2 recipe: 1e-3).", 0.1)
-    label_smoothing: float = doc("Label smoothing of the dpo loss (conservative DPO), in [0, 0.5).", 0.0)
+    label_smoothing: float = doc("Label smoothing of the dpo and rpo losses (conservative DPO), in [0, 0.5).", 0.0)
     nll_weight: Optional[float] = doc("Weight of the chosen response's mean token NLL (None: 1 for rpo, else 0).",
                                       None)
     reference: Optional[str] = doc(
@@ -64,6 +64,9 @@ class DPOConfig:
             raise ConfigError(f"dpo.beta={self.beta} must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.loss == "ipo" and self.label_smoothing:  # the squared loss has no labels to smooth
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} does nothing with dpo.loss=ipo (a squared "
+                              "loss toward 1/(2 beta), with no labels to smooth): leave it unset, or use dpo.loss=dpo")
 
     @property
     def nll_coefficient(self) -> float:

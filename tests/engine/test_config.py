@@ -137,6 +137,9 @@ def test_dpo_takes_a_reference_model_or_its_log_probs_not_both() -> None:
     stored = load_config(DPOTrainConfig, None, ["checkpoint.load=runs/sft", "dpo.reference_logprobs=ref.jsonl"])
     assert stored.dpo.reference is None  # not checkpoint.load: the run's config names only what it used
     assert load_config(DPOTrainConfig, None, ["checkpoint.load=runs/sft"]).dpo.reference == "runs/sft"
+    with pytest.raises(ConfigError, match=r"dpo.label_smoothing=0.4 does nothing with dpo.loss=ipo"):
+        load_config(DPOTrainConfig, None, ["dpo.loss=ipo", "dpo.label_smoothing=0.4"])  # was accepted and ignored
+    assert load_config(DPOTrainConfig, None, ["dpo.loss=rpo", "dpo.label_smoothing=0.4"]).dpo.label_smoothing == 0.4
 
 
 @pytest.mark.parametrize("algorithm, setting", [("rm", "data.pack=true"), ("rm", "data.loss_on=all"),
