@@ -100,6 +100,7 @@ class Trainer:
         self.train_data, self.valid_data = step.build_datasets(config, self.tokenizer)
         self._refuse_an_empty_training_set()
         self._warn_of_no_validation()
+        self._warn_of_unused_validation()
         self._warn_of_repeats()
         step.check_datasets(config, self.tokenizer, self.train_data, self.valid_data)
         self.model = ModelRunner.trained(config, parallel, step.model_class())
@@ -148,6 +149,19 @@ class Trainer:
         held = data.validation_source or f"data.validation_fraction={data.validation_fraction:g} of {data.source}"
         logger.warning("no validation rows (%s holds out none): validation is skipped and no best checkpoint is "
                        "kept; set data.validation_source, or raise data.validation_fraction", held)
+
+    def _warn_of_unused_validation(self) -> None:
+        """A validation set the user named, read and checked, and never evaluated (run.eval_interval=0, the
+        default): said once, with the setting that evaluates it."""
+        run, online = self.config.run, getattr(self.step, "online", False)
+        if getattr(self.step, "iterative", False) or run.eval_interval or run.eval_at_start or not self.parallel.is_main:
+            return
+        setting, named = (("rollout.eval_prompts", self.config.rollout.eval_prompts) if online
+                          else ("data.validation_source", self.config.data.validation_source))
+        if named and named not in ("auto", "none") and len(self.valid_data or ()):
+            unit = "iterations" if online else "steps"
+            logger.warning("%s=%s is read but never evaluated: run.eval_interval=0 (the default); set "
+                           "run.eval_interval=N to evaluate it every N %s", setting, named, unit)
 
     def _warn_of_repeats(self) -> None:
         """Fewer training samples than one global batch: every step holds some of them more than once."""

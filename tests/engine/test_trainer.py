@@ -522,3 +522,16 @@ def test_validation_asked_for_and_none_held_out_is_warned(tmp_path: Path, caplog
                     "is skipped and no best checkpoint is kept" in caplog.text) is warned, caplog.text
     # 3 rows left to train on, for a global batch of 4: every step repeats some (it went unsaid)
     assert "3 training samples for data.global_batch_size=4: each step repeats samples" in caplog.text
+
+
+def test_a_named_validation_set_never_evaluated_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """data.validation_source was read and length-checked, and with run.eval_interval=0 (the default) never
+    evaluated: metrics.jsonl had no validation row and nothing said why."""
+    with single_process_parallel() as parallel, caplog.at_level("WARNING", logger="engine.trainer"):
+        _trainer(tmp_path, parallel, "data.validation_source=builtin:sft")
+    assert "data.validation_source=builtin:sft is read but never evaluated: run.eval_interval=0" in caplog.text
+    caplog.clear()
+    with single_process_parallel() as parallel, caplog.at_level("WARNING", logger="engine.trainer"):
+        _trainer(tmp_path, parallel, "data.validation_source=builtin:sft", "run.eval_interval=5")
+        _trainer(tmp_path, parallel)  # held out from data.source: no set was named
+    assert "never evaluated" not in caplog.text
