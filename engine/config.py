@@ -272,7 +272,7 @@ class TrainConfig:
     # data.format values this algorithm trains on (see data_formats)
     FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS
     UNREAD: ClassVar[dict[str, str]] = {}  # fields this run does not read: the field that does their work instead
-    # data fields this run has no use for: why (a value other than the default is refused, not silently dropped)
+    # fields this run has no use for: why (a value other than the default is refused, not silently dropped)
     IGNORED: ClassVar[dict[str, str]] = {}
     # optimizer.lr of a run that starts from checkpoint.load without one (the field's default trains from scratch;
     # it wrecks a pretrained model); None keeps the default (engine.checkpoint.inherit.fine_tuning_lr)
@@ -295,11 +295,11 @@ class TrainConfig:
     def refuse_ignored(self) -> None:
         """A setting of :attr:`IGNORED` given another value than this algorithm's default is a one-line error:
         ``data.pack=true`` on a reward model or DPO run was accepted and did nothing."""
-        factory = type(self).__dataclass_fields__["data"].default_factory
-        defaults = factory()  # type: ignore[misc,operator]
+        fields = type(self).__dataclass_fields__
         for name, why in self.IGNORED.items():
-            key = name.split(".", 1)[1]
-            value = getattr(self.data, key)
+            section, key = name.split(".", 1)
+            defaults = fields[section].default_factory()  # type: ignore[misc,operator]
+            value = getattr(getattr(self, section), key)
             if value != getattr(defaults, key):
                 value = str(value).lower() if isinstance(value, bool) else value
                 raise ConfigError(f"{name}={value} does nothing in this run: {why}; leave {name} unset")

@@ -61,6 +61,8 @@ class IterativeDPOTrainConfig(IterativeTrainConfig):
     ALGORITHM: ClassVar[str] = "iterative-dpo"
     GROUP_NEEDS: ClassVar[str] = "iterative DPO pairs the best and the worst response of a prompt"
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")  # a pair's responses stay whole
+    # its pairs of samples are fitted to data.seq_length per data.overlong
+    IGNORED: ClassVar[dict[str, str]] = {k: v for k, v in IterativeTrainConfig.IGNORED.items() if k != "data.overlong"}
 
     rollout: RolloutConfig = field(default_factory=lambda: recipe_rollout(epochs=3))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=1e-3))

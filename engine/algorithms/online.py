@@ -117,6 +117,11 @@ class OnlineTrainConfig(TrainConfig):
     IGNORED: ClassVar[dict[str, str]] = {
         "data.pack": "each rollout is its own sample, never packed with others",
         "data.loss_on": "the loss is on the tokens each rollout generated",
+        "data.validation_fraction": "held-out prompts come from rollout.eval_prompts (auto: a built-in set's "
+                                    "unseen split), never from the training prompts",
+        "data.overlong": "prompts are never cut or dropped: one that leaves no room to generate within "
+                         "data.seq_length is refused",
+        "run.eval_batches": "each evaluation answers the held-out prompts, rollout.eval_num_prompts of them",
     }
 
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

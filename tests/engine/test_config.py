@@ -144,9 +144,12 @@ def test_dpo_takes_a_reference_model_or_its_log_probs_not_both() -> None:
 
 @pytest.mark.parametrize("algorithm, setting", [("rm", "data.pack=true"), ("rm", "data.loss_on=all"),
                                                 ("dpo", "data.pack=true"), ("dpo", "data.loss_on=all"),
-                                                ("grpo", "data.pack=true"), ("steerlm2", "data.loss_on=all")])
+                                                ("grpo", "data.pack=true"), ("steerlm2", "data.loss_on=all"),
+                                                ("grpo", "data.validation_fraction=0.5"), ("ppo", "data.overlong=drop"),
+                                                ("reinforce", "run.eval_batches=7")])
 def test_a_data_setting_the_algorithm_never_reads_is_refused(algorithm: str, setting: str) -> None:
-    """data.pack and data.loss_on were accepted by reward-model, DPO and online runs and did nothing."""
+    """data.pack and data.loss_on were accepted by reward-model, DPO and online runs and did nothing, and so were
+    data.validation_fraction, data.overlong and run.eval_batches by online runs."""
     from engine.cli import _algorithm
 
     cls = _algorithm(algorithm).CONFIG
@@ -155,7 +158,7 @@ def test_a_data_setting_the_algorithm_never_reads_is_refused(algorithm: str, set
                                           rf"leave {name} unset$"):
         load_config(cls, None, [setting])
     assert f"{name} (" in describe(cls) and "Not read by this algorithm" in describe(cls).split(f"{name} (")[1][:200]
-    load_config(TrainConfig, None, [setting])  # SFT reads both
+    load_config(TrainConfig, None, [setting])  # SFT reads them all
 
 
 def test_rollouts_that_the_sequence_cuts_are_said_and_refused_where_grpo_judges_their_length(
@@ -180,3 +183,9 @@ def test_rollouts_that_the_sequence_cuts_are_said_and_refused_where_grpo_judges_
     caplog.clear()
     PromptSampling._check_room(config, [40, 10, 30])
     assert not caplog.text
+
+
+def test_iterative_dpo_reads_data_overlong() -> None:
+    from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
+
+    assert load_config(IterativeDPOTrainConfig, None, ["data.overlong=drop"]).data.overlong == "drop"
