@@ -21,6 +21,7 @@ from engine.algorithms.online import PHASES, Iteration, OnlineStep, rollout_micr
 from engine.data.batching import length_multiple
 from engine.data.sampler import GlobalBatchSampler
 from engine.faults import maybe_fail
+from engine.sampling_phase import mean_present
 from engine.trainer import FitResult, Trainer, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ class OnlineTrainer(Trainer):
                   "stopped": it.rollouts.finish_reasons.count("stop") / len(lengths),
                   "skipped": float(it.keep.count(False)), **self.phase.take_failures()}
         for name, column in it.components.items():
-            values[f"reward_{name}"] = mean(column)
+            values[f"reward_{name}"] = mean_present(column, kept)
         per_prompt = self.config.rollout.samples_per_prompt
         if per_prompt > 1:  # groups whose (kept) samples all scored alike teach a group-relative advantage nothing
             differ = dynamic_sampling_filter(it.scores, per_prompt, it.keep)

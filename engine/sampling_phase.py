@@ -124,7 +124,8 @@ class SamplingPhase:
         if self.rewards is not None:
             metadata = [{**r.reward_metadata(), "response_tokens": n} for r, n in zip(rows, lengths, strict=True)]
             scored = self.rewards.score([r.text for r in rows], responses, metadata)
-            totals, components, keep = scored.totals, scored.components, scored.keep
+            # a function that returns a dict reports its named parts beside its total ("<name>/<key>"; NaN where absent)
+            totals, components, keep = scored.totals, {**scored.components, **scored.subscores}, scored.keep
             for kind, counts in (("errors", scored.errors), ("timeouts", scored.timeouts)):
                 failures.update({f"reward_{kind}_{name}": float(count) for name, count in counts.items()})
         else:
@@ -162,7 +163,7 @@ class SamplingPhase:
     def _scored(self, rows: list[Any], rollouts: Any, responses: list[str]) -> dict[str, float]:
         scores, components, _ = self.score(rows, responses, rollouts.lengths)
         values = {"reward": float(scores.mean()), "response_length": sum(rollouts.lengths) / len(rows)}
-        values.update({f"reward_{name}": sum(column) / len(column) for name, column in components.items()})
+        values.update({f"reward_{name}": mean_present(column, range(len(column))) for name, column in components.items()})
         return values
 
     def _reward_model_outputs(self, rows: list[Any], responses: list[str]) -> torch.Tensor:
@@ -190,6 +191,12 @@ class SamplingPhase:
     def close(self) -> None:
         if self.rewards is not None:
             self.rewards.close()
+
+
+def mean_present(column: list[float], rows: Any) -> float:
+    """The mean of ``column`` over ``rows``, leaving out NaN (a sub-score a dict reward left out); NaN when none."""
+    present = [column[i] for i in rows if not math.isnan(column[i])]
+    return sum(present) / len(present) if present else math.nan
 
 
 class SampleStore:

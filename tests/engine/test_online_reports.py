@@ -70,3 +70,25 @@ def test_a_reward_function_reported_as_rm_beside_a_reward_model_is_refused(tmp_p
     with pytest.raises(ConfigError, match="'rm' would be overwritten by the reward model's component"):
         load_config(grpo.CONFIG, None, clash)
     assert load_config(grpo.CONFIG, None, clash[:1]).reward_functions[0].component == "rm"  # alone it is fine
+
+
+def test_a_dict_rewards_named_parts_are_reported_beside_its_total() -> None:
+    """A reward function returning {"short": .., "polite": ..} logged only the sum: its parts, documented as
+    named sub-scores, were computed and dropped. They are now components '<name>/<key>' (not added to the
+    total again), and a part a row leaves out is left out of the mean, not counted as NaN."""
+    import math
+
+    from engine.data.prompts import prompt_row
+    from engine.rewards import RewardRunner
+    from engine.rewards.config import RewardFunctionConfig
+    from engine.sampling_phase import SamplingPhase, mean_present
+
+    phase = SamplingPhase.__new__(SamplingPhase)
+    with RewardRunner([RewardFunctionConfig("tests.engine.rewards.sample_rewards:parts", label="parts")],
+                      workers=0) as runner:
+        phase.rewards, phase.config = runner, SimpleNamespace(reward_model_weight=1.0)
+        rows = [prompt_row({"prompt": "Say hi."}), prompt_row({"prompt": "Ask."})]
+        totals, components, keep, _ = phase._score_on_main(rows, ["hi", "please, sir"], [1, 3], None)
+    assert totals == [1.0, 1.0] and keep == [True, True]
+    assert components == {"parts": [1.0, 1.0], "parts/short": [1.0, 0.0], "parts/polite": [0.0, 1.0]}
+    assert mean_present([1.0, math.nan, 3.0], range(3)) == 2.0 and math.isnan(mean_present([math.nan], [0]))
