@@ -51,11 +51,23 @@ class RewardFunction:
     def validate_kwargs(self, kwargs: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` when ``kwargs`` do not fit the function's signature or check."""
         sample: tuple[Any, ...] = ([], [], []) if self.batched else ("", "", {})
+        signature = inspect.signature(self.fn)
         try:
-            inspect.signature(self.fn).bind(*sample, **kwargs)
+            signature.bind_partial(*sample)  # required kwargs come from the config, checked below
+        except TypeError as exc:  # the call itself does not fit, whatever the kwargs
+            called = "(prompts, responses, metadatas, **kwargs), each a list" if self.batched else \
+                "(prompt, response, metadata, **kwargs)"
+            plain = signature.replace(parameters=[p.replace(annotation=inspect.Parameter.empty)
+                                                  for p in signature.parameters.values()],
+                                      return_annotation=inspect.Signature.empty)
+            raise ConfigError(f"reward function {self.name!r}: {self.fn.__name__}{plain} cannot be called as "
+                              f"{self.fn.__name__}{called} ({exc}); give it that signature (metadata: the prompt "
+                              "row's other fields, such as answer)") from None
+        try:
+            signature.bind(*sample, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"reward function {self.name!r}: kwargs {kwargs!r} do not fit "
-                              f"{self.fn.__name__}{inspect.signature(self.fn)}: {exc}") from None
+                              f"{self.fn.__name__}{signature}: {exc}") from None
         if self.check is not None:
             try:
                 self.check(kwargs)

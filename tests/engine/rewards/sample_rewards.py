@@ -83,3 +83,7 @@ def raises_always(prompt: str, response: str, metadata: dict[str, Any]) -> float
 
 def returns_nan_always(prompt: str, response: str, metadata: dict[str, Any]) -> float:
     return float("nan")
+
+
+def two_args(prompt: str, response: str) -> float:
+    return 0.0

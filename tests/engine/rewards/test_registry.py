@@ -84,6 +84,10 @@ def test_kwargs_are_checked_before_any_work() -> None:
         RewardRunner([RewardFunctionConfig("length_penalty", kwargs={"tokens": 3})], workers=0)
     with pytest.raises(ConfigError, match="unit='bytes'"):
         RewardRunner([RewardFunctionConfig("length_penalty", kwargs={"unit": "bytes"})], workers=0)
+    # a function without the metadata argument: said as a signature to give it, not as the kwargs' fault
+    with pytest.raises(ConfigError, match=r"two_args\(prompt, response\) cannot be called as "
+                                          r"two_args\(prompt, response, metadata, \*\*kwargs\)"):
+        RewardRunner([RewardFunctionConfig(f"{SAMPLE}:two_args")], workers=0)
 
 
 def test_unpicklable_functions_are_refused_for_workers(monkeypatch: pytest.MonkeyPatch) -> None:
