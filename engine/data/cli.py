@@ -107,7 +107,7 @@ def check_run_rewards(args: argparse.Namespace) -> None:
     run's reward functions can judge its rows (:func:`engine.rewards.config.check_judged`; :class:`DataError`
     when one can judge none)."""
     functions = getattr(args.run, "reward_functions", None) or []
-    if not functions or args.format != "prompts":
+    if not args.config or not functions or args.format != "prompts":  # an --algorithm's defaults name no rewards
         return
     from engine.data.prompts import load_prompts
     from engine.rewards.config import check_judged
@@ -118,7 +118,14 @@ def check_run_rewards(args: argparse.Namespace) -> None:
 def _validate_settings(args: argparse.Namespace) -> None:
     """Fill the options the user left out: from ``--config``'s run (kept as ``args.run``), else the built-in
     defaults."""
-    args.run = run_config(args.config, args.algorithm) if args.config else None
+    if args.config:
+        args.run = run_config(args.config, args.algorithm)
+    elif args.algorithm:  # the algorithm's defaults: an RL run's prompts format, its tokenizer and length
+        from engine.cli import _algorithm
+
+        args.run = _algorithm(args.algorithm).CONFIG()
+    else:
+        args.run = None
     run = settings_of_run(args.run) if args.run is not None else {}
     for option in VALIDATE_FROM_RUN:
         if getattr(args, option) is None:
@@ -262,7 +269,8 @@ def _add_validate(subparsers: Any) -> None:
                                "overlong, and the tokenizer its checkpoint.load carries, are the defaults of the "
                                "options below")
     validate.add_argument("--algorithm", default=None, choices=tuple(ALGORITHMS),
-                          help="the keel train algorithm of --config (default: the one its sections name)")
+                          help="the keel train algorithm of --config (default: the one its sections name); "
+                               "without --config, that algorithm's defaults (e.g. grpo: a prompts file)")
     validate.add_argument("--format", choices=FORMATS, default=None,
                           help="row format (default: chat, or the built-in set's own)")
     validate.add_argument("--tokenizer", default=None, help="byte (default), builtin-sp or a tokenizer file")

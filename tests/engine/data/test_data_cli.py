@@ -180,3 +180,13 @@ def test_a_file_of_another_format_gets_the_commands_own_hint(tmp_path: Path, cap
     assert _run(["validate", str(ratings), "--format", "pairs"]) == 1
     out = capsys.readouterr().out
     assert "1 bad row has the fields of attributes rows: pass --format attributes\nPROBLEMS FOUND" in out, out
+
+
+def test_validate_with_an_algorithm_and_no_config_reads_as_that_algorithm(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`keel data validate prompts.jsonl --algorithm grpo` ignored --algorithm and judged the file as chat rows."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 2+3?", "answer": "5"}) + "\n")
+    assert _run(["validate", str(prompts), "--algorithm", "grpo"]) == 0
+    assert "1 valid of 1 rows (0 bad), format=prompts" in capsys.readouterr().out
+    assert _run(["validate", str(prompts)]) == 1  # no algorithm: chat rows, as keel train sft reads
