@@ -46,7 +46,7 @@ def _print_summary(summary: dict[str, Any], remedy: Callable[[str], str]) -> Non
     for bucket, count in summary["histogram"].items():
         print(f"  {bucket:>12}: {count}")
     for problem in summary["problems"]:
-        print(f"bad row: {problem}")
+        print(f"problem: {problem}")
     for fmt, count in summary["looks_like"].items():  # the hint a raised error carries, once for all such rows
         print(f"{count} bad row{'s have' if count > 1 else ' has'} the fields of {fmt} rows: {remedy(fmt)}")
     print("OK" if summary["ok"] else "PROBLEMS FOUND")

@@ -57,6 +57,7 @@ class ReadStats:
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
     looks_like: dict[str, int] = field(default_factory=dict)  # bad rows with another format's fields, per format
+    where: Optional[Where] = None  # the record read last (a caller's own problems with the row it got name it)
 
 
 def parse_hub_source(source: str) -> tuple[str, Optional[str], str]:
@@ -194,6 +195,7 @@ def checked_records(records: Iterable[tuple[Where, Any]], check: Callable[[Any, 
         raise ValueError(f"on_error={on_error!r}: choose 'raise' or 'skip'")
     for where, raw in records:
         stats.records += 1
+        stats.where = where
         try:
             row = check(raw, where)
         except DataError as error:

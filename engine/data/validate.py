@@ -18,7 +18,7 @@ from typing import Any, Optional
 from engine.data.chat import prompt_messages, render_prompt, render_reply
 from engine.data.documents import DropCounts, fit_document, render_row
 from engine.data.errors import DataError
-from engine.data.loaders import ReadStats, iter_rows
+from engine.data.loaders import MAX_PROBLEMS, ReadStats, iter_rows
 from engine.data.preference import PromptFitter
 from engine.data.schemas import Row
 from engine.data.tokenizers import Tokenizer, load_tokenizer
@@ -108,9 +108,14 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
     lengths = _Lengths(seq_length)
     overlong_rows = prompt_too_long = 0
     fatal: Optional[str] = None
+    no_room: list[str] = []  # where the first rows training would drop with nothing to learn are
     try:
         for row in iter_rows(path, fmt, on_error, stats=stats, num=num, seed=seed):
+            before = policy.counts()["dropped_no_room"]
             total, prompt = policy.apply(row)
+            if policy.counts()["dropped_no_room"] > before and len(no_room) < MAX_PROBLEMS:
+                no_room.append(f"{stats.where}: {total} tokens, {prompt} of them before the first trained one: "
+                               f"no room to learn within seq_length={seq_length}, so training drops it")
             lengths.add(total)
             overlong_rows += total > limit
             prompt_too_long += fmt != "prompts" and prompt + 1 > limit
@@ -118,7 +123,7 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
         if on_error == "raise" or stats.valid:
             raise
         fatal = error.brief
-    problems = stats.problems + ([fatal] if fatal else [])
+    problems = stats.problems + ([fatal] if fatal else []) + no_room
     counts = policy.counts()
     return {
         "source": path, "format": fmt, "template": template, "seq_length": seq_length,

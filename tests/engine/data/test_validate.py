@@ -24,7 +24,8 @@ def test_summary_of_a_mixed_file(write_jsonl: Any) -> None:
     summary = validate_file(path, "chat", ByteTokenizer(), 64)
     assert (summary["rows"], summary["valid"], summary["skipped"]) == (4, 3, 1)
     assert summary["overlong"] == 2 and summary["prompt_too_long"] == 1 and not summary["ok"]
-    assert len(summary["problems"]) == 1 and "line 4" in summary["problems"][0] and path in summary["problems"][0]
+    assert len(summary["problems"]) == 2 and "line 4" in summary["problems"][0] and path in summary["problems"][0]
+    assert summary["problems"][1].startswith(f"{path}, line 3: ")  # the long prompt leaves nothing to learn
     # BOS + "User: Hi\n" + "Assistant: " + "Hello." + EOS
     assert summary["max_length"] == 1 + 9 + 11 + 100 + 1
     assert summary["tokens"] == (1 + 9 + 11 + 6 + 1) + summary["max_length"] + (1 + 6 + 80 + 1 + 11 + 1 + 1)
@@ -59,7 +60,11 @@ def test_over_long_rows_are_judged_by_the_policy_training_applies(write_jsonl: A
     assert _verdict(validate_file(kept, "chat", "byte", 64)) == ("truncate", 1, 1, 0, 0, True)
     assert _verdict(validate_file(kept, "chat", "byte", 64, overlong="drop")) == ("drop", 1, 0, 1, 0, True)
     both = write_jsonl([fits, long_reply, long_prompt], "both.jsonl")
-    assert _verdict(validate_file(both, "chat", "byte", 64)) == ("truncate", 2, 1, 0, 1, False)
+    summary = validate_file(both, "chat", "byte", 64)
+    assert _verdict(summary) == ("truncate", 2, 1, 0, 1, False)
+    # the row training drops is named (it was a count with "problems": [])
+    assert summary["problems"] == [f"{both}, line 3: 101 tokens, 99 of them before the first trained one: no room "
+                                   "to learn within seq_length=64, so training drops it"], summary["problems"]
     assert _verdict(validate_file(both, "chat", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, True)
     only_long = write_jsonl([long_reply], "only_long.jsonl")  # training refuses a source it drops whole
     assert _verdict(validate_file(only_long, "chat", "byte", 64, overlong="drop")) == ("drop", 1, 0, 1, 0, False)
