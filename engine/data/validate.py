@@ -114,7 +114,7 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
             before = policy.counts()["dropped_no_room"]
             total, prompt = policy.apply(row)
             if policy.counts()["dropped_no_room"] > before and len(no_room) < MAX_PROBLEMS:
-                no_room.append(f"{stats.where}: {total} tokens, {prompt} of them before the first trained one: "
+                no_room.append(f"{stats.where}: {total} tokens, {prompt} of them before the response: "
                                f"no room to learn within seq_length={seq_length}, so training drops it")
             lengths.add(total)
             overlong_rows += total > limit

@@ -63,7 +63,7 @@ def test_over_long_rows_are_judged_by_the_policy_training_applies(write_jsonl: A
     summary = validate_file(both, "chat", "byte", 64)
     assert _verdict(summary) == ("truncate", 2, 1, 0, 1, False)
     # the row training drops is named (it was a count with "problems": [])
-    assert summary["problems"] == [f"{both}, line 3: 101 tokens, 99 of them before the first trained one: no room "
+    assert summary["problems"] == [f"{both}, line 3: 101 tokens, 99 of them before the response: no room "
                                    "to learn within seq_length=64, so training drops it"], summary["problems"]
     assert _verdict(validate_file(both, "chat", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, True)
     only_long = write_jsonl([long_reply], "only_long.jsonl")  # training refuses a source it drops whole
