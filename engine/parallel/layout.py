@@ -229,6 +229,9 @@ class ParallelState:
         backend = layout.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+            raise ConfigError("parallel.backend=nccl needs CUDA GPUs and a torch built with NCCL, which this "
+                              "machine lacks: use parallel.backend=auto (gloo here) or gloo")
         if torch.cuda.is_available() and (backend == "nccl" or env.local_rank < torch.cuda.device_count()):
             torch.cuda.set_device(env.local_rank)  # under gloo too: else every rank's model lands on GPU 0
         # Imported before the rendezvous (seconds per process): ranks then arrive together, and

@@ -105,3 +105,16 @@ def test_presets_published_shapes() -> None:
     assert PRESETS["tiny-nemotron"].activation == "squared_relu" and not PRESETS["tiny-nemotron"].tie_embeddings
     with pytest.raises(Exception, match=r"model.preset='gpt5' is unknown"):
         _validate(1, "model.preset=gpt5")
+
+
+def test_nccl_without_cuda_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """parallel.backend=nccl on a machine without GPUs was a RuntimeError traceback from torch.distributed."""
+    import torch
+
+    from engine.errors import ConfigError
+    from tests.helpers import single_process_parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^parallel.backend=nccl needs CUDA GPUs .* use parallel.backend=auto"):
+        with single_process_parallel(backend="nccl"):
+            pass
