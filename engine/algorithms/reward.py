@@ -166,10 +166,12 @@ class PairedAttributes:
 def check_rated(rows: list[dict[str, Any]], attributes: Sequence[str], source: str) -> None:
     """A regression head learns an attribute only from rows that rate it: refuse training data that rates none
     of ``attributes``, and warn of each one it never rates, and of fields that differ from an attribute only in
-    case ("Helpfulness" trained nothing, silently)."""
+    case or one slip of spelling ("Helpfulness", "helpfullness" trained nothing, silently)."""
+    from engine.data.schemas import near_attribute
+
     unrated = [a for a in attributes if not any(row.get(a, MISSING) != MISSING for row in rows)]
-    near = sorted({key for row in rows for key in row if key.lower() in ATTRIBUTES and key not in ATTRIBUTES})
-    unread = f"not read: {', '.join(near)} (rating fields are lower-case)" if near else ""
+    near = sorted({f"{key} (for {meant})" for row in rows[:1000] for key in row if (meant := near_attribute(key))})
+    unread = f"not read: {', '.join(near)}; rating fields are spelled {', '.join(ATTRIBUTES)}" if near else ""
     if len(unrated) == len(attributes):
         raise DataError(None, "<ratings>", f"rows that rate at least one of rm.attributes={list(attributes)}",
                         got="none", source=source, hint=f"check the rating fields; {unread}" if near else

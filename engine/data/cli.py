@@ -199,6 +199,10 @@ def _convert(kind: str) -> Any:
             print(f"error: {_with_option_hint(error, other_format)}")
             return 1
         print(f"wrote {counts['written']} rows to {args.output}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        if not counts["written"]:  # an empty output trains nothing: a failure, whatever the reason counted above
+            print(f"error: no row of {args.input} made a {CONVERTS_TO[kind]} row (the counts above say why; "
+                  f"keel data validate {args.input} --format {CONVERTERS[kind][0]} checks its rows)")
+            return 1
         return 0
 
     return run

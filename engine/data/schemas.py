@@ -31,6 +31,17 @@ from typing import Any, Optional
 from engine.data.errors import Absent, DataError, Where
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+
+
+def near_attribute(key: str) -> Optional[str]:
+    """The attribute a field name ``key`` that is none means, by case or one slip of spelling
+    ("Helpfulness", "helpfullness"): such a field is never read, and its ratings are lost."""
+    import difflib
+
+    if key in ATTRIBUTES:
+        return None
+    found = difflib.get_close_matches(key.lower(), ATTRIBUTES, n=1, cutoff=0.85)
+    return found[0] if found else None
 MISSING = -100
 ROLES = ("system", "user", "assistant")
 

@@ -20,7 +20,7 @@ from engine.data.documents import DropCounts, fit_document, render_row
 from engine.data.errors import DataError
 from engine.data.loaders import MAX_PROBLEMS, ReadStats, iter_rows
 from engine.data.preference import PromptFitter
-from engine.data.schemas import Row
+from engine.data.schemas import ATTRIBUTES, Row, near_attribute
 from engine.data.tokenizers import Tokenizer, load_tokenizer
 
 HISTOGRAM_BINS = 8
@@ -109,6 +109,7 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
     overlong_rows = prompt_too_long = 0
     fatal: Optional[str] = None
     no_room: list[str] = []  # where the first rows training would drop with nothing to learn are
+    unread: dict[str, str] = {}  # rating fields spelt otherwise than an attribute: never read (key -> attribute)
     try:
         for row in iter_rows(path, fmt, on_error, stats=stats, num=num, seed=seed):
             before = policy.counts()["dropped_no_room"]
@@ -117,13 +118,17 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
                 no_room.append(f"{stats.where}: {total} tokens, {prompt} of them before the response: "
                                f"no room to learn within seq_length={seq_length}, so training drops it")
             lengths.add(total)
+            if fmt in REPLIES and fmt != "pairs" and stats.valid <= 1000:
+                unread.update({key: meant for key in row if (meant := near_attribute(key))})
             overlong_rows += total > limit
             prompt_too_long += fmt != "prompts" and prompt + 1 > limit
     except DataError as error:
         if on_error == "raise" or stats.valid:
             raise
         fatal = error.brief
-    problems = stats.problems + ([fatal] if fatal else []) + no_room
+    problems = stats.problems + ([fatal] if fatal else []) + no_room + [
+        f"{path}: field {key!r} is never read (a rating of {meant}? rating fields are spelled {', '.join(ATTRIBUTES)})"
+        for key, meant in sorted(unread.items())]
     counts = policy.counts()
     return {
         "source": path, "format": fmt, "template": template, "seq_length": seq_length,

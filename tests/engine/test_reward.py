@@ -263,7 +263,13 @@ def test_ratings_the_head_never_sees_are_told(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger="engine.algorithms.reward"):
         reward.check_rated(rows, ["helpfulness", "correctness"], "mine.jsonl")
     assert "mine.jsonl: no row rates helpfulness, so the head learns nothing there; drop it from rm.attributes; " \
-           "not read: Helpfulness (rating fields are lower-case)" in caplog.text, caplog.text
+           "not read: Helpfulness (for helpfulness); rating fields are spelled helpfulness, correctness, " \
+           "coherence, complexity, verbosity" in caplog.text, caplog.text
+    caplog.clear()
+    misspelt = [{"prompt": "q", "response": "a", "helpfullness": 4, "correctness": 3}]
+    with caplog.at_level(logging.WARNING, logger="engine.algorithms.reward"):
+        reward.check_rated(misspelt, ["helpfulness", "correctness"], "mine.jsonl")
+    assert "not read: helpfullness (for helpfulness)" in caplog.text, caplog.text
     with pytest.raises(DataError, match=r"mine.jsonl: field '<ratings>': expected rows that rate at least one of "
                                         r"rm.attributes=\['helpfulness'\], got 'none' .*not read: Helpfulness"):
         reward.check_rated(rows, ["helpfulness"], "mine.jsonl")

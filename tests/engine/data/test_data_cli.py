@@ -190,3 +190,16 @@ def test_validate_with_an_algorithm_and_no_config_reads_as_that_algorithm(tmp_pa
     assert _run(["validate", str(prompts), "--algorithm", "grpo"]) == 0
     assert "1 valid of 1 rows (0 bad), format=prompts" in capsys.readouterr().out
     assert _run(["validate", str(prompts)]) == 1  # no algorithm: chat rows, as keel train sft reads
+
+
+def test_a_misspelt_rating_field_is_named_and_a_conversion_to_nothing_fails(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """'helpfullness' in every row: validate said all rows were fine, convert-helpsteer2-dpo wrote an empty file
+    and exited 0, and nothing named the field."""
+    rows = tmp_path / "rated.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i // 2}", "response": f"r{i}", "helpfullness": i % 5,
+                                        "correctness": 3}) + "\n" for i in range(8)))
+    assert _run(["validate", str(rows), "--format", "attributes"]) == 1
+    assert f"problem: {rows}: field 'helpfullness' is never read (a rating of helpfulness?" in capsys.readouterr().out
+    assert _run(["convert-helpsteer2-dpo", str(rows), str(tmp_path / "pairs.jsonl")]) == 1
+    assert f"error: no row of {rows} made a pairs row" in capsys.readouterr().out
