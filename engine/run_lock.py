@@ -78,6 +78,8 @@ def acquire(run_dir: str | Path, setting: str = "run.output_dir") -> Optional[st
     """Take the lock of ``run_dir`` for this process (released when it exits); the reason it cannot, else None.
     Messages name the directory as ``setting``."""
     path = Path(run_dir) / LOCK_NAME
+    if Path(run_dir).is_file():
+        return f"{setting}={run_dir} is a file: give a directory (it is made if it does not exist)"
     me = holder_record()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -309,7 +309,7 @@ class ModelRunner:
                 group.update(lrs)
             fuse_cpu_adamw(self.optimizer)  # loaded param groups carry the saving run's flags
             changed = schedule_changes(self.scheduler, meta["scheduler"])
-            if changed:
+            if changed and self.parallel.is_main:  # every rank compares alike: one says it
                 logger.warning("resuming %s with this run's schedule, not the checkpoint's: %s", path, "; ".join(changed))
             self.scheduler.load_state_dict(meta["scheduler"])
         return meta

@@ -12,6 +12,7 @@ without optimizer state) is warned about instead.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,7 +77,17 @@ def changed_data_settings(meta: dict[str, Any], config: Any) -> list[str]:
     """``data.<key>: old -> new`` for each of :data:`DATA_SETTINGS` this run sets otherwise than the checkpoint's."""
     old = (meta.get("config") or {}).get("data") or {}
     return [f"data.{key}: {old[key]} -> {getattr(config.data, key)}" for key in DATA_SETTINGS
-            if key in old and hasattr(config.data, key) and old[key] != getattr(config.data, key)]
+            if key in old and hasattr(config.data, key) and not _same(old[key], getattr(config.data, key))]
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Equal settings, or two names of one file (``sft.jsonl`` and its absolute path)."""
+    if old == new:
+        return True
+    try:
+        return isinstance(old, str) and isinstance(new, str) and os.path.samefile(old, new)
+    except OSError:
+        return False
 
 
 def carried_best(path: Path, meta: dict[str, Any], checkpoint_dir: str) -> Optional[tuple[int, float]]:

@@ -141,3 +141,18 @@ def test_the_checkpoints_a_run_names_are_of_their_kind_and_ppo_takes_a_bt_critic
         assert f"{setting}={tmp_path / 'bt'}: " in err and f"is a reward model checkpoint, and {setting} names a " \
             "policy" in err, err
         assert not (tmp_path / algorithm / "config.yaml").exists()  # nothing built, nothing written
+
+
+def test_one_file_under_two_names_is_no_change_of_data() -> None:
+    """Resuming with data.source=/abs/sft.jsonl after sft.jsonl warned that the data source had changed."""
+    import os
+    from types import SimpleNamespace
+
+    from engine.checkpoint.resume import changed_data_settings
+
+    here = os.path.relpath(__file__)
+    meta = {"config": {"data": {"source": here, "loss_on": "assistant"}}}
+    same = SimpleNamespace(data=SimpleNamespace(source=os.path.abspath(here), loss_on="assistant"))
+    assert changed_data_settings(meta, same) == []
+    other = SimpleNamespace(data=SimpleNamespace(source="builtin:sft", loss_on="all"))
+    assert changed_data_settings(meta, other) == [f"data.source: {here} -> builtin:sft", "data.loss_on: assistant -> all"]

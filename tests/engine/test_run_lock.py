@@ -174,3 +174,9 @@ def test_a_checkpoint_dir_in_a_live_runs_directory_is_refused(tmp_path: Path) ->
     (run_a / LOCK_NAME).unlink()  # A has ended: B may use the directory
     lock_run_dir(tmp_path / "run-b", True, run_a / "checkpoints")
     release_held()
+
+
+def test_a_run_directory_that_is_a_file_is_named_so(tmp_path: Path) -> None:
+    taken = tmp_path / "afile"
+    taken.write_text("x")
+    assert acquire(taken) == f"run.output_dir={taken} is a file: give a directory (it is made if it does not exist)"
