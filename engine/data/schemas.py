@@ -192,6 +192,10 @@ def check_chat(row: Row, where: Optional[Where]) -> Row:
         prompt = _prompt(row, where)
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         row = dict(row, messages=[*turns, {"role": "assistant", "content": _string(row, reply, where)}])
+    if "messages" not in row:  # name what the row has (a misspelt key, ShareGPT's 'conversations')
+        sharegpt = " (ShareGPT's conversations: convert each {from, value} turn to {role, content} under " \
+            "'messages')" if "conversations" in row else ""
+        raise _fail(where, "messages", f"a non-empty list of {{role, content}} messages{sharegpt}", Absent(row))
     out = dict(row, messages=check_messages(row.get("messages"), where))
     if row.get("attributes") is not None:
         out["attributes"] = parse_attributes(row["attributes"], where)
