@@ -292,7 +292,9 @@ def check_row(fmt: str, row: Any, where: Optional[Where] = None, formats: Option
     if fmt not in CHECKS:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not isinstance(row, dict):
-        raise _fail(where, "<row>", "a JSON object", row)
+        array = " (a JSON array of rows is read from a file named .json; JSON lines hold one object a line)" \
+            if isinstance(row, list) else ""
+        raise _fail(where, "<row>", f"a JSON object{array}", row)
     try:
         return CHECKS[fmt](row, where)
     except DataError as exc:

@@ -80,3 +80,13 @@ def test_a_file_that_is_not_utf8_names_its_line_and_a_bom_is_read(tmp_path: Any)
         load_rows(str(array), "text", on_error="skip")  # read at once: no row can be read
     array.write_bytes(b'\xef\xbb\xbf[{"text": "fine"}]')
     assert load_rows(str(array), "text") == [{"text": "fine"}]
+
+
+def test_an_array_in_a_jsonl_file_says_to_name_it_json(tmp_path: Any) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('[{"text": "a"}, {"text": "b"}]\n')
+    with pytest.raises(DataError, match=r"line 1: field '<row>': expected a JSON object \(a JSON array of rows is "
+                                        r"read from a file named .json"):
+        load_rows(str(path), "text")
+    (tmp_path / "rows.json").write_text(path.read_text())
+    assert len(load_rows(str(tmp_path / "rows.json"), "text")) == 2
