@@ -227,6 +227,10 @@ def _config_show(args: argparse.Namespace) -> int:
 
     if args.file and "=" in args.file and not os.path.exists(args.file):  # overrides alone
         args.overrides, args.file = [args.file, *args.overrides], None
+    if args.config_file:  # --config FILE, as keel train takes it
+        if args.file:
+            raise ConfigError(f"give the config once: --config {args.config_file} or {args.file}")
+        args.file = args.config_file
     cls = _algorithm(args.algorithm).CONFIG if args.algorithm else TrainConfig
     if args.file:
         from engine.data.cli import run_config
@@ -298,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="list every field with its doc and default, or resolve a config")
     show.add_argument("file", nargs="?", help="YAML config to resolve (prints the merged result)")
     show.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    show.add_argument("--config", dest="config_file", default=None, help="the YAML config, as keel train takes it "
+                      "(the same as giving it as FILE)")
     show.add_argument("--algorithm", choices=list(ALGORITHMS),
                       help="the keel train algorithm whose config to list or resolve (default for a file: the one "
                            "its sections fit; without a file: the fields every algorithm shares)")

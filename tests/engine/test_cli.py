@@ -79,6 +79,9 @@ def test_config_show_makes_the_checks_keel_train_makes(capsys: pytest.CaptureFix
     assert "keel train would refuse this config on 3 ranks: model tiny-llama: num_attention_heads=4 is not " \
            "divisible by parallel.tensor=3" in err, err
     assert main(["config", "show", "--algorithm", "ppo"]) == 0  # the listing of fields is no config to check
+    capsys.readouterr()
+    assert main(["config", "show", "--config", str(REPO / "examples" / "sft.yaml"), "parallel.tensor=2"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["parallel"]["tensor"] == 2  # --config, as keel train takes it
     assert main(["config", "show", "parallel.data=2", "data.global_batch_size=3"]) == 2
     assert "on 2 ranks" in capsys.readouterr().err
 
