@@ -261,9 +261,11 @@ class Trainer:
         self._told_validation = True
         if once:
             batches, filler = read // self.config.data.global_batch_size, read - rows
-            logger.info("each validation reads all %d validation rows once, in %d global batch%s; the last is filled "
-                        "with %d row%s that count%s nothing", rows, batches, "es" if batches > 1 else "", filler,
-                        "s" if filler > 1 else "", "" if filler > 1 else "s")
+            what = f"all {rows} validation rows" if rows > 1 else "its 1 validation row"
+            fill = "" if not filler else (f"; the last is filled with {filler} rows that count nothing" if filler > 1
+                                          else "; the last is filled with 1 row that counts nothing")
+            logger.info("each validation reads %s once, in %d global batch%s%s", what, batches,
+                        "es" if batches > 1 else "", fill)
         elif rows < read:
             logger.warning("each validation reads %d rows (run.eval_batches x data.global_batch_size) from a validation "
                            "set of %d, so some rows count more than once; give at least %d validation rows, or lower "

@@ -535,3 +535,22 @@ def test_a_named_validation_set_never_evaluated_is_warned(tmp_path: Path, caplog
         _trainer(tmp_path, parallel, "data.validation_source=builtin:sft", "run.eval_interval=5")
         _trainer(tmp_path, parallel)  # held out from data.source: no set was named
     assert "never evaluated" not in caplog.text
+
+
+@pytest.mark.parametrize("rows, read, said", [
+    (1, 4, "each validation reads its 1 validation row once, in 1 global batch; the last is filled with 3 rows "
+           "that count nothing"),
+    (8, 8, "each validation reads all 8 validation rows once, in 2 global batches\n"),
+])
+def test_what_validation_reads_is_said_in_plain_words(rows: int, read: int, said: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """'reads all 1 validation rows', and 'filled with 0 row that counts nothing' for a set of whole batches."""
+    from types import SimpleNamespace
+
+    from engine.trainer import Trainer
+
+    trainer = SimpleNamespace(_told_validation=False, parallel=SimpleNamespace(is_main=True),
+                              config=SimpleNamespace(data=SimpleNamespace(global_batch_size=4)))
+    with caplog.at_level("INFO", logger="engine.trainer"):
+        Trainer._say_what_validation_reads(trainer, rows, read, True)  # type: ignore[arg-type]
+    assert said in caplog.text + "\n", caplog.text
