@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union, cast, get_args, get_origin, get_type_hints
@@ -292,17 +292,23 @@ class TrainConfig:
         """Checks of the checkpoints this run names besides ``checkpoint.load`` (a reference, a reward model),
         run by the trainer before any model is built: :meth:`validate` reads no file."""
 
-    def refuse_ignored(self) -> None:
-        """A setting of :attr:`IGNORED` given another value than this algorithm's default is a one-line error:
-        ``data.pack=true`` on a reward model or DPO run was accepted and did nothing."""
+    def set_otherwise(self, names: Iterable[str]) -> Iterator[tuple[str, Any]]:
+        """(name, value) of each ``section.field`` of ``names`` this config sets otherwise than its algorithm's
+        default (the section's own default factory)."""
         fields = type(self).__dataclass_fields__
-        for name, why in self.IGNORED.items():
+        for name in names:
             section, key = name.split(".", 1)
             defaults = fields[section].default_factory()  # type: ignore[misc,operator]
             value = getattr(getattr(self, section), key)
             if value != getattr(defaults, key):
-                value = str(value).lower() if isinstance(value, bool) else value
-                raise ConfigError(f"{name}={value} does nothing in this run: {why}; leave {name} unset")
+                yield name, value
+
+    def refuse_ignored(self) -> None:
+        """A setting of :attr:`IGNORED` given another value than this algorithm's default is a one-line error:
+        ``data.pack=true`` on a reward model or DPO run was accepted and did nothing."""
+        for name, value in self.set_otherwise(self.IGNORED):
+            value = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"{name}={value} does nothing in this run: {self.IGNORED[name]}; leave {name} unset")
 
     def data_formats(self) -> tuple[str, ...]:
         """The data.format values this run trains on; a row's format hint names no other."""

@@ -171,13 +171,9 @@ class OnlineTrainConfig(TrainConfig):
     def refuse_unread_data(self) -> None:
         """A ``data`` setting these runs do not read is refused, naming the ``rollout`` one they do: a user coming
         from TRL sets ``data.source=prompts.jsonl`` and trained on the built-in prompts without a word."""
-        defaults = type(self.data)()
-        for name, instead in self.UNREAD.items():
-            field_name = name.split(".", 1)[1]
-            value = getattr(self.data, field_name)
-            if value != getattr(defaults, field_name):
-                raise ConfigError(f"{name}={value} is not read by {self.ALGORITHM}, which samples from prompts: "
-                                  f"set {instead}={value} instead")
+        for name, value in self.set_otherwise(self.UNREAD):
+            raise ConfigError(f"{name}={value} is not read by {self.ALGORITHM}, which samples from prompts: "
+                              f"set {self.UNREAD[name]}={value} instead")
 
     def refuse_identical_groups(self) -> None:
         """Where the rollouts of a prompt are compared, one rollout or greedy decoding (all of a prompt's rollouts

@@ -78,6 +78,11 @@ class RewardConfig:
             raise ConfigError(f"rm.score_weights has unknown attributes {bad}; use {', '.join(ATTRIBUTES)}")
 
 
+def other_rm_type(rm_type: str) -> str:
+    """The reward-model type that is not ``rm_type``: the one a hint names for the other type's rows."""
+    return "bt" if rm_type == "regression" else "regression"
+
+
 def _rm_data_defaults() -> DataConfig:
     # No validation_source: validation comes from data.source, whatever the user sets it to
     # (see RewardStep.build_datasets).
@@ -107,7 +112,7 @@ class RewardTrainConfig(TrainConfig):
             self.checkpoint.dir = "runs/rm/checkpoints"
         expected = self.data_formats()
         if self.data.format not in expected:
-            other = "bt" if self.rm.type == "regression" else "regression"
+            other = other_rm_type(self.rm.type)
             hint = f"; data.format={self.data.format} trains rm.type={other}" \
                 if self.data.format in self.TYPE_FORMATS[other] else ""
             default = _rm_data_defaults()
@@ -236,7 +241,7 @@ class RewardStep(Step):
 
     def _other_type_hint(self, error: DataError) -> DataError:
         """Rows of the other reward-model type's format name the ``rm.type`` that trains on them."""
-        other = "bt" if self.rm.type == "regression" else "regression"
+        other = other_rm_type(self.rm.type)
         if error.looks_like not in RewardTrainConfig.TYPE_FORMATS[other]:
             return error
         kind = "preference pairs train a Bradley-Terry" if other == "bt" else "rated rows train a regression"

@@ -25,6 +25,7 @@ Unknown extra fields are kept; data sets carry many (justifications, ids, ...).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -33,9 +34,11 @@ from engine.data.errors import Absent, DataError, Where
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 
 
+@functools.lru_cache(maxsize=1024)
 def near_attribute(key: str) -> Optional[str]:
     """The attribute a field name ``key`` that is none means, by case or one slip of spelling
-    ("Helpfulness", "helpfullness"): such a field is never read, and its ratings are lost."""
+    ("Helpfulness", "helpfullness"): such a field is never read, and its ratings are lost. Cached: every
+    row asks again for the same few keys."""
     import difflib
 
     if key in ATTRIBUTES:
