@@ -88,6 +88,9 @@ class GRPOStep(OnlineStep):
     def metric_names(self) -> tuple[str, ...]:
         return METRICS
 
+    def judges_by_max_new_tokens(self) -> str:
+        return "" if self.grpo.overlong == "keep" else f"grpo.overlong={self.grpo.overlong}"
+
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None,
                    keep: Optional[list[bool]] = None) -> dict[str, list[list[float]]]:

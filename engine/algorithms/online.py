@@ -275,13 +275,18 @@ class PromptSampling:
                                 f"{template!r} template, to leave room to generate", f"{length} tokens",
                                 hint="shorten or drop it, or raise data.seq_length")
             lengths.append(length)
-        self._check_room(config, lengths)
+        self._check_room(config, lengths, self.judges_by_max_new_tokens())
+
+    def judges_by_max_new_tokens(self) -> str:
+        """The setting, as ``name=value``, that judges responses by reaching ``rollout.max_new_tokens`` (GRPO's
+        overlong filter or penalty); empty when none does."""
+        return ""
 
     @staticmethod
-    def _check_room(config: Any, lengths: list[int]) -> None:
+    def _check_room(config: Any, lengths: list[int], judge: str = "") -> None:
         """Prompts that leave fewer than ``rollout.max_new_tokens`` tokens within ``data.seq_length`` have their
-        responses cut by the sequence: said once. GRPO's overlong filter or penalty judges by max_new_tokens,
-        which such responses never reach (81% cut, none penalised, and nothing said): refused."""
+        responses cut by the sequence: said once. A ``judge`` of responses by max_new_tokens (GRPO's overlong
+        filter or penalty), which such responses never reach (81% cut, none penalised, and nothing said): refused."""
         limit, wanted = config.data.seq_length, config.rollout.max_new_tokens
         short = [length for length in lengths if limit - length < wanted]
         if not short:
@@ -290,9 +295,8 @@ class PromptSampling:
                 f"within data.seq_length={limit} (as few as {limit - max(short)}), so their responses are cut at "
                 f"the sequence's end; data.seq_length={max(lengths) + wanted} lets every response reach "
                 "max_new_tokens")
-        overlong = getattr(getattr(config, "grpo", None), "overlong", "keep")
-        if overlong != "keep":
-            raise ConfigError(f"grpo.overlong={overlong} judges responses by rollout.max_new_tokens, and {what}: "
+        if judge:
+            raise ConfigError(f"{judge} judges responses by rollout.max_new_tokens, and {what}: "
                               "raise data.seq_length, or lower rollout.max_new_tokens")
         logger.warning(what)
 

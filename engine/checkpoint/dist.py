@@ -144,13 +144,14 @@ def scorer_kind(meta: dict[str, Any]) -> Optional[str]:
     return SCORERS.get(str(meta.get("algorithm")))
 
 
-def refuse_scorer(path: Path, meta: dict[str, Any], use: str) -> None:
-    """A policy (``use``: what it is loaded for) cannot start from a reward model's or critic's weights: their
-    output layer is a value head, so the language-model head would be left at random initialisation."""
+def refuse_scorer(path: Path, meta: dict[str, Any], use: str, setting: str = "") -> None:
+    """A policy (``use``: what it is loaded for; ``setting``: the setting that named it, if any) cannot start from a
+    reward model's or critic's weights: their output layer is a value head, so the language-model head would be
+    left at random initialisation."""
     kind = scorer_kind(meta)
     if kind is not None:
-        raise CheckpointError(f"{path} is a {kind} checkpoint: it scores responses and has no language-model head, "
-                              f"so it cannot be {use}; use a policy checkpoint (SFT, DPO, converted)")
+        raise CheckpointError(f"{setting}{path} is a {kind} checkpoint: it scores responses and has no language-model "
+                              f"head, so it cannot be {use}; use a policy checkpoint (SFT, DPO, converted)")
 
 
 def refuse_scorer_policy(value: Optional[str], setting: str) -> None:
@@ -159,11 +160,7 @@ def refuse_scorer_policy(value: Optional[str], setting: str) -> None:
     if not value or value == "init":
         return
     path = locate(value, setting)
-    kind = scorer_kind(read_meta(path))
-    if kind is not None:
-        raise CheckpointError(f"{setting}={value}: {path} is a {kind} checkpoint, and {setting} names a policy: a "
-                              f"{kind} scores responses and has no language-model head; use a policy checkpoint "
-                              "(SFT, DPO, converted)")
+    refuse_scorer(path, read_meta(path), f"{setting}, which names a policy", setting=f"{setting}={value}: ")
 
 
 def _rng_state() -> dict[str, Any]:

@@ -167,21 +167,22 @@ def test_rollouts_that_the_sequence_cuts_are_said_and_refused_where_grpo_judges_
     word, and grpo.overlong=penalty (judging by max_new_tokens, never reached) penalised none."""
     from types import SimpleNamespace
 
-    from engine.algorithms.online import PromptSampling
+    from engine.algorithms.grpo import GRPOConfig, GRPOStep
 
     config = SimpleNamespace(data=SimpleNamespace(seq_length=120), rollout=SimpleNamespace(max_new_tokens=100),
-                             grpo=SimpleNamespace(overlong="penalty"))
+                             grpo=GRPOConfig(overlong="penalty"))
+    step = GRPOStep(config)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^grpo.overlong=penalty judges responses by rollout.max_new_tokens, and "
                                           r"2 of 3 prompts leave fewer than rollout.max_new_tokens=100 tokens within "
                                           r"data.seq_length=120 \(as few as 80\), .* data.seq_length=140 lets every"):
-        PromptSampling._check_room(config, [40, 10, 30])
-    config.grpo.overlong = "keep"
+        step._check_room(config, [40, 10, 30], step.judges_by_max_new_tokens())
+    step.grpo.overlong = "keep"
     with caplog.at_level("WARNING", logger="engine.algorithms.online"):
-        PromptSampling._check_room(config, [40, 10, 30])
+        step._check_room(config, [40, 10, 30], step.judges_by_max_new_tokens())
     assert "2 of 3 prompts leave fewer than" in caplog.text
     config.data.seq_length = 140
     caplog.clear()
-    PromptSampling._check_room(config, [40, 10, 30])
+    step._check_room(config, [40, 10, 30], step.judges_by_max_new_tokens())
     assert not caplog.text
 
 

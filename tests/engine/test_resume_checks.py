@@ -138,8 +138,8 @@ def test_the_checkpoints_a_run_names_are_of_their_kind_and_ppo_takes_a_bt_critic
         assert main(["train", algorithm, "--config", str(REPO / "examples" / f"{algorithm}_tiny.yaml"), *QUIET,
                      f"{setting}={tmp_path / 'bt'}", f"run.output_dir={tmp_path / algorithm}"]) == 1
         err = capsys.readouterr().err
-        assert f"{setting}={tmp_path / 'bt'}: " in err and f"is a reward model checkpoint, and {setting} names a " \
-            "policy" in err, err
+        assert f"{setting}={tmp_path / 'bt'}: " in err and "is a reward model checkpoint: it scores responses" in err \
+            and f"cannot be {setting}, which names a policy" in err, err
         assert not (tmp_path / algorithm / "config.yaml").exists()  # nothing built, nothing written
 
 
