@@ -165,12 +165,30 @@ def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple
     if meta.get("algorithm") != "rm":  # its saved config would fail as a reward model's, naming a data format
         raise ConfigError(f"{checkpoint}: a {meta.get('algorithm')} checkpoint, not a reward model (keel train rm)")
     saved = dict(meta["config"])
-    saved["parallel"] = dict(saved["parallel"], data=None)
+    saved["parallel"] = scoring_layout(saved.get("parallel", {}), override_tree.get("parallel", {}))
     if saved.get("data", {}).get("overlong") == "truncate":  # runs saved before reward data refused it
         saved["data"] = dict(saved["data"], overlong="cut_prompt")
     saved["data"] = {k: v for k, v in saved.get("data", {}).items() if f"data.{k}" not in RewardTrainConfig.IGNORED}
     config = from_dict(RewardTrainConfig, merge_dicts(saved, override_tree), f"{path}/{ckpt.META}")
     return path, config
+
+
+def scoring_layout(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The ``parallel`` section to score with. The saved one is where the reward model was trained, not a
+    property of its weights (checkpoints load at any layout): its tensor and pipeline sizes are kept when no
+    ``parallel.*`` is given and this world's size admits them; sequence parallelism, virtual stages and the
+    rest take the defaults (a reward model trained with them failed to load alone or beside a policy)."""
+    from engine.parallel.layout import read_launch_env
+
+    tensor, pipeline = int(saved.get("tensor") or 1), int(saved.get("pipeline") or 1)
+    world = read_launch_env().world_size
+    if given or (tensor, pipeline) == (1, 1):
+        return {}
+    if world % (tensor * pipeline):
+        logger.info("the reward model was trained at parallel.tensor=%d parallel.pipeline=%d, which %d rank(s) "
+                    "cannot hold: it scores at tensor=1 pipeline=1", tensor, pipeline, world)
+        return {}
+    return {"tensor": tensor, "pipeline": pipeline}
 
 
 def load_scorer(checkpoint: str, overrides: Sequence[str] = (),

@@ -85,3 +85,27 @@ def test_the_commands_read_a_run_directory(tmp_path: Path) -> None:
         keel_to_hf(rm, tmp_path / "hf")  # read as far as the checkpoint's kind: the run directory was found
     with pytest.raises(ConfigError, match=r"--rm .*nothing does not exist"):
         _reward_model(str(tmp_path / "nothing"))
+
+
+def test_a_reward_model_scores_at_this_worlds_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reward model trained at TP2 with sequence parallelism (or PP2 with virtual stages) failed to load for
+    `keel eval rewardbench` and `keel data label` on one rank, and beside a GRPO policy ("parallel.sequence_parallel
+    =true needs parallel.tensor > 1", blamed on its keel.json): the layout is where it was trained, not its weights."""
+    from engine.eval.scoring import reward_model_config
+
+    rm = _run(tmp_path / "rm", algorithm="rm")
+    trained = {"tensor": 2, "pipeline": 2, "sequence_parallel": True, "virtual_pipeline": 2}
+    for step in (1, 2):
+        meta = tmp_path / "rm" / "checkpoints" / f"step_{step:07d}" / ckpt.META
+        saved = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**saved, "config": {**saved["config"], "parallel": trained}}))
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    alone = reward_model_config(str(rm))[1].parallel
+    assert (alone.tensor, alone.pipeline, alone.sequence_parallel, alone.virtual_pipeline) == (1, 1, False, None)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    kept = reward_model_config(str(rm))[1].parallel
+    assert (kept.tensor, kept.pipeline, kept.sequence_parallel, kept.virtual_pipeline) == (2, 2, False, None)
+    beside = reward_model_config(str(rm), ["parallel.tensor=2", "parallel.pipeline=1"])[1].parallel  # online RL's
+    assert (beside.tensor, beside.pipeline, beside.sequence_parallel, beside.virtual_pipeline) == (2, 1, False, None)
