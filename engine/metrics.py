@@ -23,13 +23,21 @@ class MetricsWriter:
             os.makedirs(run_dir, exist_ok=True)
         self._file = open(self.path, "a") if enabled else None
         self._tb: Optional[Any] = None
-        if enabled and tensorboard:
+        self._tb_dir = os.path.join(run_dir, "tensorboard") if enabled and tensorboard else None
+
+    def _tensorboard(self, purge_step: Optional[int] = None) -> Optional[Any]:
+        """The TensorBoard writer, made at the first use (a run that fails before training leaves no events
+        file). ``purge_step`` tells TensorBoard to drop what earlier runs in this directory logged from that
+        step on, as :meth:`keep_until` does for ``metrics.jsonl``."""
+        if self._tb is None and self._tb_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self._tb = SummaryWriter(self._tb_dir, purge_step=purge_step)
             except ImportError as exc:  # pragma: no cover - tensorboard is a core dependency
                 logger.warning("TensorBoard disabled: %s", exc)
+                self._tb_dir = None
+        return self._tb
 
     def keep_until(self, step: int) -> None:
         """Drop the records of steps after ``step`` from ``metrics.jsonl``, atomically.
@@ -42,6 +50,7 @@ class MetricsWriter:
         """
         if not self.enabled or self._file is None:
             return
+        self._tensorboard(purge_step=step + 1)  # the same steps leave TensorBoard's curves
         parsed, skipped = _parse(self.path)
         lines = [line for line, record in parsed if record.get("step", 0) <= step]
         dropped = skipped + len(parsed) - len(lines)
@@ -63,7 +72,7 @@ class MetricsWriter:
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tensorboard() is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{prefix}/{key}", value, step)
