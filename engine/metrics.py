@@ -72,10 +72,11 @@ class MetricsWriter:
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tensorboard() is not None:
+        board = self._tensorboard()
+        if board is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+                    board.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
         if self._file is not None:
