@@ -43,8 +43,9 @@ def _check_algorithm(path: Path, meta: dict[str, Any], algorithm: str) -> None:
     saved = meta.get("algorithm")
     if saved is None or saved == algorithm:
         return
-    what = "a PPO critic's" if saved == "critic" else f"a `keel train {saved}` run's"
-    remedy = f"resume it with `keel train {saved}`" if saved != "critic" else "resume the PPO run it belongs to"
+    what = {"critic": "a PPO critic's", "convert": "a `keel convert` output's"}.get(saved, f"a `keel train {saved}` run's")
+    remedy = {"critic": "resume the PPO run it belongs to", "convert": "a conversion is no run to resume"}.get(
+        saved, f"resume it with `keel train {saved}`")
     if algorithm == "rm" or scorer_kind(meta) is None:  # a reward model starts from any trunk, a policy from a policy
         remedy += f", or {weights_alone(path)}"
     else:

@@ -59,11 +59,25 @@ def _check_arguments(args: argparse.Namespace, command: str, source: str, allowe
         raise ConfigError(f"out_dir {out} is a file: give a directory to write into (it is created if missing)")
     if out.resolve() == Path(source).resolve():
         raise ConfigError(f"out_dir {out} is this command's input: write to another directory")
+    if command.endswith("to-keel"):
+        _refuse_a_runs_checkpoints(out)
     for item in args.overrides:
         key = item.partition("=")[0].strip()
         if not any(key == name or key.startswith(name) for name in allowed):
             raise ConfigError(f"override {item!r}: keel convert {command} reads only "
                               f"{', '.join(name + '*' if name.endswith('.') else name for name in allowed)}")
+
+
+def _refuse_a_runs_checkpoints(out: Path) -> None:
+    """A converted checkpoint is saved as step 0 and made ``latest``: written among a run's checkpoints, it
+    would stop that run resuming (another conversion's output may be written over)."""
+    from engine.checkpoint import dist as ckpt
+    from engine.config import ConfigError
+
+    newest = ckpt.find_latest(str(out)) if out.is_dir() else None
+    if newest is not None and ckpt.read_meta(newest).get("algorithm") != "convert":
+        raise ConfigError(f"out_dir {out} holds a training run's checkpoints ({newest.name}): the conversion would "
+                          "become their latest and stop that run resuming; write to a new directory")
 
 
 def _hf_to_keel(args: argparse.Namespace) -> int:

@@ -202,10 +202,16 @@ def test_hf_to_keel_takes_the_preset_of_config_json_and_refuses_what_it_cannot_r
     hf_dir = tmp_path / "hf"
     _random_hf(PRESETS["tiny-nemotron"]).save_pretrained(hf_dir, safe_serialization=True)
     (tmp_path / "a-file").write_text("")
+    run_step = tmp_path / "run" / "checkpoints" / "step_0000003"  # a training run's: converting into it broke its resume
+    run_step.mkdir(parents=True)
+    (run_step / "keel.json").write_text(json.dumps({"algorithm": "sft", "step": 3, "config": {}}))
+    (run_step / "metadata.json").write_text("{}")
+    (run_step.parent / "latest").write_text(run_step.name)
     capsys.readouterr()  # transformers' own progress bar
     for argv, message in (
             (["hf-to-keel", str(hf_dir), str(tmp_path / "a-file")], "out_dir " + str(tmp_path / "a-file") + " is a file"),
             (["hf-to-keel", str(hf_dir), str(hf_dir)], "is this command's input"),
+            (["hf-to-keel", str(hf_dir), str(run_step.parent)], "holds a training run's checkpoints (step_0000003)"),
             (["hf-to-keel", str(hf_dir), str(tmp_path / "k"), "run.seed=3"],
              "override 'run.seed=3': keel convert hf-to-keel reads only model.*, data.tokenizer"),
             (["keel-to-hf", str(tmp_path / "k"), str(tmp_path / "a-file")], "is a file")):
@@ -215,6 +221,7 @@ def test_hf_to_keel_takes_the_preset_of_config_json_and_refuses_what_it_cannot_r
     assert main(["convert", "hf-to-keel", str(hf_dir), str(tmp_path / "k")]) == 0
     assert json.loads((tmp_path / "k" / "step_0000000" / "keel.json").read_text())["config"]["model"]["preset"] == \
         "tiny-nemotron"
+    assert main(["convert", "hf-to-keel", str(hf_dir), str(tmp_path / "k")]) == 0  # a conversion's output: rewritten
 
 
 def test_hf_to_keel_at_tp2_pp2_matches_transformers_and_converts_back(tmp_path: Path) -> None:
