@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Batch-side logic shared by docker/slurm/*.sbatch (sft, rm; they `exec` this file).
+# Batch-side logic shared by docker/slurm/*.sbatch (every template `exec`s this file).
 #
 # It resolves the head node and rendezvous port, builds the srun (and pyxis/enroot
 # container) flags, starts docker/slurm/launch_ranks.sh on every node, and handles
@@ -18,21 +18,23 @@
 #   KEEL_MOUNTS          extra container mounts, "src:dst[,src:dst]" (data, caches)
 #   KEEL_LAUNCHER        srun (one task per GPU, default) | torchrun (one per node)
 #   GPUS_PER_NODE        ranks per node          (default: $SLURM_GPUS_ON_NODE, else 8)
-#   KEEL_RUN_DIR         run.output_dir          (default: $KEEL_HOME/runs/$SLURM_JOB_NAME)
-#   KEEL_CHECKPOINT_DIR  checkpoint.dir          (default: $KEEL_RUN_DIR/checkpoints)
+#   KEEL_RUN_DIR         run.output_dir, relative to KEEL_HOME (default: runs/$SLURM_JOB_NAME)
+#   KEEL_CHECKPOINT_DIR  checkpoint.dir, relative to KEEL_HOME (default: $KEEL_RUN_DIR/checkpoints)
 #   KEEL_REQUEUE         1 = requeue after a SIGTERM checkpoint (default 1)
 #   MASTER_ADDR / MASTER_PORT   rendezvous (default: first node / 20000 + job id % 20000)
 # Arguments are extra `section.field=value` overrides for Keel.
 set -euo pipefail
 
 algo="${KEEL_ALGO:?set KEEL_ALGO to an algorithm of keel train (sft, rm, dpo, ppo, grpo, ...)}"
-keel_home="${KEEL_HOME:-${SLURM_SUBMIT_DIR:-${PWD}}}"
+keel_home="$(cd "${KEEL_HOME:-${SLURM_SUBMIT_DIR:-${PWD}}}" && pwd)"
+# Relative paths are taken from KEEL_HOME, where Keel runs (the job changes into it below).
+in_home() { if [[ "$1" == /* ]]; then echo "$1"; else echo "${keel_home}/$1"; fi; }
 job_id="${SLURM_JOB_ID:-0}"
 nnodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
 gpus_per_node="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 launcher="${KEEL_LAUNCHER:-srun}"
-run_dir="${KEEL_RUN_DIR:-${keel_home}/runs/${SLURM_JOB_NAME:-keel-${algo}}}"
-checkpoint_dir="${KEEL_CHECKPOINT_DIR:-${run_dir}/checkpoints}"
+run_dir="$(in_home "${KEEL_RUN_DIR:-runs/${SLURM_JOB_NAME:-keel-${algo}}}")"
+checkpoint_dir="$(in_home "${KEEL_CHECKPOINT_DIR:-${run_dir}/checkpoints}")"
 mkdir -p "${run_dir}" "${checkpoint_dir}"
 
 export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -1)}"
@@ -88,11 +90,12 @@ fi
 
 keel_args=(train "${algo}")
 if [[ -n "${KEEL_CONFIG:-}" ]]; then
-    if [[ ! -f "${keel_home}/${KEEL_CONFIG}" && ! -f "${KEEL_CONFIG}" ]]; then
-        echo "job.sh: KEEL_CONFIG=${KEEL_CONFIG} not found (relative to ${keel_home}); set KEEL_CONFIG to your YAML, or KEEL_CONFIG= to pass only overrides" >&2
+    config="$(in_home "${KEEL_CONFIG}")"
+    if [[ ! -f "${config}" ]]; then
+        echo "job.sh: KEEL_CONFIG=${KEEL_CONFIG} not found (${config}: relative paths are taken from KEEL_HOME); set KEEL_CONFIG to your YAML, or KEEL_CONFIG= to pass only overrides" >&2
         exit 2
     fi
-    keel_args+=(--config "${KEEL_CONFIG}")
+    keel_args+=(--config "${config}")
 fi
 keel_args+=("run.output_dir=${run_dir}" "checkpoint.dir=${checkpoint_dir}" checkpoint.resume=auto "$@")
 

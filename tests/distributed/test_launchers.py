@@ -157,7 +157,24 @@ def _assert_container_flags(line: str, algo: str, run_dir: Path) -> None:
     assert "--nodes=2 --ntasks-per-node=1 --ntasks=2" in line
     assert "--container-image=/images/keel.sqsh" in line
     assert f"--container-mounts={REPO}:{REPO},{run_dir}:{run_dir},/data:/data" in line
-    assert f"launch_ranks.sh train {algo} --config examples/" in line and "checkpoint.resume=auto" in line
+    assert f"launch_ranks.sh train {algo} --config {REPO}/examples/" in line and "checkpoint.resume=auto" in line
+
+
+def test_relative_paths_are_taken_from_keel_home(tmp_path: Path) -> None:
+    """KEEL_CONFIG was checked against the submit directory but read from KEEL_HOME (every rank failed with
+    "cannot read config file"), and a relative KEEL_RUN_DIR was made in the submit directory while the
+    outputs went under KEEL_HOME, with relative container mounts pyxis would reject."""
+    env, _ = _fake_slurm(tmp_path)
+    home, submit = tmp_path / "home", tmp_path / "submit"
+    home.mkdir(), submit.mkdir()
+    (submit / "my.yaml").write_text("run:\n  train_steps: 2\n")
+    env.update(KEEL_HOME=str(home), KEEL_RUN_DIR="runs/mine", KEEL_CONFIG="my.yaml", KEEL_ALGO="sft")
+    done = subprocess.run(["bash", str(REPO / "docker" / "slurm" / "job.sh")], cwd=submit, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"KEEL_CONFIG=my.yaml not found ({home / 'my.yaml'}: relative paths are taken from KEEL_HOME)" \
+        in done.stderr
+    assert (home / "runs" / "mine" / "checkpoints").is_dir() and not (submit / "runs").exists()
 
 
 @pytest.mark.parametrize("algo", [t for t in TEMPLATES if t != "sft"])  # sft.sbatch: the pre-emption test
