@@ -14,8 +14,9 @@ def register(subparsers: Any) -> None:
     """Add the conversion sub-commands to an argparse sub-parser set (``keel convert <command>``)."""
     to_keel = subparsers.add_parser(
         "hf-to-keel", help="Hugging Face Llama or Nemotron (config.json + safetensors) -> Keel checkpoint",
-        description="Convert a Hugging Face Llama-family or Nemotron model directory into a Keel checkpoint. The "
-        "model.* overrides must describe the same architecture (model.preset=llama3-8b, nemotron4-15b, ...); the checkpoint loads "
+        description="Convert a Hugging Face Llama-family or Nemotron model directory into a Keel checkpoint. Without "
+        "model.* overrides it takes the preset whose shape config.json gives; overrides, when given, must describe "
+        "the same architecture (model.preset=llama3-8b, nemotron4-15b, ...); the checkpoint loads "
         "at any parallel layout with checkpoint.load=<OUT>/step_0000000. The checkpoint records the tokenizer its runs "
         "use: the directory's tokenizer.json (else tokenizer.model), or data.tokenizer=PATH, stored as an absolute path.",
     )
@@ -39,9 +40,11 @@ def register(subparsers: Any) -> None:
     to_hf.set_defaults(func=_keel_to_hf)
 
     from_gguf = subparsers.add_parser(
-        "gguf-to-keel", help="llama.cpp GGUF (Llama architecture, any quantisation) -> Keel checkpoint",
-        description="Dequantise a Llama-architecture GGUF file to fp32 and write a Keel checkpoint; the model.* "
-        "overrides must describe the same architecture (e.g. model.preset=smollm2-135m).",
+        "gguf-to-keel", help="llama.cpp GGUF (Llama architecture; the quantisations the gguf package reads) -> Keel "
+        "checkpoint",
+        description="Dequantise a Llama-architecture GGUF file to fp32 and write a Keel checkpoint. Without model.* "
+        "overrides it takes the preset whose shape the file's metadata gives; overrides, when given, must describe "
+        "the same architecture (e.g. model.preset=smollm2-135m).",
     )
     from_gguf.add_argument("gguf_file", help="the .gguf file")
     from_gguf.add_argument("out_dir", help="where to write the Keel checkpoint")

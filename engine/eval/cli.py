@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, Optional
 
+from engine.checkpoint import CHECKPOINT_FORMS
 from engine.data.errors import DataError
 from engine.data.loaders import ReadStats
 from engine.errors import ConfigError
@@ -151,7 +152,7 @@ def register(subparsers: Any) -> None:
         "longer than the model's seq_length loses the start of its prompt, and a pair whose response alone does "
         "not fit is dropped; both are counted per subset. Cross-prompt calibration compares chosen responses "
         "with other prompts' rejected ones. Runs alone or under torchrun.")
-    bench.add_argument("--checkpoint", required=True, help="reward-model checkpoint directory")
+    bench.add_argument("--checkpoint", required=True, help=f"the reward model's checkpoint: {CHECKPOINT_FORMS}")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_argument("--data", required=True, help="rows: .jsonl/.json/.parquet file or hf:<org>/<name>[:<split>]")
     bench.add_argument("--weights", type=parse_weights, default=None,
