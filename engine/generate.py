@@ -225,9 +225,9 @@ def complete(backend: Any, tokenizer: Any, template: str, rows: list[dict[str, A
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from engine.progress import progress_bar
 
-    return tqdm(total=total, desc="generate", unit="prompt", dynamic_ncols=True)
+    return progress_bar(total=total, desc="generate", unit="prompt")
 
 
 @dataclasses.dataclass

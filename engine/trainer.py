@@ -452,7 +452,7 @@ class Trainer:
     def _progress(self, start: int, total: Optional[int] = None, unit: str = "step") -> Any:
         if not (self.parallel.is_main and self.config.logging.progress):
             return None
-        from tqdm import tqdm
+        from engine.progress import progress_bar
 
-        return tqdm(total=total or self.config.run.train_steps, initial=start, desc=f"{self.step.name}", unit=unit,
-                    dynamic_ncols=True)
+        return progress_bar(total=total or self.config.run.train_steps, initial=start, desc=f"{self.step.name}",
+                            unit=unit)

@@ -47,6 +47,9 @@ def _pair_logprobs(step: Any, dataset: DPOPairs, indices: list[int], config: Any
     """``{pair index: (chosen, rejected)}`` for ``indices`` (on the last stage; empty elsewhere)."""
     size = config.data.micro_batch_size
     groups = [indices[i: i + size] for i in range(0, len(indices), size)]
+    # a short last group is filled with its last pair again (its result is the same): a pipeline's transfers
+    # are sized by the first micro-batch, and a short one failed with a shape error at the last stage
+    groups[-1] += groups[-1][-1:] * (size - len(groups[-1]))
     batches = micro_batches_for(groups, dataset, config.data.seq_length, parallel.layout, by_length=True)
     step.before_schedule(batches)
     if not parallel.is_last_stage():
@@ -138,9 +141,9 @@ def precompute(config: Any, parallel: Any, output: Path, progress_bar: bool = Tr
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from engine.progress import progress_bar
 
-    return tqdm(total=total, initial=min(initial, total), desc="reference log-probs", unit="pair", dynamic_ncols=True)
+    return progress_bar(total=total, initial=min(initial, total), desc="reference log-probs", unit="pair")
 
 
 def cmd_ref_logprobs(args: argparse.Namespace) -> int:

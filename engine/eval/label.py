@@ -151,9 +151,9 @@ def label_file(scorer: Any, rows: list[SftRow], output: str, chunk: int = 256, p
         partial.start(kept, {"rm": source})
     bar = None
     if progress and is_main:
-        from tqdm import tqdm
+        from engine.progress import progress_bar
 
-        bar = tqdm(total=len(rows), initial=len(kept), desc="label", unit="row", dynamic_ncols=True)
+        bar = progress_bar(total=len(rows), initial=len(kept), desc="label", unit="row")
     scorer.parallel.barrier()  # every rank has read the same resume point
     for start in range(len(kept), len(rows), chunk):
         part = rows[start: start + chunk]

@@ -244,9 +244,9 @@ SCORE_CHUNK = 512  # responses scored between two updates of the progress bar
 
 def score_in_chunks(scorer: RewardScorer, rows: Sequence[tuple[Any, ...]], progress: bool = False) -> torch.Tensor:
     """:meth:`RewardScorer.score` of ``rows``, :data:`SCORE_CHUNK` at a time, with a progress bar on rank 0."""
-    from tqdm import tqdm
+    from engine.progress import progress_bar
 
-    bar = tqdm(total=len(rows), desc="scoring", unit="response", dynamic_ncols=True) \
+    bar = progress_bar(total=len(rows), desc="scoring", unit="response") \
         if progress and scorer.parallel.is_main else None
     parts = []
     for start in range(0, len(rows), SCORE_CHUNK):

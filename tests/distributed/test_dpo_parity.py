@@ -1,8 +1,9 @@
 """DPO parity: 5 steps at TP2, TP2+SP, PP2, DP2 (2 ranks) and TP2×PP2 (4 ranks) give the
 single-process losses (1e-5 relative, fp32); RPO with label smoothing at TP2 too.
 
-Reference log-probs precomputed by ``keel data ref-logprobs`` on 2 data-parallel ranks give
-the same losses as the live frozen reference. The kernels' sequence log-probs of the
+Reference log-probs precomputed by ``keel data ref-logprobs`` on 2 pipeline stages (whose split
+sizes leave a short last micro-batch, which failed there with a shape error) give the same losses
+as the live frozen reference. The kernels' sequence log-probs of the
 trained model's logits equal log_softmax + gather at TP1 and TP2 (vocabulary-parallel).
 """
 
@@ -37,7 +38,7 @@ FOUR_RANKS = {"tp2pp2": ["parallel.tensor=2", "parallel.pipeline=2"]}
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list[float]]]:
     tmp: Path = tmp_path_factory.mktemp("dpo-parity")
     stored = tmp / "reference.jsonl"
-    launch(2, ["-m", "engine", "data", "ref-logprobs", str(stored), *BASE])
+    launch(2, ["-m", "engine", "data", "ref-logprobs", str(stored), *BASE, "parallel.pipeline=2"])
     single = {"reference": [], "rpo_reference": RPO, "stored": ["dpo.reference=null", f"dpo.reference_logprobs={stored}"]}
     out: dict[str, dict[str, list[float]]] = {}
     for nproc, cases in ((1, single), (2, TWO_RANKS), (4, FOUR_RANKS)):
@@ -45,6 +46,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, lis
         out.update(run_worker(nproc, "tests/distributed/parity_worker.py", payload, tmp / f"r{nproc}.json"))
     out["_stored_lines"] = {"loss": [float(len(stored.read_text().splitlines()))]}
     out["_first_line"] = {"loss": [float(json.loads(stored.read_text().splitlines()[0])["index"])]}
+    splits = [json.loads(line)["split"] for line in stored.read_text().splitlines()]
+    out["_split_sizes"] = {"loss": [float(splits.count(split)) for split in sorted(set(splits))]}
     return out
 
 
@@ -71,6 +74,7 @@ def test_rpo_with_label_smoothing_matches_single_process(results: dict[str, dict
 
 def test_stored_reference_logprobs_give_the_live_losses(results: dict[str, dict[str, list[float]]]) -> None:
     assert results["_stored_lines"]["loss"][0] > 0
+    assert any(size % 2 for size in results["_split_sizes"]["loss"]), results["_split_sizes"]  # a short micro-batch
     _close(results["stored"]["loss"], results["reference"]["loss"], "stored reference log-probs")
 
 
