@@ -411,3 +411,7 @@ def _wait_for_the_other_ranks(timeout_s: float = 30.0) -> None:
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError:
         pass  # a rank did not come: its own error, or none, stands
+
+
+if __name__ == "__main__":  # `python -m engine.cli` as well as `python -m engine` and `keel`
+    raise SystemExit(main())

@@ -8,7 +8,9 @@ records glued onto it: there each update is a line of its own, at most one every
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from typing import Any, TextIO
 
 #: Seconds between two progress lines when stderr is not a terminal.
@@ -16,25 +18,42 @@ FILE_INTERVAL_S = 30.0
 
 
 class _Lines:
-    """A text stream for tqdm that ends every bar update with a newline instead of starting it with ``\\r``."""
+    """A text stream for tqdm that writes the bar as whole lines, at most one every ``interval`` seconds (the
+    trainer refreshes its bar every step, with the loss), and the last state when :meth:`emit` is called."""
 
-    def __init__(self, stream: TextIO):
-        self.stream = stream
+    def __init__(self, stream: TextIO, interval: float):
+        self.stream, self.interval = stream, interval
+        self.pending, self.last = "", -math.inf
 
     def write(self, text: str) -> None:
-        text = text.replace("\r", "")
-        if text.strip():
-            self.stream.write(text if text.endswith("\n") else text + "\n")
+        text = text.replace("\r", "").strip()
+        if text:
+            self.pending = text
+            if time.monotonic() - self.last >= self.interval:
+                self.emit()
+
+    def emit(self) -> None:
+        if self.pending:
+            self.stream.write(self.pending + "\n")
+            self.stream.flush()
+            self.pending, self.last = "", time.monotonic()
 
     def flush(self) -> None:
         self.stream.flush()
 
 
 def progress_bar(**kwargs: Any) -> Any:
-    """A tqdm bar on stderr (``kwargs`` as tqdm's): a line per update, throttled, when stderr is no terminal."""
+    """A tqdm bar on stderr (``kwargs`` as tqdm's): whole lines, throttled, when stderr is no terminal."""
     from tqdm import tqdm
 
     stream = sys.stderr
     if stream.isatty():
         return tqdm(**{"dynamic_ncols": True, **kwargs}, file=stream)
-    return tqdm(**{"mininterval": FILE_INTERVAL_S, "ncols": 100, **kwargs}, file=_Lines(stream))
+    lines = _Lines(stream, kwargs.pop("mininterval", FILE_INTERVAL_S))
+
+    class LineBar(tqdm):  # type: ignore[misc, valid-type]
+        def close(self) -> None:
+            super().close()
+            lines.emit()  # where the bar ended
+
+    return LineBar(**{"ncols": 100, **kwargs}, file=lines, mininterval=0)
