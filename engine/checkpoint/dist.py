@@ -144,13 +144,14 @@ def scorer_kind(meta: dict[str, Any]) -> Optional[str]:
     return SCORERS.get(str(meta.get("algorithm")))
 
 
-def refuse_scorer(path: Path, meta: dict[str, Any], use: str, setting: str = "") -> None:
-    """A policy (``use``: what it is loaded for; ``setting``: the setting that named it, if any) cannot start from a
-    reward model's or critic's weights: their output layer is a value head, so the language-model head would be
-    left at random initialisation."""
+def refuse_scorer(path: Path, meta: dict[str, Any], use: str, named_by: str = "") -> None:
+    """A policy (``use``: what it is loaded for; ``named_by``: the ``setting=value`` that named it, if any) cannot
+    start from a reward model's or critic's weights: their output layer is a value head, so the language-model head
+    would be left at random initialisation."""
     kind = scorer_kind(meta)
     if kind is not None:
-        raise CheckpointError(f"{setting}{path} is a {kind} checkpoint: it scores responses and has no language-model "
+        named = f"{named_by}: " if named_by else ""
+        raise CheckpointError(f"{named}{path} is a {kind} checkpoint: it scores responses and has no language-model "
                               f"head, so it cannot be {use}; use a policy checkpoint (SFT, DPO, converted)")
 
 
@@ -160,7 +161,7 @@ def refuse_scorer_policy(value: Optional[str], setting: str) -> None:
     if not value or value == "init":
         return
     path = locate(value, setting)
-    refuse_scorer(path, read_meta(path), f"{setting}, which names a policy", setting=f"{setting}={value}: ")
+    refuse_scorer(path, read_meta(path), f"{setting}, which names a policy", named_by=f"{setting}={value}")
 
 
 def _rng_state() -> dict[str, Any]:

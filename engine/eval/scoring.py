@@ -181,9 +181,9 @@ def scoring_layout(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, An
     from engine.parallel.layout import read_launch_env
 
     tensor, pipeline = int(saved.get("tensor") or 1), int(saved.get("pipeline") or 1)
-    world = read_launch_env().world_size
     if given or (tensor, pipeline) == (1, 1):
         return {}
+    world = read_launch_env().world_size
     if world % (tensor * pipeline):
         logger.info("the reward model was trained at parallel.tensor=%d parallel.pipeline=%d, which %d rank(s) "
                     "cannot hold: it scores at tensor=1 pipeline=1", tensor, pipeline, world)
