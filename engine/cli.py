@@ -9,6 +9,7 @@ every rank.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -100,9 +101,10 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
         logger.info(describe_inherited(str(config.checkpoint.load), config.inherited))
     layout = ParallelLayout.from_config(config.parallel, env.world_size)
     timeout = config.parallel.timeout_minutes
+    restart = functools.partial(failures.restart_hint, config.checkpoint.dir, config.checkpoint.resume)
     if env.launcher != "single":
         failures.watch_launcher(env.rank)
-    with failures.translated(env.rank, timeout, "while joining the job (rendezvous, process groups)"):
+    with failures.translated(env.rank, timeout, "while joining the job (rendezvous, process groups)", restart):
         parallel = ParallelState.initialize(layout, env, seed=config.run.seed, timeout_minutes=timeout)
     from engine.trainer import Trainer
 
@@ -118,7 +120,7 @@ def run_train(algo: str, config_path: Optional[str], overrides: list[str]) -> in
         trainer_class = OnlineTrainer
     try:
         trainer = trainer_class(config, step, parallel)
-        with failures.translated(env.rank, timeout, "during training"):
+        with failures.translated(env.rank, timeout, "during training", restart):
             result = trainer.fit()
         if parallel.is_main:
             print(_summary(algo, config, trainer, result), flush=True)
@@ -366,6 +368,7 @@ def check_output_file(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_command_line(argv)
     quiet_cpu_fallback_warnings()
+    setup_logging()  # `keel train` sets config.logging.level once its config is read
     try:
         check_output_file(args)
         return int(args.func(args))

@@ -57,3 +57,16 @@ def progress_bar(**kwargs: Any) -> Any:
             lines.emit()  # where the bar ended
 
     return LineBar(**{"ncols": 100, **kwargs}, file=lines, mininterval=0)
+
+
+def write_above_bars(line: str, stream: TextIO) -> bool:
+    """Write ``line`` above the progress bars drawn on the terminal ``stream`` (tqdm clears and redraws them);
+    ``False``, writing nothing, where no bar is drawn there."""
+    if "tqdm" not in sys.modules or not stream.isatty():  # no bar was ever made, or lines are whole already
+        return False
+    from tqdm import tqdm
+
+    if not getattr(tqdm, "_instances", None):  # every bar is closed
+        return False
+    tqdm.write(line, file=stream)
+    return True

@@ -28,15 +28,49 @@ def quiet_cpu_fallback_warnings() -> None:
         warnings.filterwarnings("ignore", message=CPU_CUDA_ADVICE, category=UserWarning)
 
 
+#: ``extra=`` of a warning that can differ between ranks (a signal that one rank got, a reward function failing
+#: on one rank's rows). Other ranks' warnings repeat rank 0's (every rank reads the same config and rows), so
+#: ranks other than 0 show only errors and these.
+EVERY_RANK = {"every_rank": True}
+_HANDLER = "keel"
+
+
+def _rank_zero_or_marked(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or bool(getattr(record, "every_rank", False))
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr; on a terminal where a progress bar is drawn, each record goes above the bar, not onto its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from engine.progress import write_above_bars
+
+        try:
+            if write_above_bars(self.format(record), self.stream):
+                return
+        except Exception:
+            self.handleError(record)
+            return
+        super().emit(record)
+
+
 def setup_logging(level: str = "INFO") -> None:
-    """Rank 0 logs at ``level``; other ranks only warnings. megatron and torch.distributed stay quiet."""
+    """Rank 0 logs at ``level``; other ranks only errors and warnings marked :data:`EVERY_RANK`. megatron and
+    torch.distributed stay quiet. Called again, it replaces its handler (other handlers, pytest's, stay)."""
+    import sys
+
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(
-        level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
-        format=f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if h.get_name() == _HANDLER]:
+        root.removeHandler(previous)
+    handler = _Handler(sys.stderr)
+    handler.set_name(_HANDLER)
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s",
+                                           datefmt="%H:%M:%S"))
+    if rank != 0:
+        handler.addFilter(_rank_zero_or_marked)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

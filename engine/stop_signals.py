@@ -10,9 +10,12 @@ wait keeps the copy of the first one that ``torchrun`` forwards to its workers f
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Any, Optional
+
+from engine.runtime import EVERY_RANK
 
 logger = logging.getLogger(__name__)
 
@@ -28,21 +31,26 @@ class StopSignals:
         self.received: Optional[str] = None  # the name of the first stop signal, once one came
         self._first_at = 0.0
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     @property
     def requested(self) -> bool:
         return self.received is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a child forked with the handlers (megatron's checkpoint writers): SIGTERM
+            return  # sent to the process group reaches it too; it finishes its part of the save, without a word
         now = time.monotonic()
         if self.received is None:
             self.received, self._first_at = signal.Signals(signum).name, now
             again = " (Ctrl-C again to stop at once, without one)" if signum == signal.SIGINT else ""
-            logger.warning("%s received: will checkpoint after the current step and exit%s", self.received, again)
+            logger.warning("%s received: will checkpoint after the current step and exit%s", self.received, again,
+                           extra=EVERY_RANK)
         elif signum == signal.SIGINT and now - self._first_at > REPEAT_S:
             raise KeyboardInterrupt
 
     def install(self) -> None:
+        self._pid = os.getpid()
         for signum in SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)

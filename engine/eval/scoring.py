@@ -41,6 +41,7 @@ from engine.data.schemas import ATTRIBUTES
 from engine.errors import ConfigError
 from engine.parallel.collectives import from_last_stage, gather_data_parallel_rows
 from engine.runner import ModelRunner
+from engine.runtime import EVERY_RANK
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class RewardScorer:
         if unfit:  # no score is read from a cut response
             rewards[unfit] = float("nan")
             logger.warning("%d of %d rows not scored (NaN): the response alone is longer than seq_length=%d",
-                           len(unfit), len(rows), self.seq_length)
+                           len(unfit), len(rows), self.seq_length, extra=EVERY_RANK)  # of this replica's rows
         return from_last_stage(rewards, self.parallel)
 
     def score(self, rows: Sequence[tuple[Any, ...]]) -> torch.Tensor:

@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 # Messages of collectives that failed because of another process: gloo raises plain RuntimeErrors
@@ -51,15 +51,32 @@ def is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_PEER_ERROR.search(str(exc))))
 
 
-def explain(exc: BaseException, rank: int, timeout_minutes: float, where: str) -> Optional[RankFailure]:
-    """A :class:`RankFailure` for ``exc`` when it is another rank's failure, else ``None``."""
+def restart_hint(checkpoint_dir: Optional[str], resume: str) -> str:
+    """What a restart of this run would do, from the checkpoints on disk at the time of the failure."""
+    if resume == "none":
+        return "a restart starts over (checkpoint.resume=none)"
+    from engine.checkpoint.dist import find_latest
+
+    latest = find_latest(checkpoint_dir) if checkpoint_dir else None
+    if latest is None and resume != "auto":
+        return f"a restart resumes from checkpoint.resume={resume} again"
+    if latest is None:
+        return "no checkpoint has been written yet, so a restart starts from the beginning"
+    return f"a restart with checkpoint.resume=auto continues from {latest}"
+
+
+def explain(exc: BaseException, rank: int, timeout_minutes: float, where: str,
+            restart: Optional[Callable[[], str]] = None) -> Optional[RankFailure]:
+    """A :class:`RankFailure` for ``exc`` when it is another rank's failure, else ``None``; ``restart`` says
+    what a restart would do (asked only then, so that it sees the checkpoints written until the failure)."""
     if not is_peer_failure(exc):
         return None
+    after = restart() if restart is not None else "a restart with checkpoint.resume=auto continues from the " \
+        "last checkpoint, if one was written"
     return RankFailure(
         f"rank {rank}: lost another rank {where} ({_short_reason(exc)}): it died, hung for longer than "
         f"parallel.timeout_minutes={timeout_minutes:g}, or lost its network; the rank that failed first is one "
-        "that printed no such line. Stopping; a restart with checkpoint.resume=auto continues from the last "
-        "checkpoint."
+        f"that printed no such line. Stopping; {after}."
     )
 
 
@@ -100,12 +117,13 @@ def exit_on_failure(failure: RankFailure) -> Any:
 
 
 @contextlib.contextmanager
-def translated(rank: int, timeout_minutes: float, where: str) -> Iterator[None]:
+def translated(rank: int, timeout_minutes: float, where: str,
+               restart: Optional[Callable[[], str]] = None) -> Iterator[None]:
     """Re-raise another rank's failure inside the block as a one-line :class:`RankFailure`."""
     try:
         yield
     except Exception as exc:
-        failure = explain(exc, rank, timeout_minutes, where)
+        failure = explain(exc, rank, timeout_minutes, where, restart)
         if failure is None:
             raise
         raise failure from exc

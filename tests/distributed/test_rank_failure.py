@@ -13,6 +13,7 @@ Each 4-rank launch costs ~20 s of imports on 2 cores; the file makes three plus 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -51,6 +52,7 @@ def test_killed_rank_restarts_resumes_and_matches_bitwise(tmp_path: Path) -> Non
     for rank in (0, 1, 2):  # torchrun SIGTERMs them too: ignored once their collective broke, the line comes
         lines = [line for line in output.splitlines() if line.startswith(f"keel: rank {rank}: ")]
         assert len(lines) == 1 and ONE_LINE in lines[0], f"rank {rank}: {lines}"
+        assert lines[0].endswith(f"continues from {run / 'checkpoints' / 'step_0000004'}."), lines[0]
     assert "resumed from" in output and "step_0000004 at step 4" in output
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000008"
     logged = _logged_losses(run)
@@ -90,6 +92,7 @@ def test_without_restarts_every_rank_stops_within_the_timeout(tmp_path: Path) ->
         lines = [line for line in text.splitlines() if line.startswith("keel: ")]
         assert code == 1 and len(lines) == 1, f"rank {rank} exit {code}:\n{text[-3000:]}"
         assert lines[0].startswith(f"keel: rank {rank}: {ONE_LINE}") and "parallel.timeout_minutes=0.3" in lines[0]
+        assert lines[0].endswith("continues from " + str(tmp_path / "run" / "checkpoints" / "step_0000002") + ".")
         assert "Traceback" not in text, text[-3000:]
     # Rank 2 waits on rank 3 in the tensor-parallel all-reduce: megatron's group has the timeout too.
     assert "Timed out" in texts[2], texts[2][-3000:]
@@ -125,6 +128,26 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path: Path) -> None:
     lines = [line for line in (tmp_path / "torchrun.log").read_text().splitlines() if line.startswith("keel: rank ")]
     # Each worker says one line: that its launcher is gone, or (when the other worker went first) the lost rank.
     assert len(lines) == 2 and any("its launcher (pid" in line and "is gone" in line for line in lines), lines
+
+
+def test_the_failure_line_says_what_a_restart_would_do(tmp_path: Path) -> None:
+    from engine.parallel.failures import explain, restart_hint
+
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    assert explain(ValueError("a bug of this rank"), 0, 5, "during training") is None
+    root = str(tmp_path / "checkpoints")
+    hints = {resume: functools.partial(restart_hint, root, resume) for resume in ("auto", "none", "/ckpt/step_3")}
+    line = str(explain(lost, 1, 5, "during training", hints["auto"]))
+    assert line.startswith("rank 1: lost another rank during training (Connection closed by peer): it died")
+    assert line.endswith("no checkpoint has been written yet, so a restart starts from the beginning.")
+    assert hints["/ckpt/step_3"]() == "a restart resumes from checkpoint.resume=/ckpt/step_3 again"
+    step = tmp_path / "checkpoints" / "step_0000006"
+    step.mkdir(parents=True)
+    (step / "metadata.json").write_text("{}")
+    (step / "keel.json").write_text("{}")
+    assert hints["auto"]() == f"a restart with checkpoint.resume=auto continues from {step}"
+    assert hints["/ckpt/step_3"]() == f"a restart with checkpoint.resume=auto continues from {step}"
+    assert hints["none"]() == "a restart starts over (checkpoint.resume=none)"
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

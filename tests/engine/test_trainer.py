@@ -358,6 +358,26 @@ def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_put_back(monkeypatch
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_forked_child_keeps_quiet_on_sigterm(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """megatron's checkpoint writers are forked with the handlers, and a launcher's SIGTERM to the process
+    group reached them too: 'SIGTERM received: will checkpoint' came twice from rank 0."""
+    import os
+    import signal
+
+    from engine.stop_signals import StopSignals
+
+    with StopSignals() as signals, caplog.at_level("WARNING", logger="engine.stop_signals"):
+        child = os.fork()
+        if child == 0:  # the writer: its copy of the handler ignores the signal and the child finishes its work
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0 if signals.received is None and not caplog.records else 3)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert signals.received is None and not caplog.records
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == "SIGTERM" and len(caplog.records) == 1
+
+
 class _PeerLostAtStep2(SFTStep):
     calls = 0
 
