@@ -343,14 +343,24 @@ class Trainer:
         """A ``checkpoint.load`` that a fresh start would need and that is not a complete checkpoint, and the other
         checkpoints the run names that are of the wrong kind (``config.check_checkpoints``), are refused before the
         models are built (minutes at scale), not after. A run that resumes does not read ``checkpoint.load``."""
+        from engine.models.presets import resolve_preset
+
         self.config.check_checkpoints()
         chk = self.config.checkpoint
-        if not chk.load or (chk.resume == "auto" and ckpt.find_latest(chk.dir) is not None):
+        signature = ckpt.model_signature(resolve_preset(self.config.model))  # of another shape: refused here too
+        resumed = ckpt.find_latest(chk.dir) if chk.resume == "auto" else None
+        if chk.resume not in ("auto", "none"):
+            resumed = ckpt.resolve(chk.resume)
+        if resumed is not None:
+            if ckpt.is_complete(resumed):  # else the resume's own error, later
+                ckpt.check_compatible(resumed, ckpt.read_meta(resumed), signature)
             return
-        if chk.resume in ("auto", "none"):
+        if chk.load:
             path = ckpt.locate(chk.load, "checkpoint.load")  # a one-line error naming the forms it takes
+            meta = ckpt.read_meta(path)
+            ckpt.check_compatible(path, meta, signature)
             if self.step.name != "rm":  # before resume=none sets the earlier run's checkpoints aside
-                ckpt.refuse_scorer(path, ckpt.read_meta(path), "a policy's weights")
+                ckpt.refuse_scorer(path, meta, "a policy's weights")
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got SIGTERM or Ctrl-C (:mod:`engine.stop_signals`): all stop after the same step."""

@@ -81,6 +81,12 @@ def test_resume_tp2pp2_checkpoint_at_other_layouts_and_refuse_other_shape(tmp_pa
     assert "different model shape" in proc.stderr and "num_layers" in proc.stderr and str(step3) in proc.stderr
     assert _tree_digest(step3) == before, "the checkpoint must be left untouched"
     assert not (wrong / "checkpoints").exists(), "nothing may be written for a refused checkpoint"
+    # checkpoint.load of another shape is refused before the data is read (it was found ~10 s in, after it):
+    # the data source named here does not exist, and the shape is what is reported
+    proc = keel_train(1, args + ["model.num_layers=2", f"run.output_dir={tmp_path / 'load'}", f"checkpoint.load={step3}",
+                                 f"data.source={tmp_path / 'absent.jsonl'}", "data.format=chat"], check=False)
+    assert proc.returncode == 1 and "different model shape" in proc.stderr and "absent.jsonl" not in proc.stderr, \
+        proc.stderr[-3000:]
 
 
 def test_the_distributed_optimizer_saves_and_resumes_bitwise_and_at_other_layouts(tmp_path: Path) -> None:
