@@ -116,7 +116,7 @@ def load_backend(checkpoint: str, tensor: int = 1, max_batch_size: int = 8) -> t
 
     config, path = saved_config(checkpoint, tensor)
     env = read_launch_env()
-    GenerationLayout.for_world(tensor, env.world_size).check_model(resolve_preset(config.model))
+    GenerationLayout.for_world(tensor, env.world_size, resolve_preset(config.model))
     parallel = ParallelState.initialize(ParallelLayout.from_config(config.parallel, env.world_size), env,
                                         seed=config.run.seed)
     runner = ModelRunner.frozen(config, parallel, (GPTModel, {}))

@@ -201,7 +201,7 @@ class OnlineTrainConfig(TrainConfig):
         from engine.models.presets import resolve_preset
         from engine.parallel.generation_layout import GenerationLayout
 
-        GenerationLayout.for_world(self.rollout.generation_tensor, world_size).check_model(resolve_preset(self.model))
+        GenerationLayout.for_world(self.rollout.generation_tensor, world_size, resolve_preset(self.model))
         if self.BUFFER_IS_BATCH and self.rollout.buffer_size % self.data.global_batch_size:
             raise ConfigError(
                 f"the rollout buffer (rollout.prompts_per_iteration x rollout.samples_per_prompt = "

@@ -63,7 +63,7 @@ def check_layouts(args: argparse.Namespace) -> int:
         text = str(exc).replace("parallel.tensor", "--train-tensor").replace("parallel.pipeline", "--train-pipeline")
         raise ConfigError(f"--train-tensor/--train-pipeline: {text}") from None
     try:
-        GenerationLayout.for_world(args.generation_tensor, world).check_model(preset)
+        GenerationLayout.for_world(args.generation_tensor, world, preset)
     except LayoutError as exc:
         raise ConfigError(f"--generation-tensor (over TP x PP x DP = {world} ranks): {exc}") from None
     return world

@@ -46,25 +46,41 @@ class GenerationLayout:
         return self.replicas
 
     @classmethod
-    def for_world(cls, tensor: int, world_size: int) -> GenerationLayout:
+    def for_world(cls, tensor: int, world_size: int, preset: Any = None) -> GenerationLayout:
+        """The layout of ``tensor`` ranks per replica over ``world_size``; with ``preset``, checked against the
+        model too (:meth:`check_model`), and a refusal names the sizes that suit both."""
         if tensor < 1 or world_size % tensor:
-            raise LayoutError(
-                f"generation tensor-parallel size {tensor} does not divide the world size {world_size}; "
-                f"pick one of {', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}")
-        return cls(tensor, world_size // tensor)
+            raise LayoutError(f"generation tensor-parallel size {tensor} does not divide the world size "
+                              f"{world_size}; pick {_choices(world_size, preset)}")
+        layout = cls(tensor, world_size // tensor)
+        if preset is not None:
+            layout.check_model(preset, world_size)
+        return layout
 
-    def check_model(self, preset: Any) -> None:
+    def check_model(self, preset: Any, world_size: int = 0) -> None:
         """Every size the generation TP splits must divide evenly (checked before any group exists)."""
-        for name, value in (("num_attention_heads", preset.num_attention_heads),
-                            ("num_query_groups (KV heads)", preset.num_query_groups),
-                            ("ffn_hidden_size", preset.ffn_hidden_size), ("vocab_size", preset.vocab_size)):
+        for name, value in _split_sizes(preset):
             if value % self.tensor:
                 raise LayoutError(
                     f"model {preset.name}: {name}={value} is not divisible by the generation tensor-parallel "
-                    f"size {self.tensor}; pick a generation TP that divides {value}")
+                    f"size {self.tensor}; pick {_choices(world_size, preset) if world_size else f'one that divides {value}'}")
 
     def describe(self) -> str:
         return f"generation TP{self.tensor}×{self.replicas} replicas"
+
+
+def _split_sizes(preset: Any) -> tuple[tuple[str, int], ...]:
+    return (("num_attention_heads", preset.num_attention_heads), ("num_query_groups (KV heads)", preset.num_query_groups),
+            ("ffn_hidden_size", preset.ffn_hidden_size), ("vocab_size", preset.vocab_size))
+
+
+def _choices(world_size: int, preset: Any) -> str:
+    """The generation TP sizes that divide ``world_size`` and, with a ``preset``, every size the TP splits."""
+    sizes = [d for d in range(1, world_size + 1) if world_size % d == 0
+             and (preset is None or all(value % d == 0 for _, value in _split_sizes(preset)))]
+    where = f"the world size {world_size}" + (f" and model {preset.name}'s heads, KV heads, FFN and vocabulary"
+                                              if preset is not None else "")
+    return f"one of {', '.join(map(str, sizes))} (those that divide {where})"
 
 
 class GenerationParallelState:

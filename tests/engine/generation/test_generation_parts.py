@@ -108,8 +108,17 @@ def test_generation_tp_that_does_not_split_the_heads_is_refused() -> None:
         GenerationLayout.for_world(4, 8).check_model(PRESETS["tiny-llama"])
     with pytest.raises(LayoutError, match="num_attention_heads=9 is not divisible by the generation tensor-parallel size 2"):
         GenerationLayout.for_world(2, 2).check_model(PRESETS["smollm2-135m"])
-    with pytest.raises(LayoutError, match="size 3 does not divide the world size 4; pick one of 1, 2, 4"):
+    with pytest.raises(LayoutError, match=r"size 3 does not divide the world size 4; pick one of 1, 2, 4 \("):
         GenerationLayout.for_world(3, 4)
+    # with the model, the sizes offered are those it takes: 4 was offered for tiny-llama, then refused
+    with pytest.raises(LayoutError, match=r"size 3 does not divide the world size 4; pick one of 1, 2 \(those that "
+                                          r"divide the world size 4 and model tiny-llama's heads, KV heads"):
+        GenerationLayout.for_world(3, 4, PRESETS["tiny-llama"])
+    with pytest.raises(LayoutError, match=r"KV heads\)=2 is not divisible by the generation tensor-parallel size 4; "
+                                          r"pick one of 1, 2 \("):
+        GenerationLayout.for_world(4, 8, PRESETS["tiny-llama"])
+    with pytest.raises(LayoutError, match=r"num_attention_heads=9 .* size 2; pick one of 1, 3 \("):
+        GenerationLayout.for_world(2, 6, PRESETS["smollm2-135m"])
 
 
 def test_shared_plan_writes_every_element_of_each_tp_copy_once_from_its_holder() -> None:
