@@ -78,7 +78,10 @@ def test_reward_rows_keep_their_response_whole_and_fail_only_when_it_cannot_fit(
     cut = write_jsonl([long_prompt], "cut.jsonl")
     assert _verdict(validate_file(cut, "pairs", "byte", 64)) == ("cut_prompt", 1, 1, 0, 0, True)
     both = write_jsonl([long_prompt, long_response], "both.jsonl")
-    assert _verdict(validate_file(both, "pairs", "byte", 64)) == ("cut_prompt", 2, 1, 0, 1, False)
+    summary = validate_file(both, "pairs", "byte", 64)
+    assert _verdict(summary) == ("cut_prompt", 2, 1, 0, 1, False)
+    assert [p.split(": ", 1)[0] for p in summary["problems"]] == [f"{both}, line 2"], summary["problems"]
+    assert summary["problems"][0].endswith("no room to learn within seq_length=64, so training drops it")
     assert _verdict(validate_file(both, "pairs", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, False)
     three = write_jsonl([long_prompt, long_response, {"prompt": "s", "chosen": "e", "rejected": "f"}], "three.jsonl")
     assert _verdict(validate_file(three, "pairs", "byte", 64, overlong="drop")) == ("drop", 2, 0, 2, 0, True)
