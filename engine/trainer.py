@@ -416,8 +416,8 @@ class Trainer:
                     result.best_checkpoint = result.checkpoint
                 if stop:
                     result.stopped_by = self.signals.received or "a signal on another rank"
-                    logger.warning("stopped on %s after step %d; checkpoint %s", result.stopped_by, step_number,
-                                   result.checkpoint)
+                    logger.warning("stopped on %s after step %d; checkpoint %s; the same command resumes from it",
+                                   result.stopped_by, step_number, result.checkpoint)
                     break
         except Exception as exc:
             peer_failed = failures.is_peer_failure(exc)

@@ -44,6 +44,8 @@ def test_kill_interrupted_save_and_sigterm_resume_bitwise(tmp_path: Path) -> Non
 
     terminated = keel_train(2, cmd, env={"KEEL_FAULT": "after:7:TERM"})
     assert "stopped by SIGTERM" in terminated.stdout
+    assert f"stopped on SIGTERM after step 7; checkpoint {run / 'checkpoints' / 'step_0000007'}; the same command " \
+           "resumes from it" in terminated.stderr, terminated.stderr[-2000:]
     assert _latest(run) == "step_0000007"
 
     keel_train(2, cmd)
