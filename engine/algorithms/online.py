@@ -163,10 +163,15 @@ class OnlineTrainConfig(TrainConfig):
             self.reference = self.checkpoint.load
 
     def check_checkpoints(self) -> None:
+        """A reference that is a scorer, or a reward model that is none (read from their keel.json before any
+        model is built: a policy named as the reward model was refused only after the models and the plan)."""
         from engine.checkpoint.dist import refuse_scorer_policy
+        from engine.eval.scoring import reward_model_config
 
         if self.reference != self.checkpoint.load:  # checkpoint.load is checked as the policy's start
             refuse_scorer_policy(self.reference, "reference")
+        if self.reward_model:
+            reward_model_config(self.reward_model)
 
     def refuse_unread_data(self) -> None:
         """A ``data`` setting these runs do not read is refused, naming the ``rollout`` one they do: a user coming
@@ -200,8 +205,12 @@ class OnlineTrainConfig(TrainConfig):
         super().validate(world_size)
         from engine.models.presets import resolve_preset
         from engine.parallel.generation_layout import GenerationLayout
+        from engine.parallel.layout import LayoutError
 
-        GenerationLayout.for_world(self.rollout.generation_tensor, world_size, resolve_preset(self.model))
+        try:
+            GenerationLayout.for_world(self.rollout.generation_tensor, world_size, resolve_preset(self.model))
+        except LayoutError as exc:
+            raise ConfigError(f"rollout.generation_tensor={self.rollout.generation_tensor}: {exc}") from None
         if self.BUFFER_IS_BATCH and self.rollout.buffer_size % self.data.global_batch_size:
             raise ConfigError(
                 f"the rollout buffer (rollout.prompts_per_iteration x rollout.samples_per_prompt = "
@@ -275,7 +284,10 @@ class PromptSampling:
                                 f"{template!r} template, to leave room to generate", f"{length} tokens",
                                 hint="shorten or drop it, or raise data.seq_length")
             lengths.append(length)
-        self._check_room(config, lengths, self.judges_by_max_new_tokens())
+        from engine.models.presets import resolve_preset
+
+        self._check_room(config, lengths, self.judges_by_max_new_tokens(),
+                         resolve_preset(config.model).max_sequence_length)
 
     def judges_by_max_new_tokens(self) -> str:
         """The setting, as ``name=value``, that judges responses by reaching ``rollout.max_new_tokens`` (GRPO's
@@ -283,18 +295,24 @@ class PromptSampling:
         return ""
 
     @staticmethod
-    def _check_room(config: Any, lengths: list[int], judge: str = "") -> None:
+    def _check_room(config: Any, lengths: list[int], judge: str = "", context: Optional[int] = None) -> None:
         """Prompts that leave fewer than ``rollout.max_new_tokens`` tokens within ``data.seq_length`` have their
         responses cut by the sequence: said once. A ``judge`` of responses by max_new_tokens (GRPO's overlong
-        filter or penalty), which such responses never reach (81% cut, none penalised, and nothing said): refused."""
+        filter or penalty), which such responses never reach (81% cut, none penalised, and nothing said): refused.
+        The advice stays within the model's ``context`` (its max_sequence_length)."""
         limit, wanted = config.data.seq_length, config.rollout.max_new_tokens
         short = [length for length in lengths if limit - length < wanted]
         if not short:
             return
+        needed = max(lengths) + wanted
+        advice = f"data.seq_length={needed} lets every response reach max_new_tokens"
+        if context is not None and needed > context:
+            advice = (f"the model's context of {context} tokens leaves the longest prompt room for "
+                      f"{context - max(lengths)}: lower rollout.max_new_tokens to that, and raise data.seq_length "
+                      f"to {context}" if limit < context else f"lower rollout.max_new_tokens to {limit - max(lengths)}")
         what = (f"{len(short)} of {len(lengths)} prompts leave fewer than rollout.max_new_tokens={wanted} tokens "
                 f"within data.seq_length={limit} (as few as {limit - max(short)}), so their responses are cut at "
-                f"the sequence's end; data.seq_length={max(lengths) + wanted} lets every response reach "
-                "max_new_tokens")
+                f"the sequence's end; {advice}")
         if judge:
             raise ConfigError(f"{judge} judges responses by rollout.max_new_tokens, and {what}: "
                               "raise data.seq_length, or lower rollout.max_new_tokens")

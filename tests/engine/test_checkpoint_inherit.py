@@ -166,6 +166,11 @@ def test_a_reward_model_is_not_read_from_a_policy(tmp_path: Path, algorithm: str
     (path / "keel.json").write_text(json.dumps(dict(meta, algorithm=algorithm)))
     with pytest.raises(ConfigError, match=f"a {algorithm} checkpoint, not a reward model"):
         load_scorer(str(tmp_path / "run"))
+    from engine.algorithms.grpo import GRPOTrainConfig
+
+    config = load_config(GRPOTrainConfig, None, [f"reward_model={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=f"a {algorithm} checkpoint, not a reward model"):
+        config.check_checkpoints()  # the trainer's check before the data and models are built
 
 
 def test_a_run_from_a_checkpoint_takes_a_fine_tuning_learning_rate(tmp_path: Path, converted: Path) -> None:

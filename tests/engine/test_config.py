@@ -180,10 +180,27 @@ def test_rollouts_that_the_sequence_cuts_are_said_and_refused_where_grpo_judges_
     with caplog.at_level("WARNING", logger="engine.algorithms.online"):
         step._check_room(config, [40, 10, 30], step.judges_by_max_new_tokens())
     assert "2 of 3 prompts leave fewer than" in caplog.text
+    # the advice stays within the model's context (data.seq_length=5022 was offered to a 128-token model)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engine.algorithms.online"):
+        step._check_room(config, [40, 10, 30], "", context=130)
+        step._check_room(config, [40, 10, 30], "", context=120)
+    assert [r.getMessage().split("end; ")[1] for r in caplog.records] == [
+        "the model's context of 130 tokens leaves the longest prompt room for 90: lower rollout.max_new_tokens to "
+        "that, and raise data.seq_length to 130", "lower rollout.max_new_tokens to 80"]
     config.data.seq_length = 140
     caplog.clear()
     step._check_room(config, [40, 10, 30], step.judges_by_max_new_tokens())
     assert not caplog.text
+
+
+def test_a_generation_tp_the_world_or_model_cannot_take_is_named_by_its_setting() -> None:
+    from engine.algorithms.grpo import GRPOTrainConfig
+
+    config = load_config(GRPOTrainConfig, None, ["rollout.generation_tensor=3"])
+    with pytest.raises(ConfigError, match=r"^rollout.generation_tensor=3: generation tensor-parallel size 3 does not "
+                                          r"divide the world size 4; pick one of 1, 2 \("):
+        config.validate(4)
 
 
 def test_iterative_dpo_reads_data_overlong() -> None:

@@ -106,7 +106,8 @@ def test_generate_refuses_bad_input_before_loading(checkpoint: Path, tmp_path: P
     # tiny-llama has 2 KV heads: a generation TP of 4 cannot split them (refused before any process group)
     proc = _generate(1, checkpoint, tmp_path / "y.jsonl", "--tensor", "4", check=False)
     assert proc.returncode != 0, proc.stderr[-800:]
-    assert "generation tensor-parallel size 4 does not divide the world size 1" in proc.stderr, proc.stderr[-800:]
+    assert "--tensor 4: generation tensor-parallel size 4 does not divide the world size 1" in proc.stderr, \
+        proc.stderr[-800:]
     assert not (tmp_path / "y.jsonl").exists()
 
 
