@@ -111,6 +111,7 @@ class HostSwap:
         self._stash: list[_Stashed] = []
         self._freed_grads = 0  # bytes of grad buffers released, 0 when they are in place
         self.offloaded = False
+        self._cycles = 0  # completed offload/onload cycles: the first is logged at INFO, later ones at DEBUG
 
     def _kept_storages(self) -> set[int]:
         """Storages that never move: the model's weights and the grad buffers (freed separately)."""
@@ -164,8 +165,8 @@ class HostSwap:
             torch.cuda.empty_cache()
         self.offloaded = True
         stats = self._stats()
-        logger.info("offloaded to host: optimizer state %d B, main params %d B; freed grad buffers %d B (%.3f s)",
-                    *stats.values(), time.perf_counter() - began)
+        logger.log(self._level(), "offloaded to host: optimizer state %d B, main params %d B; freed grad buffers %d B "
+                   "(%.3f s)", *stats.values(), time.perf_counter() - began)
         return stats
 
     def onload(self) -> dict[str, int]:
@@ -185,9 +186,15 @@ class HostSwap:
             _bytes_of(item.storage).copy_(item.host, non_blocking=pin)
         _synchronize()  # the state is in place before the host copies go
         self._stash, self._freed_grads, self.offloaded = [], 0, False
-        logger.info("onloaded from host: optimizer state %d B, main params %d B; re-allocated grad buffers %d B "
-                    "(%.3f s)", *stats.values(), time.perf_counter() - began)
+        logger.log(self._level(), "onloaded from host: optimizer state %d B, main params %d B; re-allocated grad "
+                   "buffers %d B (%.3f s)%s", *stats.values(), time.perf_counter() - began,
+                   "" if self._cycles else "; later cycles are logged at DEBUG (metrics.jsonl: swapped_bytes)")
+        self._cycles += 1
         return stats
+
+    def _level(self) -> int:
+        """INFO for the first cycle, DEBUG after it: an online run swaps every iteration, 4 lines each with a critic."""
+        return logging.DEBUG if self._cycles else logging.INFO
 
     def _stats(self) -> dict[str, int]:
         stats = dict.fromkeys(KINDS, 0)
