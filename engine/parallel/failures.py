@@ -71,8 +71,12 @@ def explain(exc: BaseException, rank: int, timeout_minutes: float, where: str,
     what a restart would do (asked only then, so that it sees the checkpoints written until the failure)."""
     if not is_peer_failure(exc):
         return None
-    after = restart() if restart is not None else "a restart with checkpoint.resume=auto continues from the " \
-        "last checkpoint, if one was written"
+    after = "a restart with checkpoint.resume=auto continues from the last checkpoint, if one was written"
+    if restart is not None:
+        try:
+            after = restart()
+        except Exception:  # an unreadable checkpoint directory: the failure's own line matters more
+            pass
     return RankFailure(
         f"rank {rank}: lost another rank {where} ({_short_reason(exc)}): it died, hung for longer than "
         f"parallel.timeout_minutes={timeout_minutes:g}, or lost its network; the rank that failed first is one "

@@ -149,6 +149,12 @@ def test_the_failure_line_says_what_a_restart_would_do(tmp_path: Path) -> None:
     assert hints["/ckpt/step_3"]() == f"a restart with checkpoint.resume=auto continues from {step}"
     assert hints["none"]() == "a restart starts over (checkpoint.resume=none)"
 
+    def unreadable() -> str:
+        raise PermissionError(13, "Permission denied", root)
+
+    assert str(explain(lost, 1, 5, "during training", unreadable)).endswith("from the last checkpoint, if one was "
+                                                                           "written.")
+
 
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_timeout_must_be_positive(value: str) -> None:
