@@ -26,6 +26,9 @@ from engine.trainer import FitResult, Trainer, TrainingError
 
 logger = logging.getLogger(__name__)
 
+#: Consecutive iterations in which every prompt's rollouts scored alike before a run comparing them says so.
+TIED_ITERATIONS = 5
+
 
 class OnlineTrainer(Trainer):
     """:class:`~engine.trainer.Trainer` whose step is a whole generate → score → train iteration."""
@@ -175,6 +178,7 @@ class OnlineTrainer(Trainer):
         it.times["train"] = time.perf_counter() - began
         metrics.update(self._rollout_metrics(it, logps, ref_logps))
         metrics["tokens"] = float(sum(len(s) for s in it.rollouts.sequences()))
+        tell_tied_groups(self, step_number, metrics)
         return metrics
 
     def _train_actor(self, steps: list[list[Any]], step_number: int) -> dict[str, float]:
@@ -291,3 +295,19 @@ def _merge_groups(rounds: list[Iteration], groups: list[tuple[int, int]], size: 
     return Iteration(take(lambda it: it.rows), take(lambda it: it.prompts), rollouts,
                      torch.tensor(take(lambda it: it.scores.tolist())), components, take(lambda it: it.keep),
                      take(lambda it: it.responses), times)
+
+
+def tell_tied_groups(trainer: Any, step_number: int, metrics: dict[str, float]) -> None:
+    """Where the rollouts of a prompt are compared (GRPO, RLOO), groups that all scored alike have advantage 0:
+    :data:`TIED_ITERATIONS` iterations of only such groups are said once. A policy that never earns the reward
+    (a random start, a base model that never states an answer) trained on nothing, its loss 0, without a word."""
+    if not type(trainer.config).GROUP_NEEDS or metrics.get("tied_groups") != 1.0:
+        trainer.tied_iterations = 0
+        return
+    trainer.tied_iterations = getattr(trainer, "tied_iterations", 0) + 1
+    if trainer.tied_iterations == TIED_ITERATIONS:
+        logger.warning(
+            "iterations %d-%d: every prompt's rollouts scored alike (reward %.4g), so their advantages are 0 and "
+            "the policy learns nothing; start from a policy that sometimes earns the reward (checkpoint.load=<an "
+            "SFT checkpoint>), or give a reward that tells its rollouts apart", step_number - TIED_ITERATIONS + 1,
+            step_number, metrics.get("reward", math.nan))

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from engine.config import load_config
 
 GRPO_ONLY_LENGTH = ["reward_functions=[{name: length_penalty}]"]
@@ -92,3 +94,26 @@ def test_a_dict_rewards_named_parts_are_reported_beside_its_total() -> None:
     assert totals == [1.0, 1.0] and keep == [True, True]
     assert components == {"parts": [1.0, 1.0], "parts/short": [1.0, 0.0], "parts/polite": [0.0, 1.0]}
     assert mean_present([1.0, math.nan, 3.0], range(3)) == 2.0 and math.isnan(mean_present([math.nan], [0]))
+
+
+def test_iterations_of_only_tied_groups_are_said_once_where_groups_are_compared(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """grpo_tiny from its random start (or a base model that never answers) trained 60 iterations on advantages
+    of 0 with 'policy_loss 0.0000 -> 0.0000' and no word."""
+    from engine.algorithms import grpo, ppo
+    from engine.online_trainer import TIED_ITERATIONS, tell_tied_groups
+
+    def run(cls: type, tied: list[float]) -> list[str]:
+        caplog.clear()
+        trainer = SimpleNamespace(config=load_config(cls, None, []))
+        with caplog.at_level("WARNING", logger="engine.online_trainer"):
+            for step, share in enumerate(tied, 1):
+                tell_tied_groups(trainer, step, {"tied_groups": share, "reward": 0.0})
+        return [record.getMessage() for record in caplog.records]
+
+    all_tied = [1.0] * (2 * TIED_ITERATIONS + 3)
+    said = run(grpo.CONFIG, all_tied)
+    assert len(said) == 1 and said[0].startswith(f"iterations 1-{TIED_ITERATIONS}: every prompt's rollouts scored "
+                                                 "alike (reward 0), so their advantages are 0"), said
+    assert run(grpo.CONFIG, [1.0] * (TIED_ITERATIONS - 1) + [0.5] + [1.0] * (TIED_ITERATIONS - 1)) == []
+    assert run(ppo.CONFIG, all_tied) == []  # PPO's critic gives advantages where the rewards tie
