@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = algos.add_parser(
             name, help=text, description=f"keel train {name}: {text}. Settings are FIELD=VALUE overrides "
             "on top of --config; every field is listed below.",
-            algo=name,
+            algo=name, aliases=[name.replace("-", "_")] if "-" in name else [],  # as the example files spell it
         )
         p.add_argument("--config", help="YAML file with the run's settings")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides")

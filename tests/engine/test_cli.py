@@ -307,3 +307,15 @@ def test_an_output_that_is_a_directory_or_the_input_is_refused_before_any_work(
     assert rows.read_text() == '{"prompt": "hi", "response": "yes"}\n' and sorted(tmp_path.iterdir()) == [rows]
     assert main(["eval", "rewardbench", "--checkpoint", "c", "--data", str(rows), "--out", str(tmp_path)]) == 2
     assert f"(e.g. {tmp_path / 'report.json'})" in capsys.readouterr().err  # the report is JSON, not JSONL
+
+
+def test_iterative_dpo_is_also_taken_as_its_example_files_spell_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/iterative_dpo_tiny.yaml led users to `keel train iterative_dpo`: 'invalid choice'."""
+    from engine import cli
+
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(cli, "run_train", lambda algo, config, overrides: seen.append((algo, config)) or 0)
+    for spelling in ("iterative_dpo", "iterative-dpo"):
+        args = cli.parse_command_line(["train", spelling, "--config", "x.yaml"])
+        args.func(args)
+    assert seen == [("iterative-dpo", "x.yaml")] * 2
