@@ -143,17 +143,25 @@ def _run_outputs(run_dir: str) -> str:
     return ", ".join(text for name, text in described if os.path.exists(os.path.join(run_dir, name))) or "none"
 
 
-def _reward_text(run_dir: str, result: Any) -> str:
+def _reward_text(run_dir: str, result: Any, compared: bool = False) -> str:
     """``"; reward <first> -> <last>"``: the mean reward of the rollouts of this run's first and last iterations
-    (what an online run is for; its loss says little), from ``metrics.jsonl``; empty when none was logged."""
+    (what an online run is for; its loss says little), from ``metrics.jsonl``; empty when none was logged. Where
+    the rollouts of a prompt are ``compared`` (GRPO, RLOO), a line more counts the iterations of only tied groups."""
     from engine.metrics import parse_records
 
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return ""
-    rewards = [r["reward"] for _, r in parse_records(path) if r.get("split") == "train" and "reward" in r
+    records = [r for _, r in parse_records(path) if r.get("split") == "train" and "reward" in r
                and result.start_step < r.get("step", 0) <= result.end_step]
-    return f"; reward {rewards[0]:.4f} -> {rewards[-1]:.4f}" if rewards else ""
+    if not records:
+        return ""
+    text = f"; reward {records[0]['reward']:.4f} -> {records[-1]['reward']:.4f}"
+    tied = sum(r.get("tied_groups") == 1.0 for r in records)
+    if compared and tied:
+        text += (f"\n  {tied} of {len(records)} iterations learned nothing from the reward: every prompt's rollouts "
+                 "scored alike (tied_groups=1), so their advantages were 0")
+    return text
 
 
 def _progress(config: Any, trainer: Any, result: Any) -> tuple[str, str]:
@@ -185,7 +193,7 @@ def _progress(config: Any, trainer: Any, result: Any) -> tuple[str, str]:
                f"{f' (stopped by {result.stopped_by})' if result.stopped_by else ''}; {trainer.step.loss_name} {first} -> " \
                f"{last}; {result.tokens_per_second:,.0f} tokens/s"
     if getattr(trainer.step, "online", False):
-        progress += _reward_text(config.run.output_dir, result)
+        progress += _reward_text(config.run.output_dir, result, bool(type(config).GROUP_NEEDS))
     return source, progress
 
 

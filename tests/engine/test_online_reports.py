@@ -60,6 +60,17 @@ def test_the_online_summary_shows_the_held_out_result_and_the_critic_checkpoint(
     assert f"checkpoint: {checkpoints / 'step_0000004'}\n" in text
     assert f"critic checkpoint: {checkpoints / 'critic' / 'step_0000004'}" in text, text
 
+    from engine.algorithms.grpo import GRPOTrainConfig
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": s, "split": "train", "reward": 0.0, "tied_groups": t} for s, t in ((1, 1.0), (2, 0.5), (3, 1.0))]))
+    grpo = load_config(GRPOTrainConfig, None, [f"run.output_dir={tmp_path}", "run.train_steps=3"])
+    text = _summary("grpo", grpo, trainer, dataclasses.replace(result, end_step=3))
+    assert "; reward 0.0000 -> 0.0000\n  2 of 3 iterations learned nothing from the reward: every prompt's " \
+           "rollouts scored alike (tied_groups=1), so their advantages were 0\n" in text, text
+    text = _summary("ppo", config, trainer, dataclasses.replace(result, end_step=3))
+    assert "; reward 0.0000 -> 0.0000\n" in text and "learned nothing" not in text  # PPO's critic: advantages
+
 
 def test_a_reward_function_reported_as_rm_beside_a_reward_model_is_refused(tmp_path: Path) -> None:
     """Its component was silently replaced by the reward model's scores (both are logged as reward_rm)."""
