@@ -73,6 +73,17 @@ class GRPOTrainConfig(OnlineTrainConfig):
     ALGORITHM: ClassVar[str] = "grpo"
     GROUP_NEEDS: ClassVar[str] = "GRPO compares the rollouts of a prompt"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        grpo, limit = self.grpo, self.rollout.max_new_tokens
+        # the penalty's ramp is the last overlong_cache tokens of max_new_tokens: a longer one raised a ValueError
+        # traceback in the first iteration, after the models were built
+        if grpo.overlong == "penalty" and not 0 < grpo.overlong_cache <= limit:
+            raise ConfigError(f"grpo.overlong_cache={grpo.overlong_cache} must be in 1..rollout.max_new_tokens={limit}: "
+                              "the soft overlong penalty ramps over the last overlong_cache tokens of the limit")
+        if grpo.aggregation_constant is not None and grpo.aggregation_constant < 1:
+            raise ConfigError(f"grpo.aggregation_constant={grpo.aggregation_constant} must be >= 1")
+
 
 class GRPOStep(OnlineStep):
     name = "grpo"

@@ -203,6 +203,20 @@ def test_a_generation_tp_the_world_or_model_cannot_take_is_named_by_its_setting(
         config.validate(4)
 
 
+def test_grpo_overlong_penalty_ramp_must_fit_within_max_new_tokens() -> None:
+    """grpo.overlong_cache=100 with rollout.max_new_tokens=48 raised a ValueError traceback in the first iteration."""
+    from engine.algorithms.grpo import GRPOTrainConfig
+
+    with pytest.raises(ConfigError, match=r"grpo.overlong_cache=100 must be in 1..rollout.max_new_tokens=48"):
+        load_config(GRPOTrainConfig, None, ["grpo.overlong=penalty", "grpo.overlong_cache=100",
+                                            "rollout.max_new_tokens=48"])
+    assert load_config(GRPOTrainConfig, None, ["grpo.overlong=penalty", "grpo.overlong_cache=48",
+                                               "rollout.max_new_tokens=48"]).grpo.overlong_cache == 48
+    load_config(GRPOTrainConfig, None, ["grpo.overlong_cache=100", "rollout.max_new_tokens=48"])  # keep: unread
+    with pytest.raises(ConfigError, match="grpo.aggregation_constant=-4 must be >= 1"):
+        load_config(GRPOTrainConfig, None, ["grpo.aggregation_constant=-4"])
+
+
 def test_iterative_dpo_reads_data_overlong() -> None:
     from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
 
