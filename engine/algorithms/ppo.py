@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -50,8 +51,8 @@ class PPOConfig:
     value_clip: float = doc("ε_v of the critic's value clip.", 0.2)
     whiten: bool = doc("Whiten the advantages over each iteration's tokens.", True)
     critic: Optional[str] = doc(
-        "Critic initialisation: a reward-model checkpoint (None = reward_model), or 'init' = the policy's trunk "
-        "(checkpoint.load, else its seeded initialisation) with a new one-output value head.", None)
+        "Critic initialisation: a reward-model checkpoint (None or 'reward_model' = reward_model's), or 'init' = "
+        "the policy's trunk (checkpoint.load, else its seeded initialisation) with a new one-output value head.", None)
     critic_lr: Optional[float] = doc("Critic learning rate (None = optimizer.lr).", None)
     swap_models: bool = doc("Keep the idle model's optimizer state and gradients in host memory.", True)
 
@@ -71,8 +72,18 @@ class PPOTrainConfig(OnlineTrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ppo.critic is None:
+        # unset, or named as the help names its default (ppo.critic=reward_model: "no such checkpoint" came after
+        # the models were built): the reward model's checkpoint
+        if self.ppo.critic is None or (self.ppo.critic == "reward_model" and not os.path.exists("reward_model")):
             self.ppo.critic = self.reward_model
+
+    def check_checkpoints(self) -> None:
+        """The critic's checkpoint exists (read before any model is built, as the others are)."""
+        super().check_checkpoints()
+        from engine.checkpoint.dist import locate
+
+        if self.ppo.critic and self.ppo.critic != "init":
+            locate(self.ppo.critic, "ppo.critic")
 
     def validate(self, world_size: int) -> None:
         super().validate(world_size)

@@ -63,6 +63,16 @@ def test_what_names_no_checkpoint_is_one_line_naming_the_setting(tmp_path: Path)
         locate(empty, "checkpoint.load")
     with pytest.raises(CheckpointError, match=r"^ppo.critic .*missing does not exist; give a run directory"):
         locate(tmp_path / "missing", "ppo.critic")
+    from engine.algorithms.ppo import PPOTrainConfig
+    from engine.config import load_config
+
+    # checked with the other checkpoints a run names, before the data and the models (it came after them)
+    config = load_config(PPOTrainConfig, None, [f"ppo.critic={tmp_path / 'missing'}"])
+    with pytest.raises(CheckpointError, match=r"^ppo.critic .*missing does not exist"):
+        config.check_checkpoints()
+    # 'reward_model', as the help names the default, is the reward model's checkpoint
+    named = load_config(PPOTrainConfig, None, ["ppo.critic=reward_model", f"reward_model={tmp_path / 'rm'}"])
+    assert named.ppo.critic == str(tmp_path / "rm")
 
 
 def test_the_commands_read_a_run_directory(tmp_path: Path) -> None:
