@@ -7,6 +7,8 @@
 * ``in-step``: in the middle of the step, at the forward pass of its first micro-batch;
 * ``in-save``: in the checkpoint of that step, after the shards are written and before
   the checkpoint is committed;
+* ``saved``: right after the first checkpoint of that step is committed (PPO saves the critic,
+  then the policy: a kill between the two);
 * ``in-sample``: in the sampling phase of an iterative recipe (iterative DPO, SteerLM 2.0),
   right after the ``<step>``-th chunk this process generated is on disk (counted from 1 in
   each process, so a resumed run that finds chunks on disk counts only the new ones).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import os
 import signal
 
-WHEN = ("after", "in-step", "in-save", "in-sample")
+WHEN = ("after", "in-step", "in-save", "saved", "in-sample")
 
 
 def _this_rank() -> int:

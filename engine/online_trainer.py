@@ -225,15 +225,17 @@ class OnlineTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step_number: int) -> str:
-        """The policy's checkpoint, and the critic's beside it (``<checkpoint.dir>/critic``)."""
-        path = super().save_checkpoint(step_number)
+        """The critic's checkpoint (``<checkpoint.dir>/critic``), then the policy's, whose ``latest`` commits the
+        step. Saved the other way, a run killed between the two resumed at a policy step without its critic and
+        could not continue. One critic more than ``checkpoint.keep_last`` is kept: the previous policy step's."""
         if self.critic is not None:
             chk = self.config.checkpoint
             extra = {"model_signature": self.critic.runner.signature, "scheduler": self.critic.runner.scheduler.state_dict(),
                      "config": self.critic.config.to_dict(), "algorithm": "critic"}
+            keep = chk.keep_last + 1 if chk.keep_last else 0
             self.critic_checkpoint = self.critic.runner.save(os.path.join(str(chk.dir), "critic"), step_number, extra,
-                                                             chk.keep_last, chk.save_optimizer)
-        return path
+                                                             keep, chk.save_optimizer)
+        return super().save_checkpoint(step_number)
 
     def maybe_resume(self) -> int:
         start = super().maybe_resume()

@@ -271,6 +271,7 @@ def save(
         _prune(Path(root), keep_last)
     dist.barrier()
     logger.info("saved checkpoint %s", final)
+    maybe_fail("saved", step)
     return final
 
 

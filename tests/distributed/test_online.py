@@ -119,12 +119,15 @@ def test_grpo_scores_with_a_reward_model_and_ppo_trains_a_critic_from_it(tmp_pat
     assert abs(records[0]["ratio_mean"] - 1.0) <= 1e-6 and records[0]["rollout_logprob_diff_max"] <= 1e-5
     assert all(r["swapped_bytes"] > 0 and r["value_loss"] == r["value_loss"] for r in records)
     assert records[-1]["value_loss"] < records[0]["value_loss"]  # the critic fits the returns
-    proc = keel_train(2, [*args, f"run.output_dir={killed}"], env={"KEEL_FAULT": "in-step:3:KILL"}, check=False,
-                      algo="ppo")
+    # killed between the two checkpoints of step 2 (the first one committed): saved policy-first, the run resumed
+    # at a policy step without its critic and could not go on; keep_last=1 still keeps the step-1 critic
+    killed_args = [*args, f"run.output_dir={killed}", "checkpoint.keep_last=1"]
+    proc = keel_train(2, killed_args, env={"KEEL_FAULT": "saved:2:KILL"}, check=False, algo="ppo")
     assert proc.returncode != 0
-    keel_train(2, [*args, f"run.output_dir={killed}", "checkpoint.resume=auto"], algo="ppo")
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    keel_train(2, [*killed_args, "checkpoint.resume=auto"], algo="ppo")
     resumed = {r["step"]: (r["policy_loss"], r["value_loss"]) for r in _records(killed)}
-    assert resumed[3] == (records[2]["policy_loss"], records[2]["value_loss"])
+    assert [resumed[s] for s in (2, 3)] == [(r["policy_loss"], r["value_loss"]) for r in records[1:]]
 
 
 def test_grpo_dynamic_sampling_resamples_groups_with_equal_rewards(tmp_path: Path) -> None:
