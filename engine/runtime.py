@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import sys
 
 # megatron-core says at import that it falls back to torch without Transformer Engine and apex: on a machine
 # without CUDA that is the design (the CPU layer), not news, and it drowned every command's first screen.
@@ -28,9 +28,9 @@ def quiet_cpu_fallback_warnings() -> None:
         warnings.filterwarnings("ignore", message=CPU_CUDA_ADVICE, category=UserWarning)
 
 
-#: ``extra=`` of a warning that can differ between ranks (a signal that one rank got, a reward function failing
-#: on one rank's rows). Other ranks' warnings repeat rank 0's (every rank reads the same config and rows), so
-#: ranks other than 0 show only errors and these.
+#: ``extra=`` of a warning that can differ between ranks (a signal that one rank got, rows of one replica's share
+#: left unscored, weights of one pipeline stage left at initialisation). Other ranks' warnings repeat rank 0's
+#: (every rank reads the same config and rows), so ranks other than 0 show only errors and these.
 EVERY_RANK = {"every_rank": True}
 _HANDLER = "keel"
 
@@ -45,6 +45,7 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         from engine.progress import write_above_bars
 
+        self.stream = sys.stderr  # the stderr of now (pytest swaps it per test; a closed one raised per record)
         try:
             if write_above_bars(self.format(record), self.stream):
                 return
@@ -57,9 +58,12 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 def setup_logging(level: str = "INFO") -> None:
     """Rank 0 logs at ``level``; other ranks only errors and warnings marked :data:`EVERY_RANK`. megatron and
     torch.distributed stay quiet. Called again, it replaces its handler (other handlers, pytest's, stay)."""
-    import sys
+    try:  # as the launch is read (engine.parallel.layout.read_launch_env); a bad value is that code's to report
+        from engine.parallel.layout import read_launch_env
 
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        rank = read_launch_env().rank
+    except ValueError:
+        rank = 0
     root = logging.getLogger()
     for previous in [h for h in root.handlers if h.get_name() == _HANDLER]:
         root.removeHandler(previous)

@@ -34,6 +34,7 @@ from engine.checkpoint import CHECKPOINT_FORMS
 from engine.faults import maybe_fail
 from engine.files import write_text_atomic
 from engine.run_lock import LOCK_NAME
+from engine.runtime import EVERY_RANK
 
 logger = logging.getLogger(__name__)
 
@@ -479,6 +480,7 @@ def load_weights(path: Path, chunks: list[Any], parallel: Any, signature: dict[s
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(loaded.get(_chunk_key(i, len(chunks)), {}), strict=False)
-    if skipped:
-        logger.warning("initialised from %s; kept fresh weights for %s", path, ", ".join(sorted(set(skipped))))
+    if skipped and getattr(parallel, "tp_rank", 0) == 0 and getattr(parallel, "dp_rank", 0) == 0:  # once a stage
+        logger.warning("initialised from %s; kept fresh weights for %s", path, ", ".join(sorted(set(skipped))),
+                       extra=EVERY_RANK)  # the head lives on the last pipeline stage only
     return sorted(set(skipped))

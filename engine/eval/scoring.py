@@ -134,6 +134,7 @@ class RewardScorer:
         unfit = sorted(set(range(len(rows))) - set(order))
         if unfit:  # no score is read from a cut response
             rewards[unfit] = float("nan")
+        if unfit and self.parallel.tp_rank == 0 and self.parallel.is_last_stage():  # once per replica
             logger.warning("%d of %d rows not scored (NaN): the response alone is longer than seq_length=%d",
                            len(unfit), len(rows), self.seq_length, extra=EVERY_RANK)  # of this replica's rows
         return from_last_stage(rewards, self.parallel)

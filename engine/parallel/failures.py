@@ -53,11 +53,12 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 def restart_hint(checkpoint_dir: Optional[str], resume: str) -> str:
     """What a restart of this run would do, from the checkpoints on disk at the time of the failure."""
-    if resume == "none":
-        return "a restart starts over (checkpoint.resume=none)"
     from engine.checkpoint.dist import find_latest
 
     latest = find_latest(checkpoint_dir) if checkpoint_dir else None
+    if resume == "none":
+        return "a restart starts over (checkpoint.resume=none)" + (
+            f"; with checkpoint.resume=auto it would continue from {latest}" if latest is not None else "")
     if latest is None and resume != "auto":
         return f"a restart resumes from checkpoint.resume={resume} again"
     if latest is None:

@@ -141,13 +141,15 @@ def test_the_failure_line_says_what_a_restart_would_do(tmp_path: Path) -> None:
     assert line.startswith("rank 1: lost another rank during training (Connection closed by peer): it died")
     assert line.endswith("no checkpoint has been written yet, so a restart starts from the beginning.")
     assert hints["/ckpt/step_3"]() == "a restart resumes from checkpoint.resume=/ckpt/step_3 again"
+    assert hints["none"]() == "a restart starts over (checkpoint.resume=none)"
     step = tmp_path / "checkpoints" / "step_0000006"
     step.mkdir(parents=True)
     (step / "metadata.json").write_text("{}")
     (step / "keel.json").write_text("{}")
     assert hints["auto"]() == f"a restart with checkpoint.resume=auto continues from {step}"
     assert hints["/ckpt/step_3"]() == f"a restart with checkpoint.resume=auto continues from {step}"
-    assert hints["none"]() == "a restart starts over (checkpoint.resume=none)"
+    assert hints["none"]() == f"a restart starts over (checkpoint.resume=none); with checkpoint.resume=auto it " \
+                              f"would continue from {step}"
 
     def unreadable() -> str:
         raise PermissionError(13, "Permission denied", root)

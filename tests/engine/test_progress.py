@@ -61,6 +61,7 @@ def keel_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[io.Strin
     def install(stream: io.StringIO, rank: str) -> logging.Logger:
         monkeypatch.setattr(sys, "stderr", stream)
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
         setup_logging("INFO")
         return logging.getLogger("engine.trial")
 
