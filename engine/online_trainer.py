@@ -151,7 +151,7 @@ class OnlineTrainer(Trainer):
         if not math.isfinite(metrics[self.step.loss_name]):
             raise TrainingError(f"{self.step.loss_name} is {metrics[self.step.loss_name]} at iteration {step_number}; "
                                 "stopping before the optimizer update")
-        metrics["lr"], metrics["grad_norm"] = self.model.optimizer_step()
+        metrics["lr"], metrics["grad_norm"] = self.model.optimizer_step(advance_schedule=False)
         return metrics
 
     def train_step(self, step_number: int) -> dict[str, float]:
@@ -185,6 +185,9 @@ class OnlineTrainer(Trainer):
         swap = self.critic is not None and self.config.ppo.swap_models
         if swap:
             self.critic.runner.offload()
+        # the schedule counts iterations (run.train_steps, scheduler.warmup_steps and decay_steps are iterations):
+        # advanced per optimizer step, the default cosine reached LR 0 within a few iterations of several steps
+        self.model.advance_schedule()
         updates = [u for u in (self._optimize(micro, step_number) for micro in steps) if u]
         if not updates:
             raise TrainingError(f"iteration {step_number}: every rollout was skipped by the reward functions")

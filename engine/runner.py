@@ -271,16 +271,23 @@ class ModelRunner:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def optimizer_step(self) -> tuple[float, float]:
+    def optimizer_step(self, advance_schedule: bool = True) -> tuple[float, float]:
         """Advance the LR schedule, then update; returns (learning rate, gradient norm).
 
-        The schedule is advanced first so step k trains at the LR of step k (warm-up starts above 0).
+        The schedule is advanced first so step k trains at the LR of step k (warm-up starts above 0). Online RL
+        advances it once per iteration instead (:meth:`advance_schedule`; ``advance_schedule=False`` here).
         """
         self._require_onloaded("an optimizer step")
-        self.scheduler.step(increment=1)
+        if advance_schedule:
+            self.scheduler.step(increment=1)
         lr = float(self.optimizer.param_groups[0]["lr"])
         _, grad_norm, _ = self.optimizer.step()
         return lr, float(grad_norm) if grad_norm is not None else float("nan")
+
+    def advance_schedule(self) -> None:
+        """One step of the LR schedule, without an update (online RL: its schedule counts iterations, each of
+        several optimizer steps at the same LR, as run.train_steps does)."""
+        self.scheduler.step(increment=1)
 
     def set_training(self, training: bool) -> None:
         for chunk in self.chunks:

@@ -211,6 +211,7 @@ class Critic:
         from engine.parallel.collectives import from_last_stage, sum_over_data_parallel
 
         totals = torch.zeros(len(CRITIC_METRICS), 2, dtype=torch.float64)
+        self.runner.advance_schedule()  # once per iteration, as the actor's
         for micro_batches in steps:
             self.runner.zero_grad()
             records = self.runner.run_schedule(micro_batches, self._forward_step, forward_only=False)
@@ -219,7 +220,7 @@ class Critic:
                 for i, name in enumerate(CRITIC_METRICS):
                     step_totals[i] += record[name].detach().to("cpu", torch.float64)
             totals += from_last_stage(sum_over_data_parallel(step_totals, self.parallel), self.parallel)
-            self.runner.optimizer_step()
+            self.runner.optimizer_step(advance_schedule=False)
         return {name: float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan")
                 for i, name in enumerate(CRITIC_METRICS)}
 

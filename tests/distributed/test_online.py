@@ -14,7 +14,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import pytest
 
 from engine.algorithms import grpo
 from engine.config import load_config
@@ -146,3 +149,17 @@ def test_grpo_dynamic_sampling_resamples_groups_with_equal_rewards(tmp_path: Pat
     record = _records(varied)[0]
     assert record["dynamic_filled"] == 0.0 and record["dynamic_rounds"] < 3 and record["policy_loss"] != 0.0
     assert record["tied_groups"] == 0.0  # only groups whose rewards differ were kept
+
+
+def test_the_learning_rate_schedule_counts_iterations(tmp_path: Path) -> None:
+    """Advanced per optimizer step, a horizon of run.train_steps (iterations) ran out early: GRPO's default
+    cosine logged lr 0.0013 at iteration 1 and 0.0 from iteration 2 on, with 8 optimizer steps an iteration."""
+    run = tmp_path / "cosine"
+    # 16 rollouts an iteration in optimizer steps of 4: four updates per iteration, all at the iteration's LR
+    keel_train(1, [*BASE, "scheduler.type=cosine", "scheduler.warmup_steps=2", "optimizer.min_lr=0.0",
+                   "data.global_batch_size=4", "run.train_steps=4", f"run.output_dir={run}"], algo="grpo")
+    lrs = [r["lr"] for r in _records(run)]
+    peak = 3e-3
+    # warm-up over 2 iterations, then the cosine over the 4 + 1 of the horizon (the last iteration still trains)
+    expected = [peak * 0.5, peak] + [peak * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in (1, 2)]
+    assert lrs == pytest.approx(expected, rel=1e-6), lrs
