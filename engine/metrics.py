@@ -50,9 +50,11 @@ class MetricsWriter:
         """
         if not self.enabled or self._file is None:
             return
-        self._tensorboard(purge_step=step + 1)  # the same steps leave TensorBoard's curves
+        # a fresh run drops everything: its step-0 evaluation (run.eval_at_start) is logged again, and was kept
+        # twice; a resumed run keeps its checkpoint's step, whose evaluation came before the save
+        self._tensorboard(purge_step=step + 1 if step else 0)  # the same steps leave TensorBoard's curves
         parsed, skipped = _parse(self.path)
-        lines = [line for line, record in parsed if record.get("step", 0) <= step]
+        lines = [line for line, record in parsed if step and record.get("step", 0) <= step]
         dropped = skipped + len(parsed) - len(lines)
         if not dropped:
             return

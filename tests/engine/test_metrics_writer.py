@@ -38,6 +38,21 @@ def test_a_resume_and_a_fresh_run_leave_one_curve(tmp_path: Path) -> None:
     assert _tensorboard_steps(run) == [1, 2]
 
 
+def test_a_fresh_run_does_not_keep_an_earlier_runs_step_0_evaluation(tmp_path: Path) -> None:
+    """Killed before its first checkpoint and started again, a run with run.eval_at_start logged its step-0
+    validation twice: keep_until(0) kept the old one, and the new run wrote it again."""
+    run = tmp_path / "run"
+    for _ in range(2):
+        writer = MetricsWriter(str(run), enabled=True, tensorboard=True)
+        writer.keep_until(0)
+        writer.write(0, {"loss": 9.0}, prefix="validation")
+        writer.write(1, {"loss": 1.0})
+        writer.close()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in records] == [(0, "validation"), (1, "train")], records
+    assert _tensorboard_steps(run) == [1]
+
+
 def test_a_run_that_fails_before_training_writes_no_events_file(tmp_path: Path) -> None:
     writer = MetricsWriter(str(tmp_path / "run"), enabled=True, tensorboard=True)
     writer.close()
