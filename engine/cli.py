@@ -193,7 +193,9 @@ def _progress(config: Any, trainer: Any, result: Any) -> tuple[str, str]:
                f"{f' (stopped by {result.stopped_by})' if result.stopped_by else ''}; {trainer.step.loss_name} {first} -> " \
                f"{last}; {result.tokens_per_second:,.0f} tokens/s"
     if getattr(trainer.step, "online", False):
-        progress += _reward_text(config.run.output_dir, result, bool(type(config).GROUP_NEEDS))
+        from engine.online_trainer import ties_teach_nothing
+
+        progress += _reward_text(config.run.output_dir, result, ties_teach_nothing(config))
     return source, progress
 
 

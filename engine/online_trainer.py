@@ -306,7 +306,7 @@ def tell_tied_groups(trainer: Any, step_number: int, metrics: dict[str, float]) 
     """Where the rollouts of a prompt are compared (GRPO, RLOO), groups that all scored alike have advantage 0:
     :data:`TIED_ITERATIONS` iterations of only such groups are said once. A policy that never earns the reward
     (a random start, a base model that never states an answer) trained on nothing, its loss 0, without a word."""
-    if not type(trainer.config).GROUP_NEEDS or metrics.get("tied_groups") != 1.0:
+    if not ties_teach_nothing(trainer.config) or metrics.get("tied_groups") != 1.0:
         trainer.tied_iterations = 0
         return
     trainer.tied_iterations = getattr(trainer, "tied_iterations", 0) + 1
@@ -316,3 +316,9 @@ def tell_tied_groups(trainer: Any, step_number: int, metrics: dict[str, float]) 
             "the policy learns nothing; start from a policy that sometimes earns the reward (checkpoint.load=<an "
             "SFT checkpoint>), or give a reward that tells its rollouts apart", step_number - TIED_ITERATIONS + 1,
             step_number, metrics.get("reward", math.nan))
+
+
+def ties_teach_nothing(config: Any) -> bool:
+    """Whether rollouts of a prompt that scored alike get advantage 0: where they are compared (GRPO, RLOO), but
+    not under GRPO's overlong penalty, which is added to the rewards after ``tied_groups`` is counted."""
+    return bool(type(config).GROUP_NEEDS) and getattr(getattr(config, "grpo", None), "overlong", "") != "penalty"

@@ -128,3 +128,9 @@ def test_iterations_of_only_tied_groups_are_said_once_where_groups_are_compared(
                                                  "alike (reward 0), so their advantages are 0"), said
     assert run(grpo.CONFIG, [1.0] * (TIED_ITERATIONS - 1) + [0.5] + [1.0] * (TIED_ITERATIONS - 1)) == []
     assert run(ppo.CONFIG, all_tied) == []  # PPO's critic gives advantages where the rewards tie
+    caplog.clear()  # GRPO's overlong penalty is added to the rewards after tied_groups is counted
+    trainer = SimpleNamespace(config=load_config(grpo.CONFIG, None, ["grpo.overlong=penalty"]))
+    with caplog.at_level("WARNING", logger="engine.online_trainer"):
+        for step in range(1, 2 * TIED_ITERATIONS):
+            tell_tied_groups(trainer, step, {"tied_groups": 1.0, "reward": 0.0})
+    assert not caplog.records
