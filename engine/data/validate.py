@@ -67,23 +67,19 @@ class _Policy:
         self.fitter = PromptFitter(tokenizer, template, seq_length, self.name, "<validate>") if fmt not in (
             *SFT_FORMATS, "prompts") else None
 
-    def apply(self, row: Row) -> tuple[int, int, bool]:
-        """(total tokens, tokens before the first loss token, whether training drops it with no room to learn)
-        of one validated row, rendered once; the policy counts it."""
+    def apply(self, row: Row) -> tuple[int, int]:
+        """(total tokens, tokens before the first loss token) of one validated row, rendered once, and the
+        policy's counts of it."""
         if self.fmt in SFT_FORMATS:
             ids, mask = render_row(row, self.tokenizer, self.fmt, self.template)
-            before = self.drops.no_loss_tokens
             fit_document(ids, mask, self.seq_length + 1, self.name, self.drops)
-            return len(ids), mask.index(1) if 1 in mask else len(ids), self.drops.no_loss_tokens > before
+            return len(ids), mask.index(1) if 1 in mask else len(ids)
         attributes = row.get("attributes") if self.template == "nemotron" and self.fmt == "prompts" else None
         prompt = len(render_prompt(prompt_messages(row["prompt"]), self.tokenizer, self.template, attributes))
         replies = [render_reply(row[name], self.tokenizer, self.template) for name in REPLIES[self.fmt]]
-        lost = False
         if self.fitter is not None:
-            before = self.fitter.counts.dropped
             self.fitter.prompt(row["prompt"], replies)
-            lost = self.name != "drop" and self.fitter.counts.dropped > before
-        return prompt + max((len(reply) for reply in replies), default=0), prompt, lost
+        return prompt + max((len(reply) for reply in replies), default=0), prompt
 
     def counts(self) -> dict[str, Any]:
         if self.fitter is not None:
@@ -116,8 +112,9 @@ def validate_file(path: str, fmt: str, tokenizer: Tokenizer | str, seq_length: i
     unread: dict[str, str] = {}  # rating fields spelt otherwise than an attribute: never read (key -> attribute)
     try:
         for row in iter_rows(path, fmt, on_error, stats=stats, num=num, seed=seed):
-            total, prompt, lost = policy.apply(row)
-            if lost and len(no_room) < MAX_PROBLEMS:
+            before = policy.counts()["dropped_no_room"]
+            total, prompt = policy.apply(row)
+            if policy.counts()["dropped_no_room"] > before and len(no_room) < MAX_PROBLEMS:
                 no_room.append(f"{stats.where}: {total} tokens, {prompt} of them before the response: "
                                f"no room to learn within seq_length={seq_length}, so training drops it")
             lengths.add(total)
