@@ -116,10 +116,7 @@ def load_backend(checkpoint: str, tensor: int = 1, max_batch_size: int = 8) -> t
 
     config, path = saved_config(checkpoint, tensor)
     env = read_launch_env()
-    try:
-        GenerationLayout.for_world(tensor, env.world_size, resolve_preset(config.model))
-    except ConfigError as exc:
-        raise ConfigError(f"--tensor {tensor}: {exc}") from None
+    GenerationLayout.for_world(tensor, env.world_size, resolve_preset(config.model), named=f"--tensor {tensor}")
     parallel = ParallelState.initialize(ParallelLayout.from_config(config.parallel, env.world_size), env,
                                         seed=config.run.seed)
     runner = ModelRunner.frozen(config, parallel, (GPTModel, {}))

@@ -205,12 +205,8 @@ class OnlineTrainConfig(TrainConfig):
         super().validate(world_size)
         from engine.models.presets import resolve_preset
         from engine.parallel.generation_layout import GenerationLayout
-        from engine.parallel.layout import LayoutError
-
-        try:
-            GenerationLayout.for_world(self.rollout.generation_tensor, world_size, resolve_preset(self.model))
-        except LayoutError as exc:
-            raise ConfigError(f"rollout.generation_tensor={self.rollout.generation_tensor}: {exc}") from None
+        GenerationLayout.for_world(self.rollout.generation_tensor, world_size, resolve_preset(self.model),
+                                   named=f"rollout.generation_tensor={self.rollout.generation_tensor}")
         if self.BUFFER_IS_BATCH and self.rollout.buffer_size % self.data.global_batch_size:
             raise ConfigError(
                 f"the rollout buffer (rollout.prompts_per_iteration x rollout.samples_per_prompt = "

@@ -62,10 +62,8 @@ def check_layouts(args: argparse.Namespace) -> int:
     except LayoutError as exc:  # named by this command's options, not the training config's fields
         text = str(exc).replace("parallel.tensor", "--train-tensor").replace("parallel.pipeline", "--train-pipeline")
         raise ConfigError(f"--train-tensor/--train-pipeline: {text}") from None
-    try:
-        GenerationLayout.for_world(args.generation_tensor, world, preset)
-    except LayoutError as exc:
-        raise ConfigError(f"--generation-tensor (over TP x PP x DP = {world} ranks): {exc}") from None
+    GenerationLayout.for_world(args.generation_tensor, world, preset,
+                               named=f"--generation-tensor (over TP x PP x DP = {world} ranks)")
     return world
 
 

@@ -46,15 +46,19 @@ class GenerationLayout:
         return self.replicas
 
     @classmethod
-    def for_world(cls, tensor: int, world_size: int, preset: Any = None) -> GenerationLayout:
+    def for_world(cls, tensor: int, world_size: int, preset: Any = None, named: str = "") -> GenerationLayout:
         """The layout of ``tensor`` ranks per replica over ``world_size``; with ``preset``, checked against the
-        model too (:meth:`check_model`), and a refusal names the sizes that suit both."""
-        if tensor < 1 or world_size % tensor:
-            raise LayoutError(f"generation tensor-parallel size {tensor} does not divide the world size "
-                              f"{world_size}; pick {_choices(world_size, preset)}")
-        layout = cls(tensor, world_size // tensor)
-        if preset is not None:
-            layout.check_model(preset, world_size)
+        model too (:meth:`check_model`), and a refusal names the sizes that suit both. ``named``: the option or
+        setting that gave ``tensor``, which a refusal starts with."""
+        try:
+            if tensor < 1 or world_size % tensor:
+                raise LayoutError(f"generation tensor-parallel size {tensor} does not divide the world size "
+                                  f"{world_size}; pick {_choices(world_size, preset)}")
+            layout = cls(tensor, world_size // tensor)
+            if preset is not None:
+                layout.check_model(preset, world_size)
+        except LayoutError as exc:
+            raise LayoutError(f"{named}: {exc}" if named else str(exc)) from None
         return layout
 
     def check_model(self, preset: Any, world_size: int = 0) -> None:
