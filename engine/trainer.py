@@ -294,15 +294,11 @@ class Trainer:
     def maybe_resume(self) -> int:
         """Resume per ``checkpoint.resume`` (or load weights per ``checkpoint.load``); returns the start step."""
         chk = self.config.checkpoint
-        path: Optional[Path] = None
-        if chk.resume == "auto":
-            path = ckpt.find_latest(chk.dir)
-        elif chk.resume == "none":
+        path = self._resume_target()
+        if chk.resume == "none":
             ckpt.set_aside(chk.dir, chk.load, self.parallel)
-        else:
-            path = ckpt.resolve(chk.resume)
-            if not ckpt.is_complete(path):
-                raise ckpt.CheckpointError(f"checkpoint.resume={chk.resume}: not a complete checkpoint")
+        elif path is not None and not ckpt.is_complete(path):  # a path given (auto finds complete ones only)
+            raise ckpt.CheckpointError(f"checkpoint.resume={chk.resume}: not a complete checkpoint")
         if path is not None:
             saved = ckpt.read_meta(path)
             step = int(saved["step"])
@@ -322,6 +318,14 @@ class Trainer:
             self.model.load_weights(chk.load)
             logger.info("initialised weights from %s", chk.load)
         return 0
+
+    def _resume_target(self) -> Optional[Path]:
+        """The checkpoint ``checkpoint.resume`` names: for ``auto`` the newest complete one in ``checkpoint.dir``
+        (None without one), a given path as :func:`~engine.checkpoint.dist.resolve` reads it, None for ``none``."""
+        chk = self.config.checkpoint
+        if chk.resume == "auto":
+            return ckpt.find_latest(chk.dir)
+        return None if chk.resume == "none" else ckpt.resolve(chk.resume)
 
     def _check_resumed_data(self, path: Path, meta: dict[str, Any]) -> None:
         """A resumed run reads the checkpoint's data: another training set size is a one-line error that says how
@@ -348,9 +352,7 @@ class Trainer:
         self.config.check_checkpoints()
         chk = self.config.checkpoint
         signature = ckpt.model_signature(resolve_preset(self.config.model))  # of another shape: refused here too
-        resumed = ckpt.find_latest(chk.dir) if chk.resume == "auto" else None
-        if chk.resume not in ("auto", "none"):
-            resumed = ckpt.resolve(chk.resume)
+        resumed = self._resume_target()
         if resumed is not None:
             if ckpt.is_complete(resumed):  # else the resume's own error, later
                 ckpt.check_compatible(resumed, ckpt.read_meta(resumed), signature)
