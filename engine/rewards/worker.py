@@ -216,7 +216,11 @@ def serve(inbox: Connection, outbox: Connection, progress: mmap.mmap) -> int:
 
 def main(argv: Sequence[str]) -> int:
     read_fd, write_fd, progress_fd = (int(arg) for arg in argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pool
+    # Ctrl-C and a launcher's SIGTERM reach the whole process group. Both are the trainer's to handle: it finishes
+    # its step, whose rows this worker may be scoring, checkpoints and closes the pool. A trainer that dies
+    # outright closes the pipes, and the worker leaves at EOF.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     progress = mmap.mmap(progress_fd, PROGRESS.size)
     return serve(Connection(read_fd, writable=False), Connection(write_fd, readable=False), progress)
 

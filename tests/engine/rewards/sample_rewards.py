@@ -68,6 +68,14 @@ def parity(prompts: list[str], responses: list[str], metadatas: list[dict[str, A
     return [odd if len(response) % 2 else 0.0 for response in responses]
 
 
+def signalled(prompt: str, response: str, metadata: dict[str, Any]) -> float:
+    """A launcher's SIGTERM to the whole process group, arriving while this call runs."""
+    if metadata.get("misbehave"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+    return 1.0
+
+
 @reward_function("sample_pid")
 def pid(prompt: str, response: str, metadata: dict[str, Any]) -> float:
     return float(os.getpid())

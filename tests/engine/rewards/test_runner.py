@@ -127,6 +127,16 @@ def test_hung_and_dead_workers_are_replaced_and_the_pool_lives_on(one_worker: Re
     assert not again.failures and set(again.components["sample_pid"]) == pids  # same worker, kept alive
 
 
+def test_a_sigterm_to_the_process_group_leaves_the_workers_scoring() -> None:
+    """Slurm and torchrun signal the whole group: the trainer finishes its step and checkpoints, so the step's
+    rows must still be scored, not zeroed by ``on_error`` because the worker died with the signal."""
+    configs = [RewardFunctionConfig(f"{SAMPLE}:signalled", label="signalled"), RewardFunctionConfig("sample_pid")]
+    with RewardRunner(configs, workers=1) as runner:
+        result = runner.score(PROMPTS, RESPONSES, metadata())
+        assert not result.failures and runner.replaced_workers == 0
+        assert result.components["signalled"] == [1.0] * len(PROMPTS)
+
+
 def test_empty_batch_and_bad_inputs() -> None:
     runner = RewardRunner([RewardFunctionConfig("synthetic_check")], workers=0)
     empty = runner.score([], [], [])
