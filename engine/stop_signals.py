@@ -43,7 +43,8 @@ class StopSignals:
         now = time.monotonic()
         if self.received is None:
             self.received, self._first_at = signal.Signals(signum).name, now
-            again = " (Ctrl-C again to stop at once, without one)" if signum == signal.SIGINT else ""
+            again = (f" (a second Ctrl-C more than {REPEAT_S:g} s after this one stops at once, without one)"
+                     if signum == signal.SIGINT else "")
             logger.warning("%s received: will checkpoint after the current step and exit%s", self.received, again,
                            extra=EVERY_RANK)
         elif signum == signal.SIGINT and now - self._first_at > REPEAT_S:

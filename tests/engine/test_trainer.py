@@ -341,17 +341,19 @@ def test_keel_train_stopped_by_ctrl_c_exits_130_and_by_sigterm_0(tmp_path: Path,
         assert (tmp_path / signal_name / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
 
-def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_put_back(monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     import os
     import signal
 
     from engine import stop_signals
 
     before = signal.getsignal(signal.SIGINT)
-    with stop_signals.StopSignals() as signals:
+    with stop_signals.StopSignals() as signals, caplog.at_level("WARNING", logger="engine.stop_signals"):
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # torchrun's forwarded copy of the same Ctrl-C: no effect
         assert signals.received == "SIGINT"
+        assert "a second Ctrl-C more than 2 s after this one stops at once" in caplog.text  # why this one did not
         monkeypatch.setattr(stop_signals, "REPEAT_S", -1.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
