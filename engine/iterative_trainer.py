@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import torch
 
+from engine.checkpoint import dist as ckpt
 from engine.data.sampler import GlobalBatchSampler
 from engine.faults import maybe_fail
 from engine.parallel import failures
@@ -106,7 +107,7 @@ class IterativeTrainer(Trainer):
         size = self.config.iterative.chunk_prompts
         chunks = [indices[i: i + size] for i in range(0, len(indices), size)]
         per_prompt = self.config.rollout.samples_per_prompt
-        store.check_inputs(self.sampling_inputs(indices))
+        store.check_inputs(self.sampling_inputs(iteration, indices))
         done = store.done_chunks(len(chunks))
         samples: list[dict[str, Any]] = []
         times = {"refit": 0.0, "generate_and_score": 0.0, "chunks_reused": 0.0, "chunks_generated": 0.0}
@@ -133,11 +134,18 @@ class IterativeTrainer(Trainer):
         store.write_jsonl("samples.jsonl", samples)
         return samples, times
 
-    def sampling_inputs(self, indices: list[int]) -> dict[str, Any]:
-        """What an iteration's samples depend on besides the policy (which the resumed checkpoint fixes)."""
+    def sampling_inputs(self, iteration: int, indices: list[int]) -> dict[str, Any]:
+        """What iteration ``iteration``'s samples depend on, the policy included: after the first iteration it is
+        this run's checkpoint of the one before (which a restart resumes); the first samples the starting
+        weights, ``checkpoint.load`` (as it resolves now: a run directory's newest checkpoint moves on) or the
+        model's own initialisation."""
         config, rollout = self.config, self.config.rollout
         prompts = [[self.prompts[i].prompt, self.step.target(i)] for i in indices]
+        load = config.checkpoint.load
+        policy: Any = (f"this run's checkpoint of iteration {iteration - 1}" if iteration > 1 else
+                       [str(ckpt.resolve(load).resolve()) if load else None, dataclasses.asdict(config.model)])
         return {"prompts": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
+                "policy": policy,
                 "sampling": [rollout.samples_per_prompt, rollout.max_new_tokens, rollout.temperature, rollout.top_p,
                              rollout.top_k, config.iterative.chunk_prompts, config.run.seed],
                 "template": [config.data.tokenizer, config.data.chat_template, config.data.seq_length],

@@ -219,16 +219,17 @@ class SampleStore:
     def check_inputs(self, inputs: dict[str, Any]) -> None:
         """Refuse chunks on disk that other inputs made (other prompts, sampling, rewards...); else record
         ``inputs`` for the next start. A resumed chunk was matched by prompt index alone, so a rerun with another
-        prompt file or reward paired old responses with new prompts. Directories from before this record pass."""
+        prompt file or reward paired old responses with new prompts. Directories from before this record pass,
+        and so does an entry the record did not have yet (the starting policy came later)."""
         path = self.dir / "inputs.json"
         inputs = json.loads(json.dumps(inputs, sort_keys=True))  # as it reads back (lists, not tuples)
         differs = None
         if self.writes:
             stored = json.loads(path.read_text()) if path.is_file() else None
-            if stored is not None and stored != inputs:
-                differs = changed_settings(stored, inputs)
-            elif stored is None:
+            if stored is None:
                 write_text_atomic(path, json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+            elif stored != (now := {key: inputs.get(key) for key in stored}):
+                differs = changed_settings(stored, now)
         differs = broadcast_from_first(differs)
         if differs:
             from engine.errors import ConfigError
@@ -280,6 +281,7 @@ def _finite(value: Any) -> Any:
 INPUT_SETTINGS = {
     "prompts": "the prompts (rollout.prompts, rollout.num_prompts, rollout.prompts_per_iteration, run.seed, the "
                "steerlm2 targets)",
+    "policy": ("checkpoint.load", "model"),
     "sampling": ("rollout.samples_per_prompt", "rollout.max_new_tokens", "rollout.temperature", "rollout.top_p",
                  "rollout.top_k", "iterative.chunk_prompts", "run.seed"),
     "template": ("data.tokenizer", "data.chat_template", "data.seq_length"),
@@ -299,11 +301,19 @@ def changed_settings(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
                                           and len(then) == len(value) == len(names)):
             changed.append(names if isinstance(names, str) else key)
             continue
-        changed += [f"{name}: {_brief(a)} -> {_brief(b)}" if _brief(a) != _brief(b) else f"{name} (in its details)"
-                    for name, a, b in zip(names, then, value, strict=True) if a != b]
+        for name, a, b in zip(names, then, value, strict=True):
+            if isinstance(a, dict) and isinstance(b, dict):  # a config section: its fields
+                changed += [f"{name}.{field}: {_brief(a.get(field))} -> {_brief(b.get(field))}"
+                            for field in sorted({*a, *b}) if a.get(field) != b.get(field)]
+            elif a != b:
+                changed.append(f"{name}: {_brief(a)} -> {_brief(b)}" if _brief(a) != _brief(b) else
+                               f"{name} (in its details)")
     return changed
 
 
 def _brief(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON in at most ``limit`` characters: a string keeps its end (a path's distinct part)."""
     text = json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    return "..." + text[3 - limit:] if isinstance(value, str) else text[: limit - 3] + "..."

@@ -133,6 +133,42 @@ def test_sample_store_refuses_chunks_that_other_inputs_made(tmp_path: Path) -> N
     assert json.loads((store.dir / "inputs.json").read_text()) == inputs  # the first run's record stays
 
 
+def test_the_first_iterations_samples_are_tied_to_the_starting_policy(tmp_path: Path) -> None:
+    """A run killed while sampling its first iteration and started again with another ``checkpoint.load`` reused
+    the chunks the other policy had made: ``inputs.json`` did not record where the policy came from."""
+    from types import SimpleNamespace
+
+    from engine.errors import ConfigError
+    from engine.iterative_trainer import IterativeTrainer
+
+    sft = tmp_path / "sft" / "checkpoints"
+    sft.mkdir(parents=True)
+
+    def inputs(iteration: int, *overrides: str) -> dict:
+        config = load_config(IterativeDPOTrainConfig, None, list(overrides))
+        trainer = SimpleNamespace(config=config, prompts=[SimpleNamespace(prompt="What is 2 + 2?")],
+                                  step=SimpleNamespace(target=lambda index: None))
+        return IterativeTrainer.sampling_inputs(trainer, iteration, [0])  # type: ignore[arg-type]
+
+    (sft / "latest").write_text("step_0000010\n")
+    first = inputs(1, f"checkpoint.load={sft}")
+    assert first["policy"][0] == str(sft / "step_0000010")
+    store = SampleStore(str(tmp_path / "run"), 1, writes=True)
+    store.check_inputs(first)
+    store.check_inputs(inputs(1, f"checkpoint.load={sft / 'step_0000010'}"))  # the same checkpoint, named directly
+    (sft / "latest").write_text("step_0000020\n")  # the SFT run trained on: its directory names another policy
+    with pytest.raises(ConfigError, match=r"\(checkpoint.load: .*/step_0000010\" -> .*/step_0000020\"\)"):
+        store.check_inputs(inputs(1, f"checkpoint.load={sft}"))
+    with pytest.raises(ConfigError, match=r"\(checkpoint.load: .*/step_0000010\" -> null; model.num_layers: null -> 3\)"):
+        store.check_inputs(inputs(1, "model.num_layers=3"))  # from scratch, another shape
+    later = SampleStore(str(tmp_path / "run"), 2, writes=True)  # the policy is the run's own checkpoint of iteration 1
+    later.check_inputs(inputs(2, f"checkpoint.load={sft}"))
+    later.check_inputs(inputs(2))
+    old = {key: value for key, value in first.items() if key != "policy"}
+    (store.dir / "inputs.json").write_text(json.dumps(old))  # recorded before the policy was
+    store.check_inputs(inputs(1))
+
+
 def test_configs_have_the_recipe_defaults_and_refuse_bad_fields() -> None:
     dpo = load_config(IterativeDPOTrainConfig, None, [])
     assert (dpo.rollout.samples_per_prompt, dpo.rollout.temperature, dpo.rollout.top_p) == (10, 0.7, 0.9)
