@@ -240,7 +240,10 @@ class PromptSampling:
         return scorer
 
     def build_datasets(self, config: Any, tokenizer: Any) -> tuple[Any, Any]:
+        """The training and held-out prompts: validated, and only those the reward functions can judge
+        (:func:`engine.rewards.config.check_judged`)."""
         from engine.data.prompts import load_prompts
+        from engine.rewards.config import check_judged
 
         rollout = config.rollout
         on_error = config.data.on_error
@@ -253,6 +256,8 @@ class PromptSampling:
             logger.info("rollout.eval_prompts=auto: no held-out prompts for %s (none are taken from it); set "
                         "rollout.eval_prompts=<prompts never trained on> for greedy evaluation", rollout.prompts)
         held_out = load_prompts(source, rollout.eval_num_prompts, config.run.seed, on_error) if source else []
+        train = check_judged(config.reward_functions or [], train, on_error)
+        held_out = check_judged(config.reward_functions or [], held_out, on_error)
         if len(held_out) > rollout.eval_num_prompts:
             logger.info("held-out evaluation: the first %d of the %d prompts of %s (rollout.eval_num_prompts)",
                         rollout.eval_num_prompts, len(held_out), source)
@@ -260,17 +265,14 @@ class PromptSampling:
         return train, held_out
 
     def check_datasets(self, config: Any, tokenizer: Any, train: Any, valid: Any) -> None:
-        """The reward functions can judge the prompts (:func:`engine.rewards.config.check_judged`), and every
-        prompt leaves room to generate within ``data.seq_length``: one error naming its file, line and field
-        before the models are built (the backend's own check would come at the prompt's first turn, maybe
-        hours in)."""
+        """The reward modules import, and every prompt leaves room to generate within ``data.seq_length``: one
+        error naming its file, line and field before the models are built (the backend's own check would come at
+        the prompt's first turn, maybe hours in)."""
         from engine.data.chat import render_prompt
         from engine.data.errors import DataError
-        from engine.rewards.config import check_judged
 
         rows = [*train, *valid]
         check_imports(config.reward_functions or [])
-        check_judged(config.reward_functions or [], rows)
         limit, template = config.data.seq_length, config.data.chat_template
         lengths = []
         for row in rows:

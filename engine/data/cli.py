@@ -105,14 +105,14 @@ def settings_of_run(config: Any) -> dict[str, Any]:
 def check_run_rewards(args: argparse.Namespace) -> None:
     """A prompt file checked against ``--config``'s run (``args.run``, read by :func:`_validate_settings`): the
     run's reward functions can judge its rows (:func:`engine.rewards.config.check_judged`; :class:`DataError`
-    when one can judge none)."""
+    when one can judge none, or some under the run's ``data.on_error=raise``)."""
     functions = getattr(args.run, "reward_functions", None) or []
     if not args.config or not functions or args.format != "prompts":  # an --algorithm's defaults name no rewards
         return
     from engine.data.prompts import load_prompts
     from engine.rewards.config import check_judged
 
-    check_judged(functions, load_prompts(args.source, args.num, args.seed))
+    check_judged(functions, load_prompts(args.source, args.num, args.seed), args.run.data.on_error)
 
 
 def _validate_settings(args: argparse.Namespace) -> None:

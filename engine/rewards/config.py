@@ -130,17 +130,21 @@ def check_registered(configs: Sequence[RewardFunctionConfig], where: str) -> Non
             raise ConfigError(f"{where}[{index}]: {exc}") from None
 
 
-def check_judged(configs: Sequence[RewardFunctionConfig], rows: Sequence[Any]) -> None:
-    """Refuse a prompt file of which a configured reward function can judge no row (``synthetic_check`` on
-    prompts without a built-in task, ``math_answer`` on rows without an ``answer``): every sample would score
-    alike and nothing would be learned. Rows it cannot judge among others are a warning. ``rows`` are
-    :class:`engine.data.prompts.PromptRow`; each file (``row.where.source``) is checked on its own."""
+def check_judged(configs: Sequence[RewardFunctionConfig], rows: Sequence[Any], on_error: str = "raise") -> list[Any]:
+    """The prompt ``rows`` (:class:`engine.data.prompts.PromptRow`) each configured reward function can judge.
+
+    A file (``row.where.source``, each checked on its own) of which a function can judge no row is refused
+    (``synthetic_check`` on prompts without a built-in task, ``math_answer`` on rows without an ``answer``):
+    every sample would score alike and nothing would be learned. Rows it cannot judge among others are bad rows
+    by ``data.on_error``: ``raise`` refuses the first, ``skip`` leaves them out and counts them. Kept, they got no
+    reward, and an iteration that drew only such rows stopped the run."""
     from engine.data.errors import DataError
     from engine.rewards.registry import resolve_reward
 
     by_source: dict[str, list[Any]] = {}
     for row in rows:
         by_source.setdefault(row.where.source if row.where else "<data>", []).append(row)
+    unjudged: set[int] = set()
     for config in configs:
         if ":" in config.name:  # a module:function reference declares nothing (and is imported on rank 0 only)
             continue
@@ -151,12 +155,16 @@ def check_judged(configs: Sequence[RewardFunctionConfig], rows: Sequence[Any]) -
             failing = [(row, found) for row in group if (found := function.judges(row.text, row.reward_metadata()))]
             if not failing:
                 continue
-            (row, (name, needs)) = failing[0]
-            if len(failing) == len(group):
+            (row, (name, needs)), none = failing[0], len(failing) == len(group)
+            what = (f"reward function {config.name!r} can judge none of the {len(group)} prompts of {source}" if none
+                    else f"reward function {config.name!r} cannot judge {len(failing)} of the {len(group)} prompts "
+                    f"of {source}")
+            if none or on_error != "skip":
                 raise DataError(row.where, name, needs, row.text if name == "prompt" else None, source=source,
-                                hint=f"reward function {config.name!r} can judge none of the {len(group)} prompts of "
-                                f"{source}, so every sample would score alike; use prompts it can check or another "
-                                "reward function")
-            logger.warning("reward function %r cannot judge %d of the %d prompts of %s (first: %s, field %r: "
-                           "expected %s); it scores none of their samples", config.name, len(failing), len(group),
-                           source, row.where, name, needs)
+                                hint=what + (", so every sample would score alike; use prompts it can check or another "
+                                             "reward function" if none else ": their samples would get no reward from "
+                                             "it; give them what it needs, or set data.on_error=skip to leave them out"))
+            logger.warning("%s (first: %s, field %r: expected %s); data.on_error=skip leaves them out", what,
+                           row.where, name, needs)
+            unjudged.update(id(row) for row, _ in failing)
+    return [row for row in rows if id(row) not in unjudged]

@@ -212,6 +212,13 @@ def test_prompts_that_cannot_be_answered_or_judged_are_refused_before_the_models
         trainer("data.seq_length=31", "reward_functions=[{name: math_answer}]")
     with pytest.raises(DataError, match=rf"{re.escape(path)}, line 1: field 'prompt': expected one of the built-in "):
         trainer("data.seq_length=40", "reward_functions=[{name: synthetic_check}]")
+    # rows it cannot judge among others (an iteration that drew only those stopped the run mid-way): bad rows
+    unanswered = write_jsonl([{"prompt": "short", "answer": "1"}, {"prompt": "no answer"}], "unanswered.jsonl")
+    with pytest.raises(DataError, match=rf"{re.escape(unanswered)}, line 2: field 'answer': .*cannot judge 1 of the 2"):
+        trainer("data.seq_length=40", "reward_functions=[{name: math_answer}]", f"rollout.prompts={unanswered}")
+    skip = load_config(GRPOTrainConfig, None, [f"rollout.prompts={unanswered}", "rollout.eval_prompts=none",
+                                               "reward_functions=[{name: math_answer}]", "data.on_error=skip"])
+    assert [row.text for row in create(skip).build_datasets(skip, None)[0]] == ["short"]
 
     # a module:function reward that does not import, or fails while it imports (it was found only after the
     # models were built and the weights resharded)
@@ -243,10 +250,17 @@ def test_a_reward_function_that_can_judge_no_prompt_is_refused_before_any_work(
     with pytest.raises(DataError, match=rf"{re.escape(mine)}, line 1: field 'prompt': expected one of the built-in "
                        r"synthetic tasks .*got 'Name a colour.' .*can judge none of the 2 prompts of"):
         check_judged(check, [*builtin, *load_prompts(mine)])
+    # a file it can judge in part: its other rows would get no reward, and an iteration of only those stopped the run
     mixed = write_jsonl([{"prompt": builtin[0].text}, {"prompt": "Name a colour.", "answer": "red"}], "mixed.jsonl")
-    with caplog.at_level("WARNING", logger="engine.rewards.config"):
+    with pytest.raises(DataError, match=rf"{re.escape(mixed)}, line 2: field 'prompt': .*'synthetic_check' cannot "
+                       r"judge 1 of the 2 prompts of .*or set data.on_error=skip to leave them out"):
         check_judged(check, load_prompts(mixed))
+    with caplog.at_level("WARNING", logger="engine.rewards.config"):
+        kept = check_judged(check, load_prompts(mixed), on_error="skip")
+    assert [row.text for row in kept] == [builtin[0].text]
     assert "'synthetic_check' cannot judge 1 of the 2 prompts" in caplog.text and "mixed.jsonl, line 2" in caplog.text
+    with pytest.raises(DataError, match="can judge none of the 2 prompts"):  # skip leaves a file no row
+        check_judged(check, load_prompts(mine), on_error="skip")
     with pytest.raises(DataError, match=r"mine.jsonl, line 1: field 'answer': expected the reference answer"):
         check_judged([RewardFunctionConfig("math_answer")], load_prompts(mine))
     answered = load_prompts(write_jsonl([{"prompt": "Name a colour.", "answer": "red"}], "answered.jsonl"))
