@@ -214,12 +214,16 @@ class OnlineTrainer(Trainer):
                   "skipped": float(it.keep.count(False)), **self.phase.take_failures()}
         for name, column in it.components.items():
             values[f"reward_{name}"] = mean_present(column, kept)
+        shaping = self.step.reward_shaping(it.rollouts)  # GRPO's overlong penalty: logged beside the reward
+        if shaping is not None:
+            values["overlong_penalty"] = mean(shaping.tolist())
         per_prompt = self.config.rollout.samples_per_prompt
         if per_prompt > 1:  # groups whose (kept) samples all scored alike teach a group-relative advantage nothing
-            differ = dynamic_sampling_filter(it.scores, per_prompt, it.keep)
+            differ = dynamic_sampling_filter(it.scores if shaping is None else it.scores + shaping, per_prompt, it.keep)
             values["tied_groups"] = float((~differ).float().mean())
-        tokens = [(a, b) for row, ref in zip(logps, ref_logps, strict=True) for a, b in zip(row, ref, strict=True)]
-        values["kl"] = sum(a - b for a, b in tokens) / max(len(tokens), 1)
+        if self.step.uses_reference:  # without a reference the two log-probs are the policy's own: no KL to log
+            tokens = [(a, b) for row, ref in zip(logps, ref_logps, strict=True) for a, b in zip(row, ref, strict=True)]
+            values["kl"] = sum(a - b for a, b in tokens) / max(len(tokens), 1)
         backend = [abs(a - b) for row, mine in zip(it.rollouts.logprobs, logps, strict=True) for a, b in zip(row, mine, strict=True)]
         values["rollout_logprob_diff_max"] = max(backend, default=0.0)
         values.update({f"time_{phase}": it.times.get(phase, 0.0) for phase in PHASES})
@@ -319,6 +323,6 @@ def tell_tied_groups(trainer: Any, step_number: int, metrics: dict[str, float]) 
 
 
 def ties_teach_nothing(config: Any) -> bool:
-    """Whether rollouts of a prompt that scored alike get advantage 0: where they are compared (GRPO, RLOO), but
-    not under GRPO's overlong penalty, which is added to the rewards after ``tied_groups`` is counted."""
-    return bool(type(config).GROUP_NEEDS) and getattr(getattr(config, "grpo", None), "overlong", "") != "penalty"
+    """Whether rollouts of a prompt that scored alike get advantage 0: where they are compared (GRPO, RLOO; with
+    GRPO's overlong penalty, ``tied_groups`` is counted on the penalised rewards)."""
+    return bool(type(config).GROUP_NEEDS)

@@ -102,15 +102,24 @@ class GRPOStep(OnlineStep):
     def judges_by_max_new_tokens(self) -> str:
         return "" if self.grpo.overlong == "keep" else f"grpo.overlong={self.grpo.overlong}"
 
+    def reward_shaping(self, rollouts: Rollouts) -> Optional[torch.Tensor]:
+        """DAPO's soft overlong penalty under ``grpo.overlong=penalty``."""
+        if self.grpo.overlong != "penalty":
+            return None
+        from engine.advantages import overlong_penalty
+
+        lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
+        return overlong_penalty(lengths, self.config.rollout.max_new_tokens, self.grpo.overlong_cache)
+
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None,
                    keep: Optional[list[bool]] = None) -> dict[str, list[list[float]]]:
-        from engine.advantages import group_advantages, overlong_penalty, sequence_kl
+        from engine.advantages import group_advantages, sequence_kl
 
         rewards = scores.clone().float()
-        if self.grpo.overlong == "penalty":
-            lengths = torch.tensor(rollouts.lengths, dtype=torch.float32)
-            rewards = rewards + overlong_penalty(lengths, self.config.rollout.max_new_tokens, self.grpo.overlong_cache)
+        shaping = self.reward_shaping(rollouts)
+        if shaping is not None:
+            rewards = rewards + shaping
         if self.grpo.kl == "reward" and self.uses_reference:
             kl = sequence_kl(logps, ref_logps)
             rewards = rewards - self.grpo.kl_coef * kl

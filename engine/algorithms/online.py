@@ -355,7 +355,12 @@ class OnlineStep(PromptSampling, Step):
 
     def curve_metrics(self) -> tuple[str, ...]:
         """Metrics drawn into the run's curves.png: the total reward, each of its components, the KL, the length."""
-        return ("reward", *self.reward_metrics(), "kl", "response_length")
+        return ("reward", *self.reward_metrics(), *(("kl",) if self.uses_reference else ()), "response_length")
+
+    def reward_shaping(self, rollouts: Rollouts) -> Optional[torch.Tensor]:
+        """A term per rollout that :meth:`advantages` adds to the rewards (GRPO's overlong penalty), or None. The
+        trainer logs it, and counts tied groups on the shaped rewards."""
+        return None
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None,

@@ -105,7 +105,8 @@ class PPOStep(OnlineStep):
         return METRICS
 
     def curve_metrics(self) -> tuple[str, ...]:
-        return ("reward", *self.reward_metrics(), "kl", "value_loss", "response_length")
+        return ("reward", *self.reward_metrics(), *(("kl",) if self.uses_reference else ()), "value_loss",
+                "response_length")
 
     def build_critic(self, config: Any, parallel: Any) -> Critic:
         return Critic(config, parallel)

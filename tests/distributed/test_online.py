@@ -142,7 +142,10 @@ def test_grpo_dynamic_sampling_resamples_groups_with_equal_rewards(tmp_path: Pat
     keel_train(1, [*BASE, *dapo, "reward_functions=[{name: synthetic_check}]", f"run.output_dir={flat}"], algo="grpo")
     record = _records(flat)[0]
     assert (record["dynamic_rounds"], record["dynamic_dropped"], record["dynamic_filled"]) == (3.0, 12.0, 4.0)
-    assert record["tied_groups"] == 1.0  # the batch trained on: 4 groups topped up, each all 0
+    # the batch trained on: 4 groups topped up, each all 0; tied_groups counts the rewards with the overlong penalty,
+    # which tells apart the rollouts of one group (some stopped before the ramp, some in it)
+    assert record["tied_groups"] == 0.75 and record["overlong_penalty"] < 0.0
+    assert "kl" not in record  # grpo.kl=none: no reference, so no KL to log
     # a reward that varies within most groups: the batch is filled with groups whose rewards differ
     varied = tmp_path / "varied"
     keel_train(1, [*BASE, *dapo, f"run.output_dir={varied}"], algo="grpo")

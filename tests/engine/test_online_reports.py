@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from engine.config import load_config
 
@@ -114,9 +115,9 @@ def test_iterations_of_only_tied_groups_are_said_once_where_groups_are_compared(
     from engine.algorithms import grpo, ppo
     from engine.online_trainer import TIED_ITERATIONS, tell_tied_groups
 
-    def run(cls: type, tied: list[float]) -> list[str]:
+    def run(cls: type, tied: list[float], *overrides: str) -> list[str]:
         caplog.clear()
-        trainer = SimpleNamespace(config=load_config(cls, None, []))
+        trainer = SimpleNamespace(config=load_config(cls, None, list(overrides)))
         with caplog.at_level("WARNING", logger="engine.online_trainer"):
             for step, share in enumerate(tied, 1):
                 tell_tied_groups(trainer, step, {"tied_groups": share, "reward": 0.0})
@@ -128,9 +129,32 @@ def test_iterations_of_only_tied_groups_are_said_once_where_groups_are_compared(
                                                  "alike (reward 0), so their advantages are 0"), said
     assert run(grpo.CONFIG, [1.0] * (TIED_ITERATIONS - 1) + [0.5] + [1.0] * (TIED_ITERATIONS - 1)) == []
     assert run(ppo.CONFIG, all_tied) == []  # PPO's critic gives advantages where the rewards tie
-    caplog.clear()  # GRPO's overlong penalty is added to the rewards after tied_groups is counted
-    trainer = SimpleNamespace(config=load_config(grpo.CONFIG, None, ["grpo.overlong=penalty"]))
-    with caplog.at_level("WARNING", logger="engine.online_trainer"):
-        for step in range(1, 2 * TIED_ITERATIONS):
-            tell_tied_groups(trainer, step, {"tied_groups": 1.0, "reward": 0.0})
-    assert not caplog.records
+    # with GRPO's overlong penalty tied_groups is counted on the penalised rewards, so it is said there too
+    assert run(grpo.CONFIG, all_tied, "grpo.overlong=penalty") == said
+
+
+def test_grpo_logs_its_overlong_penalty_counts_ties_with_it_and_no_kl_without_a_reference() -> None:
+    """The penalty changed the advantages but not the logged reward or tied_groups (a group told apart by it
+    counted as tied), and grpo.kl=none logged a kl of 0.0 from the policy's log-probs against themselves."""
+    from engine.algorithms import grpo
+    from engine.algorithms.online import Iteration
+    from engine.generation.base import Rollouts
+    from engine.online_trainer import OnlineTrainer
+
+    config = load_config(grpo.CONFIG, None, ["grpo.overlong=penalty", "grpo.overlong_cache=4", "grpo.kl=none",
+                                             "rollout.max_new_tokens=8", "rollout.samples_per_prompt=2"])
+    step = grpo.create(config)
+    lengths = [3, 8, 2, 3]  # group 1: one rollout within the ramp (penalty -1 at the limit); group 2: no penalty
+    tokens = [[5] * n for n in lengths]
+    rollouts = Rollouts([[1]] * 4, tokens, [[-0.5] * n for n in lengths], ["stop", "length", "stop", "stop"])
+    trainer = SimpleNamespace(step=step, config=config, phase=SimpleNamespace(take_failures=dict))
+    it = Iteration([None] * 4, [[1]] * 4, rollouts, torch.tensor([1.0, 1.0, 0.0, 0.0]), {}, [True] * 4)
+    logps = [[-0.5] * n for n in lengths]
+    values = OnlineTrainer._rollout_metrics(trainer, it, logps, logps)  # type: ignore[arg-type]
+    assert values["reward"] == 0.5 and values["overlong_penalty"] == -0.25
+    assert values["tied_groups"] == 0.5  # group 1's penalty tells its rollouts apart; group 2 ties
+    assert "kl" not in values and "kl" not in step.curve_metrics()
+    advantages = step.advantages(it.scores, rollouts, logps, logps, keep=it.keep)["advantages"]
+    assert advantages[0][0] > 0 > advantages[1][0] and advantages[2][0] == advantages[3][0] == 0.0
+    with_kl = grpo.create(load_config(grpo.CONFIG, None, ["grpo.kl=loss"]))
+    assert "kl" in with_kl.curve_metrics()
