@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from engine.data.chat import prompt_messages, render_chat_text
-from engine.data.errors import Where, empty_dataset
+from engine.data.errors import DataError, Where, empty_dataset
 from engine.data.loaders import ReadStats, checked_records, iter_records, parsed
 from engine.data.schemas import check_row
 
@@ -60,7 +60,15 @@ class PromptRow:
 
 def prompt_row(row: dict[str, Any], where: Optional[Where] = None) -> PromptRow:
     """A :class:`PromptRow` from a raw row, checked with the ``prompts`` schema (:class:`DataError` if bad)."""
-    checked = check_row("prompts", row, where)
+    try:
+        checked = check_row("prompts", row, where, formats=("prompts",))
+    except DataError as error:  # another format's row: no data.format to set, rollout.prompts reads prompts only
+        if not error.looks_like:
+            raise
+        turns = ", such as this row's messages up to the last user turn" if error.looks_like == "chat" else ""
+        raise error.with_hint(f"the row has the fields of data.format={error.looks_like}, and a prompt file's rows "
+                              f"have a 'prompt': text, or chat turns that end with the user's{turns}; an 'answer' "
+                              "may go beside it") from None
     metadata = {key: value for key, value in checked.items() if key not in ("prompt", "answer")}
     return PromptRow(checked["prompt"], checked.get("answer"), metadata, where)
 

@@ -51,6 +51,17 @@ def test_bad_rows_name_file_line_and_field(write_jsonl: Callable[..., str], bad:
     assert caught.value.row == 2 and caught.value.field == field
 
 
+def test_a_row_of_another_format_is_told_what_a_prompt_row_is(write_jsonl: Callable[..., str]) -> None:
+    """A chat row in a prompt file was told to 'set data.format=chat', which rollout.prompts does not read."""
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    for row, turns in ((chat, "such as this row's messages up to the last user turn"), ({"text": "q"}, "")):
+        with pytest.raises(DataError) as caught:
+            load_prompts(write_jsonl([row]))
+        assert "data.format=chat" not in str(caught.value).replace("fields of data.format=chat,", "")
+        assert "a prompt file's rows have a 'prompt': text, or chat turns that end with the user's" in str(caught.value)
+        assert (turns in str(caught.value)) and caught.value.looks_like == ("chat" if turns else "text")
+
+
 def test_bad_rows_can_be_skipped_and_counted(write_jsonl: Callable[..., str]) -> None:
     path = write_jsonl([{"prompt": "a"}, "{not json", {"prompt": 3}, {"prompt": "b", "answer": 2.5}])
     stats = ReadStats()
