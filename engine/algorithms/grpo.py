@@ -61,8 +61,10 @@ class GRPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"grpo.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.kl_coef < 0 or self.max_sampling_rounds < 1:
-            raise ConfigError("grpo.kl_coef must be >= 0 and grpo.max_sampling_rounds >= 1")
+        if self.kl_coef < 0:
+            raise ConfigError(f"grpo.kl_coef={self.kl_coef} must be >= 0")
+        if self.max_sampling_rounds < 1:
+            raise ConfigError(f"grpo.max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
 
 
 @dataclass

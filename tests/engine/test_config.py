@@ -215,6 +215,11 @@ def test_grpo_overlong_penalty_ramp_must_fit_within_max_new_tokens() -> None:
     load_config(GRPOTrainConfig, None, ["grpo.overlong_cache=100", "rollout.max_new_tokens=48"])  # keep: unread
     with pytest.raises(ConfigError, match="grpo.aggregation_constant=-4 must be >= 1"):
         load_config(GRPOTrainConfig, None, ["grpo.aggregation_constant=-4"])
+    # each bad value is named alone: max_sampling_rounds=0 was refused as 'grpo.kl_coef must be >= 0 and ...'
+    with pytest.raises(ConfigError, match=r": grpo.max_sampling_rounds=0 must be >= 1$"):
+        load_config(GRPOTrainConfig, None, ["grpo.max_sampling_rounds=0"])
+    with pytest.raises(ConfigError, match=r": grpo.kl_coef=-0.1 must be >= 0$"):
+        load_config(GRPOTrainConfig, None, ["grpo.kl_coef=-0.1"])
 
 
 def test_iterative_dpo_reads_data_overlong() -> None:
