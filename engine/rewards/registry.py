@@ -123,9 +123,16 @@ def _import_reference(name: str) -> Callable[..., Any]:
         sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name != missing and not module_name.startswith(missing + "."):  # found; what it imports is not
+            raise ConfigError(f"reward function {name!r}: module {module_name!r} imports {missing!r}, which is not "
+                              "installed here (nor beside the command)") from None
         raise ConfigError(f"reward function {name!r}: cannot import module {module_name!r} ({exc}); "
                           "check the name and that the module is in the current directory or on PYTHONPATH") from None
+    except ImportError as exc:  # found, and an import inside it failed (a name its dependency lacks)
+        raise ConfigError(f"reward function {name!r}: importing module {module_name!r} raised ImportError: "
+                          f"{exc}") from None
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):

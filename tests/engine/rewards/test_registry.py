@@ -54,6 +54,22 @@ def test_a_module_in_the_current_directory_is_found(tmp_path: Path, monkeypatch:
     assert sys.path[-1] == str(tmp_path)
 
 
+def test_a_module_whose_own_import_fails_is_not_called_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reward module that imports a package not installed was reported as 'cannot import module' itself, and the
+    user went looking for a path problem."""
+    (tmp_path / "needs_a_package.py").write_text("import keel_no_such_package\n")
+    (tmp_path / "needs_a_name.py").write_text("from json import no_such_name\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^reward function 'needs_a_package:f': module 'needs_a_package' imports "
+                       r"'keel_no_such_package', which is not installed here"):
+        resolve_reward("needs_a_package:f")
+    with pytest.raises(ConfigError, match=r"importing module 'needs_a_name' raised ImportError: cannot import name "
+                       r"'no_such_name'"):
+        resolve_reward("needs_a_name:f")
+    with pytest.raises(ConfigError, match="cannot import module 'tests.engine.nope.deeper'"):  # a missing package
+        resolve_reward("tests.engine.nope.deeper:f")
+
+
 def test_register_twice_under_one_name_is_refused() -> None:
     def first(prompt: str, response: str, metadata: dict) -> float:
         return 0.0
