@@ -11,7 +11,9 @@
   then the policy: a kill between the two);
 * ``in-sample``: in the sampling phase of an iterative recipe (iterative DPO, SteerLM 2.0),
   right after the ``<step>``-th chunk this process generated is on disk (counted from 1 in
-  each process, so a resumed run that finds chunks on disk counts only the new ones).
+  each process, so a resumed run that finds chunks on disk counts only the new ones);
+* ``generated``: in ``keel generate``, right after the ``<step>``-th batch this process made is
+  written (counted from 1 in each process).
 
 Without ``<rank>`` every rank does it; with it only that global rank. Under torchrun the
 fault fires in the first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so a
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import signal
 
-WHEN = ("after", "in-step", "in-save", "saved", "in-sample")
+WHEN = ("after", "in-step", "in-save", "saved", "in-sample", "generated")
 
 
 def _this_rank() -> int:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,9 +39,11 @@ from engine.data.chat import TEMPLATES, prompt_messages, render_prompt, stop_tok
 from engine.data.errors import Absent, DataError, empty_dataset
 from engine.data.loaders import make_parent_dir, parsed_records
 from engine.data.schemas import ATTRIBUTES, check_messages, check_row
+from engine.faults import maybe_fail
 from engine.files import PartialOutput
 from engine.generation.base import SamplingParams
 from engine.runtime import shutdown
+from engine.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 STEERLM_DEFAULTS = {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 2, "verbosity": 2}
@@ -372,28 +375,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     writer = dist.get_rank() == 0
     if writer:
         partial.start(done, job.fingerprint())
-    with partial.append() if writer else open(os.devnull, "w") as fh:
-        bar = _progress(len(rows), not args.quiet and writer)
-        if bar is not None:
-            bar.update(len(done))
-        for start in range(len(done), len(rows), args.batch_size):
-            chunk = rows[start: start + args.batch_size]
-            step = dataclasses.replace(job.sampling, seed=job.sampling.seed + start)
-            for row in complete(backend, job.tokenizer, job.template, chunk, step, job.attributes, args.batch_size):
-                fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-    if writer:
+    with StopSignals("will stop after the current batch, keeping every completion made") as signals:
+        with partial.append() if writer else open(os.devnull, "w") as fh:
+            made = _generate_rows(args, job, backend, len(done), fh, signals, writer)
+    if writer and made == len(rows):
         partial.finish()
         print(f"wrote {len(rows)} completions to {args.output}", flush=True)
+    elif writer:
+        print(f"keel: stopped by {signals.received or 'a signal on another rank'} after {made} of {len(rows)} "
+              f"prompts; they are kept in {partial.path}, and the same command resumes from them", file=sys.stderr,
+              flush=True)
     backend.release()
     # Every rank leaves together and tears its process groups down: a rank that exits while gloo's
     # threads still run can abort at interpreter exit ("terminate called without an active exception").
     shutdown()
-    return 0
+    return 0 if made == len(rows) or signals.received != "SIGINT" else 130
+
+
+def _generate_rows(args: argparse.Namespace, job: Job, backend: Any, first: int, fh: Any, signals: StopSignals,
+                   writer: bool) -> int:
+    """Complete ``job.rows[first:]`` batch by batch into ``fh``; returns how many rows are done, fewer when a
+    SIGTERM or Ctrl-C on any rank stopped it after a batch (each batch's rows are flushed before the next)."""
+    from engine.parallel.collectives import any_rank
+
+    rows = job.rows
+    bar = _progress(len(rows), not args.quiet and writer)
+    if bar is not None:
+        bar.update(first)
+    made = first
+    for start in range(first, len(rows), args.batch_size):
+        if any_rank(signals.requested):
+            break
+        chunk = rows[start: start + args.batch_size]
+        step = dataclasses.replace(job.sampling, seed=job.sampling.seed + start)
+        for row in complete(backend, job.tokenizer, job.template, chunk, step, job.attributes, args.batch_size):
+            fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        made += len(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
+        maybe_fail("generated", -(-(made - first) // args.batch_size))
+    if bar is not None:
+        bar.close()
+    return made
 
 
 def register(subparsers: Any) -> None:

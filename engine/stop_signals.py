@@ -27,7 +27,8 @@ class StopSignals:
     """:meth:`install` sets the handlers (main thread only), :meth:`restore` puts the previous ones back; or use
     it as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, intent: str = "will checkpoint after the current step and exit") -> None:
+        self.intent = intent  # what the first signal's line says will happen
         self.received: Optional[str] = None  # the name of the first stop signal, once one came
         self._first_at = 0.0
         self._previous: dict[int, Any] = {}
@@ -45,8 +46,7 @@ class StopSignals:
             self.received, self._first_at = signal.Signals(signum).name, now
             again = (f" (a second Ctrl-C more than {REPEAT_S:g} s after this one stops at once, without one)"
                      if signum == signal.SIGINT else "")
-            logger.warning("%s received: will checkpoint after the current step and exit%s", self.received, again,
-                           extra=EVERY_RANK)
+            logger.warning("%s received: %s%s", self.received, self.intent, again, extra=EVERY_RANK)
         elif signum == signal.SIGINT and now - self._first_at > REPEAT_S:
             raise KeyboardInterrupt
 

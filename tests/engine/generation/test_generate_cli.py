@@ -27,9 +27,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _generate(nproc: int, checkpoint: Path, output: Path, *extra: str, check: bool = True):  # type: ignore[no-untyped-def]
+def _generate(nproc: int, checkpoint: Path, output: Path, *extra: str, check: bool = True,  # type: ignore[no-untyped-def]
+              env: dict[str, str] | None = None):
     return launch(nproc, ["-m", "engine", "generate", str(checkpoint / "checkpoints"), str(checkpoint / "prompts.jsonl"),
-                          str(output), "--max-new-tokens", "12", "--quiet", *extra], check=check)
+                          str(output), "--max-new-tokens", "12", "--quiet", *extra], env=env, check=check)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -87,6 +88,24 @@ def test_generate_tp1_tp2_and_resume(checkpoint: Path, tmp_path: Path) -> None:
     assert rows[0]["completion"] == "FROM THE INTERRUPTED RUN"
     assert [r["completion"] for r in rows[1:]] == [r["completion"] for r in first[1:]]
     assert not Path(f"{resumed}.partial").exists() and not Path(f"{resumed}.partial.meta").exists()
+
+
+@pytest.mark.parametrize("signal_name, code", [("TERM", 0), ("INT", 130)])
+def test_a_stop_signal_keeps_the_completions_and_says_how_to_resume(checkpoint: Path, tmp_path: Path,
+                                                                    signal_name: str, code: int) -> None:
+    """SIGTERM ended `keel generate` without a line: the user could not tell it from a crash, nor that the same
+    command resumes. It now stops after the batch it is on, as training stops after its step."""
+    output, whole = tmp_path / "out.jsonl", tmp_path / "whole.jsonl"
+    proc = _generate(1, checkpoint, output, "--batch-size", "1", env={"KEEL_FAULT": f"generated:2:{signal_name}"},
+                     check=False)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert f"SIG{signal_name} received: will stop after the current batch" in proc.stderr
+    assert f"keel: stopped by SIG{signal_name} after 2 of 4 prompts; they are kept in {output}.partial, and the " \
+           "same command resumes from them" in proc.stderr, proc.stderr[-2000:]
+    assert len(_rows(Path(f"{output}.partial"))) == 2 and not output.exists()
+    assert "resuming: 2 of 4 prompts already done" in _generate(1, checkpoint, output, "--batch-size", "1").stdout
+    _generate(1, checkpoint, whole)
+    assert _rows(output) == _rows(whole)
 
 
 def test_generate_refuses_bad_input_before_loading(checkpoint: Path, tmp_path: Path) -> None:
