@@ -44,6 +44,11 @@ from engine.trainer import FitResult, Trainer
 logger = logging.getLogger(__name__)
 
 
+# what the first stop signal's line says, by phase (the run stops between chunks, or after an iteration's checkpoint)
+CHUNK_STOP = "will stop after the chunk of samples being made (kept on disk; the same command resumes)"
+ROUND_STOP = "will finish this iteration, checkpoint it and exit (the same command resumes)"
+
+
 class _Stopped(Exception):
     """SIGTERM between two chunks of samples: what is sampled is on disk, the last checkpoint is the start."""
 
@@ -69,6 +74,7 @@ class IterativeTrainer(Trainer):
         self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
         self.prompt_sampler = self.sampler  # what checkpoints record (a round's sampler changes every iteration)
         self.new_chunks = 0  # chunks this process generated (the in-sample fault point counts them)
+        self.signals.intent = ROUND_STOP  # until sampling says otherwise
 
     def maybe_resume(self) -> int:
         """As :meth:`Trainer.maybe_resume`; a fresh run (``checkpoint.resume=none``) also moves the earlier run's
@@ -119,6 +125,8 @@ class IterativeTrainer(Trainer):
                 samples += stored
                 times["chunks_reused"] += 1
                 continue
+            # a stop signal is acted on after this chunk, or after the round and its checkpoint when it is the last
+            self.signals.intent = CHUNK_STOP if number + 1 < len(chunks) else ROUND_STOP
             if not refitted:
                 times["refit"] = self.phase.refit()
                 refitted = True
@@ -132,6 +140,7 @@ class IterativeTrainer(Trainer):
             logger.info("iteration %d: %d chunk(s) of samples reused from %s", iteration, times["chunks_reused"],
                         store.dir)
         store.write_jsonl("samples.jsonl", samples)
+        self.signals.intent = ROUND_STOP
         return samples, times
 
     def sampling_inputs(self, iteration: int, indices: list[int]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class OnlineTrainer(Trainer):
         from engine.sampling_phase import SamplingPhase
 
         super().__init__(config, step, parallel)
+        self.signals.intent = "will checkpoint after the current iteration and exit (the same command resumes)"
         rollout = config.rollout
         # prompts: the same on every rank (generation spreads them over the replicas itself)
         self.sampler = GlobalBatchSampler(len(self.train_data), rollout.prompts_per_iteration,

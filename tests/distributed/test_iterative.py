@@ -107,6 +107,8 @@ def test_iterative_dpo_at_tp2_and_killed_in_sampling_resumes_to_the_same_pairs(t
     proc = keel_train(2, [*args, f"run.output_dir={stopped}"], env={"KEEL_FAULT": "in-sample:1:TERM"},
                       algo="iterative-dpo")
     assert "stopped on SIGTERM" in proc.stderr and not (stopped / "iterations" / "iter_1" / "pairs.jsonl").exists()
+    # said as what it does in the sampling phase: it said "will checkpoint after the current step"
+    assert "SIGTERM received: will stop after the chunk of samples being made (kept on disk" in proc.stderr
     keel_train(2, [*args, f"run.output_dir={stopped}"], algo="iterative-dpo")
     name = "iterations/iter_2/pairs.jsonl"
     assert (stopped / name).read_text() == (whole / name).read_text()

@@ -72,6 +72,13 @@ def test_grpo_killed_mid_iteration_resumes_to_the_same_losses(tmp_path: Path) ->
     expected = {r["step"]: r["policy_loss"] for r in _records(whole)}
     resumed = {r["step"]: r["policy_loss"] for r in _records(killed)}
     assert resumed[2] == expected[2] and resumed[3] == expected[3], (expected, resumed)
+    # SIGTERM in the middle of iteration 2: it is finished and checkpointed, and the line says so in iterations
+    stopped = tmp_path / "stopped"
+    proc = keel_train(1, [*args, f"run.output_dir={stopped}"], env={"KEEL_FAULT": "in-step:2:TERM"}, algo="grpo")
+    assert "SIGTERM received: will checkpoint after the current iteration and exit" in proc.stderr, proc.stderr[-2000:]
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    keel_train(1, [*args, f"run.output_dir={stopped}", "checkpoint.resume=auto"], algo="grpo")
+    assert {r["step"]: r["policy_loss"] for r in _records(stopped)} == expected
 
 
 def test_reinforce_goes_on_through_misbehaving_reward_functions(tmp_path: Path) -> None:
