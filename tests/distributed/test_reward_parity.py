@@ -64,3 +64,16 @@ def test_regression_training_reduces_loss(results: dict[str, dict[str, list[floa
     # (5 small batches are too noisy for a strictly monotone check; regression starts far off)
     losses = results["regression/reference"]["loss"]
     assert max(losses[1:]) < losses[0] and min(losses[3:]) < 0.75 * losses[0], losses
+
+
+def test_the_last_pipeline_stage_says_which_weights_it_kept_fresh(tmp_path: Path) -> None:
+    """A reward model from an SFT checkpoint keeps its new head at initialisation, and the head lives on the last
+    pipeline stage: its rank says so, once, while ranks other than 0 are otherwise quiet."""
+    from tests.helpers import keel_train
+
+    sft = tmp_path / "sft"
+    keel_train(1, [*BASE, "run.train_steps=1", "data.num_samples=16", f"run.output_dir={sft}"])
+    proc = keel_train(2, [*BASE, *KINDS["regression"], "parallel.pipeline=2", "run.train_steps=1",
+                          f"checkpoint.load={sft}", f"run.output_dir={tmp_path / 'rm'}"], algo="rm")
+    said = [line for line in proc.stderr.splitlines() if "kept fresh weights for" in line]
+    assert len(said) == 1 and "head" in said[0] and "embedding" not in said[0], proc.stderr[-3000:]
