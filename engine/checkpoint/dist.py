@@ -60,15 +60,21 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and (path / META).is_file() and (path / "metadata.json").is_file()
 
 
+_TOLD_INCOMPLETE: set[tuple[Path, Path]] = set()  # (pointer, what it named) already said, once per process
+
+
 def find_latest(root: str) -> Optional[Path]:
-    """Newest complete checkpoint under ``root``: the ``latest`` pointer, else a directory scan."""
+    """Newest complete checkpoint under ``root``: the ``latest`` pointer, else a directory scan. A pointer that names
+    an incomplete checkpoint is said once, however often the directory is read (a start-up reads it twice)."""
     base = Path(root)
     pointer = base / LATEST
     if pointer.is_file():
         candidate = base / pointer.read_text().strip()
         if is_complete(candidate):
             return candidate
-        logger.warning("checkpoint pointer %s names %s, which is incomplete; scanning", pointer, candidate)
+        if (pointer, candidate) not in _TOLD_INCOMPLETE:
+            _TOLD_INCOMPLETE.add((pointer, candidate))
+            logger.warning("checkpoint pointer %s names %s, which is incomplete; scanning", pointer, candidate)
     steps = sorted(
         (int(m.group(1)), p) for p in base.glob("step_*") if (m := _STEP_DIR.match(p.name)) and is_complete(p)
     )

@@ -52,6 +52,17 @@ def test_every_form_names_the_best_checkpoint_else_the_latest(tmp_path: Path) ->
     assert locate(tmp_path / "b" / "checkpoints") == tmp_path / "b" / "checkpoints" / "step_0000002"
 
 
+def test_a_pointer_to_an_incomplete_checkpoint_is_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A start-up reads checkpoint.dir twice (the early shape check, then the resume): the warning came twice."""
+    checkpoints = tmp_path / "checkpoints"
+    _step(checkpoints, 1)
+    (checkpoints / "step_0000002").mkdir()  # killed mid-save, and the pointer already moved (an older writer)
+    (checkpoints / ckpt.LATEST).write_text("step_0000002")
+    with caplog.at_level("WARNING", logger="engine.checkpoint.dist"):
+        assert ckpt.find_latest(str(checkpoints)) == ckpt.find_latest(str(checkpoints)) == checkpoints / "step_0000001"
+    assert caplog.text.count("which is incomplete; scanning") == 1
+
+
 def test_what_names_no_checkpoint_is_one_line_naming_the_setting(tmp_path: Path) -> None:
     unmarked = _run(tmp_path, best=False)
     with pytest.raises(CheckpointError, match=r"^reward model .*run/best: .*checkpoints has no 'best' pointer \(a run "
