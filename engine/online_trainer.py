@@ -40,6 +40,7 @@ class OnlineTrainer(Trainer):
 
         super().__init__(config, step, parallel)
         self.signals.intent = "will checkpoint after the current iteration and exit (the same command resumes)"
+        self.tied_groups = TiedGroups(config)
         rollout = config.rollout
         # prompts: the same on every rank (generation spreads them over the replicas itself)
         self.sampler = GlobalBatchSampler(len(self.train_data), rollout.prompts_per_iteration,
@@ -179,7 +180,7 @@ class OnlineTrainer(Trainer):
         it.times["train"] = time.perf_counter() - began
         metrics.update(self._rollout_metrics(it, logps, ref_logps))
         metrics["tokens"] = float(sum(len(s) for s in it.rollouts.sequences()))
-        tell_tied_groups(self, step_number, metrics)
+        self.tied_groups.tell(step_number, metrics)
         return metrics
 
     def _train_actor(self, steps: list[list[Any]], step_number: int) -> dict[str, float]:
@@ -307,20 +308,27 @@ def _merge_groups(rounds: list[Iteration], groups: list[tuple[int, int]], size: 
                      take(lambda it: it.responses), times)
 
 
-def tell_tied_groups(trainer: Any, step_number: int, metrics: dict[str, float]) -> None:
+class TiedGroups:
     """Where the rollouts of a prompt are compared (GRPO, RLOO), groups that all scored alike have advantage 0:
-    :data:`TIED_ITERATIONS` iterations of only such groups are said once. A policy that never earns the reward
-    (a random start, a base model that never states an answer) trained on nothing, its loss 0, without a word."""
-    if not ties_teach_nothing(trainer.config) or metrics.get("tied_groups") != 1.0:
-        trainer.tied_iterations = 0
-        return
-    trainer.tied_iterations = getattr(trainer, "tied_iterations", 0) + 1
-    if trainer.tied_iterations == TIED_ITERATIONS:
-        logger.warning(
-            "iterations %d-%d: every prompt's rollouts scored alike (reward %.4g), so their advantages are 0 and "
-            "the policy learns nothing; start from a policy that sometimes earns the reward (checkpoint.load=<an "
-            "SFT checkpoint>), or give a reward that tells its rollouts apart", step_number - TIED_ITERATIONS + 1,
-            step_number, metrics.get("reward", math.nan))
+    :data:`TIED_ITERATIONS` iterations in a row of only such groups are said once. A policy that never earns the
+    reward (a random start, a base model that never states an answer) trained on nothing, its loss 0, without a
+    word."""
+
+    def __init__(self, config: Any):
+        self.watched = ties_teach_nothing(config)
+        self.in_a_row = 0  # iterations in a row whose every group tied
+
+    def tell(self, step_number: int, metrics: dict[str, float]) -> None:
+        if not self.watched or metrics.get("tied_groups") != 1.0:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.in_a_row == TIED_ITERATIONS:
+            logger.warning(
+                "iterations %d-%d: every prompt's rollouts scored alike (reward %.4g), so their advantages are 0 and "
+                "the policy learns nothing; start from a policy that sometimes earns the reward (checkpoint.load=<an "
+                "SFT checkpoint>), or give a reward that tells its rollouts apart", step_number - TIED_ITERATIONS + 1,
+                step_number, metrics.get("reward", math.nan))
 
 
 def ties_teach_nothing(config: Any) -> bool:

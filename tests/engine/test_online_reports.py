@@ -113,14 +113,14 @@ def test_iterations_of_only_tied_groups_are_said_once_where_groups_are_compared(
     """grpo_tiny from its random start (or a base model that never answers) trained 60 iterations on advantages
     of 0 with 'policy_loss 0.0000 -> 0.0000' and no word."""
     from engine.algorithms import grpo, ppo
-    from engine.online_trainer import TIED_ITERATIONS, tell_tied_groups
+    from engine.online_trainer import TIED_ITERATIONS, TiedGroups
 
     def run(cls: type, tied: list[float], *overrides: str) -> list[str]:
         caplog.clear()
-        trainer = SimpleNamespace(config=load_config(cls, None, list(overrides)))
+        watch = TiedGroups(load_config(cls, None, list(overrides)))
         with caplog.at_level("WARNING", logger="engine.online_trainer"):
             for step, share in enumerate(tied, 1):
-                tell_tied_groups(trainer, step, {"tied_groups": share, "reward": 0.0})
+                watch.tell(step, {"tied_groups": share, "reward": 0.0})
         return [record.getMessage() for record in caplog.records]
 
     all_tied = [1.0] * (2 * TIED_ITERATIONS + 3)
