@@ -247,7 +247,8 @@ class PromptSampling:
 
         rollout = config.rollout
         on_error = config.data.on_error
-        train = load_prompts(rollout.prompts, rollout.num_prompts, config.run.seed, on_error)
+        train = check_judged(config.reward_functions or [],
+                             load_prompts(rollout.prompts, rollout.num_prompts, config.run.seed, on_error), on_error)
         if len(train) < rollout.prompts_per_iteration:
             logger.warning("rollout.prompts_per_iteration=%d exceeds the %d prompts of %s: every iteration asks "
                            "some prompts more than once", rollout.prompts_per_iteration, len(train), rollout.prompts)
@@ -256,7 +257,6 @@ class PromptSampling:
             logger.info("rollout.eval_prompts=auto: no held-out prompts for %s (none are taken from it); set "
                         "rollout.eval_prompts=<prompts never trained on> for greedy evaluation", rollout.prompts)
         held_out = load_prompts(source, rollout.eval_num_prompts, config.run.seed, on_error) if source else []
-        train = check_judged(config.reward_functions or [], train, on_error)
         held_out = check_judged(config.reward_functions or [], held_out, on_error)
         if len(held_out) > rollout.eval_num_prompts:
             logger.info("held-out evaluation: the first %d of the %d prompts of %s (rollout.eval_num_prompts)",
