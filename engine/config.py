@@ -292,6 +292,9 @@ class TrainConfig:
         """Checks of the checkpoints this run names besides ``checkpoint.load`` (a reference, a reward model),
         run by the trainer before any model is built: :meth:`validate` reads no file."""
 
+    def check_fresh_start(self) -> None:
+        """Checks of what only a run that starts afresh reads (not one that resumes), before any model is built."""
+
     def set_otherwise(self, names: Iterable[str]) -> Iterator[tuple[str, Any]]:
         """(name, value) of each ``section.field`` of ``names`` this config sets otherwise than its algorithm's
         default (the section's own default factory)."""

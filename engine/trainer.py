@@ -26,6 +26,7 @@ import torch
 
 from engine.algorithms.base import Batch, Step
 from engine.checkpoint import dist as ckpt
+from engine.checkpoint.pinning import pin_frozen
 from engine.checkpoint.resume import carried_best, changed_data_settings, check_resume
 from engine.config import save_config
 from engine.data.batching import (  # noqa: F401  (cut_to_length, group_by_length, padded_length: re-exported)
@@ -355,8 +356,12 @@ class Trainer:
         resumed = self._resume_target()
         if resumed is not None:
             if ckpt.is_complete(resumed):  # else the resume's own error, later
-                ckpt.check_compatible(resumed, ckpt.read_meta(resumed), signature)
+                meta = ckpt.read_meta(resumed)
+                ckpt.check_compatible(resumed, meta, signature)
+                pin_frozen(self.config, meta.get("config") or {})  # the frozen models' steps the run began with
             return
+        pin_frozen(self.config)
+        self.config.check_fresh_start()
         if chk.load:
             path = ckpt.locate(chk.load, "checkpoint.load")  # a one-line error naming the forms it takes
             meta = ckpt.read_meta(path)

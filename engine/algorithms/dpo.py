@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -94,6 +95,7 @@ class DPOTrainConfig(TrainConfig):
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")
     FORMATS: ClassVar[tuple[str, ...]] = ("pairs", "attributes", "helpsteer2_preference")
     FINE_TUNE_LR: ClassVar[Optional[float]] = 1e-6
+    FROZEN: ClassVar[tuple[str, ...]] = ("dpo.reference",)  # pinned to a step (engine.checkpoint.pinning)
     IGNORED: ClassVar[dict[str, str]] = {
         "data.pack": "DPO reads each pair's two responses as samples of their own, never packed with others",
         "data.loss_on": "DPO's loss is on the log-probabilities of the responses' tokens",
@@ -125,6 +127,23 @@ class DPOTrainConfig(TrainConfig):
 
         if self.dpo.reference != self.checkpoint.load:  # checkpoint.load is checked as the policy's start
             refuse_scorer_policy(self.dpo.reference, "dpo.reference")
+
+    def check_fresh_start(self) -> None:
+        """Stored reference log-probs of another model than the policy starts from are said: DPO's implicit reward
+        is then measured against that model, and the first step is not at log 2 and accuracy 0.5."""
+        if not self.dpo.reference_logprobs:
+            return
+        from engine.algorithms.dpo_reference import reference_identity
+        from engine.data.dpo import read_reference_lines
+
+        path = Path(self.dpo.reference_logprobs)
+        lines = read_reference_lines(path) if path.is_file() else []  # no file: refused when the data is read
+        theirs, mine = (lines[0].get("reference") if lines else None), reference_identity(self)
+        if theirs is not None and theirs != mine:
+            logger.warning("dpo.reference_logprobs=%s holds the log-probs of %s, and the policy starts from %s: DPO "
+                           "measures its reward against the file's model; write the file from the policy's start "
+                           "(keel data ref-logprobs with this checkpoint.load) unless that is meant",
+                           self.dpo.reference_logprobs, theirs, mine)
 
 
 class DPOStep(Step):

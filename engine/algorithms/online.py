@@ -111,6 +111,7 @@ class OnlineTrainConfig(TrainConfig):
     GROUP_NEEDS: ClassVar[str] = ""  # why rollouts of a prompt are compared (then >= 2 are needed)
     BUFFER_IS_BATCH: ClassVar[bool] = True  # the rollout buffer is split into optimizer steps (online RL)
     FINE_TUNE_LR: ClassVar[Optional[float]] = 1e-6
+    FROZEN: ClassVar[tuple[str, ...]] = ("reference", "reward_model")  # pinned to a step (engine.checkpoint.pinning)
     # the other algorithms' data settings, and the rollout settings that do their work when sampling from prompts
     UNREAD: ClassVar[dict[str, str]] = {"data.source": "rollout.prompts", "data.validation_source": "rollout.eval_prompts",
                                         "data.num_samples": "rollout.num_prompts"}

@@ -130,3 +130,66 @@ def test_a_reward_model_scores_at_this_worlds_layout(tmp_path: Path, monkeypatch
     assert (kept.tensor, kept.pipeline, kept.sequence_parallel, kept.virtual_pipeline) == (2, 2, False, None)
     beside = reward_model_config(str(rm), ["parallel.tensor=2", "parallel.pipeline=1"])[1].parallel  # online RL's
     assert (beside.tensor, beside.pipeline, beside.sequence_parallel, beside.virtual_pipeline) == (2, 1, False, None)
+
+
+def test_a_frozen_models_checkpoint_is_pinned_to_the_step_the_run_began_with(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """dpo.reference (or checkpoint.load) given as a run directory names its best step when it is read: a DPO run
+    resumed after the SFT run behind it trained on took the new step as its reference, and its losses moved."""
+    from engine.algorithms.dpo import DPOTrainConfig
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.checkpoint.pinning import pin_frozen
+    from engine.config import load_config
+
+    sft = _run(tmp_path / "sft")
+    checkpoints = tmp_path / "sft" / "checkpoints"
+    fresh = load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"])  # the reference defaults to it
+    pin_frozen(fresh)
+    assert fresh.dpo.reference == str(checkpoints / "step_0000001")  # the best step, as the saved config shows
+    saved = fresh.to_dict()
+
+    (checkpoints / ckpt.BEST).write_text("step_0000002")  # the SFT run trained on and marked another best
+    resumed = load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"])
+    with caplog.at_level("WARNING", logger="engine.checkpoint.pinning"):
+        pin_frozen(resumed, saved)
+    assert resumed.dpo.reference == str(checkpoints / "step_0000001")
+    assert f"dpo.reference={sft} now names {checkpoints / 'step_0000002'}; this run began with " \
+           f"{checkpoints / 'step_0000001'} and keeps it" in caplog.text
+
+    import shutil
+
+    shutil.rmtree(checkpoints / "step_0000001")  # rotated out by keep_last, say
+    with pytest.raises(CheckpointError, match=r"^dpo.reference: this run began with .*step_0000001, which is gone"):
+        pin_frozen(load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"]), saved)
+    before = dict(saved, dpo=dict(saved["dpo"], reference=str(sft)))  # saved before steps were pinned: as it names now
+    old = load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"])
+    pin_frozen(old, before)
+    assert old.dpo.reference == str(checkpoints / "step_0000002")
+
+    # an online run's KL reference 'init' is the policy's start: checkpoint.load is pinned then, and the reward model
+    online = load_config(GRPOTrainConfig, None, [f"checkpoint.load={sft}", "reference=init", f"reward_model={sft}"])
+    pin_frozen(online)
+    assert (online.reference, online.checkpoint.load, online.reward_model) == (
+        "init", str(checkpoints / "step_0000002"), str(checkpoints / "step_0000002"))
+
+
+def test_reference_logprobs_of_another_model_than_the_policys_start_are_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file of reference log-probs from one checkpoint, with a policy started from another, trained without a word
+    (its first step at accuracy 0.625, not 0.5)."""
+    from engine.algorithms.dpo import DPOTrainConfig
+    from engine.config import load_config
+
+    sft = _run(tmp_path / "sft")
+    checkpoints = tmp_path / "sft" / "checkpoints"
+    refs = tmp_path / "ref.jsonl"
+    line = {"split": "train", "index": 0, "chosen": -1.0, "rejected": -2.0, "fingerprint": 1}
+    refs.write_text(json.dumps(dict(line, reference=str(checkpoints / "step_0000001"))) + "\n")
+    config = load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}", f"dpo.reference_logprobs={refs}"])
+    with caplog.at_level("WARNING", logger="engine.algorithms.dpo"):
+        config.check_fresh_start()  # the policy starts from the best step, which the file was made from
+        assert not caplog.records
+        (checkpoints / ckpt.BEST).write_text("step_0000002")
+        config.check_fresh_start()
+    assert f"dpo.reference_logprobs={refs} holds the log-probs of {checkpoints / 'step_0000001'}, and the policy " \
+           f"starts from {checkpoints / 'step_0000002'}" in caplog.text
