@@ -153,16 +153,23 @@ class Trainer:
 
     def _warn_of_unused_validation(self) -> None:
         """A validation set the user named, read and checked, and never evaluated (run.eval_interval=0, the
-        default): said once, with the setting that evaluates it."""
-        run, online = self.config.run, getattr(self.step, "online", False)
+        default): said once, with the setting that evaluates it. So are rows held out of the user's own file
+        for a validation that never runs: they are not trained on either."""
+        run, online, data = self.config.run, getattr(self.step, "online", False), self.config.data
         if getattr(self.step, "iterative", False) or run.eval_interval or run.eval_at_start or not self.parallel.is_main:
             return
         setting, named = (("rollout.eval_prompts", self.config.rollout.eval_prompts) if online
-                          else ("data.validation_source", self.config.data.validation_source))
-        if named and named not in ("auto", "none") and len(self.valid_data or ()):
+                          else ("data.validation_source", data.validation_source))
+        held = len(self.valid_data or ())
+        if named and named not in ("auto", "none") and held:
             unit = "iterations" if online else "steps"
             logger.warning("%s=%s is read but never evaluated: run.eval_interval=0 (the default); set "
                            "run.eval_interval=N to evaluate it every N %s", setting, named, unit)
+        elif not online and not named and held and not data.source.startswith("builtin:"):
+            logger.warning("data.validation_fraction=%g holds %d rows of %s out of training for a validation this run "
+                           "never runs (run.eval_interval=0, the default): set data.validation_fraction=0 to train on "
+                           "them, or run.eval_interval=N to evaluate them every N steps", data.validation_fraction,
+                           held, data.source)
 
     def _warn_of_repeats(self) -> None:
         """Fewer training samples than one global batch: every step holds some of them more than once."""

@@ -555,8 +555,20 @@ def test_a_named_validation_set_never_evaluated_is_warned(tmp_path: Path, caplog
     caplog.clear()
     with single_process_parallel() as parallel, caplog.at_level("WARNING", logger="engine.trainer"):
         _trainer(tmp_path, parallel, "data.validation_source=builtin:sft", "run.eval_interval=5")
-        _trainer(tmp_path, parallel)  # held out from data.source: no set was named
-    assert "never evaluated" not in caplog.text
+        _trainer(tmp_path, parallel)  # drawn from the built-in set's own generator: no training row is held out
+    assert "never evaluated" not in caplog.text and "holds" not in caplog.text
+    # rows held out of the user's own file for a validation that never runs were trained on by no one, unsaid
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
+                                                     {"role": "assistant", "content": f"{i}."}]}) + "\n"
+                            for i in range(40)))
+    with single_process_parallel() as parallel, caplog.at_level("WARNING", logger="engine.trainer"):
+        _trainer(tmp_path, parallel, f"data.source={rows}")
+        assert f"data.validation_fraction=0.05 holds 2 rows of {rows} out of training for a validation this run " \
+               "never runs (run.eval_interval=0, the default): set data.validation_fraction=0" in caplog.text
+        caplog.clear()
+        _trainer(tmp_path, parallel, f"data.source={rows}", "data.validation_fraction=0")
+    assert "holds" not in caplog.text
 
 
 @pytest.mark.parametrize("rows, read, said", [
