@@ -171,7 +171,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        _print_summary(summary, _set_format if args.config else _format_option)
+        _print_summary(summary, _set_format(args.run) if args.config else _format_option)
     return 0 if summary["ok"] else 1
 
 
@@ -183,8 +183,15 @@ def _format_option(fmt: str) -> str:
     return f"pass --format {fmt}"
 
 
-def _set_format(fmt: str) -> str:
-    return f"set data.format={fmt} in the run's config"
+def _set_format(run: Any) -> Callable[[str], str]:
+    """The remedy for rows of format ``fmt`` under ``--config``'s run: set it, where the run trains on it."""
+    formats = run.data_formats()
+
+    def remedy(fmt: str) -> str:
+        if fmt in formats:
+            return f"set data.format={fmt} in the run's config"
+        return f"this run does not train on them; it reads data.format {' or '.join(map(repr, formats))}"
+    return remedy
 
 
 def _convert(kind: str) -> Any:

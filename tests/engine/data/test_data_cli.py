@@ -109,6 +109,14 @@ def test_validate_takes_its_settings_from_a_run_config(tmp_path: Path, capsys: p
     assert summary("--config", str(plain), "--algorithm", "dpo")["seq_length"] == 256
     assert _run(["validate", str(pairs), "--config", str(plain)]) == 1  # keel train sft cannot train on pairs
     assert "keel train sft trains on data.format 'chat' or 'text', got 'pairs'" in capsys.readouterr().out
+    # chat rows checked as a DPO run's: it was advised to set data.format=chat, which DPO then refused
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+                    + "\n")
+    assert _run(["validate", str(chat), "--config", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "1 bad row has the fields of chat rows: this run does not train on them; it reads data.format 'pairs' " \
+           "or 'attributes' or 'helpsteer2_preference'" in out and "set data.format=chat" not in out, out
     for text, message in (("- a list\n", "the top level must be a mapping"),
                           ("rollout:\n  temperature: 1.0\n", "suits grpo, ppo, reinforce: say which with --algorithm"),
                           ("dpo:\n  beta: 0.1\nrm:\n  type: bt\n", "no keel train algorithm has all of its sections")):
