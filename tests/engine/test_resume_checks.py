@@ -156,3 +156,19 @@ def test_one_file_under_two_names_is_no_change_of_data() -> None:
     assert changed_data_settings(meta, same) == []
     other = SimpleNamespace(data=SimpleNamespace(source="builtin:sft", loss_on="all"))
     assert changed_data_settings(meta, other) == [f"data.source: {here} -> builtin:sft", "data.loss_on: assistant -> all"]
+
+
+def test_a_constant_schedule_resumed_with_more_steps_is_no_schedule_change() -> None:
+    """A resume with more run.train_steps and scheduler.type=constant warned 'decay steps ...: 4 -> 7', which a
+    constant LR never reads; a cosine's decay steps and a changed LR are still said."""
+    from types import SimpleNamespace
+
+    from engine.runner import schedule_changes
+
+    saved = {"max_lr": 1e-3, "min_lr": 0.0, "lr_warmup_steps": 0, "lr_decay_steps": 4, "lr_decay_style": "constant",
+             "start_wd": 0.0}
+    now = SimpleNamespace(**dict(saved, lr_decay_steps=7, min_lr=1e-5))
+    assert schedule_changes(now, saved) == []
+    cosine = dict(saved, lr_decay_style="cosine")
+    assert schedule_changes(SimpleNamespace(**dict(cosine, lr_decay_steps=7, max_lr=2e-3)), cosine) == [
+        "optimizer.lr: 0.001 -> 0.002", "decay steps (scheduler.decay_steps or run.train_steps + 1): 4 -> 7"]
