@@ -189,12 +189,13 @@ def _pair_prompt(row: Row, where: Optional[Where]) -> str | list[dict[str, str]]
 
 def check_chat(row: Row, where: Optional[Where]) -> Row:
     """A ``messages`` row, or a single exchange given as ``prompt`` (text, or turns ending with the user's) and
-    ``response`` or ``completion``: what ``keel data label`` writes for SteerLM, and TRL's prompt-completion."""
+    ``response`` or ``completion`` (text, or TRL's conversational form: the reply's own assistant turn): what
+    ``keel data label`` writes for SteerLM, and TRL's prompt-completion."""
     reply = next((name for name in ("response", "completion") if name in row), None)
     if "messages" not in row and "prompt" in row and reply is not None:
         prompt = _prompt(row, where)
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        row = dict(row, messages=[*turns, {"role": "assistant", "content": _string(row, reply, where)}])
+        row = dict(row, messages=[*turns, {"role": "assistant", "content": _response(row, reply, where)}])
     if "messages" not in row:  # name what the row has (a misspelt key, ShareGPT's 'conversations')
         sharegpt = " (ShareGPT's conversations: convert each {from, value} turn to {role, content} under " \
             "'messages')" if "conversations" in row else ""

@@ -241,6 +241,11 @@ def test_a_single_exchange_is_a_chat_row_and_trains_steerlm(tmp_path: Path) -> N
     turns = [{"role": "system", "content": "Be brief."}, USER]
     assert check_row("chat", {"prompt": turns, "completion": "ok"})["messages"] == [
         *turns, {"role": "assistant", "content": "ok"}]
+    # TRL's conversational prompt-completion (the completion its own assistant turn) was refused: "expected a string"
+    conversational = {"prompt": [USER], "completion": [{"role": "assistant", "content": "1."}]}
+    assert check_row("chat", conversational)["messages"] == [USER, {"role": "assistant", "content": "1."}]
+    with pytest.raises(DataError, match=r"field 'completion\[0\].role'"):
+        check_row("chat", {"prompt": [USER], "completion": [{"role": "user", "content": "1."}]})
     assert check_row("chat", {"messages": [USER, ASSISTANT], "prompt": "x", "response": "y"})["messages"] == \
         [USER, ASSISTANT]
     ids, mask = render_row(row, ByteTokenizer(), "chat", "nemotron")
