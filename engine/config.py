@@ -206,7 +206,8 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = doc("Checkpoint directory (None = <run.output_dir>/checkpoints).", None)
-    save_interval: int = doc("Save every N steps (0 = only at the end and on SIGTERM).", 10)
+    save_interval: int = doc("Save every N steps (0 = only at the end and on SIGTERM); a validation that improves on "
+                             "the best so far is saved too, to be marked best.", 10)
     resume: str = doc("'auto' continues from the newest complete checkpoint, 'none' starts fresh, or a checkpoint path.", "auto")
     load: Optional[str] = doc("Initialise model weights (only) from this checkpoint, e.g. an SFT run for a reward model.", None)
     keep_last: int = doc("Keep the newest N checkpoints (0 = keep all).", 3)
