@@ -131,7 +131,7 @@ def schedule_changes(scheduler: Any, saved: dict[str, Any]) -> list[str]:
     """What of the saved schedule this run's config changes, as ``name: checkpoint -> now`` strings; a constant
     schedule before and after has no decay, so its decay steps and minimum LR change nothing (a resume with more
     steps was warned about a change of decay steps)."""
-    constant = saved.get("lr_decay_style") == getattr(scheduler, "lr_decay_style") == "constant"
+    constant = saved.get("lr_decay_style") == scheduler.lr_decay_style == "constant"
     unread = ("lr_decay_steps", "min_lr") if constant else ()
     return [f"{name}: {saved[key]} -> {getattr(scheduler, key)}" for key, name in SCHEDULE_FIELDS.items()
             if key in saved and key not in unread and saved[key] != getattr(scheduler, key)]

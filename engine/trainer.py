@@ -94,6 +94,7 @@ class Trainer:
         self.layout = parallel.layout
         self.run_dir = config.run.output_dir
         self.signals = StopSignals()
+        self.frozen_ids: dict[str, Optional[str]] = {}
         self._check_load_before_building()
         lock_run_dir(self.run_dir, parallel.is_main, config.checkpoint.dir)  # one run per directory, before any work
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # a bad tokenizer file is refused before the build
@@ -291,6 +292,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "algorithm": self.step.name,
             "best_validation": self.best_validation,
+            "frozen_ids": self.frozen_ids,  # which save of each pinned frozen model's step (checkpoint.pinning)
         }
 
     def save_checkpoint(self, step_number: int) -> str:
@@ -365,9 +367,9 @@ class Trainer:
             if ckpt.is_complete(resumed):  # else the resume's own error, later
                 meta = ckpt.read_meta(resumed)
                 ckpt.check_compatible(resumed, meta, signature)
-                pin_frozen(self.config, meta.get("config") or {})  # the frozen models' steps the run began with
+                self.frozen_ids = pin_frozen(self.config, meta)  # the frozen models' steps the run began with
             return
-        pin_frozen(self.config)
+        self.frozen_ids = pin_frozen(self.config)
         self.config.check_fresh_start()
         if chk.load:
             path = ckpt.locate(chk.load, "checkpoint.load")  # a one-line error naming the forms it takes

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -274,7 +275,9 @@ def save(
     dist.barrier()
     maybe_fail("in-save", step)
     if parallel.is_main:
-        meta = dict(extra, step=step, layout=asdict(parallel.layout), has_optimizer=optimizer is not None)
+        # checkpoint_id tells this save from another written later at the same path (a run restarted over it)
+        meta = dict(extra, step=step, layout=asdict(parallel.layout), has_optimizer=optimizer is not None,
+                    checkpoint_id=uuid.uuid4().hex)
         write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)

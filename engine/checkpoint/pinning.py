@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from engine.checkpoint.dist import CheckpointError, is_complete, is_step_dir, locate
+from engine.checkpoint.dist import CheckpointError, is_complete, is_step_dir, locate, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +31,47 @@ def frozen_settings(config: Any) -> list[str]:
     return names
 
 
-def pin_frozen(config: Any, resumed: Optional[dict[str, Any]] = None) -> None:
-    """Set each of :func:`frozen_settings` to the step directory it names; when resuming (``resumed``: the saved
-    config of the checkpoint resumed), to the step the run began with."""
+def pin_frozen(config: Any, resumed: Optional[dict[str, Any]] = None) -> dict[str, Optional[str]]:
+    """Set each of :func:`frozen_settings` to the step directory it names; when resuming (``resumed``: the keel.json
+    of the checkpoint resumed), to the step the run began with. Returns ``{setting: checkpoint_id}`` of the steps,
+    which the run's checkpoints record: a step written again at the same path (the SFT run restarted with
+    ``checkpoint.resume=none`` saves its steps under the same names) is refused on resume."""
+    saved_config, saved_ids = (resumed or {}).get("config") or {}, (resumed or {}).get("frozen_ids") or {}
+    ids: dict[str, Optional[str]] = {}
     for name in frozen_settings(config):
         value = _get(config, name)
-        then = _saved(resumed, name)
+        then = _saved(saved_config, name) if resumed is not None else None
         if then is None or not is_step_dir(then):  # a fresh run, or one from before steps were pinned
-            _set(config, name, str(locate(value, name)))
-            continue
-        if not is_complete(Path(then)):
-            raise CheckpointError(f"{name}: this run began with {then}, which is gone: the run resumed would train "
-                                  "against other weights than it began with; put that checkpoint back, or start a new "
-                                  "run (another run.output_dir, or checkpoint.resume=none)")
-        try:
-            now: Optional[Path] = locate(value, name)
-        except CheckpointError:
-            now = None
-        if now is None or now.resolve() != Path(then).resolve():
-            logger.warning("%s=%s now names %s; this run began with %s and keeps it, as a resumed run must", name, value,
-                           now or "no complete checkpoint", then)
-        _set(config, name, then)
+            path = locate(value, name)
+        else:
+            path = _pinned_step(name, value, Path(then), saved_ids.get(name))
+        _set(config, name, str(path))
+        ids[name] = read_meta(path).get("checkpoint_id")
+    return ids
+
+
+def _pinned_step(name: str, value: str, then: Path, then_id: Optional[str]) -> Path:
+    """The step ``then`` a resumed run began with for ``name`` (now set to ``value``), if it is still the same
+    checkpoint; warned about when ``value`` now names another step."""
+    if not is_complete(then):
+        raise CheckpointError(f"{name}: this run began with {then}, which is gone: the run resumed would train "
+                              f"against other weights than it began with; {_REMEDY}")
+    now_id = read_meta(then).get("checkpoint_id")
+    if then_id is not None and now_id != then_id:
+        raise CheckpointError(f"{name}: {then} was written again since this run began (a run restarted over it; "
+                              f"its earlier checkpoints were moved to a checkpoints.earlier-* directory beside it): "
+                              f"the run resumed would train against other weights than it began with; {_REMEDY}")
+    try:
+        now: Optional[Path] = locate(value, name)
+    except CheckpointError:
+        now = None
+    if now is None or now.resolve() != then.resolve():
+        logger.warning("%s=%s now names %s; this run began with %s and keeps it, as a resumed run must", name, value,
+                       now or "no complete checkpoint", then)
+    return then
+
+
+_REMEDY = "put that checkpoint back, or start a new run (another run.output_dir, or checkpoint.resume=none)"
 
 
 def _get(config: Any, name: str) -> Any:

@@ -20,7 +20,8 @@ def _step(checkpoints: Path, step: int, algorithm: str = "sft") -> Path:
     path = checkpoints / f"step_{step:07d}"
     path.mkdir(parents=True)
     config = {"model": {"preset": "tiny-llama"}, "parallel": {}}
-    (path / ckpt.META).write_text(json.dumps({"algorithm": algorithm, "step": step, "config": config}))
+    (path / ckpt.META).write_text(json.dumps({"algorithm": algorithm, "step": step, "config": config,
+                                             "checkpoint_id": f"id-{step}"}))
     (path / "metadata.json").write_text("{}")
     return path
 
@@ -144,24 +145,31 @@ def test_a_frozen_models_checkpoint_is_pinned_to_the_step_the_run_began_with(
     sft = _run(tmp_path / "sft")
     checkpoints = tmp_path / "sft" / "checkpoints"
     fresh = load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"])  # the reference defaults to it
-    pin_frozen(fresh)
+    ids = pin_frozen(fresh)
     assert fresh.dpo.reference == str(checkpoints / "step_0000001")  # the best step, as the saved config shows
-    saved = fresh.to_dict()
+    assert ids == {"dpo.reference": "id-1"}
+    saved = {"config": fresh.to_dict(), "frozen_ids": ids}  # what the run's checkpoints record
 
     (checkpoints / ckpt.BEST).write_text("step_0000002")  # the SFT run trained on and marked another best
     resumed = load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"])
     with caplog.at_level("WARNING", logger="engine.checkpoint.pinning"):
-        pin_frozen(resumed, saved)
+        assert pin_frozen(resumed, saved) == ids
     assert resumed.dpo.reference == str(checkpoints / "step_0000001")
     assert f"dpo.reference={sft} now names {checkpoints / 'step_0000002'}; this run began with " \
            f"{checkpoints / 'step_0000001'} and keeps it" in caplog.text
 
+    # the SFT run restarted with checkpoint.resume=none saves its own step_0000001 at the same path
+    meta = json.loads((checkpoints / "step_0000001" / ckpt.META).read_text())
+    (checkpoints / "step_0000001" / ckpt.META).write_text(json.dumps(dict(meta, checkpoint_id="id-1-again")))
+    with pytest.raises(CheckpointError, match=r"^dpo.reference: .*step_0000001 was written again since this run "
+                       r"began \(a run restarted over it"):
+        pin_frozen(load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"]), saved)
     import shutil
 
     shutil.rmtree(checkpoints / "step_0000001")  # rotated out by keep_last, say
     with pytest.raises(CheckpointError, match=r"^dpo.reference: this run began with .*step_0000001, which is gone"):
         pin_frozen(load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"]), saved)
-    before = dict(saved, dpo=dict(saved["dpo"], reference=str(sft)))  # saved before steps were pinned: as it names now
+    before = {"config": dict(saved["config"], dpo=dict(saved["config"]["dpo"], reference=str(sft)))}  # not pinned yet
     old = load_config(DPOTrainConfig, None, [f"checkpoint.load={sft}"])
     pin_frozen(old, before)
     assert old.dpo.reference == str(checkpoints / "step_0000002")
