@@ -363,13 +363,14 @@ class Trainer:
         chk = self.config.checkpoint
         signature = ckpt.model_signature(resolve_preset(self.config.model))  # of another shape: refused here too
         resumed = self._resume_target()
+        unread = () if getattr(self.step, "uses_reference", True) else ("reference",)  # no KL reference is built
         if resumed is not None:
             if ckpt.is_complete(resumed):  # else the resume's own error, later
                 meta = ckpt.read_meta(resumed)
                 ckpt.check_compatible(resumed, meta, signature)
-                self.frozen_ids = pin_frozen(self.config, meta)  # the frozen models' steps the run began with
+                self.frozen_ids = pin_frozen(self.config, meta, unread)  # the frozen models' steps it began with
             return
-        self.frozen_ids = pin_frozen(self.config)
+        self.frozen_ids = pin_frozen(self.config, unread=unread)
         self.config.check_fresh_start()
         if chk.load:
             path = ckpt.locate(chk.load, "checkpoint.load")  # a one-line error naming the forms it takes

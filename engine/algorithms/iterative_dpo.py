@@ -59,6 +59,7 @@ class IterativeDPOTrainConfig(IterativeTrainConfig):
     """``keel train iterative-dpo``: the sampling sections, ``iterative`` and ``dpo`` (its loss settings)."""
 
     ALGORITHM: ClassVar[str] = "iterative-dpo"
+    FROZEN: ClassVar[tuple[str, ...]] = ("reward_model",)  # each round's reference is the policy, not `reference`
     GROUP_NEEDS: ClassVar[str] = "iterative DPO pairs the best and the worst response of a prompt"
     OVERLONG: ClassVar[tuple[str, ...]] = ("cut_prompt", "drop")  # a pair's responses stay whole
     # its pairs of samples are fitted to data.seq_length per data.overlong

@@ -21,24 +21,26 @@ from engine.checkpoint.dist import CheckpointError, is_complete, is_step_dir, lo
 logger = logging.getLogger(__name__)
 
 
-def frozen_settings(config: Any) -> list[str]:
+def frozen_settings(config: Any, unread: tuple[str, ...] = ()) -> list[str]:
     """The settings of ``config`` (dotted names) whose checkpoint a frozen model loads at every start: those its
-    class lists in ``FROZEN`` that name a checkpoint, and ``checkpoint.load`` where one of them is ``init``
-    (the policy's starting weights)."""
-    names = [name for name in getattr(type(config), "FROZEN", ()) if _get(config, name) not in (None, "init")]
-    if config.checkpoint.load and any(_get(config, name) == "init" for name in getattr(type(config), "FROZEN", ())):
+    class lists in ``FROZEN`` that name a checkpoint, less the ``unread`` ones (a KL reference under
+    ``grpo.kl=none``), and ``checkpoint.load`` where one of them is ``init`` (the policy's starting weights)."""
+    listed = [name for name in getattr(type(config), "FROZEN", ()) if name not in unread]
+    names = [name for name in listed if _get(config, name) not in (None, "init")]
+    if config.checkpoint.load and any(_get(config, name) == "init" for name in listed):
         names.append("checkpoint.load")
     return names
 
 
-def pin_frozen(config: Any, resumed: Optional[dict[str, Any]] = None) -> dict[str, Optional[str]]:
+def pin_frozen(config: Any, resumed: Optional[dict[str, Any]] = None,
+               unread: tuple[str, ...] = ()) -> dict[str, Optional[str]]:
     """Set each of :func:`frozen_settings` to the step directory it names; when resuming (``resumed``: the keel.json
     of the checkpoint resumed), to the step the run began with. Returns ``{setting: checkpoint_id}`` of the steps,
     which the run's checkpoints record: a step written again at the same path (the SFT run restarted with
     ``checkpoint.resume=none`` saves its steps under the same names) is refused on resume."""
     saved_config, saved_ids = (resumed or {}).get("config") or {}, (resumed or {}).get("frozen_ids") or {}
     ids: dict[str, Optional[str]] = {}
-    for name in frozen_settings(config):
+    for name in frozen_settings(config, unread):
         value = _get(config, name)
         then = _saved(saved_config, name) if resumed is not None else None
         if then is None or not is_step_dir(then):  # a fresh run, or one from before steps were pinned

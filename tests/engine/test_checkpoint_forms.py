@@ -179,6 +179,14 @@ def test_a_frozen_models_checkpoint_is_pinned_to_the_step_the_run_began_with(
     pin_frozen(online)
     assert (online.reference, online.checkpoint.load, online.reward_model) == (
         "init", str(checkpoints / "step_0000002"), str(checkpoints / "step_0000002"))
+    # a reference no model is built from (grpo.kl=none; iterative DPO's is each round's policy) is left as given:
+    # pinned, a resume would be refused for a checkpoint it never reads
+    unread = load_config(GRPOTrainConfig, None, [f"checkpoint.load={sft}", "grpo.kl=none", f"reward_model={sft}"])
+    assert pin_frozen(unread, unread=("reference",)) == {"reward_model": "id-2"} and unread.reference == str(sft)
+    from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
+
+    iterative = load_config(IterativeDPOTrainConfig, None, [f"checkpoint.load={sft}", f"reward_model={sft}"])
+    assert list(pin_frozen(iterative)) == ["reward_model"]
 
 
 def test_reference_logprobs_of_another_model_than_the_policys_start_are_said(
