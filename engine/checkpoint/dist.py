@@ -43,11 +43,6 @@ META = "keel.json"
 LATEST = "latest"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def is_step_dir(path: str | Path) -> bool:
-    """Whether ``path`` is named as a checkpoint's step directory (``step_<n>``), whether or not it exists."""
-    return _STEP_DIR.match(Path(path).name) is not None
 # The distributed optimizer's state as megatron's canonical per-parameter tensors (gathered over the data-parallel
 # group to save, sliced to load), so it loads at any layout as the plain optimizer's does. megatron-core 0.16's
 # default format ('fully_sharded_model_space', deprecated) refuses to save: "flattened_range is not supported".
@@ -60,6 +55,11 @@ class CheckpointError(RuntimeError):
 
 def step_dir(root: str, step: int) -> Path:
     return Path(root) / f"step_{step:07d}"
+
+
+def is_step_dir(path: str | Path) -> bool:
+    """Whether ``path`` is named as a checkpoint's step directory (``step_<n>``), whether or not it exists."""
+    return _STEP_DIR.match(Path(path).name) is not None
 
 
 def is_complete(path: Path) -> bool:

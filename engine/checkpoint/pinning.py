@@ -42,19 +42,20 @@ def pin_frozen(config: Any, resumed: Optional[dict[str, Any]] = None,
     ids: dict[str, Optional[str]] = {}
     for name in frozen_settings(config, unread):
         value = _get(config, name)
-        then = _saved(saved_config, name) if resumed is not None else None
+        then = _saved(saved_config, name)
         if then is None or not is_step_dir(then):  # a fresh run, or one from before steps were pinned
             path = locate(value, name)
+            ids[name] = read_meta(path).get("checkpoint_id")
         else:
-            path = _pinned_step(name, value, Path(then), saved_ids.get(name))
+            path = Path(then)
+            ids[name] = _check_pinned_step(name, value, path, saved_ids.get(name))
         _set(config, name, str(path))
-        ids[name] = read_meta(path).get("checkpoint_id")
     return ids
 
 
-def _pinned_step(name: str, value: str, then: Path, then_id: Optional[str]) -> Path:
-    """The step ``then`` a resumed run began with for ``name`` (now set to ``value``), if it is still the same
-    checkpoint; warned about when ``value`` now names another step."""
+def _check_pinned_step(name: str, value: str, then: Path, then_id: Optional[str]) -> Optional[str]:
+    """The ``checkpoint_id`` of the step ``then`` a resumed run began with for ``name`` (now set to ``value``),
+    refused unless it is still the same checkpoint; warned about when ``value`` now names another step."""
     if not is_complete(then):
         raise CheckpointError(f"{name}: this run began with {then}, which is gone: the run resumed would train "
                               f"against other weights than it began with; {_REMEDY}")
@@ -70,7 +71,7 @@ def _pinned_step(name: str, value: str, then: Path, then_id: Optional[str]) -> P
     if now is None or now.resolve() != then.resolve():
         logger.warning("%s=%s now names %s; this run began with %s and keeps it, as a resumed run must", name, value,
                        now or "no complete checkpoint", then)
-    return then
+    return now_id
 
 
 _REMEDY = "put that checkpoint back, or start a new run (another run.output_dir, or checkpoint.resume=none)"
