@@ -403,7 +403,7 @@ def _generate_rows(args: argparse.Namespace, job: Job, backend: Any, first: int,
     if bar is not None:
         bar.update(first)
     made = first
-    for start in range(first, len(rows), args.batch_size):
+    for number, start in enumerate(range(first, len(rows), args.batch_size), 1):
         if any_rank(signals.requested):
             break
         chunk = rows[start: start + args.batch_size]
@@ -414,7 +414,7 @@ def _generate_rows(args: argparse.Namespace, job: Job, backend: Any, first: int,
         made += len(chunk)
         if bar is not None:
             bar.update(len(chunk))
-        maybe_fail("generated", -(-(made - first) // args.batch_size))
+        maybe_fail("generated", number)
     if bar is not None:
         bar.close()
     return made
