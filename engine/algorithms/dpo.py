@@ -25,6 +25,7 @@ the chosen above the rejected; a tie counts half), ``margin`` (mean ``βh``), ``
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,11 +135,17 @@ class DPOTrainConfig(TrainConfig):
         if not self.dpo.reference_logprobs:
             return
         from engine.algorithms.dpo_reference import reference_identity
-        from engine.data.dpo import read_reference_lines
 
         path = Path(self.dpo.reference_logprobs)
-        lines = read_reference_lines(path) if path.is_file() else []  # no file: refused when the data is read
-        theirs, mine = (lines[0].get("reference") if lines else None), reference_identity(self)
+        if not path.is_file():
+            return  # refused when the data is read
+        with path.open(encoding="utf-8") as lines:  # every line names the same reference: the first says it
+            first = lines.readline()
+        try:
+            theirs = json.loads(first).get("reference")
+        except json.JSONDecodeError:  # empty or torn: refused when the data is read
+            return
+        mine = reference_identity(self)
         if theirs is not None and theirs != mine:
             logger.warning("dpo.reference_logprobs=%s holds the log-probs of %s, and the policy starts from %s: DPO "
                            "measures its reward against the file's model; write the file from the policy's start "
