@@ -68,6 +68,14 @@ class ModelConfig:
     ffn_hidden_size: Optional[int] = doc("Override the preset's MLP hidden size.", None)
     vocab_size: Optional[int] = doc("Override the preset's vocabulary size (must cover the tokenizer).", None)
     max_sequence_length: Optional[int] = doc("Override the preset's maximum sequence length.", None)
+    rotary_base: Optional[float] = doc("Override the preset's RoPE base (transformers' rope_theta).", None)
+    layernorm_epsilon: Optional[float] = doc(
+        "Override the preset's norm epsilon (transformers' rms_norm_eps, or norm_eps for Nemotron).", None)
+    tie_embeddings: Optional[bool] = doc(
+        "Override whether the output layer shares the input embedding's weights (tie_word_embeddings).", None)
+    rope_scaling_factor: Optional[float] = doc(
+        "Llama 3.x RoPE scaling (transformers' rope_type 'llama3' with low/high frequency factors 1 and 4 over "
+        "8192 original positions): its factor, 8 for Llama-3.1, 32 for Llama-3.2; None: no scaling.", None)
     init: str = doc(
         "Weight initialisation: 'layout_invariant' draws every full tensor from a per-name seed so any "
         "TP/PP layout starts from identical weights; 'megatron' uses megatron-core's own initialisers.",
@@ -83,8 +91,10 @@ class ModelConfig:
         _choice("model.layer_spec", self.layer_spec, ("auto", "te", "local"))
         _choice("model.recompute", self.recompute, ("none", "selective", "full"))
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                     "vocab_size", "max_sequence_length"):
+                     "vocab_size", "max_sequence_length", "rotary_base", "layernorm_epsilon"):
             _positive(f"model.{name}", getattr(self, name))
+        if self.rope_scaling_factor is not None and not self.rope_scaling_factor > 1:
+            raise ConfigError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be above 1 (None: no scaling)")
 
 
 @dataclass

@@ -223,10 +223,15 @@ def _rng_sharded(parallel: Any) -> Any:
     )
 
 
+# what the weights were trained to work with but does not stop them loading: a change is warned about
+# (a context extension raises the RoPE base on purpose); checkpoints written before they were recorded lack them
+ENCODING_KEYS = ("rotary_base", "rotary_percent", "rope_scaling_factor", "layernorm_epsilon")
+
+
 def model_signature(preset: Any) -> dict[str, Any]:
-    """The shape fields that must match for weights to load."""
+    """The shape fields that must match for weights to load, and the :data:`ENCODING_KEYS`."""
     keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-            "vocab_size", "normalization", "activation", "tie_embeddings", "add_bias_linear")
+            "vocab_size", "normalization", "activation", "tie_embeddings", "add_bias_linear", *ENCODING_KEYS)
     return {k: getattr(preset, k) for k in keys}
 
 
@@ -346,12 +351,19 @@ def check_compatible(path: Path, meta: dict[str, Any], signature: dict[str, Any]
     saved = meta.get("model_signature")
     if saved is None:
         raise CheckpointError(f"{path}: {META} has no model_signature; not a Keel checkpoint")
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs model {v!r}" for k, v in signature.items() if saved.get(k) != v]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs model {v!r}" for k, v in signature.items()
+             if k not in ENCODING_KEYS and saved.get(k) != v]
     if diffs:
         raise CheckpointError(
             f"{path} was written for a different model shape ({'; '.join(diffs)}); "
             "use a checkpoint of this model or change model.* to match"
         )
+    changed = [f"model.{k} {saved[k]!r} -> {signature[k]!r}" for k in ENCODING_KEYS
+               if k in saved and k in signature and saved[k] != signature[k]]
+    if changed:
+        logger.warning("%s: its model was trained with other position or norm settings than this run builds (%s); "
+                       "it loads, but computes another function unless that is meant (a context extension)",
+                       path, "; ".join(changed))
 
 
 def _check_optimizer_kind(path: Path, meta: dict[str, Any], distributed: bool) -> None:

@@ -19,7 +19,8 @@ from typing import Any, Optional
 from engine.errors import ConfigError
 
 ARCHITECTURE = ("preset", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "vocab_size", "max_sequence_length")
+                "ffn_hidden_size", "vocab_size", "max_sequence_length", "rotary_base", "layernorm_epsilon",
+                "tie_embeddings", "rope_scaling_factor")
 DATA_KEYS = ("tokenizer", "chat_template")
 
 

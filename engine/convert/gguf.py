@@ -56,6 +56,13 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     keys = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
             "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size")
     meta = {key: _field(reader, f"llama.{key}") for key in keys}
+    scaling = _field(reader, "llama.rope.scaling.type")
+    if scaling not in (None, "none") or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        # llama.cpp writes Llama 3.1's frequency factors as a tensor that no Keel weight takes: dropped, the
+        # converted model would rotate positions at other frequencies than the original
+        raise ConfigError(f"{path}: RoPE scaling ({scaling or 'rope_freqs.weight, Llama 3.1-style'}): gguf-to-keel "
+                          "reads unscaled Llama models only; convert the Hugging Face model with hf-to-keel, "
+                          "which reads Llama 3.x scaling")
     tensors = {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32) for t in reader.tensors}
     if meta["vocab_size"] is None:
         meta["vocab_size"] = tensors["token_embd.weight"].shape[0]

@@ -18,7 +18,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.convert.hf_tokenizer import export_tokenizer, tokenizer_override
-from engine.convert.llama import check_hf_config, hf_config_for, hf_to_megatron, megatron_to_hf
+from engine.convert.llama import check_hf_config, hf_config_for, hf_model_overrides, hf_to_megatron, megatron_to_hf
 from engine.files import write_text_atomic
 from engine.models.presets import ModelPreset, resolve_preset
 
@@ -121,19 +121,40 @@ def hf_to_keel(model_dir: str | Path, out_dir: str | Path, overrides: Optional[l
     template = hf_config.get(BUILTIN_TEMPLATE_KEY)  # exported by keel-to-hf from a built-in template's model
     if isinstance(template, str) and not any(item.startswith("data.chat_template=") for item in overrides):
         overrides.append(f"data.chat_template={template}")
-    given = any(item.startswith("model.") for item in overrides)
-    preset = None if given else matching_hf_preset(hf_config)  # the preset of config.json's shape, if one is
-    if preset is not None:
-        logger.info("%s: config.json has the shape of model preset %s", model_dir, preset)
-        overrides.append(f"model.preset={preset}")
-    try:
-        check_hf_config(hf_config, resolve_preset(load_config(TrainConfig, None, overrides).model))
-    except ConfigError as exc:
-        if given:
-            raise
-        raise ConfigError(f"{exc}. No model.* override was given, and no preset has config.json's shape: pass the "
-                          "nearest model.preset (keel config presets) with model.* overrides for the rest") from None
+    refuse_other_heads(hf_config, hf_state, str(model_dir))
+    if not any(item.startswith("model.") for item in overrides):
+        overrides += model_overrides_of(hf_config, str(model_dir))
+    check_hf_config(hf_config, resolve_preset(load_config(TrainConfig, None, overrides).model))
     return write_keel_checkpoint(hf_state, out_dir, overrides, source=str(model_dir))
+
+
+def model_overrides_of(hf_config: dict[str, Any], source: str) -> list[str]:
+    """The ``model.*`` settings of ``config.json``: the preset of its shape where one matches, else its family's
+    preset with every setting taken from the file (said in the log)."""
+    preset = matching_hf_preset(hf_config)
+    if preset is not None:
+        logger.info("%s: config.json has the shape of model preset %s", source, preset)
+        return [f"model.preset={preset}"]
+    overrides = hf_model_overrides(hf_config)
+    logger.info("%s: config.json matches no model preset; it is built from its own settings: %s", source,
+                " ".join(overrides))
+    return overrides
+
+
+def refuse_other_heads(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], source: str) -> None:
+    """A sequence-classification model (a reward model: ``score.weight``, ``*ForSequenceClassification``) is not a
+    language model: converted as one, its head would be dropped and the policy's output layer left untrained."""
+    architectures = [str(name) for name in hf_config.get("architectures") or []]
+    others = sorted(name for name in hf_state if not name.startswith(("model.", "lm_head.")))
+    if "score.weight" in others or any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ConfigError(f"{source}: a sequence-classification model ({', '.join(architectures) or 'score.weight'}),"
+                          " such as a reward model: hf-to-keel converts language models (*ForCausalLM) only, and "
+                          "its score head has no Keel counterpart; train a reward model with keel train rm from "
+                          "a converted policy's weights")
+    if others or any(not name.endswith("ForCausalLM") for name in architectures):
+        raise ConfigError(f"{source}: architectures {architectures or 'unknown'} with weights "
+                          f"{', '.join(others[:4]) or 'of a language model'}: hf-to-keel converts language models "
+                          "(LlamaForCausalLM, NemotronForCausalLM) saved with save_pretrained")
 
 
 def matching_hf_preset(hf_config: dict[str, Any]) -> Optional[str]:

@@ -22,7 +22,7 @@ a round trip is exact only where ``w + 1`` is; otherwise it is off by fp32 round
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -153,6 +153,59 @@ def megatron_to_hf(state: dict[str, Tensor], preset: ModelPreset) -> dict[str, T
 
 
 _LLAMA_TYPES = ("llama", "mistral", "smollm", "smollm2")
+# Llama 3.x RoPE scaling as megatron-core builds it (rotary_pos_embedding.py, RotaryEmbedding._apply_scaling)
+LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# config.json key -> the model.* setting that gives it (what a mismatch tells the user to set)
+_OVERRIDE_OF = {
+    "num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups", "intermediate_size": "ffn_hidden_size", "vocab_size": "vocab_size",
+    "tie_word_embeddings": "tie_embeddings", "rope_theta": "rotary_base", "rms_norm_eps": "layernorm_epsilon",
+    "norm_eps": "layernorm_epsilon", "rope_scaling_factor": "rope_scaling_factor",
+}
+
+
+def hf_rope_scaling(hf_config: dict[str, Any]) -> Optional[float]:
+    """The Llama 3.x RoPE scaling factor of a ``config.json`` (``rope_scaling``, or transformers 5's
+    ``rope_parameters``), None without scaling; any other scaling is refused: converting it would give another
+    model (positions rotated at other frequencies), with nothing said."""
+    rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config.json rope_scaling={rope!r}: expected an object")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind == "llama3":
+        odd = {key: rope.get(key) for key, value in LLAMA3_SCALING.items()
+               if rope.get(key) is None or float(rope[key]) != value}
+        if not odd and float(rope.get("factor") or 0) > 1:
+            return float(rope["factor"])
+        raise ConfigError(f"config.json rope_scaling {rope}: Keel builds Llama 3 RoPE scaling with factor > 1, "
+                          f"low_freq_factor 1, high_freq_factor 4 and 8192 original positions (as megatron-core "
+                          f"does); this one differs ({odd or {'factor': rope.get('factor')}})")
+    raise ConfigError(f"config.json rope_scaling rope_type={kind!r} is not supported: Keel builds RoPE without "
+                      "scaling or with Llama 3.x's (rope_type 'llama3'); the converted model would place tokens "
+                      "at other rotary frequencies than the original")
+
+
+def _found_config(hf_config: dict[str, Any], nemotron: bool) -> dict[str, Any]:
+    """``config.json`` with transformers' defaults filled in and the nested rope settings lifted out."""
+    found = dict(hf_config)
+    rope = found.get("rope_parameters") or found.get("rope_scaling") or {}
+    if isinstance(rope, dict):  # transformers 5 nests these in rope_parameters
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key not in found and key in rope:
+                found[key] = rope[key]
+    found["rope_scaling_factor"] = hf_rope_scaling(found)
+    if nemotron:
+        found.setdefault("partial_rotary_factor", 0.5)  # transformers' NemotronConfig default
+    found.setdefault("rope_theta", 10000.0)  # transformers' defaults (LlamaConfig, NemotronConfig)
+    found.setdefault("norm_eps" if nemotron else "rms_norm_eps", 1e-5 if nemotron else 1e-6)
+    found.setdefault("num_key_value_heads", found.get("num_attention_heads"))
+    if found.get("head_dim") is None and found.get("num_attention_heads"):
+        found["head_dim"] = found.get("hidden_size", 0) // found["num_attention_heads"]
+    for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        found.setdefault(key, False)
+    return found
 
 
 def check_hf_config(hf_config: dict[str, Any], preset: ModelPreset) -> None:
@@ -168,30 +221,38 @@ def check_hf_config(hf_config: dict[str, Any], preset: ModelPreset) -> None:
         "num_attention_heads": preset.num_attention_heads, "intermediate_size": preset.ffn_hidden_size,
         "vocab_size": preset.vocab_size, "tie_word_embeddings": preset.tie_embeddings,
         "num_key_value_heads": preset.num_query_groups, "rope_theta": float(preset.rotary_base),
+        "head_dim": preset.kv_channels, "rope_scaling_factor": preset.rope_scaling_factor,
     }
-    found = dict(hf_config)
-    rope = found.get("rope_parameters") or found.get("rope_scaling") or {}
-    if isinstance(rope, dict):  # transformers 5 nests these in rope_parameters
-        for key in ("rope_theta", "partial_rotary_factor"):
-            if key not in found and key in rope:
-                found[key] = rope[key]
+    found = _found_config(hf_config, wanted == "nemotron")
     if wanted == "nemotron":
         expected.update({"norm_eps": preset.layernorm_epsilon, "partial_rotary_factor": preset.rotary_percent,
                          "hidden_act": "relu2", "attention_bias": False, "mlp_bias": False})
-        found.setdefault("partial_rotary_factor", 0.5)  # transformers' NemotronConfig default
     else:
         expected["rms_norm_eps"] = preset.layernorm_epsilon
-    found.setdefault("num_key_value_heads", found.get("num_attention_heads"))
-    found.setdefault("tie_word_embeddings", False)
-    found.setdefault("attention_bias", False)
-    found.setdefault("mlp_bias", False)
-    diffs = [f"{k}: config.json {found.get(k)!r} vs preset {v!r}" for k, v in expected.items()
-             if (float(found[k]) != float(v) if isinstance(v, float) and found.get(k) is not None else found.get(k) != v)]
-    if diffs:
-        raise ConfigError(
-            f"config.json does not match model preset {preset.name} ({'; '.join(diffs)}); pick the matching "
-            "model.preset and model.* overrides"
-        )
+    differing = [k for k, v in expected.items()
+                 if (float(found[k]) != float(v) if isinstance(v, float) and found.get(k) is not None
+                     else found.get(k) != v)]
+    if differing:
+        diffs = [f"{k}: config.json {found.get(k)!r} vs preset {expected[k]!r}" for k in differing]
+        settings = [f"model.{_OVERRIDE_OF[k]}={found.get(k)}" for k in differing if k in _OVERRIDE_OF]
+        remedy = (f"set {' '.join(settings)}" if len(settings) == len(differing)
+                  else "pick the matching model.preset and model.* overrides")
+        raise ConfigError(f"config.json does not match model preset {preset.name} ({'; '.join(diffs)}); {remedy}")
+
+
+def hf_model_overrides(hf_config: dict[str, Any]) -> list[str]:
+    """``model.*`` settings that build the model ``config.json`` describes on its family's preset (Llama 3 or
+    Nemotron-4) with every shape, RoPE and norm setting taken from the file."""
+    nemotron = hf_config.get("model_type") == "nemotron"
+    found = _found_config(hf_config, nemotron)
+    values = {"preset": "nemotron4-15b" if nemotron else "llama3-8b", "num_layers": found.get("num_hidden_layers"),
+              "hidden_size": found.get("hidden_size"), "num_attention_heads": found.get("num_attention_heads"),
+              "num_query_groups": found.get("num_key_value_heads"), "ffn_hidden_size": found.get("intermediate_size"),
+              "vocab_size": found.get("vocab_size"), "max_sequence_length": found.get("max_position_embeddings"),
+              "rotary_base": found.get("rope_theta"),
+              "layernorm_epsilon": found.get("norm_eps" if nemotron else "rms_norm_eps"),
+              "tie_embeddings": found.get("tie_word_embeddings"), "rope_scaling_factor": found.get("rope_scaling_factor")}
+    return [f"model.{key}={value}" for key, value in values.items() if value is not None]
 
 
 def hf_config_for(preset: ModelPreset) -> dict[str, Any]:
@@ -206,6 +267,8 @@ def hf_config_for(preset: ModelPreset) -> dict[str, Any]:
         "tie_word_embeddings": preset.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "torch_dtype": "float32", "head_dim": preset.kv_channels,
     }
+    if preset.rope_scaling_factor is not None:
+        common["rope_scaling"] = {"rope_type": "llama3", "factor": float(preset.rope_scaling_factor), **LLAMA3_SCALING}
     if is_nemotron(preset):
         return {"architectures": ["NemotronForCausalLM"], "model_type": "nemotron", **common,
                 "norm_eps": preset.layernorm_epsilon, "partial_rotary_factor": preset.rotary_percent,

@@ -98,6 +98,9 @@ def check_trtllm_shape(preset: ModelPreset, tensor_parallel_size: int) -> None:
         problems.append("linear biases (add_bias_linear=True) are not mapped")
     if preset.rotary_percent != 1.0:
         problems.append(f"rotary_percent={preset.rotary_percent} (the Llama layout rotates whole heads)")
+    if preset.rope_scaling_factor is not None:  # config.json's rotary_scaling is written None: not checked with one
+        problems.append(f"rope_scaling_factor={preset.rope_scaling_factor} (Llama 3.x RoPE scaling is not written "
+                        "for TensorRT-LLM; the native backend generates with it)")
     problems += _tensor_parallel_problems(preset, tensor_parallel_size)
     if problems:
         raise ConfigError(f"trtllm backend cannot convert preset {preset.name} at tensor_parallel_size="

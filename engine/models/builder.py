@@ -232,6 +232,14 @@ def _block_spec(spec: Any, config: Any, use_te: bool, vp_stage: Optional[int], p
     return TransformerBlockSubmodules(layer_specs=[spec] * count, layer_norm=norm)
 
 
+def rope_scaling(preset: ModelPreset) -> dict[str, Any]:
+    """``GPTModel``'s arguments for Llama 3.x RoPE scaling (megatron's: low and high frequency factors 1 and 4
+    over 8192 original positions, the values of every Llama 3.1 and 3.2 model), empty without it."""
+    if preset.rope_scaling_factor is None:
+        return {}
+    return {"rope_scaling": True, "rope_scaling_factor": float(preset.rope_scaling_factor)}
+
+
 def build_gpt_chunks(
     preset: ModelPreset, config: Any, use_te: bool, virtual_pipeline: Optional[int],
     model_cls: Optional[type] = None, model_kwargs: Optional[dict[str, Any]] = None,
@@ -253,7 +261,7 @@ def build_gpt_chunks(
             vocab_size=preset.vocab_size, max_sequence_length=preset.max_sequence_length,
             pre_process=True, post_process=True, share_embeddings_and_output_weights=preset.tie_embeddings,
             position_embedding_type="rope", rotary_base=preset.rotary_base, rotary_percent=preset.rotary_percent,
-            pg_collection=process_groups, **(model_kwargs or {}),
+            pg_collection=process_groups, **rope_scaling(preset), **(model_kwargs or {}),
         )]
     spec = layer_spec(preset, use_te)
     chunks = []
@@ -272,6 +280,7 @@ def build_gpt_chunks(
                 rotary_base=preset.rotary_base,
                 rotary_percent=preset.rotary_percent,
                 vp_stage=stage,
+                **rope_scaling(preset),
                 **(model_kwargs or {}),
             )
         )

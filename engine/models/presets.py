@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from engine.errors import ConfigError
 
@@ -33,6 +33,7 @@ class ModelPreset:
     rotary_percent: float = 1.0
     layernorm_epsilon: float = 1e-5
     zero_centered_gamma: bool = False
+    rope_scaling_factor: Optional[float] = None  # Llama 3.x frequency scaling (megatron's rope_scaling), None: off
 
     @property
     def gated(self) -> bool:
@@ -96,7 +97,7 @@ PRESETS: dict[str, ModelPreset] = {
 
 _OVERRIDABLE = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
-    "max_sequence_length",
+    "max_sequence_length", "rotary_base", "layernorm_epsilon", "tie_embeddings", "rope_scaling_factor",
 )
 
 
@@ -107,6 +108,8 @@ def resolve_preset(model_config: Any) -> ModelPreset:
         raise ConfigError(f"model.preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     changes = {k: getattr(model_config, k) for k in _OVERRIDABLE if getattr(model_config, k, None) is not None}
+    if isinstance(changes.get("rotary_base"), float) and changes["rotary_base"].is_integer():
+        changes["rotary_base"] = int(changes["rotary_base"])  # as the presets write it
     if changes:
         preset = dataclasses.replace(preset, **changes)
     if preset.hidden_size % preset.num_attention_heads:

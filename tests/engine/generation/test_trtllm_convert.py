@@ -221,6 +221,7 @@ def test_missing_or_unknown_weights_are_named() -> None:
     (shape(8, 4), 0, "must be >= 1"),
     (shape(8, 4, add_bias_linear=True), 1, "linear biases"),
     (shape(8, 4, activation="gelu"), 1, "need swiglu, RMSNorm"),
+    (shape(8, 4, rope_scaling_factor=8.0), 1, "rope_scaling_factor=8.0 .*not written for TensorRT-LLM"),
     (PRESETS["tiny-nemotron"], 1, "Nemotron-shaped.*native generation backend"),
     (PRESETS["nemotron4-15b"], 8, "Nemotron-shaped"),
 ])
