@@ -262,8 +262,9 @@ def _config_show(args: argparse.Namespace) -> int:
         return 0
     print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     ranks = config.parallel.tensor * config.parallel.pipeline * (config.parallel.data or 1)
-    try:  # the checks keel train makes before any work (layout, batch sizes, required settings)
+    try:  # the checks keel train makes before any work (layout, batch sizes, required settings, reward code)
         config.validate(ranks)
+        config.check_named_code()
     except ConfigError as exc:
         print(f"keel: keel train would refuse this config on {ranks} rank{'s' if ranks > 1 else ''}: {exc}",
               file=sys.stderr)

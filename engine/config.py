@@ -306,6 +306,11 @@ class TrainConfig:
     def check_fresh_start(self) -> None:
         """Checks of what only a run that starts afresh reads (not one that resumes), before any model is built."""
 
+    def check_named_code(self) -> None:
+        """Checks of the code this run names (reward functions: imported, and their signature and kwargs fitting
+        the call the run makes), for ``keel config show`` and ``keel data validate --config``; the trainer makes
+        them on one rank before any model is built."""
+
     def set_otherwise(self, names: Iterable[str]) -> Iterator[tuple[str, Any]]:
         """(name, value) of each ``section.field`` of ``names`` this config sets otherwise than its algorithm's
         default (the section's own default factory)."""

@@ -172,7 +172,15 @@ class OnlineTrainConfig(TrainConfig):
         if self.reference != self.checkpoint.load:  # checkpoint.load is checked as the policy's start
             refuse_scorer_policy(self.reference, "reference")
         if self.reward_model:
-            reward_model_config(self.reward_model)
+            reward_model_config(self.reward_model, setting="reward_model")
+
+    def check_named_code(self) -> None:
+        """Every reward function imports, and takes the call and kwargs the run gives it (in one process; the
+        trainer checks on rank 0, :func:`check_imports`)."""
+        for index, function in enumerate(self.reward_functions or []):
+            problem = function_problem(function)
+            if problem:
+                raise ConfigError(f"reward_functions[{index}]: {problem}")
 
     def refuse_unread_data(self) -> None:
         """A ``data`` setting these runs do not read is refused, naming the ``rollout`` one they do: a user coming
@@ -398,27 +406,31 @@ class Iteration:
 
 
 def check_imports(functions: list[Any]) -> None:
-    """Import each ``module:function`` reward on global rank 0 (where its workers run) before the models are
-    built, and raise what went wrong as one :class:`ConfigError` on every rank: a typo in a module name was
-    reported after the models were built and the weights resharded (minutes at scale)."""
-    from engine.rewards.registry import resolve_reward
-
+    """Import each reward function on global rank 0 (where its workers run) and check the call the run makes
+    (:func:`function_problem`) before the models are built, and raise what went wrong as one :class:`ConfigError`
+    on every rank: a typo in a module name was reported after the models were built and the weights resharded
+    (minutes at scale), a signature that does not fit after the models were built."""
     problem: Optional[str] = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        for function in functions:
-            if ":" not in function.name:
-                continue
-            try:
-                resolve_reward(function.name)
-            except ConfigError as exc:
-                problem = str(exc)
-            except Exception as exc:  # the user's module failed while it was imported
-                problem = f"reward function {function.name!r}: importing it raised {type(exc).__name__}: {exc}"
-            if problem:
-                break
+        problem = next(filter(None, map(function_problem, functions)), None)
     problem = broadcast_from_first(problem)
     if problem:
         raise ConfigError(problem)
+
+
+def function_problem(function: Any) -> Optional[str]:
+    """Why the reward function of config ``function`` cannot be called as the run calls it: its module does not
+    import, or its signature or kwargs do not fit (a TRL-style ``fn(completions, solution, **kwargs)``); None
+    when it can."""
+    from engine.rewards.registry import resolve_reward
+
+    try:
+        resolve_reward(function.name).validate_kwargs(function.kwargs)
+    except ConfigError as exc:
+        return str(exc)
+    except Exception as exc:  # the user's module failed while it was imported
+        return f"reward function {function.name!r}: importing it raised {type(exc).__name__}: {exc}"
+    return None
 
 
 def broadcast_from_first(value: Any) -> Any:

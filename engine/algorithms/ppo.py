@@ -51,8 +51,9 @@ class PPOConfig:
     value_clip: float = doc("ε_v of the critic's value clip.", 0.2)
     whiten: bool = doc("Whiten the advantages over each iteration's tokens.", True)
     critic: Optional[str] = doc(
-        "Critic initialisation: a reward-model checkpoint (None or 'reward_model' = reward_model's), or 'init' = "
-        "the policy's trunk (checkpoint.load, else its seeded initialisation) with a new one-output value head.", None)
+        "Critic initialisation: a reward-model checkpoint (None or 'reward_model' = reward_model's, its head "
+        "included), a policy checkpoint (its trunk, with a new one-output value head), or 'init' = the policy's "
+        "trunk (checkpoint.load, else its seeded initialisation) with a new one-output value head.", None)
     critic_lr: Optional[float] = doc("Critic learning rate (None = optimizer.lr).", None)
     swap_models: bool = doc("Keep the idle model's optimizer state and gradients in host memory.", True)
 
@@ -158,27 +159,43 @@ class PPOStep(OnlineStep):
         return total, count.to(torch.int), metrics
 
 
+def critic_source(config: Any) -> tuple[Any, Optional[str], str]:
+    """(reward-model config of the critic, the checkpoint its weights come from or None, what its head is) for
+    ``ppo.critic``: a reward model's or critic's checkpoint with its head; a policy checkpoint, or ``init`` (the
+    policy's start), with a new one-output value head. A policy's checkpoint once gave a 5-output regression head
+    (the reward model's default), weighed by the goodness weights, with no word."""
+    from engine.algorithms.reward import RewardTrainConfig
+    from engine.checkpoint import dist as ckpt
+    from engine.config import from_dict
+
+    fresh = "a new one-output value head"
+    if config.ppo.critic == "init":
+        rm_config = RewardTrainConfig(model=config.model)
+        rm_config.rm.type = "bt"
+        return rm_config, config.checkpoint.load, fresh
+    path = ckpt.locate(config.ppo.critic, "ppo.critic")
+    meta = ckpt.read_meta(path)
+    saved = dict(meta["config"])
+    if ckpt.scorer_kind(meta) is None:  # a policy's: its trunk (its saved rm section, if any, is no head's)
+        rm: dict[str, Any] = {"type": "bt"}
+        head = f"{fresh} (a {meta.get('algorithm')} checkpoint: its trunk)"
+    else:
+        rm = dict(saved.get("rm") or {})  # the data format only has to suit the head's type (nothing is read)
+        head = f"the {ckpt.scorer_kind(meta)}'s {rm.get('type', 'regression')} head"
+    data = {"format": "pairs" if rm.get("type") == "bt" else "attributes"}
+    return from_dict(RewardTrainConfig, {"model": saved["model"], "rm": rm, "data": data}, str(path)), str(path), head
+
+
 class Critic:
     """The value model: a trained :class:`~engine.runner.ModelRunner` of the reward model's architecture."""
 
     def __init__(self, config: Any, parallel: Any):
-        from engine.algorithms.reward import RewardStep, RewardTrainConfig
-        from engine.checkpoint import dist as ckpt
-        from engine.config import OptimizerConfig, from_dict
+        from engine.algorithms.reward import RewardStep
+        from engine.config import OptimizerConfig
         from engine.eval.scoring import GOODNESS_WEIGHTS
         from engine.runner import ModelRunner
 
-        if config.ppo.critic == "init":
-            rm_config = RewardTrainConfig(model=config.model)
-            rm_config.rm.type = "bt"
-            source: Optional[str] = config.checkpoint.load
-        else:
-            path = ckpt.locate(config.ppo.critic, "ppo.critic")
-            saved = dict(ckpt.read_meta(path)["config"])
-            rm = dict(saved.get("rm") or {})  # the data format only has to suit the head's type (nothing is read)
-            data = {"format": "pairs" if rm.get("type") == "bt" else "attributes"}
-            rm_config = from_dict(RewardTrainConfig, {"model": saved["model"], "rm": rm, "data": data}, str(path))
-            source = str(path)
+        rm_config, source, head = critic_source(config)
         optimizer = dataclasses.replace(config.optimizer, lr=config.ppo.critic_lr or config.optimizer.lr)
         assert isinstance(optimizer, OptimizerConfig)
         self.config = dataclasses.replace(config, model=rm_config.model, optimizer=optimizer)
@@ -192,8 +209,8 @@ class Critic:
         attributes = rm_config.rm.attributes
         self.weights = torch.tensor([GOODNESS_WEIGHTS.get(a, 0.0) for a in attributes]) \
             if rm_config.rm.type == "regression" else torch.ones(1)
-        logger.info("ppo: critic from %s (%s head, %d outputs)", source or "the policy's initialisation",
-                    rm_config.rm.type, len(self.weights))
+        logger.info("ppo: critic from %s, with %s (%d outputs)", source or "the policy's initialisation", head,
+                    len(self.weights))
         self.value_clip = config.ppo.value_clip
 
     def _values(self, output: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ class SteerLM2TrainConfig(IterativeTrainConfig):
         from engine.eval.scoring import reward_model_config
 
         assert self.reward_model is not None  # validate
-        _, rm_config = reward_model_config(self.reward_model)
+        _, rm_config = reward_model_config(self.reward_model, setting="reward_model")
         if rm_config.rm.type != "regression":
             raise CheckpointError(f"reward_model={self.reward_model} is a Bradley-Terry reward model (rm.type="
                                   f"{rm_config.rm.type}): steerlm2 reads the attributes a regression reward model "

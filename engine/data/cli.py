@@ -109,6 +109,7 @@ def check_run_rewards(args: argparse.Namespace) -> None:
     functions = getattr(args.run, "reward_functions", None) or []
     if not args.config or not functions or args.format != "prompts":  # an --algorithm's defaults name no rewards
         return
+    args.run.check_named_code()  # each function imports and takes the run's call (a ConfigError is a ValueError)
     from engine.data.prompts import load_prompts
     from engine.rewards.config import check_judged
 

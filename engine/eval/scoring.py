@@ -156,8 +156,10 @@ class RewardScorer:
         return (rewards * vector).sum(-1)
 
 
-def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple[Path, RewardTrainConfig]:
-    """(resolved path, saved config with ``overrides``) of a reward-model checkpoint; nothing is built."""
+def reward_model_config(checkpoint: str, overrides: Sequence[str] = (),
+                        setting: str = "") -> tuple[Path, RewardTrainConfig]:
+    """(resolved path, saved config with ``overrides``) of a reward-model checkpoint; nothing is built. ``setting``:
+    the option that named it (``reward_model``), said when it is refused."""
     from engine.checkpoint import dist as ckpt
     from engine.config import checked_overrides, from_dict, merge_dicts
 
@@ -165,7 +167,9 @@ def reward_model_config(checkpoint: str, overrides: Sequence[str] = ()) -> tuple
     path = ckpt.locate(checkpoint, "reward model")
     meta = ckpt.read_meta(path)
     if meta.get("algorithm") != "rm":  # its saved config would fail as a reward model's, naming a data format
-        raise ConfigError(f"{checkpoint}: a {meta.get('algorithm')} checkpoint, not a reward model (keel train rm)")
+        named = f"{setting}=" if setting else ""
+        raise ConfigError(f"{named}{checkpoint}: a {meta.get('algorithm')} checkpoint, not a reward model (keel train "
+                          "rm)")
     saved = dict(meta["config"])
     saved["parallel"] = scoring_layout(saved.get("parallel", {}), override_tree.get("parallel", {}))
     if saved.get("data", {}).get("overlong") == "truncate":  # runs saved before reward data refused it

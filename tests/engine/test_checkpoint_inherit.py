@@ -169,8 +169,30 @@ def test_a_reward_model_is_not_read_from_a_policy(tmp_path: Path, algorithm: str
     from engine.algorithms.grpo import GRPOTrainConfig
 
     config = load_config(GRPOTrainConfig, None, [f"reward_model={tmp_path / 'run'}"])
-    with pytest.raises(ConfigError, match=f"a {algorithm} checkpoint, not a reward model"):
-        config.check_checkpoints()  # the trainer's check before the data and models are built
+    # the trainer's check before the data and models are built, naming the option (of several checkpoints)
+    with pytest.raises(ConfigError, match=f"^reward_model={tmp_path / 'run'}: a {algorithm} checkpoint, not a reward"):
+        config.check_checkpoints()
+
+
+@pytest.mark.parametrize(("algorithm", "rm", "head", "outputs"), [
+    ("sft", {}, "a new one-output value head (a sft checkpoint: its trunk)", 1),
+    ("rm", {"type": "regression"}, "the reward model's regression head", 5),
+    ("rm", {"type": "bt"}, "the reward model's bt head", 1),
+])
+def test_ppo_takes_a_critic_head_by_the_kind_of_its_checkpoint(tmp_path: Path, algorithm: str, rm: dict[str, Any],
+                                                              head: str, outputs: int) -> None:
+    """ppo.critic=<an SFT checkpoint> built the reward model's default head, a 5-attribute regression weighed by
+    the goodness weights, untrained, and said "regression head, 5 outputs"."""
+    from engine.algorithms.ppo import PPOTrainConfig, critic_source
+
+    path = _fake_checkpoint(tmp_path / "run")
+    meta = json.loads((path / "keel.json").read_text())
+    meta["config"]["rm"] = rm
+    (path / "keel.json").write_text(json.dumps(dict(meta, algorithm=algorithm)))
+    config = load_config(PPOTrainConfig, None, [f"ppo.critic={tmp_path / 'run'}"])
+    rm_config, source, described = critic_source(config)
+    assert (source, described) == (str(path), head)
+    assert (1 if rm_config.rm.type == "bt" else len(rm_config.rm.attributes)) == outputs
 
 
 def test_a_run_from_a_checkpoint_takes_a_fine_tuning_learning_rate(tmp_path: Path, converted: Path) -> None:

@@ -164,3 +164,34 @@ def test_as_a_list_field_of_an_algorithm_config(tmp_path: Path) -> None:
     assert load_config(ToyConfig, str(tmp_path / "saved.yaml")) == config
     with pytest.raises(ConfigError, match=r"toy.reward_functions\[0\]: .*timeout_seconds=-1"):
         load_config(ToyConfig, None, ["toy.reward_functions=[{name: math_answer, timeout_seconds: -1}]"])
+
+
+def test_the_checks_before_any_work_call_each_function_as_the_run_will(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``keel config show`` and ``keel data validate --config`` passed a reward function that does not import, or
+    has TRL's signature ``fn(completions, solution, **kwargs)``; keel train refused the latter only after building
+    the policy and the reference. Now all three refuse both, and the trainer before any model is built."""
+    from engine.cli import main
+    from tests.helpers import REPO
+
+    (tmp_path / "trl_rewards.py").write_text("def accuracy(completions, solution, **kwargs):\n    return [0.0]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n')
+    tiny = ["--config", str(REPO / "examples" / "grpo_tiny.yaml"), f"rollout.prompts={prompts}"]
+    for name, message in (("trl_rewards:accuracy", "accuracy(completions, solution, **kwargs) cannot be called as "
+                                                  "accuracy(prompt, response, metadata, **kwargs)"),
+                          ("nosuch_module:fn", "cannot import module 'nosuch_module'")):
+        functions = f"reward_functions=[{{name: '{name}'}}]"
+        capsys.readouterr()
+        assert main(["config", "show", *tiny[1:], "--algorithm", "grpo", functions]) == 2
+        assert f"reward_functions[0]: reward function {name!r}: " in capsys.readouterr().err
+        (tmp_path / "run.yaml").write_text((REPO / "examples" / "grpo_tiny.yaml").read_text()
+                                           + f"\nreward_functions:\n  - name: '{name}'\n")
+        assert main(["data", "validate", str(prompts), "--config", str(tmp_path / "run.yaml"),
+                     "--algorithm", "grpo"]) == 1
+        assert message in capsys.readouterr().out
+        assert main(["train", "grpo", *tiny, functions, f"run.output_dir={tmp_path / 'run'}"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run" / "config.yaml").exists()  # nothing built, nothing written
