@@ -7,8 +7,9 @@ path online RL takes every iteration. Prompts of mixed lengths are batched; gree
 template's end-of-turn or EOS, or at ``--max-length`` tokens of prompt + completion (default: the model's
 context, not the checkpoint's training ``data.seq_length``; prompts it would cut short are counted in
 a warning); row ``i`` draws from ``--seed + i``. An SFT ``{messages}`` row is completed from its turns
-before the last assistant reply, which its output row keeps as ``reference``; every output row keeps
-its input row's other fields (``id``, ``answer``...). Under torchrun,
+before the last assistant reply, which its output row keeps as ``reference``, and so does a TRL
+``{prompt, completion}`` row with its completion (the generated text is the output's ``completion``); every
+output row keeps its input row's other fields (``id``, ``answer``...). Under torchrun,
 ``--tensor G`` splits the model over ``G`` ranks and the world's ``world / G`` replicas share
 the prompts. SteerLM policies (``nemotron`` template) take target attributes: a prompt row's own
 ``attributes`` (a dict or ``'verbosity:4,...'``), else the defaults of HelpSteer2-era models
@@ -138,7 +139,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
 def placed_prompts(path: str) -> list[tuple[Any, dict[str, Any]]]:
     """``(where, {"prompt": str | messages})`` per row of ``path``. An SFT ``messages`` row gives its turns
     before the last assistant reply as the prompt and that reply as ``reference`` (unless the row has one), to
-    compare the completion with.
+    compare the completion with; a ``{prompt, completion}`` row gives its completion as ``reference`` the same way.
 
     Each prompt is checked as the ``prompts`` schema checks it (a string, or messages ending with a
     user turn), so a bad one is a :class:`DataError` naming the file, line and field.
@@ -167,7 +168,21 @@ def _prompt_row(where: Any, row: Any) -> dict[str, Any]:
         raise DataError(where, "prompt", "a string or messages (or SFT 'messages')", Absent(row))
     else:
         check_row("prompts", {"prompt": row["prompt"]}, where)  # the prompt only: other fields pass through
+        if row.get("completion") is not None:  # TRL's prompt-completion: the generated text takes its place
+            row = {"reference": _completion_reference(row["completion"], where), **row}
     return row
+
+
+def _completion_reference(completion: Any, where: Any) -> str:
+    """A prompt-completion row's own completion as the text kept as ``reference``: a string, or TRL's
+    conversational form (the reply's turn alone, ``[{"role": "assistant", "content": ...}]``)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict) \
+            and completion[0].get("role") == "assistant" and isinstance(completion[0].get("content"), str):
+        return str(completion[0]["content"])
+    raise DataError(where, "completion", "a string, or TRL's conversational [{role: assistant, content}] reply "
+                    "(it is kept as 'reference'; the generated text is the output's 'completion')", completion)
 
 
 def _sft_prompt(row: dict[str, Any], where: Any) -> dict[str, Any]:
@@ -201,7 +216,8 @@ def complete(backend: Any, tokenizer: Any, template: str, rows: list[dict[str, A
              attributes: Optional[dict[str, int]], batch_size: int = 64,
              progress: bool = False) -> list[dict[str, Any]]:
     """One completion per row, as ``{prompt, completion, finish_reason, tokens, attributes}`` dicts plus the
-    row's other fields (``id``, ``answer``, an SFT row's ``reference``...; its ``messages`` aside)."""
+    row's other fields (``id``, ``answer``, the ``reference`` of an SFT or prompt-completion row...; its
+    ``messages`` aside)."""
     sampling = dataclasses.replace(sampling, stop_token_ids=tuple(stop_token_ids(tokenizer, template)),
                                    vocab_size=tokenizer.vocab_size)
     out: list[dict[str, Any]] = []
@@ -426,8 +442,9 @@ def register(subparsers: Any) -> None:
 
     parser = subparsers.add_parser(
         "generate", help="complete prompts with a policy checkpoint (SteerLM: target attributes)",
-        description="Read prompts JSONL ({prompt} or SFT {messages} rows), write completions JSONL (an SFT row's "
-        "last assistant reply is kept as 'reference', other fields as they are). Greedy by "
+        description="Read prompts JSONL ({prompt}, TRL {prompt, completion} or SFT {messages} rows), write "
+        "completions JSONL (an SFT row's last assistant reply, or a {prompt, completion} row's completion, is kept "
+        "as 'reference', other fields as they are). Greedy by "
         "default; --temperature > 0 samples (with --top-p/--top-k). Native KV-cache backend; under torchrun "
         "--tensor G splits the model over G ranks and the replicas share the prompts. An interrupted run "
         "started again with the same options resumes from OUTPUT.partial (its options are recorded in "

@@ -195,6 +195,44 @@ def test_an_sft_row_keeps_its_reply_as_the_reference(checkpoint: Path, tmp_path:
     assert "messages" not in first and second["reference"] == "own", second
 
 
+def test_read_prompts_keeps_a_prompt_completion_rows_completion_as_the_reference(tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture[str]
+                                                                                  ) -> None:
+    """A TRL {prompt, completion} row's completion was overwritten by the generated text, so the answer the data
+    set gives was lost; it is kept as 'reference', as an SFT row's last reply is (text or conversational form)."""
+    from engine.generate import read_prompts
+
+    reply = [{"role": "assistant", "content": "4"}]
+    rows = [{"prompt": "What is 0+0?", "completion": " 0"}, {"prompt": "2+2?", "completion": reply, "id": 3},
+            {"prompt": "x", "completion": "mine", "reference": "own"}, {"prompt": "y", "completion": None}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert read_prompts(str(prompts)) == [{"reference": " 0", **rows[0]}, {"reference": "4", **rows[1]}, rows[2],
+                                          rows[3]]
+    prompts.write_text(json.dumps({"prompt": "q", "completion": 5}) + "\n")
+    code, err = _main(capsys, str(tmp_path / "no-checkpoint"), str(prompts), str(tmp_path / "o.jsonl"))
+    assert code == 1 and "p.jsonl, line 1: field 'completion': expected a string" in err, err
+
+
+def test_a_prompt_completion_row_keeps_its_completion_as_the_reference(checkpoint: Path, tmp_path: Path) -> None:
+    """{"prompt": "What is 0+0?", "completion": " 0"} came out with the generated text as 'completion' and the
+    data set's " 0" gone."""
+    from engine.generate import _check_inputs, complete
+    from engine.generation.base import Rollouts, SamplingParams
+
+    prompts = tmp_path / "trl.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 0+0?", "completion": " 0", "id": 1}) + "\n")
+    job = _check_inputs(_args(checkpoint, tmp_path / "o.jsonl", prompts=prompts))
+
+    class Backend:  # the rows around the model are what is tested
+        def generate(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollouts:
+            return Rollouts(prompts, [[65, 66]] * len(prompts), [[0.0, 0.0]] * len(prompts), ["length"] * len(prompts))
+
+    (row,) = complete(Backend(), job.tokenizer, job.template, job.rows, job.sampling, None)
+    assert row["reference"] == " 0" and row["id"] == 1 and row["prompt"] == "What is 0+0?", row
+    assert row["completion"] == job.tokenizer.decode([65, 66]) != " 0", row
+
+
 def test_generate_refuses_a_partial_output_of_other_options(checkpoint: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "out.jsonl"
