@@ -2,8 +2,10 @@
 
 * ``synthetic_check`` — 1.0 when the response's final answer solves the built-in synthetic
   task in the prompt (:func:`engine.data.synthetic.check_response`), else 0.0.
-* ``math_answer`` — 1.0 when the response's answer equals ``metadata["answer"]``, else 0.0.
-  The response's answer is the content of its last ``\\boxed{...}``, else its last number.
+* ``math_answer`` — 1.0 when the response's answer equals the row's reference, else 0.0.
+  The reference is ``metadata["answer"]``, or the field ``answer_key`` (kwarg) names: a field
+  (``solution``, TRL's math sets) or a dotted path into nested ones (``reward_model.ground_truth``,
+  verl's rows). The response's answer is the content of its last ``\\boxed{...}``, else its last number.
   Both sides are normalised (:func:`normalize_answer`): ``1,000``, ``1000.0``, ``+1000`` and
   ``1e3`` are the same number; ``3/4``, ``\\frac{3}{4}`` and ``0.75`` too; other answers
   compare as text without spaces, ``$`` signs, a trailing period or case.
@@ -33,6 +35,8 @@ _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _FRAC = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
 _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 _BOXED = ("\\boxed{", "\\fbox{")
+# where data sets keep the reference answer (Keel's, TRL's math sets, verl's): suggested as answer_key
+ANSWER_KEYS = ("answer", "solution", "ground_truth", "reward_model.ground_truth")
 REGEX_MODES = ("search", "match", "fullmatch")
 LENGTH_UNITS = ("chars", "words", "tokens")
 
@@ -43,8 +47,36 @@ def _has_synthetic_task(prompt: str, metadata: dict[str, Any]) -> Optional[tuple
     return "prompt", "one of the built-in synthetic tasks (builtin:prompts), the only ones synthetic_check can check"
 
 
-def _has_answer(prompt: str, metadata: dict[str, Any]) -> Optional[tuple[str, str]]:
-    return None if metadata.get("answer") is not None else ("answer", "the reference answer math_answer compares with")
+def answer_at(metadata: dict[str, Any], key: str) -> Any:
+    """The value a row's ``metadata`` holds at ``key``: the field of that name, else the dotted path into nested
+    fields (``reward_model.ground_truth``); None when there is none."""
+    if key in metadata:
+        return metadata[key]
+    node: Any = metadata
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _has_answer(prompt: str, metadata: dict[str, Any], answer_key: str = "answer") -> Optional[tuple[str, str]]:
+    """None when the row has a reference at ``answer_key``; else that key, and what is needed there (with the
+    ``answer_key`` to give when the row keeps its reference at another well-known key)."""
+    if answer_at(metadata, answer_key) is not None:
+        return None
+    needs = "the reference answer math_answer compares with"
+    other = next((key for key in ANSWER_KEYS if key != answer_key and answer_at(metadata, key) is not None), None)
+    if other is not None:
+        needs += f"; the row has {other!r}: give math_answer kwargs: {{answer_key: {other}}}"
+    return answer_key, needs
+
+
+def _check_math(kwargs: dict[str, Any]) -> None:
+    key = kwargs.get("answer_key", "answer")
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError(f"answer_key={key!r} must be a field of the prompt rows, or a dotted path into one "
+                         "(reward_model.ground_truth)")
 
 
 @reward_function("synthetic_check", judges=_has_synthetic_task)
@@ -109,14 +141,18 @@ def extract_answer(response: str) -> Optional[str]:
     return boxed if boxed is not None else last_number(response)
 
 
-@reward_function("math_answer", judges=_has_answer)
-def math_answer(prompt: str, response: str, metadata: dict[str, Any]) -> float:
-    """1.0 when the response's answer (:func:`extract_answer`) equals ``metadata["answer"]`` after
-    :func:`normalize_answer`, else 0.0. A row without an answer is an error (reported, handled per on_error)."""
-    if metadata.get("answer") is None:
-        raise KeyError("math_answer needs metadata['answer'] (the prompt row's 'answer' field)")
+@reward_function("math_answer", check=_check_math, judges=_has_answer)
+def math_answer(prompt: str, response: str, metadata: dict[str, Any], answer_key: str = "answer") -> float:
+    """1.0 when the response's answer (:func:`extract_answer`) equals the reference at ``answer_key``
+    (:func:`answer_at`: ``answer``, ``solution``, ``reward_model.ground_truth``...) after :func:`normalize_answer`,
+    else 0.0. A row without that reference is an error (reported, handled per on_error)."""
+    reference = answer_at(metadata, answer_key)
+    if reference is None:
+        path = "".join(f"[{part!r}]" for part in answer_key.split("."))
+        raise KeyError(f"math_answer needs metadata{path} (the prompt row's {answer_key!r} field, which kwargs "
+                       "answer_key names)")
     found = extract_answer(response)
-    return 1.0 if found is not None and normalize_answer(found) == normalize_answer(metadata["answer"]) else 0.0
+    return 1.0 if found is not None and normalize_answer(found) == normalize_answer(reference) else 0.0
 
 
 def _check_regex(kwargs: dict[str, Any]) -> None:

@@ -134,7 +134,8 @@ def check_judged(configs: Sequence[RewardFunctionConfig], rows: Sequence[Any], o
     """The prompt ``rows`` (:class:`engine.data.prompts.PromptRow`) each configured reward function can judge.
 
     A file (``row.where.source``, each checked on its own) of which a function can judge no row is refused
-    (``synthetic_check`` on prompts without a built-in task, ``math_answer`` on rows without an ``answer``):
+    (``synthetic_check`` on prompts without a built-in task, ``math_answer`` on rows without the reference its
+    ``answer_key`` names; each function judges with its configured kwargs):
     every sample would score alike and nothing would be learned. Rows it cannot judge among others are bad rows
     by ``data.on_error``: ``raise`` refuses the first, ``skip`` leaves them out and counts them. Kept, they got no
     reward, and an iteration that drew only such rows stopped the run."""
@@ -148,11 +149,11 @@ def check_judged(configs: Sequence[RewardFunctionConfig], rows: Sequence[Any], o
     for config in configs:
         if ":" in config.name:  # a module:function reference declares nothing (and is imported on rank 0 only)
             continue
-        function = resolve_reward(config.name)
-        if function.judges is None:
+        judges = resolve_reward(config.name).row_check(config.kwargs)
+        if judges is None:
             continue
         for source, group in by_source.items():
-            failing = [(row, found) for row in group if (found := function.judges(row.text, row.reward_metadata()))]
+            failing = [(row, found) for row in group if (found := judges(row.text, row.reward_metadata()))]
             if not failing:
                 continue
             (row, (name, needs)), none = failing[0], len(failing) == len(group)

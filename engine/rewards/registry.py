@@ -18,6 +18,7 @@ module (not in the script run as ``__main__``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -32,6 +33,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 KwargsCheck = Callable[[dict[str, Any]], None]
 # (prompt text, metadata) -> None when the function can judge the row, else (the row's field, what it needs there)
 RowCheck = Callable[[str, dict[str, Any]], Optional[tuple[str, str]]]
+# a RowCheck that may also take some of the function's configured kwargs by name (math_answer's answer_key)
+Judges = Callable[..., Optional[tuple[str, str]]]
 BATCHED_ATTR = "keel_reward_batched"
 CHECK_ATTR = "keel_reward_check"
 
@@ -46,7 +49,21 @@ class RewardFunction:
     fn: Callable[..., Any]
     batched: bool = False
     check: Optional[KwargsCheck] = None
-    judges: Optional[RowCheck] = None
+    judges: Optional[Judges] = None
+
+    def row_check(self, kwargs: dict[str, Any]) -> Optional[RowCheck]:
+        """``judges`` given those of the configured ``kwargs`` it names among its parameters (all of them when it
+        takes ``**kwargs``), so rows are judged as the function will read them; None without one. The kwargs
+        are validated first (:meth:`validate_kwargs`)."""
+        if self.judges is None:
+            return None
+        self.validate_kwargs(kwargs)
+        parameters = inspect.signature(self.judges).parameters
+        if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+            taken = dict(kwargs)
+        else:
+            taken = {key: value for key, value in kwargs.items() if key in parameters}
+        return functools.partial(self.judges, **taken) if taken else self.judges
 
     def validate_kwargs(self, kwargs: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` when ``kwargs`` do not fit the function's signature or check."""
@@ -79,14 +96,15 @@ REGISTRY: dict[str, RewardFunction] = {}
 
 
 def reward_function(name: Optional[str] = None, *, batched: bool = False, check: Optional[KwargsCheck] = None,
-                    judges: Optional[RowCheck] = None) -> Callable[[F], F]:
+                    judges: Optional[Judges] = None) -> Callable[[F], F]:
     """Decorator: register a reward function under ``name`` (default: the function's name).
 
     ``batched=True``: the function takes ``(prompts, responses, metadatas, **kwargs)`` lists and
     returns a list. ``check(kwargs)`` validates the configured kwargs before any work.
     ``judges(prompt, metadata)`` says which prompt rows the function can score: None, or the row's
-    field and what the function needs there. Before any work the trainers refuse a prompt file of
-    which it can judge no row, and warn about the rows it cannot judge.
+    field and what the function needs there; it is also given those of the configured kwargs it
+    names as parameters (math_answer's ``answer_key``). Before any work the trainers refuse a prompt
+    file of which it can judge no row, and warn about the rows it cannot judge.
     """
 
     def register(fn: F) -> F:

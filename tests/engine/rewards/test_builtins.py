@@ -67,6 +67,18 @@ def test_math_answer_needs_an_answer() -> None:
         math_answer("q", "5", {})
 
 
+def test_math_answer_reads_the_reference_at_its_answer_key() -> None:
+    """verl rows carry the reference as reward_model.ground_truth and TRL's math sets as solution; math_answer
+    read metadata['answer'] only, so every such row raised."""
+    verl = {"data_source": "gsm8k", "reward_model": {"style": "rule", "ground_truth": "72"}}
+    assert math_answer("q", "so \\boxed{72}", verl, answer_key="reward_model.ground_truth") == 1.0
+    assert math_answer("q", "71", verl, answer_key="reward_model.ground_truth") == 0.0
+    assert math_answer("q", "\\boxed{\\frac{1}{2}}", {"solution": "0.5"}, answer_key="solution") == 1.0
+    assert math_answer("q", "3", {"reward_model.ground_truth": 3}, answer_key="reward_model.ground_truth") == 1.0
+    with pytest.raises(KeyError, match=r"metadata\['reward_model'\]\['ground_truth'\]"):
+        math_answer("q", "5", {"reward_model": {"style": "rule"}}, answer_key="reward_model.ground_truth")
+
+
 def test_regex_format_modes() -> None:
     response = "<think>a\nb</think> <answer>4</answer>"
     assert regex_format("", response, {}, pattern=r"<answer>\d+</answer>") == 1.0

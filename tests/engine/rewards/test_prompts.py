@@ -276,3 +276,39 @@ def test_a_reward_function_that_can_judge_no_prompt_is_refused_before_any_work(
         check_judged([RewardFunctionConfig("math_answer")], load_prompts(mine))
     answered = load_prompts(write_jsonl([{"prompt": "Name a colour.", "answer": "red"}], "answered.jsonl"))
     check_judged([RewardFunctionConfig("math_answer"), RewardFunctionConfig("length_penalty")], answered)
+
+
+def test_math_answer_judges_rows_by_its_answer_key_and_names_the_key_they_have(
+        write_jsonl: Callable[..., str]) -> None:
+    """A verl or TRL math prompt file (reference in reward_model.ground_truth or solution) was refused as having
+    no 'answer', and math_answer had no way to read it elsewhere."""
+    from engine.algorithms.grpo import GRPOTrainConfig
+    from engine.config import ConfigError, load_config
+    from engine.rewards.config import RewardFunctionConfig, check_judged
+
+    verl = load_prompts(write_jsonl([{"prompt": [{"role": "user", "content": "What is 8*9?"}], "data_source": "gsm8k",
+                                      "reward_model": {"style": "rule", "ground_truth": "72"}}], "verl.jsonl"))
+    trl = load_prompts(write_jsonl([{"prompt": "What is 2+3?", "solution": "5"}], "trl.jsonl"))
+    with pytest.raises(DataError, match=r"verl.jsonl, line 1: field 'answer': expected the reference answer "
+                       r"math_answer compares with; the row has 'reward_model.ground_truth': give math_answer "
+                       r"kwargs: \{answer_key: reward_model.ground_truth\}"):
+        check_judged([RewardFunctionConfig("math_answer")], verl)
+    with pytest.raises(DataError, match=r"trl.jsonl, line 1: field 'answer': .*kwargs: \{answer_key: solution\}"):
+        check_judged([RewardFunctionConfig("math_answer")], trl)
+    solution = RewardFunctionConfig("math_answer", kwargs={"answer_key": "solution"})
+    assert check_judged([solution], trl) == trl
+    with pytest.raises(DataError, match=r"verl.jsonl, line 1: field 'solution': .*kwargs: \{answer_key: "
+                       r"reward_model.ground_truth\}"):  # the key given is the one named
+        check_judged([solution], verl)
+    with pytest.raises(DataError, match=r"field 'solution': expected the reference answer math_answer compares "
+                       r"with \("):  # nothing to suggest
+        check_judged([solution], load_prompts(write_jsonl([{"prompt": "q"}], "bare.jsonl")))
+    config = load_config(GRPOTrainConfig, None, [
+        "reward_functions=[{name: math_answer, kwargs: {answer_key: reward_model.ground_truth}}]"])
+    assert check_judged(config.reward_functions, verl) == verl
+    from engine.rewards import RewardRunner
+
+    with RewardRunner(config.reward_functions, workers=0) as runner:  # the kwargs reach the function too
+        assert runner.score([verl[0].text], ["\\boxed{72}"], [verl[0].reward_metadata()]).totals == [1.0]
+    with pytest.raises(ConfigError, match="answer_key"):
+        check_judged([RewardFunctionConfig("math_answer", kwargs={"answer_key": ""})], verl)
