@@ -19,6 +19,7 @@ import yaml
 
 # Defined in engine.errors (so modules imported below in validate() need not import
 # this one back); re-exported here, where every existing caller imports it from.
+from engine.config_hints import FOREIGN_KEYS as FOREIGN_KEYS
 from engine.errors import ConfigError as ConfigError
 from engine.errors import UnknownKeyError
 
@@ -403,7 +404,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys are errors naming the key and file."""
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors naming the key and file (and Keel's
+    name of a well-known setting of another framework, :data:`FOREIGN_KEYS`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = get_type_hints(cls)
@@ -413,6 +415,10 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: s
         if key not in known:
             close = [k for k in known if k.startswith(str(key)[:3])]
             hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+            if f"{prefix}{key}" in FOREIGN_KEYS:  # exact, where the guess above may mislead
+                whose, ours, note = FOREIGN_KEYS[f"{prefix}{key}"]
+                said = f"is {ours} here" if ours else "has no setting here"
+                hint = f" ({whose}'{'' if whose.endswith('s') else 's'} {key} {said}{': ' + note if note else ''})"
             raise UnknownKeyError(f"{source}: unknown config key '{prefix}{key}'{hint}", f"{prefix}{key}")
         tp = hints[key]
         where = f"{source}: {prefix}{key}"

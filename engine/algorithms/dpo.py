@@ -4,7 +4,8 @@ For a pair (prompt x, chosen y_c, rejected y_r) with sequence log-probs ``log π
 summed over the response tokens, ``h = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) -
 log π_ref(y_r))`` and (formulas in :mod:`engine.losses`):
 
-* ``dpo.loss=dpo``: ``-(1-ε) log σ(βh) - ε log σ(-βh)`` (ε = ``dpo.label_smoothing``);
+* ``dpo.loss=dpo``: ``-(1-ε) log σ(βh) - ε log σ(-βh)`` (ε = ``dpo.label_smoothing``); ``sigmoid``,
+  TRL's name of it, is taken as ``dpo`` (and saved so);
 * ``dpo.loss=ipo``: ``(h - 1/(2β))²``;
 * ``dpo.loss=rpo``: the dpo term plus ``dpo.nll_weight`` (default 1) times the chosen
   response's mean token NLL; any variant can add that term with ``dpo.nll_weight``.
@@ -47,7 +48,8 @@ METRICS = ("dpo_loss", "accuracy", "margin", "chosen_logps", "rejected_logps", "
 
 @dataclass
 class DPOConfig:
-    loss: str = doc("'dpo' (sigmoid), 'ipo' (squared, toward 1/(2 beta)) or 'rpo' (dpo + NLL on the chosen).", "dpo")
+    loss: str = doc("'dpo' (sigmoid; TRL's 'sigmoid' is taken as 'dpo'), 'ipo' (squared, toward 1/(2 beta)) or "
+                    "'rpo' (dpo + NLL on the chosen).", "dpo")
     beta: float = doc("KL strength beta (HelpSteer2 recipe: 1e-3).", 0.1)
     label_smoothing: float = doc("Label smoothing of the dpo and rpo losses (conservative DPO), in [0, 0.5).", 0.0)
     nll_weight: Optional[float] = doc("Weight of the chosen response's mean token NLL (None: 1 for rpo, else 0).",
@@ -60,8 +62,10 @@ class DPOConfig:
         "File of reference log-probs written by `keel data ref-logprobs` (then no reference model is built).", None)
 
     def __post_init__(self) -> None:
+        if self.loss == "sigmoid":  # TRL's name of the dpo loss: stored as 'dpo', so saved configs compare alike
+            self.loss = "dpo"
         if self.loss not in ("dpo", "ipo", "rpo"):
-            raise ConfigError(f"dpo.loss={self.loss!r} is not one of 'dpo', 'ipo', 'rpo'")
+            raise ConfigError(f"dpo.loss={self.loss!r} is not one of 'dpo' (or TRL's 'sigmoid'), 'ipo', 'rpo'")
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta={self.beta} must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:

@@ -226,3 +226,39 @@ def test_iterative_dpo_reads_data_overlong() -> None:
     from engine.algorithms.iterative_dpo import IterativeDPOTrainConfig
 
     assert load_config(IterativeDPOTrainConfig, None, ["data.overlong=drop"]).data.overlong == "drop"
+
+
+@pytest.mark.parametrize("algorithm, key, hint", [
+    ("grpo", "grpo.beta", "TRL's beta is grpo.kl_coef here"),
+    ("grpo", "grpo.num_generations", "TRL's num_generations is rollout.samples_per_prompt here"),
+    ("grpo", "rollout.num_generations", "TRL's num_generations is rollout.samples_per_prompt here"),
+    ("grpo", "rollout.n", "verl's n is rollout.samples_per_prompt here"),
+    ("grpo", "grpo.loss_type", "TRL's loss_type is grpo.aggregation here: 'grpo' is seq_mean_token_mean"),
+    ("grpo", "grpo.kl_loss_type", "verl's kl_loss_type has no setting here: the KL loss uses the k3 estimator"),
+    ("grpo", "grpo.max_completion_length", "TRL's max_completion_length is rollout.max_new_tokens here"),
+    ("reinforce", "reinforce.beta", "TRL's beta is reinforce.kl_coef here"),
+    ("dpo", "model.rope_theta", "transformers' rope_theta is model.rotary_base here"),
+    ("dpo", "model.rms_norm_eps", "transformers' rms_norm_eps is model.layernorm_epsilon here"),
+    ("sft", "model.norm_epsilon", "Megatron-LM's norm_epsilon is model.layernorm_epsilon here"),
+    ("dpo", "dpo.reference_free", "TRL's reference_free has no setting here: DPO is not supported without"),
+    ("dpo", "dpo.rpo_alpha", "TRL's rpo_alpha is dpo.nll_weight here"),
+])
+def test_a_setting_of_trl_verl_or_openrlhf_is_named_as_keels(algorithm: str, key: str, hint: str) -> None:
+    """grpo.beta, grpo.num_generations, model.rope_theta... got no hint, or a wrong one (model.rope_theta:
+    "did you mean model.rope_scaling_factor?"; grpo.kl_loss_type: "did you mean grpo.kl_coef?")."""
+    from engine.cli import _algorithm
+
+    with pytest.raises(ConfigError) as err:
+        load_config(_algorithm(algorithm).CONFIG, None, [f"{key}=1"])
+    assert str(err.value).startswith(f"command-line overrides: unknown config key '{key}' ({hint}"), err.value
+    assert "did you mean" not in str(err.value), err.value
+
+
+def test_every_keel_setting_the_foreign_names_point_to_exists() -> None:
+    from engine.cli import ALGORITHMS, _algorithm, has_key
+    from engine.config import FOREIGN_KEYS
+
+    for key, (_, ours, _) in FOREIGN_KEYS.items():
+        assert not any(has_key(_algorithm(name).CONFIG, key) for name in ALGORITHMS), key  # foreign indeed
+        assert ours is None or any(has_key(_algorithm(name).CONFIG, ours) for name in ALGORITHMS), (key, ours)
+    assert load_config(_algorithm("dpo").CONFIG, None, ["dpo.beta=0.2"]).dpo.beta == 0.2  # the same name as TRL's

@@ -113,6 +113,16 @@ def test_config_needs_a_reference_and_defaults_it_to_checkpoint_load() -> None:
         DPOConfig(loss="slic")
 
 
+def test_sigmoid_is_trls_name_of_the_dpo_loss() -> None:
+    """dpo.loss=sigmoid (TRL's loss_type) was refused as "not one of 'dpo', 'ipo', 'rpo'" while the help says
+    "'dpo' (sigmoid)". It is taken as dpo, and saved as dpo, so a resumed run's config compares equal."""
+    config = load_config(DPOTrainConfig, None, ["dpo.loss=sigmoid"])
+    assert config.dpo.loss == "dpo" and config.to_dict()["dpo"]["loss"] == "dpo"
+    assert config.to_dict() == load_config(DPOTrainConfig, None, ["dpo.loss=dpo"]).to_dict()
+    with pytest.raises(ConfigError, match=r"dpo.loss='hinge' is not one of 'dpo' \(or TRL's 'sigmoid'\), 'ipo', 'rpo'"):
+        DPOConfig(loss="hinge")
+
+
 def test_a_partial_reference_file_of_another_reference_is_refused(tmp_path: Path) -> None:
     """keel data ref-logprobs resumed a .partial file begun with another dpo.reference and mixed the two
     references' log-probs in one file (the per-pair fingerprint covers the token ids only)."""
