@@ -89,9 +89,12 @@ def cmd_reshard_plan(args: argparse.Namespace) -> int:
                      [t for _, _, t in gathered], args.bucket_mib * 2**20, ELEMENT_SIZE[args.dtype],
                      args.transport == "shared")
     if rank == 0:
+        other = ("; a run on one host with its weights in host memory (CPU) takes the host-shared transport by "
+                 "default (rollout.refit_transport=auto): --transport shared plans that" if args.transport == "collective"
+                 else "")
         print(f"{args.model}: training TP{args.train_tensor}×PP{args.train_pipeline}×DP{args.data} -> "
               f"generation TP{args.generation_tensor} ({world // args.generation_tensor} replicas); sizes of "
-              f"{args.dtype} weights (--dtype)")
+              f"{args.dtype} weights (--dtype); transport {args.transport}{other}")
         print(plan.describe(limit=args.limit), flush=True)
     dist.destroy_process_group()
     return 0
@@ -116,8 +119,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--bucket-mib", type=int, default=64,
                         help="bucket size of the execution in MiB (default: %(default)s)")
     parser.add_argument("--transport", choices=("collective", "shared"), default="collective",
-                        help="refit transport to plan for: point-to-point sends (collective), or host-shared "
-                        "copies written once (shared) (default: %(default)s)")
+                        help="refit transport to plan for: point-to-point sends (collective: GPU runs, several "
+                        "hosts), or host-shared copies written once (shared: what rollout.refit_transport=auto takes "
+                        "on one host with the weights in host memory) (default: %(default)s)")
     parser.add_argument("--dtype", choices=tuple(ELEMENT_SIZE), default="bf16",
                         help="dtype of the weights moved, for the sizes: a GPU run's bf16 or fp16, a CPU run's fp32 "
                         "(default: %(default)s)")

@@ -95,6 +95,7 @@ def test_reshard_plan_command_prints_the_plan() -> None:
                       "--generation-tensor", "1", "--limit", "3"])
     out = proc.stdout
     assert "training TP2×PP1×DP1 -> generation TP1 (2 replicas)" in out, out
+    assert "transport collective; a run on one host with its weights in host memory (CPU) takes the host-shared" in out
     assert "decoder.layers.mlp.linear_fc1.weight" in out or "more" in out
     assert math.isfinite(float(out.split("MiB sent")[0].split(",")[-1].strip()))
 
