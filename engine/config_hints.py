@@ -22,17 +22,14 @@ FOREIGN_KEYS: dict[str, tuple[str, Optional[str], str]] = {
                        "'dr_grpo' seq_sum_constant"),
     "grpo.loss_agg_mode": ("verl", "grpo.aggregation", "'token-mean' is token_mean, 'seq-mean-token-mean' "
                            "seq_mean_token_mean, 'seq-mean-token-sum-norm' seq_sum_constant"),
-    "grpo.kl_loss_type": ("verl", None, "the KL loss uses the k3 estimator; grpo.kl puts the KL in the loss, "
-                          "the reward or nowhere"),
-    "grpo.kl_estimator": ("OpenRLHF", None, "the KL loss uses the k3 estimator; grpo.kl puts the KL in the loss, "
-                          "the reward or nowhere"),
+    "grpo.kl_loss_type": ("verl", "grpo.kl_estimator", "low_var_kl is k3, kl is k1, mse is k2"),
     "grpo.clip_ratio_low": ("verl", "grpo.eps_low", ""),
     "grpo.clip_ratio_high": ("verl", "grpo.eps_high", ""),
     "grpo.max_completion_length": ("TRL", "rollout.max_new_tokens", ""),
     "reinforce.beta": ("TRL", "reinforce.kl_coef", ""),
     "reinforce.num_generations": ("TRL", "rollout.samples_per_prompt", ""),
     "ppo.init_kl_coef": ("OpenRLHF", "ppo.kl_coef", ""),
-    "dpo.loss_type": ("TRL", "dpo.loss", "dpo (TRL's 'sigmoid', also accepted), ipo or rpo"),
+    "dpo.loss_type": ("TRL", "dpo.loss", "dpo (TRL's 'sigmoid', also accepted), ipo, hinge or rpo"),
     "dpo.rpo_alpha": ("TRL", "dpo.nll_weight", ""),
     "dpo.reference_free": ("TRL", None, "DPO is not supported without a reference: give dpo.reference, or "
                            "dpo.reference_logprobs written once by keel data ref-logprobs"),

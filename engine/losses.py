@@ -74,6 +74,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     * dpo (Rafailov et al. 2023), with label smoothing ε (conservative DPO):
       ``-(1-ε) log sigmoid(β h) - ε log sigmoid(-β h)``
     * ipo (Azar et al. 2023): ``(h - 1/(2β))^2``
+    * hinge (SLiC-HF, Zhao et al. 2023; TRL's ``hinge``): ``max(0, 1 - β h)``
     * rpo uses the dpo term; its NLL term on the chosen response is :func:`chosen_nll`,
       added by the caller with its weight.
     """
@@ -82,7 +83,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
         return (1.0 - label_smoothing) * F.softplus(-beta * h) + label_smoothing * F.softplus(beta * h)
     if variant == "ipo":
         return (h - 1.0 / (2.0 * beta)).pow(2)
-    raise ValueError(f"unknown DPO variant {variant!r}; use dpo, ipo or rpo")
+    if variant == "hinge":
+        return F.relu(1.0 - beta * h)
+    raise ValueError(f"unknown DPO variant {variant!r}; use dpo, ipo, hinge or rpo")
 
 
 def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ log π_ref(y_r))`` and (formulas in :mod:`engine.losses`):
 * ``dpo.loss=dpo``: ``-(1-ε) log σ(βh) - ε log σ(-βh)`` (ε = ``dpo.label_smoothing``); ``sigmoid``,
   TRL's name of it, is taken as ``dpo`` (and saved so);
 * ``dpo.loss=ipo``: ``(h - 1/(2β))²``;
+* ``dpo.loss=hinge``: ``max(0, 1 - βh)`` (SLiC-HF; TRL's ``hinge``);
 * ``dpo.loss=rpo``: the dpo term plus ``dpo.nll_weight`` (default 1) times the chosen
   response's mean token NLL; any variant can add that term with ``dpo.nll_weight``.
 
@@ -48,8 +49,8 @@ METRICS = ("dpo_loss", "accuracy", "margin", "chosen_logps", "rejected_logps", "
 
 @dataclass
 class DPOConfig:
-    loss: str = doc("'dpo' (sigmoid; TRL's 'sigmoid' is taken as 'dpo'), 'ipo' (squared, toward 1/(2 beta)) or "
-                    "'rpo' (dpo + NLL on the chosen).", "dpo")
+    loss: str = doc("'dpo' (sigmoid; TRL's 'sigmoid' is taken as 'dpo'), 'ipo' (squared, toward 1/(2 beta)), "
+                    "'hinge' (SLiC-HF: max(0, 1 - beta h)) or 'rpo' (dpo + NLL on the chosen).", "dpo")
     beta: float = doc("KL strength beta (HelpSteer2 recipe: 1e-3).", 0.1)
     label_smoothing: float = doc("Label smoothing of the dpo and rpo losses (conservative DPO), in [0, 0.5).", 0.0)
     nll_weight: Optional[float] = doc("Weight of the chosen response's mean token NLL (None: 1 for rpo, else 0).",
@@ -64,15 +65,17 @@ class DPOConfig:
     def __post_init__(self) -> None:
         if self.loss == "sigmoid":  # TRL's name of the dpo loss: stored as 'dpo', so saved configs compare alike
             self.loss = "dpo"
-        if self.loss not in ("dpo", "ipo", "rpo"):
-            raise ConfigError(f"dpo.loss={self.loss!r} is not one of 'dpo' (or TRL's 'sigmoid'), 'ipo', 'rpo'")
+        if self.loss not in ("dpo", "ipo", "hinge", "rpo"):
+            raise ConfigError(f"dpo.loss={self.loss!r} is not one of 'dpo' (or TRL's 'sigmoid'), 'ipo', 'hinge', "
+                              "'rpo'")
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta={self.beta} must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.loss == "ipo" and self.label_smoothing:  # the squared loss has no labels to smooth
-            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} does nothing with dpo.loss=ipo (a squared "
-                              "loss toward 1/(2 beta), with no labels to smooth): leave it unset, or use dpo.loss=dpo")
+        if self.loss in ("ipo", "hinge") and self.label_smoothing:  # no labels to smooth
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} does nothing with dpo.loss={self.loss} (a "
+                              f"{'squared loss toward 1/(2 beta)' if self.loss == 'ipo' else 'margin loss'}, with no "
+                              "labels to smooth): leave it unset, or use dpo.loss=dpo")
 
     @property
     def nll_coefficient(self) -> float:

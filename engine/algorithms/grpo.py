@@ -6,7 +6,8 @@ every token of rollout ``i`` gets the advantage ``Â_i = (r_i - mean(r)) / (std(
 ``ρ = π_θ(t) / π_old(t)`` (``π_old``: the training model's log-probs recomputed before the
 update), the loss is ``-min(ρÂ, clip(ρ, 1-ε_low, 1+ε_high)Â)`` (``grpo.eps_high`` > ``eps_low``
 is DAPO's clip-higher), plus, with ``grpo.kl=loss``, ``β·KL_t`` with the k3 estimator
-``π_ref/π_θ - log(π_ref/π_θ) - 1``. ``grpo.kl=reward`` subtracts ``β·Σ_t(log π_old - log π_ref)``
+``π_ref/π_θ - log(π_ref/π_θ) - 1`` (``grpo.kl_estimator``: or k1 ``log π_θ - log π_ref``, or k2
+``½(log π_θ - log π_ref)²``, verl's ``kl`` and ``mse``). ``grpo.kl=reward`` subtracts ``β·Σ_t(log π_old - log π_ref)``
 from each rollout's reward instead; ``none`` drops the reference model entirely (DAPO).
 
 ``grpo.aggregation`` says how token losses become the step's loss (:func:`engine.losses.aggregate`):
@@ -43,6 +44,10 @@ class GRPOConfig:
     kl: str = doc("'loss' (β·k3 KL term), 'reward' (β·KL subtracted from the reward) or 'none' (no reference).",
                   "loss")
     kl_coef: float = doc("β of the KL term.", 0.04)
+    kl_estimator: str = doc(
+        "Per-token KL estimate of grpo.kl=loss: 'k3' (π_ref/π - log(π_ref/π) - 1, GRPO's; verl's low_var_kl), 'k1' "
+        "(log π - log π_ref; verl's kl) or 'k2' (½(log π - log π_ref)²; verl's mse). grpo.kl=reward subtracts the "
+        "sequence's k1 sum.", "k3")
     normalize_std: bool = doc("Divide advantages by the group's reward std (false: Dr. GRPO).", True)
     aggregation: str = doc("'seq_mean_token_mean' (GRPO), 'token_mean' (DAPO) or 'seq_sum_constant' (Dr. GRPO).",
                            "seq_mean_token_mean")
@@ -54,9 +59,12 @@ class GRPOConfig:
     overlong_cache: int = doc("Tokens before the limit where DAPO's soft overlong penalty starts.", 8)
 
     def __post_init__(self) -> None:
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ConfigError(f"grpo.eps_low={self.eps_low} must be in [0, 1) and grpo.eps_high={self.eps_high} >= 0")
-        choices = {"kl": ("loss", "reward", "none"), "overlong": ("keep", "filter", "penalty"),
+        if not 0 <= self.eps_low < 1:
+            raise ConfigError(f"grpo.eps_low={self.eps_low} must be in [0, 1)")
+        if self.eps_high < 0:
+            raise ConfigError(f"grpo.eps_high={self.eps_high} must be >= 0")
+        choices = {"kl": ("loss", "reward", "none"), "kl_estimator": ("k1", "k2", "k3"),
+                   "overlong": ("keep", "filter", "penalty"),
                    "aggregation": ("seq_mean_token_mean", "token_mean", "seq_sum_constant")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -140,7 +148,7 @@ class GRPOStep(OnlineStep):
         advantages = batch["advantages"].to(device)
         per_token, clipped, ratio = clipped_policy_loss(logps, batch["old_logps"].to(device), advantages, mask,
                                                         self.grpo.eps_low, self.grpo.eps_high)
-        kl = kl_penalty(logps, batch["ref_logps"].to(device), "k3") * mask
+        kl = kl_penalty(logps, batch["ref_logps"].to(device), self.grpo.kl_estimator) * mask
         if self.grpo.kl == "loss" and self.uses_reference:
             per_token = per_token + self.grpo.kl_coef * kl
         constant = self.grpo.aggregation_constant or self.config.rollout.max_new_tokens

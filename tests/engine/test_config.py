@@ -234,7 +234,7 @@ def test_iterative_dpo_reads_data_overlong() -> None:
     ("grpo", "rollout.num_generations", "TRL's num_generations is rollout.samples_per_prompt here"),
     ("grpo", "rollout.n", "verl's n is rollout.samples_per_prompt here"),
     ("grpo", "grpo.loss_type", "TRL's loss_type is grpo.aggregation here: 'grpo' is seq_mean_token_mean"),
-    ("grpo", "grpo.kl_loss_type", "verl's kl_loss_type has no setting here: the KL loss uses the k3 estimator"),
+    ("grpo", "grpo.kl_loss_type", "verl's kl_loss_type is grpo.kl_estimator here: low_var_kl is k3"),
     ("grpo", "grpo.max_completion_length", "TRL's max_completion_length is rollout.max_new_tokens here"),
     ("reinforce", "reinforce.beta", "TRL's beta is reinforce.kl_coef here"),
     ("dpo", "model.rope_theta", "transformers' rope_theta is model.rotary_base here"),

@@ -48,6 +48,17 @@ def test_ipo_loss(beta: float) -> None:
         assert got[i].item() == pytest.approx((_h(i) - 1 / (2 * beta)) ** 2, rel=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_hinge_loss(beta: float) -> None:
+    got = dpo_loss(*_tensors(), beta=beta, variant="hinge")
+    for i in range(len(POLICY_C)):
+        assert got[i].item() == pytest.approx(max(0.0, 1 - beta * _h(i)), rel=1e-5, abs=1e-6)
+    # past the margin (βh >= 1) a pair teaches nothing
+    assert dpo_loss(*_tensors(), beta=2.0, variant="hinge").eq(0).tolist() == [True, False, False, True]
+    with pytest.raises(ConfigError, match="does nothing with dpo.loss=hinge"):
+        DPOConfig(loss="hinge", label_smoothing=0.1)
+
+
 def test_rpo_nll_term_is_mean_token_nll_of_the_chosen() -> None:
     tokens = torch.tensor([5.0, 3.0, 10.0, 1.0])
     got = chosen_nll(torch.tensor(POLICY_C), tokens)
@@ -119,8 +130,9 @@ def test_sigmoid_is_trls_name_of_the_dpo_loss() -> None:
     config = load_config(DPOTrainConfig, None, ["dpo.loss=sigmoid"])
     assert config.dpo.loss == "dpo" and config.to_dict()["dpo"]["loss"] == "dpo"
     assert config.to_dict() == load_config(DPOTrainConfig, None, ["dpo.loss=dpo"]).to_dict()
-    with pytest.raises(ConfigError, match=r"dpo.loss='hinge' is not one of 'dpo' \(or TRL's 'sigmoid'\), 'ipo', 'rpo'"):
-        DPOConfig(loss="hinge")
+    with pytest.raises(ConfigError, match=r"dpo.loss='kto' is not one of 'dpo' \(or TRL's 'sigmoid'\), 'ipo', 'hinge', "
+                       r"'rpo'"):
+        DPOConfig(loss="kto")
 
 
 def test_a_partial_reference_file_of_another_reference_is_refused(tmp_path: Path) -> None:

@@ -355,3 +355,32 @@ def test_sequence_kl_sums_each_rollouts_log_ratio() -> None:
     assert sequence_kl(logps, ref).tolist() == [-0.25, 1.0]
     with pytest.raises(ValueError):
         sequence_kl([[-1.0, -2.0]], [[-1.0]])  # a reference row of another length
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_grpo_loss_adds_the_chosen_kl_estimate(estimator: str) -> None:
+    """grpo.kl_estimator (verl's kl_loss_type): the loss term is β times that estimate, per token, in the
+    aggregation; the k3 estimator was hard-wired."""
+    from types import SimpleNamespace
+
+    from engine.algorithms.grpo import GRPOConfig, GRPOStep
+    from engine.errors import ConfigError
+
+    logits = torch.tensor([[[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, -1.0, 0.0]]], dtype=torch.float64)
+    labels = torch.tensor([[0, 2, 1]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)[0].tolist()
+    ref = [-1.0, -0.7, -2.5]
+    config = SimpleNamespace(rollout=SimpleNamespace(max_new_tokens=8),
+                             grpo=GRPOConfig(kl_estimator=estimator, kl_coef=0.3, aggregation="token_mean"))
+    step = GRPOStep(config)  # type: ignore[arg-type]
+    step.parallel = None
+    batch = {"labels": labels, "loss_mask": mask, "keep": torch.ones(1, 1), "advantages": torch.zeros(1, 3),
+             "old_logps": torch.tensor([logp]), "ref_logps": torch.tensor([ref])}
+    total, count, metrics = step.loss(batch, logits.float())
+    estimates = {"k1": lambda d: d, "k2": lambda d: d * d / 2, "k3": lambda d: math.exp(-d) + d - 1}[estimator]
+    expected = sum(estimates(logp[t] - ref[t]) for t in (1, 2)) / 2  # zero advantages: the KL term alone
+    assert total.item() / count.item() == pytest.approx(0.3 * expected, rel=1e-5)
+    assert (metrics["kl_loss"][0] / metrics["kl_loss"][1]).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="grpo.kl_estimator='k4' is not one of k1, k2, k3"):
+        GRPOConfig(kl_estimator="k4")
