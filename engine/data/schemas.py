@@ -5,7 +5,8 @@ Formats (``fmt``):
 * ``chat`` — ``{"messages": [{"role", "content"}, ...]}`` (optional ``attributes``):
   an optional leading system turn, then user/assistant alternating, starting with
   user and ending with assistant; or one exchange as ``prompt`` (str or messages ending
-  with user) and ``response`` or ``completion`` (str), which becomes ``messages``.
+  with user) and ``response`` or ``completion`` (str), which becomes ``messages``; or
+  ShareGPT's and NeMo-Aligner's ``conversations`` (:func:`conversation_row`).
 * ``text`` — ``{"text": str}``.
 * ``attributes`` — HelpSteer/HelpSteer2 rows: ``prompt``, ``response`` and the five
   ratings 0..4 (:data:`ATTRIBUTES`); a missing or null rating becomes :data:`MISSING`.
@@ -115,8 +116,10 @@ def check_messages(messages: Any, where: Optional[Where], field: str = "messages
     return out
 
 
-def parse_attributes(value: Any, where: Optional[Where], field: str = "attributes") -> dict[str, int]:
-    """``{"helpfulness": 4, ...}`` or ``"helpfulness:4,correctness:4"`` → dict of ints 0..4."""
+def parse_attributes(value: Any, where: Optional[Where], field: str = "attributes",
+                     known_only: bool = False) -> dict[str, int]:
+    """``{"helpfulness": 4, ...}`` or ``"helpfulness:4,correctness:4"`` → dict of ints 0..4 (``known_only``: names
+    other than :data:`ATTRIBUTES` are left out instead of refused)."""
     if isinstance(value, str):
         pairs: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in value.split(","))):
@@ -129,6 +132,8 @@ def parse_attributes(value: Any, where: Optional[Where], field: str = "attribute
         raise _fail(where, field, "a dict or a 'helpfulness:4,...' string", value)
     out = {}
     for name, number in value.items():
+        if name not in ATTRIBUTES and known_only:
+            continue
         if name not in ATTRIBUTES:
             raise _fail(where, f"{field}.{name}", f"an attribute among {', '.join(ATTRIBUTES)}", name)
         out[name] = _ranged(number, f"{field}.{name}", 0, 4, where)
@@ -196,13 +201,58 @@ def check_chat(row: Row, where: Optional[Where]) -> Row:
         prompt = _prompt(row, where)
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         row = dict(row, messages=[*turns, {"role": "assistant", "content": _response(row, reply, where)}])
-    if "messages" not in row:  # name what the row has (a misspelt key, ShareGPT's 'conversations')
-        sharegpt = " (ShareGPT's conversations: convert each {from, value} turn to {role, content} under " \
-            "'messages')" if "conversations" in row else ""
-        raise _fail(where, "messages", f"a non-empty list of {{role, content}} messages{sharegpt}", Absent(row))
+    if "messages" not in row and "conversations" in row:
+        row = conversation_row(row, where)
+    if "messages" not in row:  # name what the row has (a misspelt key)
+        raise _fail(where, "messages", "a non-empty list of {role, content} messages", Absent(row))
     out = dict(row, messages=check_messages(row.get("messages"), where))
     if row.get("attributes") is not None:
         out["attributes"] = parse_attributes(row["attributes"], where)
+    return out
+
+
+# the speakers of ShareGPT's and NeMo-Aligner's turns ("from"), lower-cased, and their roles
+SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+            "model": "assistant", "system": "system"}
+
+
+def conversation_row(row: Row, where: Optional[Where]) -> Row:
+    """A ShareGPT (``conversations: [{from: human|gpt, value}]``) or NeMo-Aligner SFT row (``system``,
+    ``mask: User``, ``conversations: [{from: User|Assistant, value, label}]``) as ``messages``. NeMo-Aligner's
+    ``mask`` names the speaker kept out of the loss: ``User``, as Keel's ``data.loss_on=assistant``. SteerLM's
+    ``label`` (the attributes of an assistant turn) becomes the row's ``attributes``, the HelpSteer ones Keel
+    knows (SteerLM v1's quality, toxicity, humor and creativity are left out); Keel conditions a row on one set
+    of them, so the labelled turns must agree."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _fail(where, "conversations", "a non-empty list of {from, value} turns", turns)
+    messages = []
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        messages.append({"role": "system", "content": row["system"]})
+    labels = set()
+    for index, turn in enumerate(turns):
+        speaker = str(turn.get("from", "")).lower() if isinstance(turn, dict) else ""
+        if speaker not in SPEAKERS:
+            raise _fail(where, f"conversations[{index}].from", f"one of {', '.join(sorted(SPEAKERS))} (any case)",
+                        turn.get("from") if isinstance(turn, dict) else turn)
+        if not isinstance(turn.get("value"), str):
+            raise _fail(where, f"conversations[{index}].value", "the turn's text", turn.get("value"))
+        messages.append({"role": SPEAKERS[speaker], "content": turn["value"]})
+        if turn.get("label") not in (None, ""):
+            labels.add(turn["label"] if isinstance(turn["label"], str) else repr(turn["label"]))
+    mask = row.get("mask")
+    if mask is not None and str(mask).lower() not in ("user", "human"):
+        raise _fail(where, "mask", "'User' (NeMo-Aligner's speaker kept out of the loss; Keel trains on the "
+                    "assistant's turns, data.loss_on)", mask)
+    out = {k: v for k, v in row.items() if k != "conversations"}
+    out["messages"] = messages
+    if len(labels) > 1:
+        raise _fail(where, "conversations[].label", "one set of attributes for the row (Keel conditions a row on "
+                    "one; split a conversation whose turns are labelled differently)", f"{len(labels)} different")
+    if labels and row.get("attributes") is None:  # SteerLM v1's other labels (quality, toxicity...): not Keel's
+        known = parse_attributes(labels.pop(), where, "conversations[].label", known_only=True)
+        if known:
+            out["attributes"] = known
     return out
 
 
@@ -249,6 +299,10 @@ def check_helpsteer2_preference(row: Row, where: Optional[Where]) -> Row:
 
 def check_pairs(row: Row, where: Optional[Where]) -> Row:
     out = dict(row, prompt=_pair_prompt(row, where))
+    if "chosen" not in row and "chosen_response" in row:  # NeMo-Aligner's DPO rows: their prompt is templated
+        raise _fail(where, "chosen", "a string (NeMo-Aligner's rows: rename chosen_response and rejected_response to "
+                    "chosen and rejected, and give the prompt without its chat template, as text or as turns: Keel "
+                    "applies data.chat_template itself)", Absent(row))
     out["chosen"] = _response(row, "chosen", where)
     out["rejected"] = _response(row, "rejected", where)
     if out["chosen"] == out["rejected"]:

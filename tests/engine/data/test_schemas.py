@@ -27,6 +27,8 @@ GOOD = {
     "prompts": {"prompt": "What is 2 + 2?", "attributes": "helpfulness:4,verbosity:2"},
 }
 
+USER_HI, ASSISTANT_HELLO = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+
 # (format, bad row, field named in the error, words of the expectation)
 BAD = [
     ("chat", {"messages": [USER, {"role": "bot", "content": "x"}]}, "messages[1].role", "system/user/assistant"),
@@ -38,8 +40,14 @@ BAD = [
     ("chat", {"messages": [USER, {"role": "assistant", "content": 4}]}, "messages[1].content", "a string"),
     ("chat", {"messages": []}, "messages", "non-empty list"),
     ("chat", {"conversation": []}, "messages", "got no such field (the row has 'conversation')"),
-    ("chat", {"conversations": [{"from": "human", "value": "hi"}]}, "messages",
-     "ShareGPT's conversations: convert each {from, value} turn to {role, content}"),
+    ("chat", {"conversations": [{"from": "human", "value": "hi"}]}, "messages[0].role", "end with an 'assistant'"),
+    ("chat", {"conversations": [{"from": "bot", "value": "hi"}]}, "conversations[0].from", "one of assistant, "),
+    ("chat", {"mask": "Assistant", "conversations": [{"from": "User", "value": "hi"}]}, "mask", "'User'"),
+    ("chat", {"conversations": [{"from": "User", "value": "a"}, {"from": "Assistant", "value": "b", "label": "verbosity:1"},
+                                {"from": "User", "value": "c"}, {"from": "Assistant", "value": "d", "label": "verbosity:4"}]},
+     "conversations[].label", "one set of attributes"),
+    ("pairs", {"prompt": "p", "chosen_response": "a", "rejected_response": "b"}, "chosen",
+     "rename chosen_response and rejected_response to chosen and rejected"),
     ("text", {"txt": "hello"}, "text", "a string"),
     ("text", {"text": "   "}, "text", "non-empty"),
     ("attributes", {**GOOD["attributes"], "correctness": 5}, "correctness", "0..4"),
@@ -254,3 +262,15 @@ def test_a_single_exchange_is_a_chat_row_and_trains_steerlm(tmp_path: Path) -> N
     assert "helpfulness:4" in text and "Say hi." in text and trained.startswith("Hi!"), (text, trained)
     with pytest.raises(DataError, match=r"field 'response': expected a non-empty string"):
         check_row("chat", {"prompt": "Say hi.", "response": " "})
+
+
+def test_sharegpt_and_nemo_aligner_conversations_are_chat_rows() -> None:
+    """ShareGPT's and NeMo-Aligner's conversations rows were refused with advice to rewrite them."""
+    sharegpt = {"id": 7, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    assert check_row("chat", sharegpt) == {"id": 7, "messages": [USER_HI, ASSISTANT_HELLO]}
+    nemo = {"system": "Be brief.", "mask": "User", "type": "VALUE_TO_TEXT", "conversations": [
+        {"from": "User", "value": "Hi", "label": None},
+        {"from": "Assistant", "value": "Hello", "label": "quality:4,toxicity:0,helpfulness:3,verbosity:1"}]}
+    row = check_row("chat", nemo)
+    assert row["messages"] == [{"role": "system", "content": "Be brief."}, USER_HI, ASSISTANT_HELLO]
+    assert row["attributes"] == {"helpfulness": 3, "verbosity": 1}  # SteerLM v1's quality and toxicity are not Keel's
