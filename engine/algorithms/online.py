@@ -278,7 +278,7 @@ class PromptSampling:
         error naming its file, line and field before the models are built (the backend's own check would come at
         the prompt's first turn, maybe hours in)."""
         from engine.data.chat import render_prompt
-        from engine.data.errors import DataError
+        from engine.data.errors import DataError, Shown
 
         rows = [*train, *valid]
         check_imports(config.reward_functions or [])
@@ -288,7 +288,7 @@ class PromptSampling:
             length = len(render_prompt(row.messages, tokenizer, template))
             if length >= limit:
                 raise DataError(row.where, "prompt", f"fewer than data.seq_length={limit} tokens with the "
-                                f"{template!r} template, to leave room to generate", f"{length} tokens",
+                                f"{template!r} template, to leave room to generate", Shown(f"{length} tokens"),
                                 hint="shorten or drop it, or raise data.seq_length")
             lengths.append(length)
         from engine.models.presets import resolve_preset

@@ -27,6 +27,16 @@ class Absent:
         return self.text
 
 
+class Shown:
+    """A measure shown as its words in an error (``got 815 tokens``), not as a quoted string."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _short(value: Any, limit: int = 80) -> str:
     if isinstance(value, Absent):
         return repr(value)

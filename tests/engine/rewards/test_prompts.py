@@ -219,7 +219,7 @@ def test_prompts_that_cannot_be_answered_or_judged_are_refused_before_the_models
 
     with pytest.raises(AssertionError, match="models were built"):  # 19 + 20 ids leave room at 40
         trainer("data.seq_length=40", "reward_functions=[{name: math_answer}]")
-    with pytest.raises(DataError, match=rf"{re.escape(path)}, line 2: field 'prompt': .*data.seq_length=31.*31 tokens"):
+    with pytest.raises(DataError, match=rf"{re.escape(path)}, line 2: field 'prompt': .*data.seq_length=31.*got 31 tokens \("):
         trainer("data.seq_length=31", "reward_functions=[{name: math_answer}]")
     with pytest.raises(DataError, match=rf"{re.escape(path)}, line 1: field 'prompt': expected one of the built-in "):
         trainer("data.seq_length=40", "reward_functions=[{name: synthetic_check}]")
