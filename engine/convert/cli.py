@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from engine.checkpoint import CHECKPOINT_FORMS
 
@@ -78,9 +78,17 @@ def _refuse_a_runs_checkpoints(out: Path) -> None:
     from engine.config import ConfigError
 
     newest = ckpt.find_latest(str(out)) if out.is_dir() else None
-    if newest is not None and ckpt.read_meta(newest).get("algorithm") != "convert":
+    meta = ckpt.read_meta(newest) if newest is not None else {}
+    if newest is not None and meta.get("algorithm") != "convert" and not meta.get("converted"):
         raise ConfigError(f"out_dir {out} holds a training run's checkpoints ({newest.name}): the conversion would "
                           "become their latest and stop that run resuming; write to a new directory")
+
+
+def ckpt_kind(path: Any) -> Optional[str]:
+    """The ``algorithm`` a checkpoint's ``keel.json`` records."""
+    from engine.checkpoint import dist as ckpt
+
+    return ckpt.read_meta(ckpt.locate(path)).get("algorithm")
 
 
 def _hf_to_keel(args: argparse.Namespace) -> int:
@@ -88,7 +96,11 @@ def _hf_to_keel(args: argparse.Namespace) -> int:
 
     _check_arguments(args, "hf-to-keel", args.model_dir, ("model.", "data.tokenizer", "data.chat_template"))
     path = hf_to_keel(args.model_dir, args.out_dir, args.overrides)
-    print(f"Keel checkpoint: {path}\n  use it with checkpoint.load={path}")
+    if ckpt_kind(path) == "rm":
+        print(f"Keel reward model: {path}\n  use it with reward_model={path} (online RL, SteerLM 2.0 needs a "
+              f"regression one) or keel eval rewardbench --rm {path}")
+    else:
+        print(f"Keel checkpoint: {path}\n  use it with checkpoint.load={path}")
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from engine.config import ConfigError
+from engine.convert.hf_reward import REWARD_OVERRIDES, reward_head, with_reward_head
 from engine.convert.hf_tokenizer import export_tokenizer, tokenizer_override
 from engine.convert.llama import check_hf_config, hf_config_for, hf_model_overrides, hf_to_megatron, megatron_to_hf
 from engine.files import write_text_atomic
@@ -90,19 +91,25 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _single_rank_model(overrides: list[str]) -> tuple[Any, Any, Any, Any]:
+def _single_rank_model(overrides: list[str], reward_outputs: int = 0) -> tuple[Any, Any, Any, Any]:
     """(config, parallel state, [GPTModel], preset) of a 1-rank TP1/PP1 world, fp32, uninitialised weights
-    (every tensor is overwritten by the conversion)."""
+    (every tensor is overwritten by the conversion); with ``reward_outputs``, a reward model's config and model
+    of that many outputs."""
+    from engine.algorithms.reward import RewardTrainConfig
     from engine.config import TrainConfig, load_config
     from engine.models.builder import build_gpt_chunks, transformer_config
+    from engine.models.heads import RewardGPTModel
     from engine.parallel.layout import ParallelState
 
-    config = load_config(TrainConfig, None, [*overrides, "model.layer_spec=local", "precision.dtype=fp32"])
+    cls = RewardTrainConfig if reward_outputs else TrainConfig
+    config = load_config(cls, None, [*overrides, "model.layer_spec=local", "precision.dtype=fp32"])
     preset = resolve_preset(config.model)
     parallel = ParallelState.initialize_single_process()
     tconfig = transformer_config(preset, parallel.layout, config.precision, use_te=False)
     tconfig.perform_initialization = False
-    chunks = build_gpt_chunks(preset, tconfig, use_te=False, virtual_pipeline=None)
+    chunks = build_gpt_chunks(preset, tconfig, use_te=False, virtual_pipeline=None,
+                              model_cls=RewardGPTModel if reward_outputs else None,
+                              model_kwargs={"num_outputs": reward_outputs} if reward_outputs else None)
     return config, parallel, chunks, preset
 
 
@@ -121,11 +128,15 @@ def hf_to_keel(model_dir: str | Path, out_dir: str | Path, overrides: Optional[l
     template = hf_config.get(BUILTIN_TEMPLATE_KEY)  # exported by keel-to-hf from a built-in template's model
     if isinstance(template, str) and not any(item.startswith("data.chat_template=") for item in overrides):
         overrides.append(f"data.chat_template={template}")
-    refuse_other_heads(hf_config, hf_state, str(model_dir))
+    head = reward_head(hf_config, hf_state, str(model_dir))  # a reward model's score layer, or None
     if not any(item.startswith("model.") for item in overrides):
         overrides += model_overrides_of(hf_config, str(model_dir))
     check_hf_config(hf_config, resolve_preset(load_config(TrainConfig, None, overrides).model))
-    return write_keel_checkpoint(hf_state, out_dir, overrides, source=str(model_dir))
+    if head is None:
+        return write_keel_checkpoint(hf_state, out_dir, overrides, source=str(model_dir))
+    logger.info("%s: a one-label sequence-classification model: a Bradley-Terry reward model", model_dir)
+    return write_keel_checkpoint(hf_state, out_dir, [*overrides, *REWARD_OVERRIDES], source=str(model_dir),
+                                 head=head)
 
 
 def model_overrides_of(hf_config: dict[str, Any], source: str) -> list[str]:
@@ -139,22 +150,6 @@ def model_overrides_of(hf_config: dict[str, Any], source: str) -> list[str]:
     logger.info("%s: config.json matches no model preset; it is built from its own settings: %s", source,
                 " ".join(overrides))
     return overrides
-
-
-def refuse_other_heads(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], source: str) -> None:
-    """A sequence-classification model (a reward model: ``score.weight``, ``*ForSequenceClassification``) is not a
-    language model: converted as one, its head would be dropped and the policy's output layer left untrained."""
-    architectures = [str(name) for name in hf_config.get("architectures") or []]
-    others = sorted(name for name in hf_state if not name.startswith(("model.", "lm_head.")))
-    if "score.weight" in others or any(name.endswith("ForSequenceClassification") for name in architectures):
-        raise ConfigError(f"{source}: a sequence-classification model ({', '.join(architectures) or 'score.weight'}),"
-                          " such as a reward model: hf-to-keel converts language models (*ForCausalLM) only, and "
-                          "its score head has no Keel counterpart; train a reward model with keel train rm from "
-                          "a converted policy's weights")
-    if others or any(not name.endswith("ForCausalLM") for name in architectures):
-        raise ConfigError(f"{source}: architectures {architectures or 'unknown'} with weights "
-                          f"{', '.join(others[:4]) or 'of a language model'}: hf-to-keel converts language models "
-                          "(LlamaForCausalLM, NemotronForCausalLM) saved with save_pretrained")
 
 
 def matching_hf_preset(hf_config: dict[str, Any]) -> Optional[str]:
@@ -171,19 +166,20 @@ def matching_hf_preset(hf_config: dict[str, Any]) -> Optional[str]:
 
 
 def write_keel_checkpoint(hf_state: dict[str, torch.Tensor], out_dir: str | Path, overrides: list[str],
-                          source: str) -> Path:
-    """Load a HF-named Llama/Nemotron state dict into the Keel model of ``overrides`` and save it (step 0)."""
+                          source: str, head: Optional[torch.Tensor] = None) -> Path:
+    """Load a HF-named Llama/Nemotron state dict into the Keel model of ``overrides`` and save it (step 0); with
+    a reward model's ``head`` (:mod:`engine.convert.hf_reward`), as a reward-model checkpoint."""
     from engine.checkpoint import dist as ckpt
 
-    config, parallel, chunks, preset = _single_rank_model(overrides)
+    config, parallel, chunks, preset = _single_rank_model(overrides, 0 if head is None else head.shape[0])
     try:
-        state = hf_to_megatron(hf_state, preset)
+        state = with_reward_head(hf_to_megatron(hf_state, preset), head)
         missing, unexpected = chunks[0].load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise ConfigError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
-        extra = {"model_signature": ckpt.model_signature(preset), "config": config.to_dict(),
-                 "source": source, "algorithm": "convert"}
+        extra = {"model_signature": ckpt.model_signature(preset), "config": config.to_dict(), "source": source,
+                 "algorithm": "convert" if head is None else "rm", "converted": True}
         path = ckpt.save(str(out_dir), 0, chunks, None, parallel, extra, keep_last=0)
     finally:
         _teardown(parallel)

@@ -173,7 +173,7 @@ def _recorded_tokenizer(monkeypatch: Any, model_dir: Path, overrides: list[str])
     """The data.tokenizer ``hf-to-keel`` records (the checkpoint writer is replaced by one that returns it)."""
     import engine.convert.hf as hf
 
-    def record(state: Any, out_dir: Any, overrides: list[str], source: str) -> Any:
+    def record(state: Any, out_dir: Any, overrides: list[str], source: str, **_: Any) -> Any:
         return next(item.split("=", 1)[1] for item in overrides if item.startswith("data.tokenizer="))
 
     monkeypatch.setattr(hf, "write_keel_checkpoint", record)

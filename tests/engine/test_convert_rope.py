@@ -1,6 +1,7 @@
 """hf-to-keel of models no preset describes: Llama 3.x RoPE scaling, another norm epsilon and untied
-embeddings are read from ``config.json`` (the model equals transformers'), other RoPE scalings and
-sequence-classification models are refused, and keel-to-hf writes the scaling back.
+embeddings are read from ``config.json`` (the model equals transformers'), other RoPE scalings are refused, a
+one-label sequence-classification model imports as a reward model (one of several labels is refused), and
+keel-to-hf writes the scaling back.
 
 Before, ``rope_scaling`` was not read at all: a Llama-3.1-style model converted with no word, and its
 logits differed from transformers' by 1e-3 to 4e-3; a model whose rope_theta or epsilon matched no preset
@@ -114,19 +115,51 @@ def test_other_rope_scalings_and_mismatches_are_refused_with_the_settings_to_use
     assert not any("rope_scaling" in item for item in hf_model_overrides(base))
 
 
-def test_a_sequence_classification_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A reward model (LlamaForSequenceClassification) converted as a policy, its score head dropped, with no word."""
+def test_a_one_label_sequence_classification_model_imports_as_a_reward_model_with_the_same_scores(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A reward model trained by TRL's RewardTrainer (LlamaForSequenceClassification, one label) became a policy,
+    its score head dropped, with no word. Now it is a Bradley-Terry reward-model checkpoint whose scores of
+    (prompt, response) rows, read where Keel reads them, are transformers' at the last token."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from engine.cli import main
+    from engine.eval.scoring import load_scorer
+
+    torch.manual_seed(0)
+    hf = LlamaForSequenceClassification(LlamaConfig(**SHAPE, num_labels=1, pad_token_id=0)).float().eval()
+    hf.save_pretrained(tmp_path / "rm")
+    capsys.readouterr()
+    assert main(["convert", "hf-to-keel", str(tmp_path / "rm"), str(tmp_path / "out")]) == 0
+    assert f"use it with reward_model={tmp_path / 'out' / 'step_0000000'}" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "step_0000000" / "keel.json").read_text())
+    assert (meta["algorithm"], meta["config"]["rm"]["type"]) == ("rm", "bt")
+    rows = [("What is 2 + 2?", "It is 4."), ("Name a colour.", "Blue, as the sky on a clear day.")]
+    scorer = load_scorer(str(tmp_path / "out"))
+    try:
+        ours = scorer.scalar(scorer.score(rows)).tolist()
+        ids = [scorer.fit(prompt, response)[0] for prompt, response in rows]  # type: ignore[index]
+    finally:
+        scorer.parallel.shutdown()
+    with torch.no_grad():  # one row at a time: the last token is the row's own last
+        expected = [hf(torch.tensor([row])).logits[0, 0].item() for row in ids]
+    assert ours == pytest.approx(expected, abs=1e-5), (ours, expected)
+    assert abs(expected[0] - expected[1]) > 1e-3  # two rows told apart: a head read elsewhere would show
+    assert main(["convert", "hf-to-keel", str(tmp_path / "rm"), str(tmp_path / "out")]) == 0  # its own output
+
+
+def test_a_sequence_classification_model_of_several_labels_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from engine.cli import main
 
     torch.manual_seed(0)
-    LlamaForSequenceClassification(LlamaConfig(**SHAPE, num_labels=1)).save_pretrained(tmp_path / "rm")
+    LlamaForSequenceClassification(LlamaConfig(**SHAPE, num_labels=3)).save_pretrained(tmp_path / "rm")
     capsys.readouterr()
     assert main(["convert", "hf-to-keel", str(tmp_path / "rm"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "a sequence-classification model (LlamaForSequenceClassification)" in err and err.count("\n") == 1, err
-    assert not (tmp_path / "out").exists()
+    assert "a sequence-classification model of 3 labels: hf-to-keel imports a one-label reward model" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("scaled_by", ["rope_freqs", "scaling_type"])
