@@ -17,7 +17,14 @@ from typing import Any, Optional
 import torch
 
 from engine.config import ConfigError
-from engine.convert.hf_reward import REWARD_OVERRIDES, reward_head, with_reward_head
+from engine.convert.hf_reward import (
+    REWARD_OVERRIDES,
+    exported_outputs,
+    reward_head,
+    sequence_classification_config,
+    sequence_classification_state,
+    with_reward_head,
+)
 from engine.convert.hf_tokenizer import export_tokenizer, tokenizer_override
 from engine.convert.llama import check_hf_config, hf_config_for, hf_model_overrides, hf_to_megatron, megatron_to_hf
 from engine.files import write_text_atomic
@@ -194,19 +201,26 @@ def keel_to_hf(checkpoint: str | Path, out_dir: str | Path, overrides: Optional[
 
     path = ckpt.locate(checkpoint)
     meta = ckpt.read_meta(path)
-    ckpt.refuse_scorer(path, meta, "exported by keel-to-hf, which writes policies (language models) only")
+    outputs = exported_outputs(path, meta)  # 1: a Bradley-Terry reward model, as a sequence-classification model
     saved = meta.get("config", {})
     if not overrides:
         overrides = [f"model.{k}={v}" for k, v in saved.get("model", {}).items() if v is not None and k != "layer_spec"]
-    config, parallel, chunks, preset = _single_rank_model(overrides)
+    config, parallel, chunks, preset = _single_rank_model([*overrides, *(REWARD_OVERRIDES if outputs else ())],
+                                                          outputs)
     try:
         ckpt.load(path, chunks, None, parallel, ckpt.model_signature(preset), load_optimizer=False)
-        state = megatron_to_hf(dict(chunks[0].state_dict()), preset)
+        state = dict(chunks[0].state_dict())
+        score, bias = state.pop("reward_head.weight", None), state.pop("reward_head.bias", None)
+        state = megatron_to_hf(state, preset)
     finally:
         _teardown(parallel)
     out = Path(out_dir)
+    extra = _builtin_template(saved.get("data", {}).get("chat_template"), out)
+    if score is not None:
+        state = sequence_classification_state(state, score, bias, path)
+        extra.update(sequence_classification_config(hf_config_for(preset)["architectures"][0]))
     token_ids = export_tokenizer(saved.get("data", {}).get("tokenizer"), out)
-    write_hf_state(out, preset, state, token_ids, _builtin_template(saved.get("data", {}).get("chat_template"), out))
+    write_hf_state(out, preset, state, token_ids, extra)
     logger.info("wrote %s", out_dir)
     return out
 

@@ -14,11 +14,14 @@ A model of several labels is refused: its labels have no known order of Keel's a
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
 
 from engine.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 SCORE = "score.weight"
 # what a one-label sequence-classification model converts to: a Bradley-Terry reward model on pairs
@@ -55,3 +58,39 @@ def with_reward_head(state: dict[str, torch.Tensor], head: Optional[torch.Tensor
     if head is None:
         return state
     return {**state, "reward_head.weight": head.contiguous(), "reward_head.bias": torch.zeros(head.shape[0])}
+
+
+def exported_outputs(path: Any, meta: dict[str, Any]) -> int:
+    """What ``keel-to-hf`` writes for the checkpoint of ``meta``: 0, a causal LM (a policy); 1, a one-label
+    sequence-classification model (a Bradley-Terry reward model). A regression reward model (its attribute
+    heads carry biases, which transformers' ``score`` layer has not) and a PPO critic are refused."""
+    from engine.checkpoint.dist import CheckpointError, scorer_kind
+
+    kind = scorer_kind(meta)
+    if kind is None:
+        return 0
+    rm_type = ((meta.get("config") or {}).get("rm") or {}).get("type", "regression")
+    if meta.get("algorithm") == "rm" and rm_type == "bt":
+        return 1
+    what = "a regression reward model's attribute heads carry biases, which transformers' score layer has not" \
+        if meta.get("algorithm") == "rm" else "a critic is a training companion of its policy"
+    raise CheckpointError(f"{path} is a {kind} checkpoint: it cannot be exported by keel-to-hf, which writes "
+                          f"policies (language models) and Bradley-Terry reward models; {what}")
+
+
+def sequence_classification_state(state: dict[str, torch.Tensor], score: torch.Tensor, bias: Optional[torch.Tensor],
+                                  source: Any) -> dict[str, torch.Tensor]:
+    """The HF state dict of a one-label sequence-classification model from a converted causal LM's (``lm_head``
+    left out) and Keel's reward head. A Bradley-Terry loss never moves the head's bias (it cancels in every
+    pair), so it is 0; one that is not is said: transformers' scores then differ from Keel's by it."""
+    if bias is not None and bool(bias.ne(0).any()):
+        logger.warning("%s: the reward head's bias %s is not written (transformers' score layer has none): its "
+                       "scores are Keel's minus it; preferences between responses are unchanged", source,
+                       bias.tolist())
+    return {**{k: v for k, v in state.items() if not k.startswith("lm_head.")}, SCORE: score.contiguous()}
+
+
+def sequence_classification_config(architecture: str) -> dict[str, Any]:
+    """``config.json`` keys of a one-label sequence-classification model of the causal LM ``architecture``."""
+    return {"architectures": [architecture.replace("ForCausalLM", "ForSequenceClassification")], "num_labels": 1,
+            "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}

@@ -57,7 +57,8 @@ def test_keel_to_hf_refuses_scorers(tmp_path: Path, algorithm: str, kind: str) -
     from engine.convert.hf import keel_to_hf
 
     checkpoint = _fake_checkpoint(tmp_path / "step_0000010", algorithm)
-    with pytest.raises(CheckpointError, match=f"is a {kind} checkpoint.*policies \\(language models\\) only"):
+    with pytest.raises(CheckpointError, match=f"is a {kind} checkpoint: it cannot be exported by keel-to-hf, which "
+                       "writes policies \\(language models\\) and Bradley-Terry reward models"):
         keel_to_hf(checkpoint, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

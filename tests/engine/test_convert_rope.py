@@ -146,6 +146,16 @@ def test_a_one_label_sequence_classification_model_imports_as_a_reward_model_wit
     assert abs(expected[0] - expected[1]) > 1e-3  # two rows told apart: a head read elsewhere would show
     assert main(["convert", "hf-to-keel", str(tmp_path / "rm"), str(tmp_path / "out")]) == 0  # its own output
 
+    # and back: the same tensors, a model transformers loads as the sequence classifier it was
+    from safetensors.torch import load_file
+
+    assert main(["convert", "keel-to-hf", str(tmp_path / "out"), str(tmp_path / "back")]) == 0
+    original, back = load_file(str(tmp_path / "rm" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    reloaded = LlamaForSequenceClassification.from_pretrained(tmp_path / "back").float().eval()
+    with torch.no_grad():
+        assert [reloaded(torch.tensor([row])).logits[0, 0].item() for row in ids] == pytest.approx(expected, abs=1e-6)
+
 
 def test_a_sequence_classification_model_of_several_labels_is_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
