@@ -119,8 +119,11 @@ def check_run_rewards(args: argparse.Namespace) -> None:
 def _validate_settings(args: argparse.Namespace) -> None:
     """Fill the options the user left out: from ``--config``'s run (kept as ``args.run``), else the built-in
     defaults."""
+    if args.overrides and not args.config:
+        raise ValueError(f"overrides {' '.join(args.overrides)} apply to a run: give its --config (the options "
+                         "above set the data settings without one)")
     if args.config:
-        args.run = run_config(args.config, args.algorithm)
+        args.run = run_config(args.config, args.algorithm, args.overrides)
     elif args.algorithm:  # the algorithm's defaults: an RL run's prompts format, its tokenizer and length
         from engine.cli import _algorithm
 
@@ -276,6 +279,8 @@ def _add_validate(subparsers: Any) -> None:
     validate = subparsers.add_parser("validate", help="check every row of a data file and report lengths",
                                      description="Validate and tokenise every row; exit 1 if anything is wrong.")
     validate.add_argument("source", help="data file, hf:<org>/<name> or builtin:<name>")
+    validate.add_argument("overrides", nargs="*", default=[],
+                          help="with --config: section.field=value overrides of the run, as keel train takes them")
     validate.add_argument("--config", default=None,
                           help="a training config (YAML): its data.format, tokenizer, seq_length, chat_template and "
                                "overlong, and the tokenizer its checkpoint.load carries, are the defaults of the "

@@ -142,6 +142,14 @@ def test_validate_checks_a_sampling_runs_prompts_against_its_reward_functions(
                 "tasks" in out, out
         else:
             assert "1 valid of 1 rows" in out and "format=prompts" in out and out.rstrip().endswith("OK"), out
+    # the run's settings overridden as keel train takes them ("unrecognized arguments" before)
+    from engine.cli import main
+
+    assert main(["data", "validate", str(mine), "--config", str(run), "reward_functions=[{name: synthetic_check}]"]) == 1
+    assert "expected one of the built-in synthetic tasks" in capsys.readouterr().out
+    assert main(["data", "validate", str(mine), "reward_functions=[{name: math_answer}]"]) == 1
+    assert "overrides reward_functions=[{name: math_answer}] apply to a run: give its --config" in \
+        capsys.readouterr().out
 
 
 def test_validate_judges_over_long_rows_by_the_runs_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
