@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -46,7 +47,7 @@ class OnlineTrainer(Trainer):
         self.sampler = GlobalBatchSampler(len(self.train_data), rollout.prompts_per_iteration,
                                           rollout.prompts_per_iteration, 0, 1, config.run.seed)
         self.phase = SamplingPhase(config, parallel, self.model, self.tokenizer, step)
-        self.critic = step.build_critic(config, parallel)
+        self.critic = step.build_critic(config, parallel, self._resumed_critic())
         self.held_out_results: dict[int, dict[str, float]] = {}  # iteration: its held-out evaluation (for the summary)
         self.critic_checkpoint: Optional[str] = None  # the critic's last checkpoint (PPO)
 
@@ -240,11 +241,19 @@ class OnlineTrainer(Trainer):
         if self.critic is not None:
             chk = self.config.checkpoint
             extra = {"model_signature": self.critic.runner.signature, "scheduler": self.critic.runner.scheduler.state_dict(),
-                     "config": self.critic.config.to_dict(), "algorithm": "critic"}
+                     "config": self.critic.config.to_dict(), "algorithm": "critic", "rm": self.critic.rm_settings}
             keep = chk.keep_last + 1 if chk.keep_last else 0
             self.critic_checkpoint = self.critic.runner.save(os.path.join(str(chk.dir), "critic"), step_number, extra,
                                                              keep, chk.save_optimizer)
         return super().save_checkpoint(step_number)
+
+    def _resumed_critic(self) -> Optional[Path]:
+        """The critic checkpoint beside the policy step this run resumes, if there is one (its head is rebuilt)."""
+        from engine.checkpoint import dist as ckpt
+
+        target = self._resume_target()
+        critic = target.parent / "critic" / target.name if target is not None else None
+        return critic if critic is not None and ckpt.is_complete(critic) else None
 
     def maybe_resume(self) -> int:
         start = super().maybe_resume()

@@ -41,13 +41,13 @@ METRICS = ("policy_loss", "kl_loss", "clip_fraction", "ratio_mean")
 class GRPOConfig:
     eps_low: float = doc("Lower clip range ε_low of the ratio.", 0.2)
     eps_high: float = doc("Upper clip range ε_high (DAPO's clip-higher: 0.28).", 0.2)
-    kl: str = doc("'loss' (β·k3 KL term), 'reward' (β·KL subtracted from the reward) or 'none' (no reference).",
-                  "loss")
+    kl: str = doc("'loss' (β·KL term, by grpo.kl_estimator), 'reward' (β·KL subtracted from the reward) or 'none' "
+                  "(no reference).", "loss")
     kl_coef: float = doc("β of the KL term.", 0.04)
     kl_estimator: str = doc(
         "Per-token KL estimate of grpo.kl=loss: 'k3' (π_ref/π - log(π_ref/π) - 1, GRPO's; verl's low_var_kl), 'k1' "
-        "(log π - log π_ref; verl's kl) or 'k2' (½(log π - log π_ref)²; verl's mse). grpo.kl=reward subtracts the "
-        "sequence's k1 sum.", "k3")
+        "(log π - log π_ref; verl's kl: as a loss term its gradient is 0 in expectation on the policy's own "
+        "samples) or 'k2' (½(log π - log π_ref)²; verl's mse). Read by grpo.kl=loss only.", "k3")
     normalize_std: bool = doc("Divide advantages by the group's reward std (false: Dr. GRPO).", True)
     aggregation: str = doc("'seq_mean_token_mean' (GRPO), 'token_mean' (DAPO) or 'seq_sum_constant' (Dr. GRPO).",
                            "seq_mean_token_mean")
@@ -71,6 +71,9 @@ class GRPOConfig:
                 raise ConfigError(f"grpo.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.kl_coef < 0:
             raise ConfigError(f"grpo.kl_coef={self.kl_coef} must be >= 0")
+        if self.kl_estimator != "k3" and self.kl != "loss":  # grpo.kl=reward subtracts the sequence's k1 sum
+            raise ConfigError(f"grpo.kl_estimator={self.kl_estimator} is read by grpo.kl=loss only, not "
+                              f"grpo.kl={self.kl}: leave it unset, or set grpo.kl=loss")
         if self.max_sampling_rounds < 1:
             raise ConfigError(f"grpo.max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
 

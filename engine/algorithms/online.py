@@ -379,8 +379,9 @@ class OnlineStep(PromptSampling, Step):
         rollout the rewards skipped (its score is a placeholder 0): it takes no part in any baseline."""
         raise NotImplementedError
 
-    def build_critic(self, config: Any, parallel: Any) -> Any:
-        """The value model, for algorithms that have one (PPO); None otherwise."""
+    def build_critic(self, config: Any, parallel: Any, resumed: Optional[Any] = None) -> Any:
+        """The value model, for algorithms that have one (PPO; ``resumed``: the critic checkpoint the run resumes,
+        whose head it rebuilds); None otherwise."""
         return None
 
     def forward(self, model: torch.nn.Module, batch: Batch, parallel: Optional[Any] = None) -> torch.Tensor:
@@ -425,11 +426,17 @@ def function_problem(function: Any) -> Optional[str]:
     from engine.rewards.registry import resolve_reward
 
     try:
-        resolve_reward(function.name).validate_kwargs(function.kwargs)
+        resolved = resolve_reward(function.name)
     except ConfigError as exc:
         return str(exc)
     except Exception as exc:  # the user's module failed while it was imported
         return f"reward function {function.name!r}: importing it raised {type(exc).__name__}: {exc}"
+    try:
+        resolved.validate_kwargs(function.kwargs)
+    except ConfigError as exc:
+        return str(exc)
+    except Exception as exc:  # its own kwargs check, or a signature inspect cannot read
+        return f"reward function {function.name!r}: checking its call raised {type(exc).__name__}: {exc}"
     return None
 
 

@@ -109,8 +109,8 @@ class PPOStep(OnlineStep):
         return ("reward", *self.reward_metrics(), *(("kl",) if self.uses_reference else ()), "value_loss",
                 "response_length")
 
-    def build_critic(self, config: Any, parallel: Any) -> Critic:
-        return Critic(config, parallel)
+    def build_critic(self, config: Any, parallel: Any, resumed: Optional[Any] = None) -> Critic:
+        return Critic(config, parallel, resumed)
 
     def advantages(self, scores: torch.Tensor, rollouts: Rollouts, logps: list[list[float]],
                    ref_logps: list[list[float]], values: Optional[list[list[float]]] = None,
@@ -159,9 +159,10 @@ class PPOStep(OnlineStep):
         return total, count.to(torch.int), metrics
 
 
-def critic_source(config: Any) -> tuple[Any, Optional[str], str]:
-    """(reward-model config of the critic, the checkpoint its weights come from or None, what its head is) for
-    ``ppo.critic``: a reward model's or critic's checkpoint with its head; a policy checkpoint, or ``init`` (the
+def critic_source(config: Any, resumed: Optional[Any] = None) -> tuple[Any, Optional[str], str]:
+    """(reward-model config of the critic, the checkpoint its weights come from or None, what its head is): the
+    ``resumed`` critic's (a run resumes the head it trained, whatever ``ppo.critic`` names now), else
+    ``ppo.critic``'s: a reward model's or critic's checkpoint with its head; a policy checkpoint, or ``init`` (the
     policy's start), with a new one-output value head. A policy's checkpoint once gave a 5-output regression head
     (the reward model's default), weighed by the goodness weights, with no word."""
     from engine.algorithms.reward import RewardTrainConfig
@@ -169,33 +170,51 @@ def critic_source(config: Any) -> tuple[Any, Optional[str], str]:
     from engine.config import from_dict
 
     fresh = "a new one-output value head"
-    if config.ppo.critic == "init":
+    if resumed is None and config.ppo.critic == "init":
         rm_config = RewardTrainConfig(model=config.model)
         rm_config.rm.type = "bt"
         return rm_config, config.checkpoint.load, fresh
-    path = ckpt.locate(config.ppo.critic, "ppo.critic")
+    path = resumed if resumed is not None else ckpt.locate(config.ppo.critic, "ppo.critic")
     meta = ckpt.read_meta(path)
     saved = dict(meta["config"])
     if ckpt.scorer_kind(meta) is None:  # a policy's: its trunk (its saved rm section, if any, is no head's)
         rm: dict[str, Any] = {"type": "bt"}
         head = f"{fresh} (a {meta.get('algorithm')} checkpoint: its trunk)"
-    else:
-        rm = dict(saved.get("rm") or {})  # the data format only has to suit the head's type (nothing is read)
+    else:  # a critic's config is its PPO run's: its head is in its own record, or in its weights
+        rm = dict(saved.get("rm") or {}) if meta.get("algorithm") == "rm" else dict(meta.get("rm") or _head_of(path))
         head = f"the {ckpt.scorer_kind(meta)}'s {rm.get('type', 'regression')} head"
     data = {"format": "pairs" if rm.get("type") == "bt" else "attributes"}
     return from_dict(RewardTrainConfig, {"model": saved["model"], "rm": rm, "data": data}, str(path)), str(path), head
 
 
+def _head_of(path: Any) -> dict[str, Any]:
+    """The ``rm`` section of a critic saved before critics recorded it, from its head's shape: 1 output, a
+    value head; 5, the reward model's default regression head (a critic from a policy checkpoint had one)."""
+    from megatron.core import dist_checkpointing
+
+    from engine.checkpoint.dist import CheckpointError
+    from engine.data.schemas import ATTRIBUTES
+
+    shape = dist_checkpointing.load_tensors_metadata(str(path))["reward_head.weight"].global_shape
+    if shape[0] == 1:
+        return {"type": "bt"}
+    if shape[0] == len(ATTRIBUTES):
+        return {"type": "regression"}
+    raise CheckpointError(f"{path}: a critic of {shape[0]} outputs, saved without its head's settings: resume it "
+                          "with the Keel that wrote it, or start the critic afresh (ppo.critic=...)")
+
+
 class Critic:
     """The value model: a trained :class:`~engine.runner.ModelRunner` of the reward model's architecture."""
 
-    def __init__(self, config: Any, parallel: Any):
+    def __init__(self, config: Any, parallel: Any, resumed: Optional[Any] = None):
         from engine.algorithms.reward import RewardStep
         from engine.config import OptimizerConfig
         from engine.eval.scoring import GOODNESS_WEIGHTS
         from engine.runner import ModelRunner
 
-        rm_config, source, head = critic_source(config)
+        rm_config, source, head = critic_source(config, resumed)
+        self.rm_settings = dataclasses.asdict(rm_config.rm)  # recorded with every save: the head to rebuild
         optimizer = dataclasses.replace(config.optimizer, lr=config.ppo.critic_lr or config.optimizer.lr)
         assert isinstance(optimizer, OptimizerConfig)
         self.config = dataclasses.replace(config, model=rm_config.model, optimizer=optimizer)

@@ -225,7 +225,7 @@ def _rng_sharded(parallel: Any) -> Any:
 
 # what the weights were trained to work with but does not stop them loading: a change is warned about
 # (a context extension raises the RoPE base on purpose); checkpoints written before they were recorded lack them
-ENCODING_KEYS = ("rotary_base", "rotary_percent", "rope_scaling_factor", "layernorm_epsilon")
+ENCODING_KEYS = ("rotary_base", "rope_scaling_factor", "layernorm_epsilon")
 
 
 def model_signature(preset: Any) -> dict[str, Any]:

@@ -7,7 +7,9 @@ on the default byte tokenizer: a loss of 14 instead of 2, and nothing said. Now 
 architecture field (``model.preset`` and its shape overrides) and ``data.tokenizer`` /
 ``data.chat_template`` that the user did not set, in the YAML or on the command line, come
 from the checkpoint, and the run says which (``config.inherited``). What the user sets wins:
-setting any architecture field keeps the whole model section the user's.
+setting any architecture field keeps the model's shape the user's; the RoPE and norm settings
+(:data:`ENCODING`) are taken one by one unless the user sets them, since a shape the user names
+does not say how positions are encoded.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any, Optional
 from engine.errors import ConfigError
 
 ARCHITECTURE = ("preset", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "vocab_size", "max_sequence_length", "rotary_base", "layernorm_epsilon",
-                "tie_embeddings", "rope_scaling_factor")
+                "ffn_hidden_size", "vocab_size", "max_sequence_length", "tie_embeddings")
+# how positions and norms are computed: each taken on its own unless the user sets it, also under a named preset
+# (model.preset=llama3-70b with a converted Llama-3.1-70B kept the shape and lost its RoPE scaling)
+ENCODING = ("rotary_base", "layernorm_epsilon", "rope_scaling_factor")
 DATA_KEYS = ("tokenizer", "chat_template")
 
 
@@ -54,11 +58,14 @@ def inherit_from_checkpoint(cls: type, data: dict[str, Any]) -> tuple[dict[str, 
         return data, {}
     taken: dict[str, Any] = {}
     user_model = dict(data.get("model") or {})
+    saved_model = saved.get("model") or {}
     if not any(key in user_model for key in ARCHITECTURE):
         for key in ARCHITECTURE:
-            value = (saved.get("model") or {}).get(key)
-            if value is not None:
-                user_model[key] = taken[f"model.{key}"] = value
+            if saved_model.get(key) is not None:
+                user_model[key] = taken[f"model.{key}"] = saved_model[key]
+    for key in ENCODING:
+        if key not in user_model and saved_model.get(key) is not None:
+            user_model[key] = taken[f"model.{key}"] = saved_model[key]
     user_data = dict(data.get("data") or {})
     for key in DATA_KEYS:
         value = (saved.get("data") or {}).get(key)

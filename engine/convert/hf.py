@@ -19,6 +19,7 @@ import torch
 from engine.config import ConfigError
 from engine.convert.hf_reward import (
     REWARD_OVERRIDES,
+    SCORE,
     exported_outputs,
     reward_head,
     sequence_classification_config,
@@ -26,7 +27,14 @@ from engine.convert.hf_reward import (
     with_reward_head,
 )
 from engine.convert.hf_tokenizer import export_tokenizer, tokenizer_override
-from engine.convert.llama import check_hf_config, hf_config_for, hf_model_overrides, hf_to_megatron, megatron_to_hf
+from engine.convert.llama import (
+    check_hf_config,
+    hf_config_for,
+    hf_model_overrides,
+    hf_to_megatron,
+    megatron_to_hf,
+    unread_weights,
+)
 from engine.files import write_text_atomic
 from engine.models.presets import ModelPreset, resolve_preset
 
@@ -180,6 +188,11 @@ def write_keel_checkpoint(hf_state: dict[str, torch.Tensor], out_dir: str | Path
 
     config, parallel, chunks, preset = _single_rank_model(overrides, 0 if head is None else head.shape[0])
     try:
+        unread = [name for name in unread_weights(hf_state, preset) if head is None or name != SCORE]
+        if unread:
+            raise ConfigError(f"{source}: weights Keel's {preset.name}-shaped model has no place for: "
+                              f"{', '.join(unread[:4])}{' ...' if len(unread) > 4 else ''}; converted without them, "
+                              "the model would compute another function")
         state = with_reward_head(hf_to_megatron(hf_state, preset), head)
         missing, unexpected = chunks[0].load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -190,7 +203,7 @@ def write_keel_checkpoint(hf_state: dict[str, torch.Tensor], out_dir: str | Path
         path = ckpt.save(str(out_dir), 0, chunks, None, parallel, extra, keep_last=0)
     finally:
         _teardown(parallel)
-    logger.info("wrote %s (load with checkpoint.load=%s)", path, path)
+    logger.info("wrote %s", path)
     return Path(path)
 
 

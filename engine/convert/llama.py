@@ -116,6 +116,14 @@ def hf_to_megatron(hf: dict[str, Tensor], preset: ModelPreset) -> dict[str, Tens
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def unread_weights(hf: dict[str, Tensor], preset: ModelPreset) -> list[str]:
+    """Weights of a transformers state dict that :func:`hf_to_megatron` does not read (biases, extra norms...):
+    converted without them, the model would compute another function."""
+    read = set(megatron_to_hf(hf_to_megatron(hf, preset), preset))
+    return sorted(name for name in hf if name not in read and not name.endswith("rotary_emb.inv_freq")
+                  and not (name == "lm_head.weight" and preset.tie_embeddings))
+
+
 def megatron_to_hf(state: dict[str, Tensor], preset: ModelPreset) -> dict[str, Tensor]:
     """megatron GPTModel state dict (local- or TE-spec names) -> transformers Llama/Nemotron state dict."""
     _check_preset(preset)
@@ -205,6 +213,9 @@ def _found_config(hf_config: dict[str, Any], nemotron: bool) -> dict[str, Any]:
         found["head_dim"] = found.get("hidden_size", 0) // found["num_attention_heads"]
     for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
         found.setdefault(key, False)
+    found.setdefault("hidden_act", "relu2" if nemotron else "silu")  # transformers' defaults
+    if not found.get("use_sliding_window", True):  # Qwen-style configs keep a window they do not use
+        found["sliding_window"] = None
     return found
 
 
@@ -227,16 +238,19 @@ def check_hf_config(hf_config: dict[str, Any], preset: ModelPreset) -> None:
     if wanted == "nemotron":
         expected.update({"norm_eps": preset.layernorm_epsilon, "partial_rotary_factor": preset.rotary_percent,
                          "hidden_act": "relu2", "attention_bias": False, "mlp_bias": False})
-    else:
-        expected["rms_norm_eps"] = preset.layernorm_epsilon
+    else:  # what Keel's Llama builds: SwiGLU, no biases, full causal attention
+        expected.update({"rms_norm_eps": preset.layernorm_epsilon, "hidden_act": "silu", "attention_bias": False,
+                         "mlp_bias": False, "sliding_window": None})
     differing = [k for k, v in expected.items()
                  if (float(found[k]) != float(v) if isinstance(v, float) and found.get(k) is not None
                      else found.get(k) != v)]
     if differing:
         diffs = [f"{k}: config.json {found.get(k)!r} vs preset {expected[k]!r}" for k in differing]
-        settings = [f"model.{_OVERRIDE_OF[k]}={found.get(k)}" for k in differing if k in _OVERRIDE_OF]
-        remedy = (f"set {' '.join(settings)}" if len(settings) == len(differing)
-                  else "pick the matching model.preset and model.* overrides")
+        unbuilt = [f"{k}={found.get(k)!r}" for k in differing if k not in _OVERRIDE_OF]
+        settings = [f"model.{_OVERRIDE_OF[k]}={'null' if found.get(k) is None else found.get(k)}" for k in differing
+                    if k in _OVERRIDE_OF]
+        remedy = (f"Keel does not build {', '.join(unbuilt)} in a {wanted}-family model: this one does not convert"
+                  if unbuilt else f"set {' '.join(settings)}")
         raise ConfigError(f"config.json does not match model preset {preset.name} ({'; '.join(diffs)}); {remedy}")
 
 

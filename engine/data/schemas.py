@@ -27,6 +27,7 @@ Unknown extra fields are kept; data sets carry many (justifications, ids, ...).
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -229,7 +230,7 @@ def conversation_row(row: Row, where: Optional[Where]) -> Row:
     messages = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         messages.append({"role": "system", "content": row["system"]})
-    labels = set()
+    labels: dict[str, Any] = {}  # canonical form -> the label (a 'name:value,...' string or a dict)
     for index, turn in enumerate(turns):
         speaker = str(turn.get("from", "")).lower() if isinstance(turn, dict) else ""
         if speaker not in SPEAKERS:
@@ -238,8 +239,8 @@ def conversation_row(row: Row, where: Optional[Where]) -> Row:
         if not isinstance(turn.get("value"), str):
             raise _fail(where, f"conversations[{index}].value", "the turn's text", turn.get("value"))
         messages.append({"role": SPEAKERS[speaker], "content": turn["value"]})
-        if turn.get("label") not in (None, ""):
-            labels.add(turn["label"] if isinstance(turn["label"], str) else repr(turn["label"]))
+        if turn.get("label") not in (None, "", {}):
+            labels[json.dumps(turn["label"], sort_keys=True)] = turn["label"]
     mask = row.get("mask")
     if mask is not None and str(mask).lower() not in ("user", "human"):
         raise _fail(where, "mask", "'User' (NeMo-Aligner's speaker kept out of the loss; Keel trains on the "
@@ -250,7 +251,7 @@ def conversation_row(row: Row, where: Optional[Where]) -> Row:
         raise _fail(where, "conversations[].label", "one set of attributes for the row (Keel conditions a row on "
                     "one; split a conversation whose turns are labelled differently)", f"{len(labels)} different")
     if labels and row.get("attributes") is None:  # SteerLM v1's other labels (quality, toxicity...): not Keel's
-        known = parse_attributes(labels.pop(), where, "conversations[].label", known_only=True)
+        known = parse_attributes(next(iter(labels.values())), where, "conversations[].label", known_only=True)
         if known:
             out["attributes"] = known
     return out

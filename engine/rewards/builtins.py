@@ -145,14 +145,16 @@ def extract_answer(response: str) -> Optional[str]:
 def math_answer(prompt: str, response: str, metadata: dict[str, Any], answer_key: str = "answer") -> float:
     """1.0 when the response's answer (:func:`extract_answer`) equals the reference at ``answer_key``
     (:func:`answer_at`: ``answer``, ``solution``, ``reward_model.ground_truth``...) after :func:`normalize_answer`,
-    else 0.0. A row without that reference is an error (reported, handled per on_error)."""
+    else 0.0. A reference with a ``\\boxed{...}`` (a worked solution, as TRL's math sets keep in ``solution``) is
+    its last boxed content. A row without that reference is an error (reported, handled per on_error)."""
     reference = answer_at(metadata, answer_key)
     if reference is None:
         path = "".join(f"[{part!r}]" for part in answer_key.split("."))
         raise KeyError(f"math_answer needs metadata{path} (the prompt row's {answer_key!r} field, which kwargs "
                        "answer_key names)")
+    boxed = last_boxed(reference) if isinstance(reference, str) else None
     found = extract_answer(response)
-    return 1.0 if found is not None and normalize_answer(found) == normalize_answer(reference) else 0.0
+    return 1.0 if found is not None and normalize_answer(found) == normalize_answer(boxed or reference) else 0.0
 
 
 def _check_regex(kwargs: dict[str, Any]) -> None:

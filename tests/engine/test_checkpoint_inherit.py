@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from engine.algorithms.dpo import DPOTrainConfig
 from engine.config import TrainConfig, load_config
@@ -41,6 +42,20 @@ def test_unset_model_and_tokenizer_come_from_the_checkpoint(converted: Path) -> 
     assert config.data.source == "my.jsonl"  # nothing else is taken
     # a run's checkpoint directory (its `latest` pointer) and a YAML file work alike
     assert load_config(TrainConfig, None, [f"checkpoint.load={converted.parent}"]).model.preset == "smollm2-135m"
+
+
+def test_rope_and_norm_settings_are_taken_one_by_one_also_under_a_named_preset(tmp_path: Path) -> None:
+    """model.preset=llama3-70b with checkpoint.load=<a converted Llama-3.1-70B> kept the shape (it matches) and
+    built the model without the checkpoint's RoPE scaling: only a warning said so."""
+    scaled = _fake_checkpoint(tmp_path / "l31", model={"preset": "tiny-llama", "rope_scaling_factor": 8.0,
+                                                        "rotary_base": 500000.0, "layernorm_epsilon": 1e-6})
+    config = load_config(TrainConfig, None, [f"checkpoint.load={scaled}", "model.preset=tiny-llama"])
+    assert (config.model.rope_scaling_factor, config.model.rotary_base, config.model.layernorm_epsilon) == \
+        (8.0, 500000.0, 1e-6)
+    assert {k: v for k, v in config.inherited.items() if k.startswith("model.")} == {
+        "model.rotary_base": 500000.0, "model.layernorm_epsilon": 1e-6, "model.rope_scaling_factor": 8.0}
+    extended = load_config(TrainConfig, None, [f"checkpoint.load={scaled}", "model.rotary_base=1000000"])
+    assert (extended.model.rotary_base, extended.model.rope_scaling_factor) == (1000000, 8.0)  # set: the user's
 
 
 def test_what_the_user_sets_wins(converted: Path, tmp_path: Path) -> None:
@@ -178,21 +193,48 @@ def test_a_reward_model_is_not_read_from_a_policy(tmp_path: Path, algorithm: str
     ("sft", {}, "a new one-output value head (a sft checkpoint: its trunk)", 1),
     ("rm", {"type": "regression"}, "the reward model's regression head", 5),
     ("rm", {"type": "bt"}, "the reward model's bt head", 1),
+    ("critic", {"type": "bt"}, "the PPO critic's bt head", 1),  # a critic's config is a PPO run's: its own record
 ])
 def test_ppo_takes_a_critic_head_by_the_kind_of_its_checkpoint(tmp_path: Path, algorithm: str, rm: dict[str, Any],
                                                               head: str, outputs: int) -> None:
     """ppo.critic=<an SFT checkpoint> built the reward model's default head, a 5-attribute regression weighed by
-    the goodness weights, untrained, and said "regression head, 5 outputs"."""
+    the goodness weights, untrained, and said "regression head, 5 outputs"; so did a critic's checkpoint, whose
+    saved config (its PPO run's) has no rm section."""
     from engine.algorithms.ppo import PPOTrainConfig, critic_source
 
     path = _fake_checkpoint(tmp_path / "run")
     meta = json.loads((path / "keel.json").read_text())
-    meta["config"]["rm"] = rm
+    if algorithm == "critic":
+        meta["rm"] = rm  # what a critic's save records
+    else:
+        meta["config"]["rm"] = rm
     (path / "keel.json").write_text(json.dumps(dict(meta, algorithm=algorithm)))
     config = load_config(PPOTrainConfig, None, [f"ppo.critic={tmp_path / 'run'}"])
     rm_config, source, described = critic_source(config)
     assert (source, described) == (str(path), head)
     assert (1 if rm_config.rm.type == "bt" else len(rm_config.rm.attributes)) == outputs
+    other = load_config(PPOTrainConfig, None, ["ppo.critic=init"])  # a resumed run rebuilds the head it trained
+    assert critic_source(other, path)[:2] == (rm_config, str(path))
+
+
+def test_a_critic_saved_without_its_heads_settings_is_read_from_its_weights(tmp_path: Path) -> None:
+    """Critics saved before their head was recorded: its shape says which (a resumed run whose critic came from a
+    policy checkpoint kept the 5-output head it was built with then)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from engine.algorithms.ppo import PPOTrainConfig, critic_source
+    from engine.cli import main
+
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=176, vocab_size=512,
+                                               num_labels=1)).save_pretrained(tmp_path / "hf")
+    assert main(["convert", "hf-to-keel", str(tmp_path / "hf"), str(tmp_path / "critic")]) == 0
+    step = tmp_path / "critic" / "step_0000000"
+    meta = json.loads((step / "keel.json").read_text())
+    (step / "keel.json").write_text(json.dumps(dict(meta, algorithm="critic", config=dict(meta["config"], rm=None))))
+    rm_config, _, head = critic_source(load_config(PPOTrainConfig, None, [f"ppo.critic={step}"]))
+    assert (rm_config.rm.type, head) == ("bt", "the PPO critic's bt head")
 
 
 def test_a_run_from_a_checkpoint_takes_a_fine_tuning_learning_rate(tmp_path: Path, converted: Path) -> None:

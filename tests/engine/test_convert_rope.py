@@ -10,6 +10,7 @@ was refused with advice to set model.* overrides that did not exist; a reward mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,19 @@ def test_other_rope_scalings_and_mismatches_are_refused_with_the_settings_to_use
                                           r"model.rope_scaling_factor=8.0 model.layernorm_epsilon=1e-06$"):
         check_hf_config(dict(base, rope_scaling=SCALING), PRESETS["tiny-llama"])
     assert "model.rope_scaling_factor=8.0" in hf_model_overrides(dict(base, rope_scaling=SCALING))
+    # what Keel's Llama does not build is refused, not dropped (biases, another activation, a sliding window)
+    llama = PRESETS["tiny-llama"]
+    for change, what in (({"attention_bias": True}, "attention_bias=True"), ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+                         ({"sliding_window": 64}, "sliding_window=64")):
+        settings = dict(base, num_hidden_layers=4, rms_norm_eps=1e-5, tie_word_embeddings=True, **change)
+        with pytest.raises(ConfigError, match=rf"Keel does not build {what} in a llama-family model: this one does not"):
+            check_hf_config(settings, llama)
+    check_hf_config(dict(base, num_hidden_layers=4, rms_norm_eps=1e-5, tie_word_embeddings=True, sliding_window=64,
+                         use_sliding_window=False), llama)  # a window the model does not use
+    with pytest.raises(ConfigError, match=r"rope_scaling_factor: config.json None vs preset 8.0\); set "
+                                          r"model.rope_scaling_factor=null"):  # a remedy that can be typed
+        check_hf_config(dict(base, num_hidden_layers=4, rms_norm_eps=1e-5, tie_word_embeddings=True),
+                        dataclasses.replace(llama, rope_scaling_factor=8.0))
     assert not any("rope_scaling" in item for item in hf_model_overrides(base))
 
 
@@ -225,3 +239,19 @@ def test_model_settings_are_checked() -> None:
         ModelConfig(rope_scaling_factor=1.0)
     with pytest.raises(ConfigError, match="model.layernorm_epsilon=0.0 must be > 0"):
         ModelConfig(layernorm_epsilon=0.0)
+
+
+def test_weights_the_model_has_no_place_for_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bias in the weights that config.json does not declare was dropped with no word."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.cli import main
+
+    hf = _hf_llama()
+    hf.save_pretrained(tmp_path / "hf")
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["convert", "hf-to-keel", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    assert "model has no place for: model.layers.0.self_attn.q_proj.bias" in capsys.readouterr().err

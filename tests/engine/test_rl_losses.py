@@ -384,3 +384,5 @@ def test_grpo_loss_adds_the_chosen_kl_estimate(estimator: str) -> None:
     assert (metrics["kl_loss"][0] / metrics["kl_loss"][1]).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ConfigError, match="grpo.kl_estimator='k4' is not one of k1, k2, k3"):
         GRPOConfig(kl_estimator="k4")
+    with pytest.raises(ConfigError, match="grpo.kl_estimator=k1 is read by grpo.kl=loss only, not grpo.kl=reward"):
+        GRPOConfig(kl_estimator="k1", kl="reward")

@@ -274,3 +274,5 @@ def test_sharegpt_and_nemo_aligner_conversations_are_chat_rows() -> None:
     row = check_row("chat", nemo)
     assert row["messages"] == [{"role": "system", "content": "Be brief."}, USER_HI, ASSISTANT_HELLO]
     assert row["attributes"] == {"helpfulness": 3, "verbosity": 1}  # SteerLM v1's quality and toxicity are not Keel's
+    nemo["conversations"][1]["label"] = {"helpfulness": 2, "quality": 4}  # a dict label reads the same
+    assert check_row("chat", nemo)["attributes"] == {"helpfulness": 2}

@@ -75,6 +75,10 @@ def test_math_answer_reads_the_reference_at_its_answer_key() -> None:
     assert math_answer("q", "71", verl, answer_key="reward_model.ground_truth") == 0.0
     assert math_answer("q", "\\boxed{\\frac{1}{2}}", {"solution": "0.5"}, answer_key="solution") == 1.0
     assert math_answer("q", "3", {"reward_model.ground_truth": 3}, answer_key="reward_model.ground_truth") == 1.0
+    # a worked solution, as TRL's NuminaMath sets keep it, is judged by its boxed answer (it scored 0 every time)
+    worked = {"solution": "Adding 2 and 3 gives $2 + 3 = 5$, so the answer is $\\boxed{5}$."}
+    assert math_answer("q", "That makes \\boxed{5}.", worked, answer_key="solution") == 1.0
+    assert math_answer("q", "That makes \\boxed{3}.", worked, answer_key="solution") == 0.0
     with pytest.raises(KeyError, match=r"metadata\['reward_model'\]\['ground_truth'\]"):
         math_answer("q", "5", {"reward_model": {"style": "rule"}}, answer_key="reward_model.ground_truth")
 
