@@ -272,7 +272,9 @@ def test_overrides_may_follow_the_options() -> None:
                                "checkpoint.load=sft"])
     assert (args.output, args.config, args.overrides) == ("ref.jsonl", "dpo.yaml", ["dpo.beta=0.2", "checkpoint.load=sft"])
     assert parse_command_line(["train", "sft", "a.b=1", "--config", "x.yaml", "c.d=2"]).overrides == ["a.b=1", "c.d=2"]
-    for wrong in (["train", "sft", "--bogus"], ["data", "validate", "rows.jsonl", "a.b=1"]):
+    # keel data validate takes a run's overrides (refused without --config, tests/engine/data/test_data_cli.py)
+    assert parse_command_line(["data", "validate", "rows.jsonl", "--config", "r.yaml", "a.b=1"]).overrides == ["a.b=1"]
+    for wrong in (["train", "sft", "--bogus"], ["data", "synth", "sft", "out.jsonl", "a.b=1"]):
         with pytest.raises(SystemExit):
             parse_command_line(wrong)
 
