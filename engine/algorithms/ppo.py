@@ -220,7 +220,7 @@ class Critic:
         self.config = dataclasses.replace(config, model=rm_config.model, optimizer=optimizer)
         self.rm_step = RewardStep(rm_config.rm)
         self.runner = ModelRunner.trained(self.config, parallel, self.rm_step.model_class())
-        if source:
+        if source and resumed is None:  # a resumed critic is loaded whole by the trainer's resume (maybe_resume)
             left = self.runner.load_weights(source)  # from a policy checkpoint the value head stays new
             if left:
                 logger.info("ppo: critic keys not in %s (initialised): %s", source, ", ".join(left))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from engine.checkpoint import CHECKPOINT_FORMS
 
@@ -84,19 +84,13 @@ def _refuse_a_runs_checkpoints(out: Path) -> None:
                           "become their latest and stop that run resuming; write to a new directory")
 
 
-def ckpt_kind(path: Any) -> Optional[str]:
-    """The ``algorithm`` a checkpoint's ``keel.json`` records."""
-    from engine.checkpoint import dist as ckpt
-
-    return ckpt.read_meta(ckpt.locate(path)).get("algorithm")
-
-
 def _hf_to_keel(args: argparse.Namespace) -> int:
+    from engine.checkpoint import dist as ckpt
     from engine.convert.hf import hf_to_keel
 
     _check_arguments(args, "hf-to-keel", args.model_dir, ("model.", "data.tokenizer", "data.chat_template"))
     path = hf_to_keel(args.model_dir, args.out_dir, args.overrides)
-    if ckpt_kind(path) == "rm":
+    if ckpt.scorer_kind(ckpt.read_meta(path)) is not None:
         print(f"Keel reward model: {path}\n  use it with reward_model={path} (online RL, SteerLM 2.0 needs a "
               f"regression one) or keel eval rewardbench --rm {path}")
     else:

@@ -31,9 +31,8 @@ from engine.convert.llama import (
     check_hf_config,
     hf_config_for,
     hf_model_overrides,
-    hf_to_megatron,
+    hf_to_megatron_unread,
     megatron_to_hf,
-    unread_weights,
 )
 from engine.files import write_text_atomic
 from engine.models.presets import ModelPreset, resolve_preset
@@ -188,12 +187,13 @@ def write_keel_checkpoint(hf_state: dict[str, torch.Tensor], out_dir: str | Path
 
     config, parallel, chunks, preset = _single_rank_model(overrides, 0 if head is None else head.shape[0])
     try:
-        unread = [name for name in unread_weights(hf_state, preset) if head is None or name != SCORE]
+        trunk, unread = hf_to_megatron_unread(hf_state, preset)
+        unread = [name for name in unread if head is None or name != SCORE]
         if unread:
             raise ConfigError(f"{source}: weights Keel's {preset.name}-shaped model has no place for: "
                               f"{', '.join(unread[:4])}{' ...' if len(unread) > 4 else ''}; converted without them, "
                               "the model would compute another function")
-        state = with_reward_head(hf_to_megatron(hf_state, preset), head)
+        state = with_reward_head(trunk, head)
         missing, unexpected = chunks[0].load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:

@@ -116,12 +116,26 @@ def hf_to_megatron(hf: dict[str, Tensor], preset: ModelPreset) -> dict[str, Tens
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def unread_weights(hf: dict[str, Tensor], preset: ModelPreset) -> list[str]:
-    """Weights of a transformers state dict that :func:`hf_to_megatron` does not read (biases, extra norms...):
-    converted without them, the model would compute another function."""
-    read = set(megatron_to_hf(hf_to_megatron(hf, preset), preset))
-    return sorted(name for name in hf if name not in read and not name.endswith("rotary_emb.inv_freq")
-                  and not (name == "lm_head.weight" and preset.tie_embeddings))
+class _Reads(dict):  # type: ignore[type-arg]
+    """A state dict that records the names read from it."""
+
+    def __init__(self, state: dict[str, Tensor]):
+        super().__init__(state)
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> Tensor:
+        self.read.add(name)
+        return super().__getitem__(name)  # type: ignore[no-any-return]
+
+
+def hf_to_megatron_unread(hf: dict[str, Tensor], preset: ModelPreset) -> tuple[dict[str, Tensor], list[str]]:
+    """:func:`hf_to_megatron`, and the weights of ``hf`` it did not read (biases, extra norms...): converted without
+    them, the model would compute another function. One conversion: the names come from the reads it made."""
+    reads = _Reads(hf)
+    state = hf_to_megatron(reads, preset)
+    unread = sorted(name for name in hf if name not in reads.read and not name.endswith("rotary_emb.inv_freq")
+                    and not (name == "lm_head.weight" and preset.tie_embeddings))
+    return state, unread
 
 
 def megatron_to_hf(state: dict[str, Tensor], preset: ModelPreset) -> dict[str, Tensor]:
